@@ -1,0 +1,115 @@
+"""The exception tree: every relay error, each carrying a hint for the operator."""
+
+from __future__ import annotations
+
+
+class RelayError(Exception):
+    """Base of every error relay raises on purpose.
+
+    ``hint`` tells the operator what to do about it; it is printed after the message.
+    """
+
+    hint: str = ""
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        if hint:
+            self.hint = hint
+
+    def explain(self) -> str:
+        """The message, and the hint on its own line when there is one."""
+        text = str(self)
+        return f"{text}\n  hint: {self.hint}" if self.hint else text
+
+
+class ConfigError(RelayError):
+    """A mistake in the config: ``FILE:LINE: key.path: what is wrong (got X); expected Y``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str = "",
+        line: int | None = None,
+        key: str = "",
+        got: str | None = None,
+        expected: str | None = None,
+        hint: str = "",
+    ) -> None:
+        self.file = file
+        self.line = line
+        self.key = key
+        self.detail = message
+        self.got = got
+        self.expected = expected
+        super().__init__(self._format(), hint=hint)
+
+    def _format(self) -> str:
+        where = self.file or "<config>"
+        if self.line is not None:
+            where = f"{where}:{self.line}"
+        text = f"{where}: "
+        if self.key:
+            text += f"{self.key}: "
+        text += self.detail
+        if self.got is not None:
+            text += f" (got {self.got})"
+        if self.expected is not None:
+            text += f"; expected {self.expected}"
+        return text
+
+
+class SpoolError(RelayError):
+    """The spool could not store or read a message (disk full, I/O error, damage)."""
+
+    def __init__(self, message: str, *, disk_full: bool = False, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.disk_full = disk_full
+
+
+class TransportError(RelayError):
+    """An upstream connection could not be opened through its transport.
+
+    ``reason`` is a short, bounded label used in logs, ``relay check`` and metrics, e.g.
+    ``proxy_unreachable``, ``proxy_auth_failed``, ``proxy_refused_ruleset``,
+    ``ssh_host_key_mismatch``, ``ssh_auth_failed``, ``connect_timeout``,
+    ``connect_refused``, ``dns_failed``, ``tls_failed``, ``tls_certificate``.
+    Transport errors are always transient for delivery: mail is deferred, never bounced.
+    """
+
+    def __init__(self, message: str, *, reason: str, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.reason = reason
+
+
+class OAuthError(RelayError):
+    """A token could not be obtained: carries the identity platform's error code."""
+
+    def __init__(
+        self, message: str, *, error: str = "", description: str = "", hint: str = ""
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.error = error
+        self.description = description
+
+
+class DeliveryError(RelayError):
+    """One delivery attempt failed; ``permanent`` decides bounce (True) or retry (False).
+
+    Unknown failures are transient. ``reply`` is the upstream's reply text, if any;
+    ``reason`` is a bounded label for metrics.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        permanent: bool,
+        reply: str = "",
+        reason: str = "error",
+        hint: str = "",
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.permanent = permanent
+        self.reply = reply
+        self.reason = reason

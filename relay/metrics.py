@@ -1,0 +1,119 @@
+"""Every Prometheus metric relay exposes, defined in one place (relay_<what>_<unit>).
+
+One ``Metrics`` instance per process owns its own ``CollectorRegistry`` (no globals);
+components receive it and update it. Labels are bounded: listener/upstream/proxy/domain
+names from config, reply classes, classified reasons, stages. Never addresses or subjects.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from relay import __version__
+
+# Delivery stages, in the order a session goes through them.
+STAGES = ("connect", "tls", "greeting", "auth", "envelope", "data")
+
+# Buckets reaching past 10 s, with 10 s itself a bound (the Cisco document's threshold).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
+                   60.0, 120.0)
+
+
+class Metrics:
+    """All of relay's metrics, registered on a private registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.build_info = Info("relay_build", "Build information.", registry=r)
+        self.build_info.info({"version": __version__})
+
+        # --- SMTP in
+        self.messages_received = Counter(
+            "relay_messages_received", "Messages accepted and spooled, by listener.",
+            ["listener"], registry=r)
+        self.messages_refused = Counter(
+            "relay_messages_refused", "Messages or transactions refused, by listener and reason.",
+            ["listener", "reason"], registry=r)
+        self.smtp_sessions = Gauge(
+            "relay_smtp_sessions", "Open SMTP sessions, by listener.", ["listener"], registry=r)
+        self.auth_failures = Counter(
+            "relay_auth_failures", "Failed client authentications, by listener and protocol.",
+            ["listener", "protocol"], registry=r)
+
+        # --- delivery
+        self.messages_delivered = Counter(
+            "relay_messages_delivered", "Recipients delivered, by upstream and reply class.",
+            ["upstream", "reply_class"], registry=r)
+        self.messages_deferred = Counter(
+            "relay_messages_deferred", "Recipients deferred for retry, by upstream and reason.",
+            ["upstream", "reply_class"], registry=r)
+        self.messages_bounced = Counter(
+            "relay_messages_bounced", "Recipients bounced, by upstream and reply class.",
+            ["upstream", "reply_class"], registry=r)
+        self.delivery_stage_seconds = Histogram(
+            "relay_delivery_stage_seconds",
+            "Time spent in each stage of an upstream session, by upstream and stage.",
+            ["upstream", "stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.delivery_seconds = Histogram(
+            "relay_delivery_seconds", "Whole delivery attempt duration, by upstream.",
+            ["upstream"], buckets=LATENCY_BUCKETS, registry=r)
+        self.slow_deliveries = Counter(
+            "relay_slow_deliveries",
+            "Deliveries slower than the threshold, by upstream and the stage that took longest.",
+            ["upstream", "stage"], registry=r)
+        self.upstream_failures = Counter(
+            "relay_upstream_connection_failures",
+            "Upstream connection failures, by upstream and classified reason.",
+            ["upstream", "reason"], registry=r)
+
+        # --- queue
+        self.queue_messages = Gauge(
+            "relay_queue_messages", "Messages in the queue, by state (active, deferred, held).",
+            ["state"], registry=r)
+        self.queue_oldest_age = Gauge(
+            "relay_queue_oldest_message_age_seconds", "Age of the oldest queued message.",
+            registry=r)
+
+        # --- IMAP/POP3 proxy
+        self.proxy_sessions = Gauge(
+            "relay_proxy_sessions", "Open proxy sessions, by listener.", ["listener"], registry=r)
+        self.proxy_sessions_total = Counter(
+            "relay_proxy_sessions_started", "Proxy sessions started, by listener.",
+            ["listener"], registry=r)
+        self.proxy_login_failures = Counter(
+            "relay_proxy_login_failures", "Proxy login failures, by listener and reason.",
+            ["listener", "reason"], registry=r)
+        self.proxy_bytes = Counter(
+            "relay_proxy_bytes", "Bytes spliced by proxy sessions, by listener and direction.",
+            ["listener", "direction"], registry=r)
+        self.proxy_connect_seconds = Histogram(
+            "relay_proxy_upstream_connect_seconds",
+            "Upstream connect time of proxy sessions, by upstream and stage.",
+            ["upstream", "stage"], buckets=LATENCY_BUCKETS, registry=r)
+
+        # --- DKIM, SPF, headers
+        self.dkim_signatures = Counter(
+            "relay_dkim_signatures", "DKIM signatures made, by domain and result.",
+            ["domain", "result"], registry=r)
+        self.spf_results = Counter(
+            "relay_spf_results", "SPF evaluations, by listener and result.",
+            ["listener", "result"], registry=r)
+        self.protected_header_violations = Counter(
+            "relay_protected_header_violations",
+            "Messages whose protected headers differed between receipt and send (must be 0).",
+            registry=r)
+
+        # --- OAuth2, TLS, config
+        self.oauth_token_expiry = Gauge(
+            "relay_oauth_token_expiry_seconds", "Seconds until the cached token expires.",
+            ["source"], registry=r)
+        self.tls_cert_expiry = Gauge(
+            "relay_tls_certificate_expiry_timestamp_seconds",
+            "Expiry time of each listener's TLS certificate.", ["listener"], registry=r)
+        self.config_reloads = Counter(
+            "relay_config_reloads", "Config reload attempts, by result (success, failure).",
+            ["result"], registry=r)
+        self.config_last_reload = Gauge(
+            "relay_config_last_reload_success_timestamp_seconds",
+            "When the config was last loaded successfully.", registry=r)
