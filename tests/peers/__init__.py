@@ -1,0 +1,76 @@
+"""Real peers started by the tests on free loopback ports: shared process helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, *, timeout: float = 20.0,
+                  proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+    """Wait until ``host:port`` accepts TCP connections (fail fast if ``proc`` died)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            detail = log.read_text(errors="replace") if log and log.exists() else ""
+            raise RuntimeError(f"peer exited with {proc.returncode} before listening:\n{detail}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.02)
+    detail = log.read_text(errors="replace") if log and log.exists() else ""
+    raise TimeoutError(f"nothing listened on {host}:{port} within {timeout}s\n{detail}")
+
+
+def wait_until(cond: object, *, timeout: float = 20.0, interval: float = 0.02) -> None:
+    """Poll ``cond()`` until truthy; raise TimeoutError otherwise (no blind sleeps)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"condition not met within {timeout}s")
+
+
+def need(binary: str) -> str:
+    """Absolute path of a peer binary; a clear failure (never a skip) when missing."""
+    for candidate in (shutil.which(binary), f"/usr/sbin/{binary}", f"/usr/bin/{binary}",
+                      f"/usr/lib/postfix/sbin/{binary}"):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    raise RuntimeError(f"{binary} is not installed: run scripts/test, which installs the "
+                       "Debian packages listed in scripts/test-debs.txt")
+
+
+@contextlib.contextmanager
+def running(argv: Sequence[str], *, log: Path, cwd: Path | None = None,
+            env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a peer process for the duration of a ``with`` block; stop it by its pid."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                env=env, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
