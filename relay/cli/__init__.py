@@ -1,4 +1,4 @@
-"""The only reader of argv: ``relay run | config check | queue ... | user ... | dkim ... | spf ... | check``.
+"""The only reader of argv: relay run, config check, queue, user, dkim, spf, check.
 
 Each area registers its subcommands from its own module (``relay/cli/<area>.py`` with
 ``register(subparsers)``); a handler takes the parsed arguments and returns an exit code.
