@@ -113,3 +113,10 @@ class DeliveryError(RelayError):
         self.permanent = permanent
         self.reply = reply
         self.reason = reason
+
+
+class DnsError(RelayError):
+    """A DNS lookup failed for a temporary reason (timeout, SERVFAIL, no server answered)."""
+
+    hint = ("check [relay] dns_servers and that those servers answer; "
+            "the lookup is retried with the next message")
