@@ -7,12 +7,18 @@ names from config, reply classes, classified reasons, stages. Never addresses or
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from relay import __version__
 
 # Delivery stages, in the order a session goes through them.
 STAGES = ("connect", "tls", "greeting", "auth", "envelope", "data")
+
+# Queue states, each always exported (0 when empty) so dashboards and alerts see them.
+QUEUE_STATES = ("active", "deferred", "held")
 
 # Buckets reaching past 10 s, with 10 s itself a bound (the Cisco document's threshold).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
@@ -46,7 +52,8 @@ class Metrics:
             "relay_messages_delivered", "Recipients delivered, by upstream and reply class.",
             ["upstream", "reply_class"], registry=r)
         self.messages_deferred = Counter(
-            "relay_messages_deferred", "Recipients deferred for retry, by upstream and reason.",
+            "relay_messages_deferred",
+            "Recipients deferred for retry, by upstream and reply class.",
             ["upstream", "reply_class"], registry=r)
         self.messages_bounced = Counter(
             "relay_messages_bounced", "Recipients bounced, by upstream and reply class.",
@@ -117,3 +124,44 @@ class Metrics:
         self.config_last_reload = Gauge(
             "relay_config_last_reload_success_timestamp_seconds",
             "When the config was last loaded successfully.", registry=r)
+
+        # Series that alerts use with rate()/increase() exist from the first scrape, so the
+        # first failure is an increase from 0 rather than a series appearing at 1.
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+        for state in QUEUE_STATES:
+            self.queue_messages.labels(state).set(0)
+
+    def declare(self, *, listeners: Iterable[str] = (), upstreams: Iterable[str] = ()) -> None:
+        """Create the zero-valued series of configured names (at start and after reload).
+
+        Without this a counter's first increment creates its series at 1, which
+        ``rate()``/``increase()`` cannot see, so an alert would miss the first slow delivery.
+        """
+        for listener in listeners:
+            self.messages_received.labels(listener)
+        for upstream in upstreams:
+            self.delivery_seconds.labels(upstream)
+            for stage in STAGES:
+                self.slow_deliveries.labels(upstream, stage)
+
+    def update_queue(self, counts: Mapping[str, int], oldest_received: float | None, *,
+                     now: float | None = None) -> None:
+        """Set queue size by state and the oldest message's age (0 when the queue is empty).
+
+        ``counts`` maps a state to its message count (missing states are 0);
+        ``oldest_received`` is the Unix time the oldest queued message was received.
+        """
+        for state in {*QUEUE_STATES, *counts}:
+            self.queue_messages.labels(state).set(counts.get(state, 0))
+        if oldest_received is None:
+            self.queue_oldest_age.set(0)
+        else:
+            current = time.time() if now is None else now
+            self.queue_oldest_age.set(max(0.0, current - oldest_received))
+
+    def record_reload(self, *, success: bool, now: float | None = None) -> None:
+        """Count a config load attempt; a success also stamps the last-good-load time."""
+        self.config_reloads.labels("success" if success else "failure").inc()
+        if success:
+            self.config_last_reload.set(time.time() if now is None else now)
