@@ -120,3 +120,7 @@ class DnsError(RelayError):
 
     hint = ("check [relay] dns_servers and that those servers answer; "
             "the lookup is retried with the next message")
+
+
+class DkimError(RelayError):
+    """A message could not be DKIM-signed or verified (unparsable header, bad key)."""
