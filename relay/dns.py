@@ -1,0 +1,133 @@
+"""DNS lookups for SPF and DKIM through one resolver built from ``[relay] dns_servers``.
+
+Everything here is blocking (dnspython's stub resolver) and is meant to run on a worker
+thread; ``txt_async`` does that for callers on the event loop. pyspf and dkimpy are given
+this resolver's functions (``spf_lookup``, ``dkim_txt``), never the system default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Sequence
+from typing import Any
+
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from relay.config.schema import HostPort, RelaySection
+from relay.errors import DnsError, RelayError
+
+__all__ = ["DnsError", "Resolver"]
+
+
+class Resolver:
+    """A stub resolver: the configured servers (or the system's), one overall timeout."""
+
+    def __init__(self, *, servers: Sequence[HostPort] = (), timeout: float = 5.0) -> None:
+        self.timeout = timeout
+        self.servers = tuple(servers)
+        if servers:
+            res = dns.resolver.Resolver(configure=False)
+            res.nameservers = [
+                dns.nameserver.Do53Nameserver(_address(s), s.port) for s in servers]
+        else:
+            res = dns.resolver.Resolver(configure=True)
+        res.timeout = timeout
+        res.lifetime = timeout
+        res.cache = None
+        self._res = res
+
+    @classmethod
+    def from_config(cls, relay: RelaySection) -> Resolver:
+        return cls(servers=relay.dns_servers, timeout=relay.dns_timeout)
+
+    def describe(self) -> str:
+        """Which servers are asked, for error messages and ``relay spf check``."""
+        if self.servers:
+            return ", ".join(str(s) for s in self.servers)
+        return "the system resolver (" + ", ".join(str(n) for n in self._res.nameservers) + ")"
+
+    def resolve(self, name: str, rdtype: str, *, timeout: float | None = None) -> list[Any]:
+        """The answer's rdata for ``name``/``rdtype``; ``[]`` for NXDOMAIN or no data.
+
+        Raises ``DnsError`` when no server gave an answer in time (a temporary error).
+        """
+        lifetime = self.timeout if timeout is None else min(timeout, self.timeout)
+        try:
+            answer = self._res.resolve(name, rdtype, lifetime=lifetime, search=False,
+                                       raise_on_no_answer=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except dns.resolver.LifetimeTimeout as exc:
+            raise DnsError(f"DNS lookup of {name} {rdtype} timed out after {lifetime:g}s "
+                           f"asking {self.describe()}") from exc
+        except dns.resolver.NoNameservers as exc:
+            raise DnsError(f"DNS lookup of {name} {rdtype} failed: no server answered "
+                           f"({self.describe()}): {exc}") from exc
+        except (dns.exception.DNSException, OSError) as exc:
+            raise DnsError(f"DNS lookup of {name} {rdtype} failed: {exc}") from exc
+        return list(answer)
+
+    def txt(self, name: str, *, timeout: float | None = None) -> list[bytes]:
+        """Every TXT record at ``name``, each with its strings joined (RFC 7208 3.3)."""
+        return [b"".join(r.strings) for r in self.resolve(name, "TXT", timeout=timeout)]
+
+    async def txt_async(self, name: str) -> list[bytes]:
+        return await asyncio.to_thread(self.txt, name)
+
+    # --- adapters for the libraries -------------------------------------------------
+
+    def dkim_txt(self, name: bytes | str, timeout: float = 5) -> bytes | None:
+        """dkimpy's ``dnsfunc``: the first DKIM key record at ``name`` or None.
+
+        A temporary failure raises ``dkim.DnsTimeoutError`` so dkimpy reports it as such.
+        """
+        import dkim
+
+        qname = name.decode("ascii") if isinstance(name, bytes) else name
+        try:
+            records = self.txt(qname, timeout=timeout)
+        except DnsError as exc:
+            raise dkim.DnsTimeoutError(str(exc)) from exc
+        for rec in records:
+            if rec.startswith(b"v=DKIM1") or b"p=" in rec:
+                return rec
+        return records[0] if records else None
+
+    def spf_lookup(self, name: str, qtype: str, strict: object = True,
+                   timeout: float = 20) -> list[tuple[tuple[str, str], Any]]:
+        """pyspf's ``DNSLookup`` contract: ``[((name, type), value), ...]``.
+
+        Values match pyspf's dnspython driver: addresses as text, MX as
+        ``(preference, exchange)``, PTR as text without the root dot, TXT as the list of
+        strings. Temporary failures raise ``spf.TempError``.
+        """
+        import spf
+
+        try:
+            rdatas = self.resolve(name, qtype, timeout=timeout)
+        except DnsError as exc:
+            raise spf.TempError(f"DNS {exc}") from exc
+        out: list[tuple[tuple[str, str], Any]] = []
+        for r in rdatas:
+            if qtype in ("A", "AAAA"):
+                out.append(((name, qtype), r.address))
+            elif qtype == "MX":
+                out.append(((name, qtype), (r.preference, r.exchange)))
+            elif qtype == "PTR":
+                out.append(((name, qtype), r.target.to_text(True)))
+            elif qtype in ("TXT", "SPF"):
+                out.append(((name, qtype), list(r.strings)))
+        return out
+
+
+def _address(hp: HostPort) -> str:
+    try:
+        return str(ipaddress.ip_address(hp.host))
+    except ValueError:
+        raise RelayError(f"DNS server {hp} is not an IP address",
+                         hint="give [relay] dns_servers as IP:port, e.g. 127.0.0.1:53") from None
