@@ -1,0 +1,294 @@
+"""Build the local sections of the config: [relay], [metrics], [[listener]], header rules.
+
+Each builder reads one table through ``reader.Table`` (which refuses unknown keys and
+wrong types) and applies the rules that need only that table; references between
+sections are checked afterwards by ``relay.config.references``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import socket
+import ssl
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from relay.config.addresses import AddressSets, expand
+from relay.config.reader import Table, show
+from relay.config.schema import (
+    HeaderRule,
+    HostPort,
+    ListenerConfig,
+    MetricsConfig,
+    RelaySection,
+    RetryConfig,
+)
+from relay.config.values import (
+    DURATION_EXPECTED,
+    SIZE_EXPECTED,
+    BadValue,
+    is_address,
+    is_domain,
+    is_header_name,
+    is_name,
+    parse_duration,
+    parse_hostport,
+    parse_size,
+)
+
+TLS_MODES = ("none", "starttls", "implicit")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Default ports when `listen`/`host` gives none: by protocol, then by TLS mode.
+DEFAULT_PORTS = {
+    "smtp": {"none": 25, "starttls": 587, "implicit": 465},
+    "imap": {"none": 143, "starttls": 143, "implicit": 993},
+    "pop3": {"none": 110, "starttls": 110, "implicit": 995},
+}
+
+
+def default(cls: type, name: str) -> Any:
+    """The schema's default for one field (one source of truth for defaults)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    raise KeyError(name)
+
+
+def duration(t: Table, key: str, cls: type, *, min: float = 0.0,
+             max: float | None = None) -> float:
+    return t.bounded(key, parse_duration, default(cls, key), expected=DURATION_EXPECTED,
+                     min=min, max=max)
+
+
+def size(t: Table, key: str, dflt: int | None, *, min: int = 1) -> int | None:
+    value = t.parsed(key, parse_size, dflt, expected=SIZE_EXPECTED)
+    if value is not None and value < min:
+        raise t.error(key, "out of range", got=show(t.raw[key]),
+                      expected=f"{SIZE_EXPECTED}, at least {min} bytes")
+    return value
+
+
+def hostport(t: Table, key: str, dflt: HostPort | None, *, default_port: int | None = None,
+             ip_only: bool = False) -> HostPort | None:
+    def parse(v: object) -> HostPort:
+        return parse_hostport(v, default_port=default_port, ip_only=ip_only)
+    return t.parsed(key, parse, dflt, expected='"HOST:PORT" such as "127.0.0.1:2525"')
+
+
+def read_relay(t: Table) -> RelaySection:
+    D = RelaySection
+    hostname = t.text("hostname", socket.gethostname() or "localhost",
+                     expected="a host name such as \"relay.example.com\"", check=is_domain)
+    spool = t.file("spool") or Path(default(D, "spool"))
+    dns: list[HostPort] = []
+    for i, item in enumerate(t.str_list("dns_servers", expected='an IP address such as '
+                                        '"192.0.2.53" or "127.0.0.1:5353"')):
+        try:
+            dns.append(parse_hostport(item, default_port=53, ip_only=True))
+        except BadValue as exc:
+            raise t.ctx.error((*t.path, "dns_servers", i), exc.what, got=show(item),
+                              expected=exc.expected, hint=exc.hint) from None
+    bounce_from = t.text("bounce_from", expected='an address such as "postmaster@example.com"',
+                        check=is_address)
+    protected = t.str_list("protected_headers",
+                           expected='header names such as "X-Custom" or "X-Vendor-*"',
+                           check=lambda h: is_header_name(h.rstrip("*")))
+    return RelaySection(
+        hostname=hostname,
+        spool=spool,
+        pid_file=t.file("pid_file"),
+        control_socket=t.file("control_socket"),
+        log_level=t.enum("log_level", LOG_LEVELS, default(D, "log_level")),
+        default_upstream=t.opt_text("default_upstream"),
+        dns_servers=tuple(dns),
+        dns_timeout=duration(t, "dns_timeout", D, min=0.1),
+        slow_delivery_threshold=duration(t, "slow_delivery_threshold", D, min=0.001),
+        protected_headers=protected,
+        retry=read_retry(t.table("retry")),
+        bounce_from=bounce_from,
+        fsync=t.flag("fsync", default(D, "fsync")),
+        shutdown_grace=duration(t, "shutdown_grace", D),
+    )
+
+
+def read_retry(t: Table) -> RetryConfig:
+    first = duration(t, "first", RetryConfig, min=1.0)
+    most = duration(t, "max", RetryConfig, min=1.0)
+    jitter = t.bounded("jitter", _fraction, default(RetryConfig, "jitter"),
+                       expected="a fraction", min=0.0, max=0.9)
+    lifetime = duration(t, "lifetime", RetryConfig, min=60.0)
+    if most < first:
+        raise t.error("max", "retry.max is shorter than retry.first", got=show(t.raw.get("max")),
+                      expected=f"at least {first:g} seconds")
+    t.finish()
+    return RetryConfig(first=first, max=most, jitter=jitter, lifetime=lifetime)
+
+
+def _fraction(v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise BadValue("not a number", expected="a number from 0 to 0.9")
+    return float(v)
+
+
+def read_metrics(t: Table) -> MetricsConfig:
+    listen = hostport(t, "listen", default(MetricsConfig, "listen"))
+    assert listen is not None
+    cfg = MetricsConfig(enabled=t.flag("enabled", default(MetricsConfig, "enabled")),
+                        listen=listen)
+    t.finish()
+    return cfg
+
+
+def read_header_rules(parent: Table) -> tuple[HeaderRule, ...]:
+    rules: list[HeaderRule] = []
+    for t in parent.tables("header_rule"):
+        action = t.enum("action", ("add", "remove", "replace"))
+        header = t.text("header", required=True, expected='a header name such as "X-Relay"',
+                       check=is_header_name)
+        value = t.opt_text("value", expected="a header value on one line",
+                          check=lambda v: "\r" not in v and "\n" not in v)
+        if action == "remove" and value is not None:
+            raise t.error("value", "a remove rule takes no value",
+                          hint="delete the value line, or use action = \"replace\"")
+        if action != "remove" and value is None:
+            raise t.error("value", "missing required key",
+                          expected=f"the header value for the {action} rule")
+        t.finish()
+        rules.append(HeaderRule(action=cast(Literal["add", "remove", "replace"], action),
+                                header=header, value=value or "",
+                                line=t.ctx.line(t.path) or 0))
+    return tuple(rules)
+
+
+def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerConfig:
+    D = ListenerConfig
+    name = t.text("name", required=True, expected='a name such as "platform"', check=is_name)
+    protocol = t.enum("protocol", ("smtp", "imap", "pop3"))
+    tls = t.enum("tls", TLS_MODES, default(D, "tls"))
+    listen = hostport(t, "listen", None, default_port=DEFAULT_PORTS[protocol][tls])
+    if listen is None:
+        raise t.error("listen", "missing required key",
+                      expected='"HOST:PORT" such as "127.0.0.1:2525"')
+    cert = t.file("cert", exists=True, readable=True)
+    key = t.file("key", exists=True, readable=True, private=True)
+    if tls != "none":
+        if cert is None or key is None:
+            missing = "cert" if cert is None else "key"
+            raise t.error(missing, f'tls = "{tls}" needs a certificate and its key',
+                          expected="cert and key file paths",
+                          hint="give cert (PEM chain) and key (PEM private key)")
+        check_cert(t, cert, key)
+    elif cert is not None or key is not None:
+        raise t.error("cert" if cert is not None else "key", 'cert/key given but tls = "none"',
+                      expected='tls = "starttls" or "implicit", or no cert/key',
+                      hint="remove the cert and key lines, or switch TLS on")
+    auth = t.enum("auth", ("required", "none"), default(D, "auth"))
+    users_file = t.file("users_file")
+    allow = expand(t, "allow", sets, sets_hint=sets_hint)
+    plaintext = t.flag("allow_plaintext_auth", default(D, "allow_plaintext_auth"))
+    relay_domains = t.str_list("relay_domains", expected='domains such as "example.com"',
+                               check=is_domain)
+    upstream = t.opt_text("upstream")
+    spf = t.enum("spf", ("off", "tag", "reject"), default(D, "spf"))
+    cfg = ListenerConfig(
+        name=name,
+        protocol=cast(Literal["smtp", "imap", "pop3"], protocol),
+        listen=listen,
+        tls=cast(Literal["none", "starttls", "implicit"], tls),
+        cert=cert,
+        key=key,
+        auth=cast(Literal["required", "none"], auth),
+        users_file=users_file,
+        allow=allow,
+        allow_plaintext_auth=plaintext,
+        relay_domains=tuple(d.lower().rstrip(".") for d in relay_domains),
+        max_message_size=size(t, "max_message_size", default(D, "max_message_size")) or 0,
+        max_recipients=t.integer("max_recipients", default(D, "max_recipients"), min=1) or 1,
+        max_connections=t.integer("max_connections", default(D, "max_connections"), min=1) or 1,
+        max_connections_per_client=t.integer("max_connections_per_client",
+                                         default(D, "max_connections_per_client"), min=1) or 1,
+        command_timeout=duration(t, "command_timeout", D, min=1.0),
+        data_timeout=duration(t, "data_timeout", D, min=1.0),
+        auth_fail_limit=t.integer("auth_fail_limit", default(D, "auth_fail_limit"), min=1) or 1,
+        auth_fail_window=duration(t, "auth_fail_window", D, min=1.0),
+        spf=cast(Literal["off", "tag", "reject"], spf),
+        dkim_verify=t.flag("dkim_verify", default(D, "dkim_verify")),
+        profile=t.opt_text("profile"),
+        header_rules=read_header_rules(t),
+        upstream=upstream,
+        login_timeout=duration(t, "login_timeout", D, min=1.0),
+        idle_timeout=duration(t, "idle_timeout", D, min=1.0),
+        max_line=t.integer("max_line", default(D, "max_line"), min=512) or 512,
+        line=t.ctx.line(t.path) or 0,
+    )
+    t.finish()
+    _listener_rules(t, cfg)
+    return cfg
+
+
+def _listener_rules(t: Table, cfg: ListenerConfig) -> None:
+    """Rules within one listener; rules that involve an upstream are in references."""
+    if cfg.protocol == "smtp":
+        if cfg.upstream is not None:
+            raise t.error("upstream", "only imap/pop3 listeners take an upstream",
+                          hint="SMTP mail is routed with [[route]] and relay.default_upstream")
+        if cfg.auth == "none" and not cfg.allow and not cfg.relay_domains:
+            raise t.error("auth", 'auth = "none" without allow or relay_domains',
+                          got='"none"', expected="a non-empty allow (networks) or relay_domains",
+                          hint="relay refuses to be an open relay: list the client networks "
+                               'in allow (e.g. allow = ["10.20.0.0/16"]) or require AUTH')
+        if cfg.auth == "required" and cfg.users_file is None:
+            raise t.error("users_file", 'auth = "required" needs a users file',
+                          expected="a file path", hint="create it with `relay user add NAME`")
+    else:
+        if cfg.upstream is None:
+            raise t.error("upstream", f"{cfg.protocol} listeners need an upstream",
+                          expected=f"the name of an [[upstream]] with protocol = "
+                                   f'"{cfg.protocol}"')
+        if cfg.auth == "none":
+            raise t.error("auth", f'{cfg.protocol} clients always log in; auth = "none" '
+                          "is not supported", got='"none"', expected='"required"',
+                          hint="relay checks logins against users_file, or passes them to "
+                               'an upstream with auth = "passthrough"')
+    if cfg.allow_plaintext_auth and cfg.tls != "none":
+        raise t.error("allow_plaintext_auth", f'plaintext AUTH on a tls = "{cfg.tls}" listener',
+                      got="true", expected='false (clients authenticate after TLS)',
+                      hint="allow_plaintext_auth only applies to tls = \"none\" listeners; "
+                           "with TLS configured, credentials always wait for TLS")
+    if cfg.users_file is not None and not cfg.users_file.exists():
+        t.warn("users_file", f"{cfg.users_file} does not exist yet; nobody can log in "
+                             "until `relay user add NAME` creates it")
+    if cfg.allow_plaintext_auth and not _loopback(cfg.listen.host):
+        t.warn("allow_plaintext_auth", f"passwords travel in clear on {cfg.listen}, "
+                                       "which is not a loopback address")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def check_cert(t: Table, cert: Path, key: Path) -> None:
+    """Load the pair the way the listener will, so a bad PEM is a config error."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        what = "certificate and key do not match" if "MISMATCH" in str(exc) else \
+            "cannot load certificate/key"
+        raise t.error("cert", what, got=show(t.raw["cert"]),
+                      expected="a PEM certificate chain and its PEM private key",
+                      hint=f"{cert} / {key}: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise t.error("cert", "cannot read certificate/key", got=show(t.raw["cert"]),
+                      hint=str(exc)) from None
+
+
+def is_route_domain(value: str) -> bool:
+    return is_domain(value.removeprefix("*.")) or value == "*"

@@ -1,0 +1,206 @@
+"""Parse config value notations: sizes, durations, host:port, IP networks, names.
+
+Each parser takes the raw TOML value and returns the typed value or raises
+``BadValue(what, expected, hint)``; the loader adds file, line and key path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from relay.config.schema import HostPort, Network
+
+
+class BadValue(ValueError):
+    """A value that does not parse; ``expected`` and ``hint`` are for the operator."""
+
+    def __init__(self, what: str, *, expected: str, hint: str = "") -> None:
+        super().__init__(what)
+        self.what = what
+        self.expected = expected
+        self.hint = hint
+
+
+# Binary units, as mail providers quote limits ("35 MB" in Exchange Online is 35 MiB).
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024,
+               "M": 1024**2, "MB": 1024**2, "MIB": 1024**2,
+               "G": 1024**3, "GB": 1024**3, "GIB": 1024**3}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+SIZE_EXPECTED = 'a size such as "35MB", "512KB" or a number of bytes'
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+DURATION_EXPECTED = 'a duration such as "30s", "5m", "2h", "5d" (or "1h30m") or seconds'
+
+_COMMA_IPV4 = re.compile(r"^\d{1,3}(?:[.,]\d{1,3}){3}(?:/\d{1,2})?$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})"
+                      r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}))*\.?$")
+_HEADER_RE = re.compile(r"^[!-9;-~]+$")       # RFC 5322 ftext: printable ASCII minus ":"
+
+
+def parse_size(value: object) -> int:
+    """``"35MB"`` → 36700160; a bare integer is bytes. Units are binary (1 KB = 1024)."""
+    if isinstance(value, bool):
+        raise BadValue("not a size", expected=SIZE_EXPECTED)
+    if isinstance(value, int):
+        if value < 0:
+            raise BadValue("negative size", expected=SIZE_EXPECTED)
+        return value
+    if not isinstance(value, str):
+        raise BadValue("not a size", expected=SIZE_EXPECTED)
+    m = _SIZE_RE.fullmatch(value)
+    unit = m.group(2).upper() if m else ""
+    if m is None or unit not in _SIZE_UNITS:
+        raise BadValue("not a size", expected=SIZE_EXPECTED,
+                       hint="units are B, KB, MB, GB (binary: 1 MB = 1048576 bytes)")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_duration(value: object) -> float:
+    """``"5m"`` → 300.0; ``"1h30m"`` → 5400.0; a bare number is seconds."""
+    if isinstance(value, bool):
+        raise BadValue("not a duration", expected=DURATION_EXPECTED)
+    if isinstance(value, int | float):
+        if value < 0:
+            raise BadValue("negative duration", expected=DURATION_EXPECTED)
+        return float(value)
+    if not isinstance(value, str):
+        raise BadValue("not a duration", expected=DURATION_EXPECTED)
+    text = value.strip().lower()
+    pos, total = 0, 0.0
+    for m in _DURATION_RE.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise BadValue("not a duration", expected=DURATION_EXPECTED,
+                       hint="units are ms, s, m, h, d")
+    return total
+
+
+def comma_typo(text: str) -> str | None:
+    """The dotted form of ``69,169,235,170`` (a typo seen in vendor documents), else None."""
+    t = text.strip()
+    if "," in t and _COMMA_IPV4.match(t):
+        return t.replace(",", ".")
+    return None
+
+
+def _comma_error(text: str, fixed: str) -> BadValue:
+    return BadValue("IPv4 address written with commas", expected=f'"{fixed}"',
+                    hint=f'write "{fixed}": IPv4 addresses are separated by dots '
+                         "(vendor pages sometimes print commas)")
+
+
+def parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IP address, refusing the comma-written IPv4 typo with a suggestion."""
+    fixed = comma_typo(value)
+    if fixed is not None:
+        raise _comma_error(value, fixed)
+    try:
+        return ipaddress.ip_address(value.strip())
+    except ValueError:
+        raise BadValue("not an IP address",
+                       expected='an IPv4 or IPv6 address such as "192.0.2.1"') from None
+
+
+def parse_network(value: str) -> Network:
+    """``"10.20.0.0/16"``, ``"192.0.2.7"`` (→ /32) or ``"::1"``; host bits must be zero."""
+    fixed = comma_typo(value)
+    if fixed is not None:
+        raise _comma_error(value, fixed)
+    text = value.strip()
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise BadValue("not an IP network", expected='a CIDR such as "10.20.0.0/16" or an '
+                       'address such as "192.0.2.7"') from None
+    raise BadValue("network has host bits set", expected=f'"{loose}"',
+                   hint=f'"{text}" is inside "{loose}"; write the network address')
+
+
+def looks_like_network(value: str) -> bool:
+    """True if ``value`` is meant as an address (digits, dots, colons, slash), not a name."""
+    return bool(re.fullmatch(r"[0-9a-fA-F.:,/\[\]]+", value.strip())) and not value.isalpha()
+
+
+def parse_hostport(value: object, *, default_port: int | None = None,
+                   ip_only: bool = False) -> HostPort:
+    """``"0.0.0.0:587"``, ``"[::1]:2525"``, ``"mx.example.com:25"``, or a host alone when
+    ``default_port`` is given."""
+    expected = '"HOST:PORT" such as "127.0.0.1:2525" or "[::1]:2525"'
+    if not isinstance(value, str) or not value.strip():
+        raise BadValue("not an address", expected=expected)
+    text = value.strip()
+    fixed = comma_typo(text.rsplit(":", 1)[0] if text.count(":") == 1 else text)
+    if fixed is not None:
+        port_part = text[len(text.rsplit(":", 1)[0]):] if text.count(":") == 1 else ""
+        raise _comma_error(text, fixed + port_part)
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise BadValue("unclosed [ in IPv6 address", expected=expected)
+        host, rest = text[1:end], text[end + 1:]
+        if rest and not rest.startswith(":"):
+            raise BadValue("junk after ]", expected=expected)
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif text.count(":") > 1:
+        raise BadValue("IPv6 address without brackets", expected=expected,
+                       hint=f'write "[{text}]:PORT"')
+    if not port_text:
+        if default_port is None:
+            raise BadValue("missing port", expected=expected)
+        port = default_port
+    else:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise BadValue("port out of range", expected="a port from 1 to 65535")
+        port = int(port_text)
+    parse_host(host, ip_only=ip_only)
+    return HostPort(host, port)
+
+
+def parse_host(host: str, *, ip_only: bool = False) -> str:
+    """A host name or IP address (no port)."""
+    fixed = comma_typo(host)
+    if fixed is not None:
+        raise _comma_error(host, fixed)
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        if ip_only:
+            raise BadValue("not an IP address",
+                           expected='an IP address such as "192.0.2.53"') from None
+    if not _HOST_RE.match(host) or host.replace(".", "").isdigit():
+        raise BadValue("not a host name or IP address",
+                       expected='a host such as "smtp.office365.com" or "192.0.2.10"')
+    return host
+
+
+def is_name(value: str) -> bool:
+    """Names of listeners, upstreams, proxies, profiles, sets: letters, digits, ``_.-``."""
+    return bool(_NAME_RE.match(value))
+
+
+def is_header_name(value: str) -> bool:
+    return bool(_HEADER_RE.match(value))
+
+
+def is_domain(value: str) -> bool:
+    return (bool(_HOST_RE.match(value)) and "." in value.strip(".")) or value == "localhost"
+
+
+def is_address(value: str) -> bool:
+    """A plain ``local@domain`` mail address (no display name, no brackets)."""
+    local, sep, domain = value.rpartition("@")
+    return bool(sep and local and is_domain(domain)) and not any(c in value for c in " <>\r\n")
