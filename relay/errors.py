@@ -124,3 +124,19 @@ class DnsError(RelayError):
 
 class DkimError(RelayError):
     """A message could not be DKIM-signed or verified (unparsable header, bad key)."""
+
+
+class ProxyUpstreamError(RelayError):
+    """An IMAP/POP3 proxy session could not log in to its provider.
+
+    ``reason`` is a bounded label (``auth_refused``, ``greeting``, ``starttls``,
+    ``protocol``, ``timeout``); ``reply`` is the provider's answer (censored of secrets);
+    ``credentials`` is True when the provider refused the credentials themselves.
+    """
+
+    def __init__(self, message: str, *, reason: str, reply: str = "",
+                 credentials: bool = False, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.reason = reason
+        self.reply = reply
+        self.credentials = credentials
