@@ -1,0 +1,85 @@
+"""Render a loaded ``Config`` as TOML: every effective value, defaults filled, secrets masked.
+
+Secrets are shown by where they come from (``password_env = "VAR"``), never by value.
+Sizes are bytes, durations seconds, named address sets already expanded into ``allow``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+from pathlib import Path
+
+from relay.config.schema import Config, HostPort, ProxyConfig, Secret
+
+# Config field → (TOML section name, array of tables?)
+_SECTIONS = (("relay", "relay", False), ("metrics", "metrics", False),
+             ("listeners", "listener", True), ("upstreams", "upstream", True),
+             ("routes", "route", True), ("proxies", "proxy", True), ("dkim", "dkim", True),
+             ("token_sources", "token_source", True), ("accounts", "account", True),
+             ("profiles", "profile", True))
+_SKIP = frozenset({"line"})
+
+
+def render(config: Config) -> str:
+    out = [f"# effective config loaded from {config.source}", ""]
+    for attr, section, many in _SECTIONS:
+        value = getattr(config, attr)
+        for item in value if many else (value,):
+            out.extend(_table(section, item, many))
+    for name, nets in config.address_sets.items():
+        out.append("[[address_set]]")
+        out.append(f"name = {_scalar(name)}")
+        out.append(f"networks = {_scalar([str(n) for n in nets])}")
+        out.append("")
+    return "\n".join(out)
+
+
+def _table(header: str, obj: object, many: bool) -> list[str]:
+    out = [f"[[{header}]]" if many else f"[{header}]"]
+    if isinstance(obj, ProxyConfig):           # shown the way it is written: a url
+        user = f"{obj.username}@" if obj.username else ""
+        host = f"[{obj.host}]" if ":" in obj.host else obj.host
+        out.append(f'url = "{obj.kind}://{user}{host}:{obj.port}"')
+    later: list[str] = []
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        if f.name in _SKIP or (header == "proxy" and f.name in ("kind", "host", "port",
+                                                                  "username")):
+            continue
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        if isinstance(value, Secret):
+            out.append(_secret(f.name, value))
+        elif f.name == "header_rules":
+            for rule in value:
+                later.append(f"[[{header}.header_rule]]")
+                later.extend(f"{k} = {_scalar(getattr(rule, k))}" for k in
+                             ("action", "header", "value") if getattr(rule, k) != "")
+        elif dataclasses.is_dataclass(value) and not isinstance(value, HostPort):
+            later.append(f"[{header}.{f.name}]")
+            later.extend(f"{g.name} = {_scalar(getattr(value, g.name))}"
+                         for g in dataclasses.fields(value))
+        else:
+            out.append(f"{f.name} = {_scalar(value)}")
+    return [*out, *later, ""]
+
+
+def _secret(name: str, secret: Secret) -> str:
+    kind, _, where = secret.origin.partition(" ")
+    if kind in ("env", "file") and where:
+        return f"{name}_{kind} = {_scalar(where)}"
+    return f'# {name}: set (hidden)'
+
+
+def _scalar(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_scalar(v) for v in value) + "]"
+    if isinstance(value, Path | HostPort | ipaddress.IPv4Network | ipaddress.IPv6Network):
+        value = str(value)
+    return json.dumps(str(value), ensure_ascii=False)
