@@ -153,7 +153,7 @@ class Signer:
         bh = base64.b64encode(hashlib.sha256(Relaxed.canonicalize_body(body)).digest())
         timestamp = int(self._clock())
         out = []
-        for key in reversed(keys):   # the first configured key ends up on top
+        for key in keys:   # the first configured key ends up on top
             try:
                 out.append(self._signature(key, include, signed, bh, timestamp, linesep))
             except Exception:

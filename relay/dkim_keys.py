@@ -116,7 +116,8 @@ def parse_private_key(data: bytes) -> PrivateKey:
         except (ValueError, UnsupportedAlgorithm) as exc:
             raise ValueError(f"not a readable PEM private key ({exc})") from exc
         if not isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
-            raise ValueError(f"a {type(key).__name__} key; DKIM needs RSA or Ed25519")
+            kind = type(key).__name__.lstrip("_").replace("PrivateKey", "")
+            raise ValueError(f"an {kind} key (type {kind}); DKIM needs RSA or Ed25519")
         return key
     try:
         seed = base64.b64decode(data.strip(), validate=True)
