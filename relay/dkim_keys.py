@@ -117,7 +117,7 @@ def parse_private_key(data: bytes) -> PrivateKey:
             raise ValueError(f"not a readable PEM private key ({exc})") from exc
         if not isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
             kind = type(key).__name__.lstrip("_").replace("PrivateKey", "")
-            raise ValueError(f"an {kind} key (type {kind}); DKIM needs RSA or Ed25519")
+            raise ValueError(f"it holds a key of type {kind}; DKIM needs RSA or Ed25519")
         return key
     try:
         seed = base64.b64decode(data.strip(), validate=True)

@@ -53,7 +53,7 @@ def test_loads_rsa_pkcs1_pkcs8_and_ed25519(tmp_path: Path) -> None:
     (None, "rsa-sha256", ["does not exist", "relay dkim keygen"]),
     (b"not a key", "rsa-sha256", ["not usable"]),
     ("rsa1024", "rsa-sha256", ["RSA-1024", "at least 2048"]),
-    ("ec", "rsa-sha256", ["EllipticCurve", "RSA or Ed25519"]),
+    ("ec", "rsa-sha256", ["type EC", "RSA or Ed25519"]),
     ("ed", "rsa-sha256", ["Ed25519 key but algorithm is rsa-sha256"]),
     ("rsa", "ed25519-sha256", ["RSA key but algorithm is ed25519-sha256"]),
     ("encrypted", "rsa-sha256", ["passphrase"]),
