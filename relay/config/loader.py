@@ -61,6 +61,8 @@ def parse_file(path: Path | str) -> tuple[str, str, dict[str, object]]:
             line, msg = int(m.group(1)), f"{msg[:m.start()]} at column {m.group(2)}"
         elif _TOML_END.search(msg):
             line, msg = text.count("\n") + 1, _TOML_END.sub(" at end of file", msg)
+        if msg.startswith("Illegal character '\\n'"):
+            msg = f"string not closed before the end of the line ({msg})"
         raise ConfigError(f"TOML syntax error: {msg}", file=file, line=line,
                           hint="check quotes, brackets and commas on this line (strings "
                                'need "double quotes"; arrays are [..., ...])') from None

@@ -251,7 +251,7 @@ class Table:
         env_key, file_key = f"{name}_env", f"{name}_file"
         self.known.update((name, env_key, file_key))
         if name in self.raw:
-            raise self.error(name, f"inline {name}s are not accepted",
+            raise self.error(name, f"an inline {name} is not accepted",
                              expected=f"{env_key} or {file_key}",
                              hint=f'put the {name} in an environment variable ({env_key} = '
                                   f'"VAR") or a file readable only by relay ({file_key} = '
@@ -289,8 +289,7 @@ class Table:
             if others and key in others:
                 raise self.error(key, others[key])
             hint = suggest(key, self.known)
-            where = render_path(self.path) or "the top level"
-            raise self.error(key, f"unknown key in {where}", hint=hint or
+            raise self.error(key, "unknown key", hint=hint or
                              "see conf/relay.example.toml for every option")
 
 

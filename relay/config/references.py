@@ -95,8 +95,8 @@ def check(ctx: Context, *, relay_default: str | None, listeners: Sequence[Listen
         assert x.upstream is not None
         up = by_name[x.upstream]
         if up.protocol != x.protocol:
-            raise ctx.error(("listener", i, "upstream"), f"a {x.protocol} listener needs a "
-                            f"{x.protocol} upstream", got=f'"{up.name}" ({up.protocol})',
+            raise ctx.error(("listener", i, "upstream"), "upstream protocol does not match "
+                            f"the {x.protocol} listener", got=f'"{up.name}" ({up.protocol})',
                             expected=f'an [[upstream]] with protocol = "{x.protocol}"')
         if up.auth != "passthrough" and x.users_file is None:
             raise ctx.error(("listener", i, "users_file"), "missing users file",

@@ -162,11 +162,6 @@ def read_proxy(t: Table) -> ProxyConfig:
         hint = "SOCKS4 and HTTP proxies are not supported" if scheme else ""
         raise t.error("url", "unsupported proxy scheme", got=show(url),
                       expected='"socks5://..." or "ssh://..."', hint=hint)
-    if parts.password is not None:
-        raise t.error("url", "password inside the url is not accepted",
-                      expected=f'"{scheme}://{parts.username}@{parts.hostname}..." with '
-                               "password_env or password_file",
-                      hint="move the password to an environment variable or a file")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise t.error("url", "unexpected path or query in proxy url", got=show(url),
                       expected=f'"{scheme}://[user@]host:port"')
@@ -174,8 +169,14 @@ def read_proxy(t: Table) -> ProxyConfig:
         port = parts.port or (1080 if scheme == "socks5" else 22)
         host = parse_host(parts.hostname or "")
     except (BadValue, ValueError) as exc:
-        raise t.error("url", "bad host or port in proxy url", got=show(url),
+        raise t.error("url", "bad host or port in proxy url",
+                      got=None if parts.password else show(url),
                       expected=f'"{scheme}://[user@]host:port"', hint=str(exc)) from None
+    if parts.password is not None:                      # never echo it back
+        raise t.error("url", "password inside the url is not accepted",
+                      expected=f'"{scheme}://{parts.username}@{host}:{port}" with '
+                               "password_env or password_file",
+                      hint="move the password to an environment variable or a file")
     username = urllib.parse.unquote(parts.username or "")
     password = t.secret("password")
     if password is not None and not username:

@@ -14,6 +14,10 @@ import ssl
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
 from relay.config.addresses import AddressSets, expand
 from relay.config.reader import Table, show
 from relay.config.schema import (
@@ -275,16 +279,27 @@ def _loopback(host: str) -> bool:
 
 
 def check_cert(t: Table, cert: Path, key: Path) -> None:
-    """Load the pair the way the listener will, so a bad PEM is a config error."""
+    """Load the pair the way the listener will, so a bad PEM is a config error naming it."""
+    try:
+        x509.load_pem_x509_certificates(cert.read_bytes())
+    except ValueError:
+        raise t.error("cert", "not a PEM certificate", got=show(t.raw["cert"]),
+                      expected="a file of -----BEGIN CERTIFICATE----- blocks",
+                      hint=f"{cert}: server certificate first, then its intermediates") from None
+    try:
+        serialization.load_pem_private_key(key.read_bytes(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise t.error("key", "not an unencrypted PEM private key", got=show(t.raw["key"]),
+                      expected="a -----BEGIN PRIVATE KEY----- block",
+                      hint=f"{key}: relay cannot ask for a passphrase; decrypt it with "
+                           "`openssl pkey -in KEY -out KEY.plain`") from None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         ctx.load_cert_chain(cert, key)
-    except ssl.SSLError as exc:
-        what = "certificate and key do not match" if "MISMATCH" in str(exc) else \
-            "cannot load certificate/key"
-        raise t.error("cert", what, got=show(t.raw["cert"]),
-                      expected="a PEM certificate chain and its PEM private key",
-                      hint=f"{cert} / {key}: {exc.reason or exc}") from None
+    except ssl.SSLError:
+        raise t.error("key", "certificate and key do not match", got=show(t.raw["key"]),
+                      expected=f"the private key of {t.raw['cert']}",
+                      hint=f"{key} is not the key {cert} was issued for") from None
     except OSError as exc:
         raise t.error("cert", "cannot read certificate/key", got=show(t.raw["cert"]),
                       hint=str(exc)) from None
