@@ -1,0 +1,226 @@
+"""Provider profile limits at the boundary, and pacing that only ever delays."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from relay.checks.limits import (
+    RateLimiter,
+    check_message,
+    check_message_async,
+    check_recipient,
+    check_sender,
+    decoded_header,
+)
+from relay.config.schema import ProfileConfig
+from relay.smtp.replies import Refusal
+
+MB = 1024 * 1024
+GENESYS = ProfileConfig(name="genesys-agentless", max_recipients=1, max_subject_chars=400,
+                        max_local_part=64, max_display_name=64, max_body_bytes=3 * MB,
+                        allow_attachments=False)
+EXCHANGE = ProfileConfig(name="exchange-online", max_message_bytes=35 * MB,
+                         recipients_per_day=10_000, messages_per_minute=30)
+ZENDESK = ProfileConfig(name="zendesk-exchange-connector", max_message_bytes=50 * MB,
+                        messages_per_minute=10, bytes_per_5min=50 * MB,
+                        recipients_per_day=10_000)
+
+
+def message(subject: bytes = b"Hello", from_: bytes = b"Support <s@example.com>",
+            body: bytes = b"Hi\r\n", extra: bytes = b"") -> bytes:
+    return (b"From: " + from_ + b"\r\nTo: c@example.net\r\nSubject: " + subject + b"\r\n"
+            + extra + b"\r\n" + body)
+
+
+def refusal(fn: object, *args: object, **kw: object) -> Refusal:
+    with pytest.raises(Refusal) as info:
+        fn(*args, **kw)  # type: ignore[operator]
+    return info.value
+
+
+def test_exactly_one_recipient() -> None:
+    check_recipient(GENESYS, "a@example.net", accepted=0)
+    r = refusal(check_recipient, GENESYS, "b@example.net", accepted=1)
+    assert (r.code, r.enhanced) == (452, "4.5.3")
+    assert "genesys-agentless allows 1 per message" in r.text
+
+
+def test_local_part_64_passes_65_refused() -> None:
+    check_recipient(GENESYS, "a" * 64 + "@example.net", accepted=0)
+    check_sender(GENESYS, "s" * 64 + "@example.com")
+    r = refusal(check_recipient, GENESYS, "a" * 65 + "@example.net", accepted=0)
+    assert r.reply == ("553 5.1.3 Recipient local part is 65 characters; "
+                       "genesys-agentless allows 64")
+    r = refusal(check_sender, GENESYS, "s" * 65 + "@example.com")
+    assert (r.code, r.enhanced) == (553, "5.1.7")
+
+
+def test_subject_400_passes_401_refused() -> None:
+    check_message(GENESYS, message(subject=b"s" * 400))
+    r = refusal(check_message, GENESYS, message(subject=b"s" * 401))
+    assert r.reply == "552 5.3.4 Subject is 401 characters; genesys-agentless allows 400"
+    r = refusal(check_message, GENESYS, message(subject=b"s" * 512))
+    assert r.reply == "552 5.3.4 Subject is 512 characters; genesys-agentless allows 400"
+
+
+def test_subject_counts_decoded_characters() -> None:
+    # 400 "ü" as RFC 2047 encoded words (folded) is 400 characters, not ~2,500 bytes
+    word = b"=?UTF-8?B?" + __import__("base64").b64encode("ü".encode() * 20) + b"?="
+    encoded = b"\r\n ".join([word] * 20)
+    check_message(GENESYS, message(subject=encoded))
+    r = refusal(check_message, GENESYS, message(subject=encoded + b"\r\n x"))
+    assert "Subject is 402 characters" in r.text     # the space before "x" is text
+    # raw 8-bit UTF-8 (SMTPUTF8) counts characters too
+    check_message(GENESYS, message(subject="ß".encode() * 400))
+    assert "401" in refusal(check_message, GENESYS, message(subject="ß".encode() * 401)).text
+    assert decoded_header("=?iso-8859-1?q?J=F6rg?= x") == "Jörg x"
+
+
+def test_display_name_64_passes_65_refused() -> None:
+    check_message(GENESYS, message(from_=b"\"" + b"D" * 64 + b"\" <s@example.com>"))
+    enc = b"=?UTF-8?Q?" + b"=C3=A9" * 64 + b"?= <s@example.com>"
+    check_message(GENESYS, message(from_=enc))
+    r = refusal(check_message, GENESYS, message(from_=b"D" * 65 + b" <s@example.com>"))
+    assert r.reply == ("552 5.3.4 From display name is 65 characters; "
+                       "genesys-agentless allows 64")
+
+
+def test_body_3mb_passes_one_more_byte_refused() -> None:
+    check_message(GENESYS, message(body=b"x" * (3 * MB)))
+    r = refusal(check_message, GENESYS, message(body=b"x" * (3 * MB + 1)))
+    assert r.reply == (f"552 5.3.4 Body is {3 * MB + 1} bytes; genesys-agentless allows 3 MB")
+
+
+def test_message_size() -> None:
+    small = ProfileConfig(name="p", max_message_bytes=1000)
+    m = message(body=b"x" * 900)
+    check_message(small, m + b"x" * (1000 - len(m)))
+    r = refusal(check_message, small, m + b"x" * (1001 - len(m)))
+    assert r.reply == "552 5.3.4 Message is 1001 bytes; p allows 1000 bytes"
+
+
+ATTACHED = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=XX\r\n", (
+    b"--XX\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+    b"--XX\r\nContent-Type: application/pdf\r\n{disp}\r\n\r\nJVBERi0=\r\n--XX--\r\n"))
+
+
+@pytest.mark.parametrize("disp", [
+    b"Content-Disposition: attachment; filename=\"invoice.pdf\"",
+    b"Content-Disposition: attachment",
+    b"Content-Disposition: inline; filename=\"invoice.pdf\"",
+    b"Content-Transfer-Encoding: base64; x=1\r\nContent-Disposition: inline;\r\n"
+    b" filename*=UTF-8''rechnung%C3%BC.pdf",
+])
+def test_attachments_refused(disp: bytes) -> None:
+    extra, body = ATTACHED
+    r = refusal(check_message, GENESYS, message(extra=extra, body=body.replace(b"{disp}", disp)))
+    assert (r.code, r.enhanced) == (554, "5.6.1")
+    assert "Attachments are not allowed by genesys-agentless" in r.text
+    check_message(EXCHANGE, message(extra=extra, body=body.replace(b"{disp}", disp)))
+
+
+def test_multipart_alternative_without_attachment_passes() -> None:
+    extra = b"MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=B\r\n"
+    body = (b"--B\r\nContent-Type: text/plain\r\n\r\nhi\r\n--B\r\nContent-Type: text/html\r\n"
+            b"Content-Disposition: inline\r\n\r\n<p>hi</p>\r\n--B--\r\n")
+    check_message(GENESYS, message(extra=extra, body=body))
+
+
+async def test_async_check_runs_off_loop() -> None:
+    with pytest.raises(Refusal):
+        await check_message_async(GENESYS, message(subject=b"s" * 401))
+
+
+def test_no_limits_no_refusal() -> None:
+    open_profile = ProfileConfig(name="open")
+    check_message(open_profile, message(subject=b"s" * 10_000, body=b"x" * (5 * MB)))
+    check_recipient(open_profile, "a" * 200 + "@x", accepted=10_000)
+
+
+class FakeTime:
+    """A clock that only moves when the limiter sleeps (deterministic, no real waiting)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+async def test_messages_per_minute_delays_the_eleventh() -> None:
+    t = FakeTime()
+    rl = RateLimiter(ZENDESK, clock=t.clock, sleep=t.sleep)
+    for _ in range(10):
+        assert await rl.acquire("mbx", size=1000) == 0.0
+        t.now += 1.0                       # one message a second
+    waited = await rl.acquire("mbx", size=1000)
+    # the first went at 1000; the 11th is at 1010 and must wait until 1060
+    assert waited == pytest.approx(50.0)
+    assert t.now == pytest.approx(1060.0)
+    assert await rl.acquire("other-mailbox") == 0.0     # per mailbox
+
+
+async def test_bytes_per_5_minutes() -> None:
+    t = FakeTime()
+    rl = RateLimiter(ZENDESK, clock=t.clock, sleep=t.sleep)
+    await rl.acquire("m", size=30 * MB)
+    t.now += 10
+    assert await rl.acquire("m", size=20 * MB) == 0.0          # exactly 50 MB: fits
+    t.now += 10
+    waited = await rl.acquire("m", size=1)
+    assert waited == pytest.approx(280.0)                      # until the first leaves
+    # a message bigger than the whole window is delayed until the window is empty, not refused
+    waited = await rl.acquire("m", size=60 * MB)
+    assert waited == pytest.approx(300.0) and t.now == pytest.approx(1600.0)  # 1-byte one left
+
+
+async def test_recipients_per_day() -> None:
+    t = FakeTime()
+    rl = RateLimiter(EXCHANGE, clock=t.clock, sleep=t.sleep)
+    await rl.acquire("m", recipients=9_999)
+    t.now += 3600
+    assert await rl.acquire("m", recipients=1) == 0.0
+    t.now += 60
+    waited = await rl.acquire("m", recipients=5)
+    assert waited == pytest.approx(86400 - 3660)
+
+
+async def test_concurrent_acquirers_are_served_in_order() -> None:
+    t = FakeTime()
+    rl = RateLimiter(ProfileConfig(name="p", messages_per_minute=2), clock=t.clock,
+                     sleep=t.sleep)
+    order: list[int] = []
+
+    async def send(i: int) -> None:
+        await rl.acquire("m")
+        order.append(i)
+
+    await asyncio.wait_for(asyncio.gather(*(send(i) for i in range(6))), timeout=10)
+    assert order == list(range(6))
+    assert t.now == pytest.approx(1120.0)      # 2 now, 2 after 60 s, 2 after 120 s
+
+
+async def test_no_rate_limits_never_waits() -> None:
+    t = FakeTime()
+    rl = RateLimiter(GENESYS, clock=t.clock, sleep=t.sleep)
+    for _ in range(100):
+        assert await rl.acquire("m", recipients=1, size=MB) == 0.0
+    assert t.slept == []
+
+
+async def test_forget_idle_bounds_memory() -> None:
+    t = FakeTime()
+    rl = RateLimiter(ZENDESK, clock=t.clock, sleep=t.sleep)
+    for i in range(50):
+        await rl.acquire(f"m{i}")
+    t.now += 86400 + 1
+    rl.forget_idle()
+    assert rl._boxes == {}
