@@ -1,0 +1,345 @@
+"""One delivery attempt of one message to one upstream; every recipient ends up with a verdict.
+
+Per recipient: 2xx delivered; 5xx permanent (bounce); 4xx, transport, TLS, AUTH, timeout
+or anything unknown transient (retry). 552 at RCPT is treated as 452 (RFC 5321
+4.5.3.1.10). A DATA-phase reply applies to every recipient accepted at RCPT.
+
+Sessions are pooled per upstream and identity (``relay.smtp_client.Credentials``): at
+most ``max_connections`` at once, each reused for up to ``max_messages_per_connection``
+messages (RSET before each reuse), closed after ``idle_timeout`` seconds unused. Stage
+times of session set-up (connect, tls, greeting, auth) count toward the message that
+opened the session only; later messages on it record envelope (RSET, MAIL, RCPT) and data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from relay.config.schema import AccountConfig, Config, UpstreamConfig
+from relay.errors import DeliveryError, RelayError, TransportError
+from relay.metrics import Metrics
+from relay.outbox import write_outbox
+from relay.smtp_client import Credentials, SessionError, SmtpSession, TokenFor, has_bare_cr_or_lf
+from relay.spool.records import QueuedMessage
+from relay.timing import StageTimer
+from relay.transports.base import Transport
+
+log = logging.getLogger("relay.delivery")
+
+
+@dataclass(frozen=True, slots=True)
+class RcptResult:
+    """The verdict for one recipient of one attempt."""
+
+    code: int            # SMTP reply code; 0 when no provider reply (network, TLS, local)
+    reply: str           # provider's reply text "550 5.1.1 ..." or a local explanation
+    permanent: bool      # True: bounce; False and not ok: retry
+    reason: str = ""     # bounded label for metrics ("" for provider replies)
+    remote: str = ""     # provider host that answered
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def reply_class(self) -> str:
+        return f"{self.code // 100}xx" if self.code else (self.reason or "local")
+
+
+def _transient(reply: str, reason: str) -> RcptResult:
+    return RcptResult(0, reply, False, reason)
+
+
+class _Pool:
+    """Idle sessions of one upstream, by identity; the semaphore is the concurrency cap."""
+
+    def __init__(self, upstream: UpstreamConfig, idle_timeout: float) -> None:
+        self.upstream = upstream
+        self.sem = asyncio.Semaphore(max(1, upstream.max_connections))
+        self.idle_timeout = idle_timeout
+        self._idle: dict[tuple[str, str, str], list[tuple[SmtpSession, asyncio.TimerHandle]]] = {}
+        self.closing: set[asyncio.Task[None]] = set()
+        self.opened = 0     # sessions opened so far (tests and debugging)
+
+    def take(self, key: tuple[str, str, str]) -> SmtpSession | None:
+        entries = self._idle.get(key, [])
+        while entries:
+            session, handle = entries.pop()
+            handle.cancel()
+            if session.usable:
+                return session
+            session.close()
+        return None
+
+    def put(self, session: SmtpSession) -> None:
+        limit = max(1, self.upstream.max_messages_per_connection)
+        if not session.usable or session.messages >= limit:
+            self._quit(session)
+            return
+        loop = asyncio.get_running_loop()
+        entries = self._idle.setdefault(session.credentials.key, [])
+        handle = loop.call_later(self.idle_timeout, self._expire, session)
+        entries.append((session, handle))
+
+    def _expire(self, session: SmtpSession) -> None:
+        entries = self._idle.get(session.credentials.key, [])
+        for i, (s, _h) in enumerate(entries):
+            if s is session:
+                del entries[i]
+                self._quit(session)
+                return
+
+    def _quit(self, session: SmtpSession) -> None:
+        task = asyncio.get_running_loop().create_task(session.quit())
+        self.closing.add(task)
+        task.add_done_callback(self.closing.discard)
+
+    async def close(self) -> None:
+        for entries in self._idle.values():
+            for session, handle in entries:
+                handle.cancel()
+                self._quit(session)
+        self._idle.clear()
+        if self.closing:
+            await asyncio.gather(*self.closing, return_exceptions=True)
+
+
+class Deliverer:
+    """Delivers messages to named upstreams (SMTP sessions or the outbox folder)."""
+
+    def __init__(self, *, upstreams: Sequence[UpstreamConfig],
+                 transport_for: Callable[[UpstreamConfig], Transport],
+                 hostname: str, accounts: Sequence[AccountConfig] = (),
+                 token_for: TokenFor | None = None, slow_threshold: float = 10.0,
+                 metrics: Metrics | None = None, fsync: bool = True,
+                 idle_timeout: float = 30.0) -> None:
+        self._upstreams = {u.name: u for u in upstreams}
+        self._accounts = tuple(accounts)
+        self._transport_for = transport_for
+        self._token_for = token_for
+        self._hostname = hostname
+        self._slow = slow_threshold
+        self._metrics = metrics
+        self._fsync = fsync
+        self._pools = {u.name: _Pool(u, idle_timeout) for u in upstreams}
+
+    @classmethod
+    def from_config(cls, config: Config, *,
+                    transport_for: Callable[[UpstreamConfig], Transport],
+                    token_for: Callable[[str], Awaitable[str]] | None = None,
+                    metrics: Metrics | None = None) -> Deliverer:
+        """The deliverer for a whole config (SMTP and outbox upstreams)."""
+        return cls(upstreams=[u for u in config.upstreams if u.protocol in ("smtp", "outbox")],
+                   accounts=config.accounts, transport_for=transport_for, token_for=token_for,
+                   hostname=config.relay.hostname,
+                   slow_threshold=config.relay.slow_delivery_threshold, metrics=metrics,
+                   fsync=config.relay.fsync)
+
+    async def close(self) -> None:
+        """QUIT every idle session (sessions in use close when their attempt ends)."""
+        await asyncio.gather(*(pool.close() for pool in self._pools.values()))
+
+    def concurrency(self, upstream: str) -> int:
+        """How many attempts may run at once toward ``upstream`` (the scheduler's cap)."""
+        up = self._upstreams.get(upstream)
+        return max(1, up.max_connections) if up else 1
+
+    def sessions_opened(self, upstream: str) -> int:
+        return self._pools[upstream].opened if upstream in self._pools else 0
+
+    def remote(self, upstream: str) -> str:
+        up = self._upstreams.get(upstream)
+        return up.host if up and up.protocol == "smtp" else ""
+
+    def credentials_for(self, up: UpstreamConfig, sender: str, auth_user: str) -> Credentials:
+        """Auth translation: an [[account]] for this sender (first) or relay user, else the
+        upstream's own credentials."""
+        mine = [a for a in self._accounts if a.upstream == up.name]
+        match = next((a for a in mine if a.sender and a.sender.lower() == sender.lower()), None)
+        if match is None and auth_user:
+            match = next((a for a in mine if a.user and a.user == auth_user), None)
+        username = match.username if match else up.username
+        password = match.password if match and match.password else up.password
+        token = match.token_source if match and match.token_source else up.token_source
+        if up.auth == "xoauth2":
+            return Credentials("xoauth2", username, None, token)
+        if up.auth == "password":
+            return Credentials("password", username, password, None)
+        return Credentials("none")
+
+    async def deliver(self, upstream: str, msg: QueuedMessage, data: bytes,
+                      recipients: list[str]) -> dict[str, RcptResult]:
+        """One attempt to ``upstream`` for ``recipients``; a verdict for each of them."""
+        up = self._upstreams.get(upstream)
+        if up is None:
+            return {r: _transient(f"upstream {upstream!r} is not configured (or not SMTP)",
+                                  "unknown_upstream") for r in recipients}
+        if has_bare_cr_or_lf(data):
+            res = RcptResult(554, "554 5.6.0 message contains a bare CR or LF; relay refuses "
+                                  "to send it (it could smuggle headers or messages)", True,
+                             "bare_cr_lf")
+            return dict.fromkeys(recipients, res)
+        if up.protocol == "outbox":
+            return await self._outbox(up, msg, data, recipients)
+        timer = StageTimer()
+        try:
+            return await self._smtp(up, msg, data, recipients, timer)
+        finally:
+            self._account_time(up.name, msg.queue_id, timer)
+
+    def _account_time(self, upstream: str, queue_id: str, timer: StageTimer) -> None:
+        """Stage histograms, the whole-attempt histogram, and the slow-delivery counter/log."""
+        if not timer.stages:
+            return
+        if self._metrics is not None:
+            for stage, seconds in timer.stages.items():
+                self._metrics.delivery_stage_seconds.labels(upstream, stage).observe(seconds)
+            self._metrics.delivery_seconds.labels(upstream).observe(timer.total)
+        if timer.total > self._slow:
+            stage, _ = timer.longest()
+            if self._metrics is not None:
+                self._metrics.slow_deliveries.labels(upstream, stage).inc()
+            log.warning("%s: %s (%s)", queue_id, timer.describe(upstream), timer.summary())
+        else:
+            log.debug("%s: delivery to %s: %s", queue_id, upstream, timer.summary())
+
+    async def _outbox(self, up: UpstreamConfig, msg: QueuedMessage, data: bytes,
+                      recipients: list[str]) -> dict[str, RcptResult]:
+        if up.path is None:
+            return {r: _transient("outbox upstream has no path", "outbox_write")
+                    for r in recipients}
+        try:
+            path = await write_outbox(up.path, queue_id=msg.queue_id,
+                                      sender=msg.envelope.sender, recipients=recipients,
+                                      all_recipients=msg.envelope.recipients, data=data,
+                                      fsync=self._fsync)
+        except DeliveryError as exc:
+            log.error("%s: %s (hint: %s)", msg.queue_id, exc, exc.hint)
+            return {r: _transient(str(exc), exc.reason) for r in recipients}
+        return dict.fromkeys(recipients, RcptResult(250, f"250 2.0.0 Ok: written to {path}",
+                                                    False))
+
+    async def _smtp(self, up: UpstreamConfig, msg: QueuedMessage, data: bytes,
+                    recipients: list[str], timer: StageTimer) -> dict[str, RcptResult]:
+        pool = self._pools[up.name]
+        creds = self.credentials_for(up, msg.envelope.sender, msg.envelope.auth_user)
+        results: dict[str, RcptResult] = {}
+        async with pool.sem:
+            session: SmtpSession | None = None
+            try:
+                session = await self._session(pool, up, creds, timer)
+                return await self._transaction(session, msg, data, recipients, timer, results)
+            except (SessionError, TransportError) as exc:
+                reason = exc.reason
+                if self._metrics is not None:
+                    self._metrics.upstream_failures.labels(up.name, reason).inc()
+                log.warning("%s: %s: %s (hint: %s)", msg.queue_id, up.name, exc, exc.hint)
+                reply = exc.reply if isinstance(exc, SessionError) and exc.reply else str(exc)
+                if session is not None:
+                    session.close()
+                # Refusals received before the session died stand; the rest are transient.
+                return {r: results.get(r) or _transient(reply, reason) for r in recipients}
+            except RelayError as exc:
+                log.warning("%s: %s: %s (hint: %s)", msg.queue_id, up.name, exc, exc.hint)
+                if session is not None:
+                    session.close()
+                return {r: _transient(str(exc), "error") for r in recipients}
+            except Exception as exc:   # unknown means transient, and never kills the scheduler
+                log.exception("%s: unexpected error delivering to %s", msg.queue_id, up.name)
+                if session is not None:
+                    session.close()
+                return {r: _transient(f"internal error: {exc!r}", "internal")
+                        for r in recipients}
+            finally:
+                if session is not None:
+                    pool.put(session)
+
+    async def _session(self, pool: _Pool, up: UpstreamConfig, creds: Credentials,
+                       timer: StageTimer) -> SmtpSession:
+        while (session := pool.take(creds.key)) is not None:
+            with timer.stage("envelope"):
+                if await session.rset():
+                    return session
+            session.close()
+        pool.opened += 1
+        return await SmtpSession.open(up, transport=self._transport_for(up),
+                                      helo_name=up.helo_name or self._hostname,
+                                      credentials=creds, timer=timer,
+                                      token_for=self._token_for, log=log)
+
+    async def _transaction(self, session: SmtpSession, msg: QueuedMessage, data: bytes,
+                           recipients: list[str], timer: StageTimer,
+                           results: dict[str, RcptResult]) -> dict[str, RcptResult]:
+        """MAIL, RCPT, DATA; ``results`` fills as replies arrive (kept if the session dies)."""
+        env, remote = msg.envelope, session.upstream.host
+        session.messages += 1
+        if env.smtputf8 and not session.supports("smtputf8"):
+            res = RcptResult(553, "553 5.6.7 the provider does not support SMTPUTF8, which "
+                                  "this message's addresses need", True, "smtputf8", remote)
+            return dict.fromkeys(recipients, res)
+        options: list[bytes] = []
+        if session.supports("size"):
+            limit = _int(session.extension("size"))
+            if limit and len(data) > limit:
+                res = RcptResult(552, f"552 5.3.4 message size {len(data)} exceeds the "
+                                      f"provider's limit {limit}", True, "size", remote)
+                return dict.fromkeys(recipients, res)
+            options.append(f"SIZE={len(data)}".encode())
+        if env.body_8bitmime and session.supports("8bitmime"):
+            options.append(b"BODY=8BITMIME")
+        if env.smtputf8:
+            options.append(b"SMTPUTF8")
+        try:
+            with timer.stage("envelope"):
+                mail = await session.command(b"MAIL", b"FROM:<" + env.sender.encode() + b">",
+                                             *options)
+                if not 200 <= mail.code < 300:
+                    verdict = _verdict(mail.code, mail.text, remote, stage="mail")
+                    return dict.fromkeys(recipients, verdict)
+                accepted: list[str] = []
+                for rcpt in recipients:
+                    reply = await session.command(b"RCPT", b"TO:<" + rcpt.encode() + b">")
+                    if 200 <= reply.code < 300:
+                        accepted.append(rcpt)
+                    else:
+                        results[rcpt] = _verdict(reply.code, reply.text, remote, stage="rcpt")
+                    if reply.code == 421:
+                        break
+            if not accepted or session.broken:
+                for rcpt in recipients:     # not refused, yet not sent: try again later
+                    results.setdefault(rcpt, _transient("provider closed the session (421)",
+                                                        "disconnected"))
+                return results
+            with timer.stage("data"):
+                final = await session.data(data)
+        except ValueError as exc:      # control characters in an address: cannot be sent
+            session.close()
+            res = RcptResult(501, f"501 5.1.3 cannot send this address: {exc}", True,
+                             "bad_address")
+            return {r: results.get(r, res) for r in recipients}
+        verdict = _verdict(final.code, final.text, remote, stage="data")
+        for rcpt in accepted:
+            results[rcpt] = verdict
+        return results
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text.split()[0]) if text.strip() else 0
+    except ValueError:
+        return 0
+
+
+def _verdict(code: int, text: str, remote: str, *, stage: str) -> RcptResult:
+    """Classify one provider reply (RFC 5321 4.2.1; unknown means transient)."""
+    if 200 <= code < 300:
+        return RcptResult(code, text, False, "", remote)
+    if stage == "rcpt" and code == 552:      # too many recipients: really a 452
+        return RcptResult(code, text, False, "", remote)
+    permanent = 500 <= code < 600
+    return RcptResult(code, text, permanent, "", remote)
+
+

@@ -1,0 +1,78 @@
+"""Routing: which named upstream carries mail from a sender to a recipient.
+
+Rules come from ``[[route]]`` entries (``sender_domain``, ``recipient_domain``, both
+optional, exact or ``*.example.com`` wildcard for any subdomain) and fall back to
+``relay.default_upstream``. The most specific rule wins: first the rule naming more
+fields (sender and recipient beats one of them), then exact domains over wildcards,
+then longer wildcards; among equals the first rule in the file wins.
+
+Bounces (null sender) are matched with the recipient's domain standing in for the
+sender domain: the DSN goes back to the original sender's mailbox, which the route
+for that domain reaches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from relay.config.schema import RouteConfig
+from relay.errors import DeliveryError
+from relay.spool.records import Envelope
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].rstrip(".").lower() if "@" in address else ""
+
+
+def _score(pattern: str | None, domain: str) -> int | None:
+    """How specifically ``pattern`` matches ``domain`` (None: no match)."""
+    if pattern is None:
+        return 0
+    pattern = pattern.rstrip(".").lower()
+    if pattern.startswith("*."):
+        suffix = pattern[1:]                       # ".example.com"
+        if domain.endswith(suffix) and len(domain) > len(suffix):
+            return 2 * 100 + suffix.count(".")
+        return None
+    return 3 * 100 if domain == pattern else None
+
+
+class Router:
+    """Built from ``Config.routes`` and ``relay.default_upstream``; pure and cheap."""
+
+    def __init__(self, routes: Sequence[RouteConfig], default: str | None) -> None:
+        self._routes = tuple(routes)
+        self._default = default
+
+    def route_or_none(self, sender: str, recipient: str) -> str | None:
+        """The upstream for this sender and recipient, or None (refuse at RCPT time)."""
+        sdom = _domain(sender) or _domain(recipient)
+        rdom = _domain(recipient)
+        best: tuple[int, str] | None = None
+        for rule in self._routes:
+            s = _score(rule.sender_domain, sdom)
+            r = _score(rule.recipient_domain, rdom)
+            if s is None or r is None:
+                continue
+            named = (rule.sender_domain is not None) + (rule.recipient_domain is not None)
+            score = 1000 * named + s + r            # ties keep file order (strict >)
+            if best is None or score > best[0]:
+                best = (score, rule.upstream)
+        if best is not None:
+            return best[1]
+        return self._default
+
+    def route(self, envelope: Envelope, recipient: str) -> str:
+        """The upstream for ``recipient`` of a queued message.
+
+        Raises a transient ``DeliveryError`` (reason ``no_route``) when nothing matches:
+        that happens only when a reload removed the route after the message was queued.
+        """
+        name = self.route_or_none(envelope.sender, recipient)
+        if name is None:
+            raise DeliveryError(
+                f"no route for sender <{envelope.sender}> to <{recipient}>",
+                permanent=False, reason="no_route",
+                hint="add a [[route]] for this domain or set relay.default_upstream; the "
+                     "message stays queued until then")
+        return name

@@ -1,0 +1,392 @@
+"""One upstream SMTP session: transport connect, TLS, greeting/EHLO, AUTH, timed and classified.
+
+Used by delivery (``relay.delivery``) and by ``relay check``. Every failure to set up a
+session raises ``SessionError`` (a transient ``DeliveryError`` with a bounded ``reason``
+and an operator hint) or the transport's ``TransportError``; neither ever bounces mail.
+Commands after set-up return ``Reply`` objects so the caller classifies them per
+recipient. Secrets (passwords, tokens, AUTH payloads) are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import re
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import aiosmtplib
+
+from relay.config.schema import Secret, UpstreamConfig
+from relay.errors import DeliveryError, OAuthError
+from relay.timing import StageTimer
+from relay.transports.base import Transport
+
+TokenFor = Callable[[str], Awaitable[str]]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_BARE_CR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+_EXCHANGE_535_HINT = (
+    "the provider refused the credentials. For Exchange Online (535 5.7.139/5.7.3): SMTP "
+    "AUTH may be disabled for the mailbox or tenant (Set-CASMailbox -SmtpClientAuthenticationD"
+    "isabled $false), security defaults may block basic auth, or the app lacks SMTP.SendAsApp"
+    "; consider auth = \"xoauth2\"")
+
+
+class SessionError(DeliveryError):
+    """An upstream session could not be set up or broke; always transient for delivery."""
+
+    def __init__(self, message: str, *, reason: str, stage: str, reply: str = "",
+                 hint: str = "") -> None:
+        super().__init__(message, permanent=False, reply=reply, reason=reason, hint=hint)
+        self.stage = stage
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Who relay is toward the provider for one session (see ``relay.delivery``)."""
+
+    mechanism: Literal["none", "password", "xoauth2"] = "none"
+    username: str = ""
+    password: Secret | None = None
+    token_source: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """Pool key: sessions are only reused for the same identity."""
+        return (self.mechanism, self.username, self.token_source or "")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply: code and the whole text as the provider sent it (lines joined)."""
+
+    code: int
+    message: str
+
+    @property
+    def text(self) -> str:
+        return f"{self.code} {self.message}".strip()
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def xoauth2_string(username: str, token: str) -> str:
+    """The base64 SASL XOAUTH2 initial response: ``user=U^Aauth=Bearer T^A^A``."""
+    if not username or _CONTROL.search(username):
+        raise ValueError("XOAUTH2 username is empty or contains control characters")
+    if not token or _CONTROL.search(token) or " " in token:
+        raise ValueError("XOAUTH2 token is empty or contains control characters or spaces")
+    raw = f"user={username}\x01auth=Bearer {token}\x01\x01"
+    return base64.b64encode(raw.encode("utf-8")).decode("ascii")
+
+
+def has_bare_cr_or_lf(data: bytes) -> bool:
+    """True if ``data`` holds a CR or LF that is not part of a CRLF pair."""
+    return _BARE_CR_LF.search(data) is not None
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    seen: BaseException | None = exc
+    for _ in range(6):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _tls_error(upstream: UpstreamConfig, exc: BaseException, server_name: str) -> SessionError:
+    cause = _ssl_cause(exc)
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        detail = cause.verify_message or str(cause)
+        return SessionError(
+            f"TLS certificate of {upstream.name} ({upstream.host}:{upstream.port}) not "
+            f"accepted: {detail}; expected name {server_name!r}",
+            reason="tls_certificate", stage="tls",
+            hint="check ca_file (the CA that signed the provider's certificate) and "
+                 "tls_server_name; verify_tls = false is a last resort, per upstream")
+    return SessionError(
+        f"TLS handshake with {upstream.name} ({upstream.host}:{upstream.port}) failed: "
+        f"{cause or exc}", reason="tls_failed", stage="tls",
+        hint="the provider may require another TLS version, or a middlebox interferes; "
+             "check tls = starttls|implicit matches the port (587 starttls, 465 implicit)")
+
+
+async def tls_context_for(upstream: UpstreamConfig) -> ssl.SSLContext:
+    """A client TLS context for ``upstream`` (CA file loaded off the loop)."""
+    def build() -> ssl.SSLContext:
+        ctx = ssl.create_default_context(
+            cafile=str(upstream.ca_file) if upstream.ca_file else None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if not upstream.verify_tls:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    return await asyncio.to_thread(build)
+
+
+class SmtpSession:
+    """A set-up SMTP session to one upstream, ready for MAIL transactions."""
+
+    def __init__(self, upstream: UpstreamConfig, smtp: aiosmtplib.SMTP,
+                 credentials: Credentials) -> None:
+        self.upstream = upstream
+        self.credentials = credentials
+        self._smtp = smtp
+        self.greeting = ""
+        self.ehlo_reply = ""
+        self.tls_info: dict[str, Any] = {}
+        self.messages = 0          # transactions started on this session
+        self.broken = False        # set on any protocol-level failure: never reuse
+
+    # ---- set-up ------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, upstream: UpstreamConfig, *, transport: Transport, helo_name: str,
+                   credentials: Credentials, timer: StageTimer,
+                   token_for: TokenFor | None = None,
+                   log: logging.Logger | None = None) -> SmtpSession:
+        """Connect through ``transport`` and take the session through TLS, EHLO and AUTH.
+
+        Stages land in ``timer``: connect, tls, greeting (with EHLO), auth (token fetch
+        included). With implicit TLS the 220 greeting arrives inside the handshake call
+        and is counted under ``tls``.
+        """
+        log = log or logging.getLogger("relay.delivery")
+        server_name = upstream.tls_server_name or upstream.host
+        ctx: ssl.SSLContext | None = None
+        if upstream.tls != "none":
+            ctx = await tls_context_for(upstream)
+            if not upstream.verify_tls:
+                log.warning("upstream %s: TLS certificate verification is OFF (verify_tls = "
+                            "false); this connection can be intercepted", upstream.name)
+        with timer.stage("connect"):
+            sock = await transport.connect(upstream.host, upstream.port,
+                                           timeout=upstream.connect_timeout)
+        smtp = aiosmtplib.SMTP(hostname=server_name, timeout=upstream.command_timeout,
+                               local_hostname=helo_name)
+        session = cls(upstream, smtp, credentials)
+        try:
+            await session._setup(sock, ctx, server_name, timer, token_for)
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    async def _setup(self, sock: Any, ctx: ssl.SSLContext | None, server_name: str,
+                     timer: StageTimer, token_for: TokenFor | None) -> None:
+        up = self.upstream
+        implicit = up.tls == "implicit"
+        try:
+            with timer.stage("tls" if implicit else "greeting"):
+                resp = await self._smtp.connect(
+                    sock=sock, use_tls=implicit, start_tls=False, tls_context=ctx,
+                    timeout=up.connect_timeout)
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            raise SessionError(
+                f"{up.name} refused the session at greeting: {exc.code} {exc.message}",
+                reason="greeting_refused", stage="greeting", reply=f"{exc.code} {exc.message}",
+                hint="the provider is busy or refuses this relay's address; mail is "
+                     "deferred and retried") from exc
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            if implicit and _ssl_cause(exc) is not None:
+                raise _tls_error(up, exc, server_name) from exc
+            raise self._broken("greeting", exc) from exc
+        self.greeting = f"{resp.code} {resp.message}"
+        await self._ehlo(timer)
+        if up.tls == "starttls":
+            if not self._smtp.supports_extension("starttls"):
+                raise SessionError(
+                    f"{up.name} does not offer STARTTLS (EHLO: "
+                    f"{self.ehlo_reply[:200]!r})", reason="starttls_unavailable", stage="tls",
+                    hint="relay never sends mail in clear text to a starttls upstream; check "
+                         "the port (465 is implicit TLS: tls = \"implicit\")")
+            try:
+                with timer.stage("tls"):
+                    await self._smtp.starttls(server_hostname=server_name, tls_context=ctx,
+                                              timeout=up.connect_timeout)
+            except aiosmtplib.SMTPResponseException as exc:
+                raise SessionError(f"{up.name} refused STARTTLS: {exc.code} {exc.message}",
+                                   reason="tls_failed", stage="tls",
+                                   reply=f"{exc.code} {exc.message}") from exc
+            except (aiosmtplib.SMTPException, OSError) as exc:
+                if _ssl_cause(exc) is not None:
+                    raise _tls_error(up, exc, server_name) from exc
+                raise self._broken("tls", exc) from exc
+            await self._ehlo(timer)
+        if ctx is not None:
+            self._record_tls()
+        with timer.stage("auth"):
+            await self._auth(token_for)
+
+    async def _ehlo(self, timer: StageTimer) -> None:
+        try:
+            with timer.stage("greeting"):
+                resp = await self._smtp.ehlo()
+        except aiosmtplib.SMTPHeloError as exc:
+            raise SessionError(f"{self.upstream.name} refused EHLO: {exc.code} {exc.message}",
+                               reason="ehlo_refused", stage="greeting",
+                               reply=f"{exc.code} {exc.message}",
+                               hint="check helo_name (default relay.hostname)") from exc
+        except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
+            raise self._broken("greeting", exc) from exc
+        self.ehlo_reply = f"{resp.code} {resp.message}"
+
+    def _record_tls(self) -> None:
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+            cert = self._smtp.get_transport_info("peercert") or {}
+            obj = self._smtp.get_transport_info("sslobject")
+            names = [v for k, v in (x[0] for x in cert.get("subject", ())) if k == "commonName"]
+            names += [v for k, v in cert.get("subjectAltName", ()) if k == "DNS"]
+            self.tls_info = {
+                "version": obj.version() if obj is not None else "",
+                "cipher": (self._smtp.get_transport_info("cipher") or ("",))[0],
+                "names": names, "not_after": cert.get("notAfter", ""),
+            }
+
+    async def _auth(self, token_for: TokenFor | None) -> None:
+        cred, up = self.credentials, self.upstream
+        if cred.mechanism == "none":
+            return
+        offered = [m.upper() for m in self._smtp.server_auth_methods]
+        if not self._smtp.supports_extension("auth"):
+            raise SessionError(f"{up.name} offers no AUTH (EHLO: {self.ehlo_reply[:200]!r})",
+                               reason="auth_unavailable", stage="auth",
+                               hint="AUTH is usually only offered after TLS: check tls; or "
+                                    "set auth = \"none\" if the provider trusts this host")
+        try:
+            if cred.mechanism == "xoauth2":
+                resp = await self._auth_xoauth2(token_for, offered)
+            else:
+                password = cred.password.reveal() if cred.password else ""
+                if "PLAIN" in offered:
+                    resp = await self._smtp.auth_plain(cred.username, password)
+                elif "LOGIN" in offered:
+                    resp = await self._smtp.auth_login(cred.username, password)
+                else:
+                    raise SessionError(
+                        f"{up.name} offers neither AUTH PLAIN nor LOGIN (offers "
+                        f"{' '.join(offered) or 'nothing'})", reason="auth_unavailable",
+                        stage="auth", hint="use auth = \"xoauth2\" if the provider offers it")
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            reply = f"{exc.code} {exc.message}"
+            hint = _EXCHANGE_535_HINT if exc.code == 535 else (
+                "check the upstream's username and password/token source")
+            raise SessionError(f"{up.name} refused AUTH for {cred.username!r}: {reply}",
+                               reason="auth_failed", stage="auth", reply=reply,
+                               hint=hint) from exc
+        except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
+            raise self._broken("auth", exc) from exc
+        del resp
+
+    async def _auth_xoauth2(self, token_for: TokenFor | None,
+                            offered: list[str]) -> aiosmtplib.SMTPResponse:
+        cred, up = self.credentials, self.upstream
+        if "XOAUTH2" not in offered:
+            raise SessionError(f"{up.name} does not offer AUTH XOAUTH2 (offers "
+                               f"{' '.join(offered) or 'nothing'})", reason="auth_unavailable",
+                               stage="auth", hint="check the host and port of the upstream")
+        if token_for is None or not cred.token_source:
+            raise SessionError(f"{up.name}: auth = xoauth2 but no token source is configured",
+                               reason="auth_failed", stage="auth",
+                               hint="set token_source on the upstream or its [[account]]")
+        try:
+            token = await token_for(cred.token_source)
+        except OAuthError as exc:
+            raise SessionError(f"{up.name}: no OAuth2 token from {cred.token_source!r}: {exc}",
+                               reason="oauth_failed", stage="auth",
+                               hint=exc.hint or "check the token source; mail is deferred"
+                               ) from exc
+        try:
+            initial = xoauth2_string(cred.username, token)
+        except ValueError as exc:
+            raise SessionError(f"{up.name}: cannot build XOAUTH2 for {cred.username!r}: {exc}",
+                               reason="auth_failed", stage="auth",
+                               hint="check the upstream's username and token source") from exc
+        resp = await self._smtp.execute_command(b"AUTH", b"XOAUTH2", initial.encode("ascii"))
+        if resp.code == 334:
+            # The provider's error challenge (base64 JSON): an empty line ends the exchange.
+            challenge = resp.message
+            resp = await self._smtp.execute_command(b"")
+            raise aiosmtplib.SMTPAuthenticationError(
+                resp.code, f"{resp.message} (challenge {challenge[:200]})")
+        if resp.code != 235:
+            raise aiosmtplib.SMTPAuthenticationError(resp.code, resp.message)
+        return resp
+
+    # ---- transactions --------------------------------------------------------------------
+
+    def supports(self, extension: str) -> bool:
+        return self._smtp.supports_extension(extension)
+
+    def extension(self, name: str) -> str:
+        """The EHLO parameter of an extension (e.g. SIZE's limit), "" if none."""
+        return str(self._smtp.esmtp_extensions.get(name.lower(), ""))
+
+    async def command(self, *args: bytes, timeout: float | None = None) -> Reply:
+        """Send one command; a lost connection or timeout raises ``SessionError``."""
+        try:
+            resp = await self._smtp.execute_command(
+                *args, timeout=timeout if timeout is not None else self.upstream.command_timeout)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise self._broken(args[0].decode("ascii", "replace").lower(), exc) from exc
+        if resp.code == 421:
+            self.broken = True
+        return Reply(resp.code, resp.message)
+
+    async def data(self, data: bytes) -> Reply:
+        """DATA with the message; returns the 354-stage refusal or the final reply."""
+        if has_bare_cr_or_lf(data):
+            # aiosmtplib would turn it into a line break: a smuggling vector. Never send.
+            raise ValueError("message contains a bare CR or LF")
+        try:
+            resp = await self._smtp.data(data, timeout=self.upstream.data_timeout)
+        except aiosmtplib.SMTPDataError as exc:
+            if exc.code == 421:
+                self.broken = True
+            return Reply(exc.code, exc.message)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise self._broken("data", exc) from exc
+        return Reply(resp.code, resp.message)
+
+    async def rset(self) -> bool:
+        """RSET before reusing the session; False if the session is no longer usable."""
+        try:
+            reply = await self.command(b"RSET", timeout=min(30.0, self.upstream.command_timeout))
+        except SessionError:
+            return False
+        return reply.code == 250 and not self.broken
+
+    @property
+    def usable(self) -> bool:
+        return not self.broken and self._smtp.is_connected
+
+    async def quit(self) -> None:
+        """Polite QUIT (bounded wait), then close."""
+        if self._smtp.is_connected:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await self._smtp.execute_command(b"QUIT", timeout=5.0)
+        self.close()
+
+    def close(self) -> None:
+        self.broken = True
+        self._smtp.close()
+
+    def _broken(self, stage: str, exc: BaseException) -> SessionError:
+        self.broken = True
+        if isinstance(exc, TimeoutError):
+            reason, what = "timeout", "timed out"
+        else:
+            reason, what = "disconnected", "connection lost"
+        return SessionError(f"{self.upstream.name}: {what} during {stage}: {exc}",
+                            reason=reason, stage=stage,
+                            hint="the provider or the network path (proxy) dropped or stalled "
+                                 "the session; mail is deferred and retried")

@@ -1,0 +1,74 @@
+"""Stage timer: how long each stage of one upstream session took, and which one dominated."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+# What the operator reads for each stage in the slow-delivery log line.
+_WAITING_FOR = {
+    "connect": "connecting to the provider (transport and proxy handshake)",
+    "tls": "in the TLS handshake",
+    "greeting": "waiting for the provider's greeting and EHLO reply",
+    "auth": "authenticating (token fetch included)",
+    "envelope": "waiting for the provider's replies to MAIL/RCPT",
+    "data": "waiting for the provider's reply to DATA",
+}
+
+
+class StageTimer:
+    """Accumulates seconds per stage (connect, tls, greeting, auth, envelope, data).
+
+    A stage may be entered several times (e.g. RSET and MAIL both count as envelope);
+    durations add up. Uses the monotonic clock.
+    """
+
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+        self._started = time.monotonic()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the ``with`` body as ``name`` (recorded even if the body raises)."""
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.add(name, time.monotonic() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.stages[name] = self.stages.get(name, 0.0) + max(0.0, seconds)
+
+    def merge(self, other: StageTimer) -> None:
+        """Add another timer's stages to this one (session setup into a message's timer)."""
+        for name, seconds in other.stages.items():
+            self.add(name, seconds)
+
+    @property
+    def total(self) -> float:
+        """Sum of the recorded stages."""
+        return sum(self.stages.values())
+
+    @property
+    def elapsed(self) -> float:
+        """Wall-clock seconds since the timer was created."""
+        return time.monotonic() - self._started
+
+    def longest(self) -> tuple[str, float]:
+        """The stage that took longest, and its seconds (``("none", 0.0)`` if empty)."""
+        if not self.stages:
+            return "none", 0.0
+        name = max(self.stages, key=lambda n: self.stages[n])
+        return name, self.stages[name]
+
+    def describe(self, upstream: str, total: float | None = None) -> str:
+        """One sentence: "delivery to office365 took 12.4 s; 11.9 s waiting for ... DATA"."""
+        took = self.total if total is None else total
+        name, seconds = self.longest()
+        what = _WAITING_FOR.get(name, f"in stage {name}")
+        return f"delivery to {upstream} took {took:.1f} s; {seconds:.1f} s {what}"
+
+    def summary(self) -> str:
+        """Compact ``connect=0.012 tls=0.030 ...`` for debug logs and ``relay check``."""
+        return " ".join(f"{n}={s:.3f}" for n, s in self.stages.items())

@@ -1,0 +1,35 @@
+"""Builders shared by the delivery and scheduler tests."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+from relay.config.schema import UpstreamConfig
+from relay.delivery import Deliverer
+from relay.spool.records import Envelope, QueuedMessage, QueueState, Recipient
+from relay.transports.direct import DirectTransport
+
+BODY = (b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\n"
+        b"Subject: hello\r\nMessage-ID: <m1@example.com>\r\n\r\n"
+        b"Hi Bob,\r\n.leading dot line\r\nbye\r\n")
+
+
+def upstream(port: int, **kw: Any) -> UpstreamConfig:
+    base = UpstreamConfig(name="up", protocol="smtp", host="127.0.0.1", port=port, tls="none",
+                          connect_timeout=5.0, command_timeout=10.0, data_timeout=10.0)
+    return replace(base, **kw)
+
+
+def message(qid: str = "Q1", sender: str = "alice@example.com",
+            rcpts: tuple[str, ...] = ("bob@example.net",), **env: Any) -> QueuedMessage:
+    envelope = Envelope(sender=sender, recipients=rcpts, received_at=time.time(), **env)
+    return QueuedMessage(queue_id=qid, envelope=envelope,
+                         state=QueueState(recipients=[Recipient(r) for r in rcpts]),
+                         size=len(BODY))
+
+
+def deliverer(*ups: UpstreamConfig, **kw: Any) -> Deliverer:
+    kw.setdefault("hostname", "relay.test")
+    return Deliverer(upstreams=ups, transport_for=lambda _u: DirectTransport(), **kw)

@@ -1,0 +1,376 @@
+"""Delivery against a real SMTP server on loopback: verdicts, reuse, caps, TLS, AUTH, timing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from relay.config.schema import AccountConfig, Secret
+from relay.metrics import Metrics
+from relay.outbox import outbox_name
+from tests.delivery.helpers import BODY, deliverer, message, upstream
+from tests.fakes.recording_upstream import RecordingUpstream
+from tests.peers import free_port
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[list[RecordingUpstream]]:
+    servers: list[RecordingUpstream] = []
+    yield servers
+    for s in servers:
+        await s.stop()
+
+
+async def start(started: list[RecordingUpstream], **kw: object) -> RecordingUpstream:
+    up = RecordingUpstream(**kw)  # type: ignore[arg-type]
+    await up.start()
+    started.append(up)
+    return up
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+async def test_delivered_byte_for_byte(started: list[RecordingUpstream]) -> None:
+    peer = await start(started)
+    d = deliverer(upstream(peer.port))
+    res = await d.deliver("up", message(), BODY, ["bob@example.net"])
+    assert res["bob@example.net"].ok and res["bob@example.net"].code == 250
+    assert [m.data for m in peer.received] == [BODY]
+    assert peer.received[0].mail_from == "alice@example.com"
+    raw = bytes(peer.raw[0])
+    assert b"\r\n..leading dot line\r\n" in raw           # dot-stuffed on the wire
+    assert b"MAIL FROM:<alice@example.com> SIZE=" in raw
+    await d.close()
+
+
+async def test_per_recipient_verdicts(started: list[RecordingUpstream]) -> None:
+    peer = await start(started, rcpt_script={
+        "gone@example.net": ["550 5.1.1 <gone@example.net>: user unknown"],
+        "full@example.net": ["452 4.2.2 mailbox full"],
+        "many@example.net": ["552 5.5.3 too many recipients"]})
+    rcpts = ["ok@example.net", "gone@example.net", "full@example.net", "many@example.net"]
+    d = deliverer(upstream(peer.port))
+    res = await d.deliver("up", message(rcpts=tuple(rcpts)), BODY, rcpts)
+    assert res["ok@example.net"].ok
+    assert res["gone@example.net"].permanent
+    assert res["gone@example.net"].reply == "550 5.1.1 <gone@example.net>: user unknown"
+    assert not res["full@example.net"].permanent and not res["full@example.net"].ok
+    assert not res["many@example.net"].permanent      # 552 at RCPT means 452 (RFC 5321)
+    assert peer.received[0].rcpt_tos == ["ok@example.net"]
+    await d.close()
+
+
+@pytest.mark.parametrize(("command", "reply", "permanent"), [
+    ("MAIL", "550 5.7.60 SendAsDenied; not allowed to send as alice", True),
+    ("MAIL", "451 4.3.0 temporary failure", False),
+    ("MAIL", "554 5.7.1 rejected by policy", True),
+    ("DATA", "554 5.6.0 message content rejected", True),
+    ("DATA", "451 4.7.500 server busy", False),
+])
+async def test_transaction_replies(started: list[RecordingUpstream], command: str,
+                                   reply: str, permanent: bool) -> None:
+    peer = await start(started, script={command: [reply]})
+    rcpts = ["a@example.net", "b@example.net"]
+    d = deliverer(upstream(peer.port))
+    res = await d.deliver("up", message(rcpts=tuple(rcpts)), BODY, rcpts)
+    for r in rcpts:
+        assert not res[r].ok
+        assert res[r].permanent is permanent
+        assert res[r].reply == reply
+    assert peer.received == []
+    await d.close()
+
+
+async def test_421_at_rcpt_defers_the_rest(started: list[RecordingUpstream]) -> None:
+    peer = await start(started, rcpt_script={"b@example.net": ["421 4.3.2 shutting down"]})
+    rcpts = ["a@example.net", "b@example.net", "c@example.net"]
+    d = deliverer(upstream(peer.port))
+    res = await d.deliver("up", message(rcpts=tuple(rcpts)), BODY, rcpts)
+    assert all(not v.ok and not v.permanent for v in res.values())
+    assert peer.received == []
+    await d.close()
+
+
+async def test_connection_reuse_and_rset(started: list[RecordingUpstream]) -> None:
+    peer = await start(started)
+    d = deliverer(upstream(peer.port, max_messages_per_connection=3))
+    for i in range(5):
+        res = await d.deliver("up", message(f"Q{i}"), BODY, ["bob@example.net"])
+        assert res["bob@example.net"].ok
+    assert len(peer.received) == 5
+    assert peer.connections == 2                      # 3 + 2 messages
+    assert bytes(peer.raw[0]).count(b"RSET\r\n") == 2  # before the 2nd and 3rd message
+    assert bytes(peer.raw[0]).count(b"EHLO relay.test\r\n") == 1
+    await d.close()
+    await peer.wait_for(lambda p: p.open_now == 0)
+    assert bytes(peer.raw[1]).endswith(b"QUIT\r\n")
+
+
+async def test_idle_sessions_are_closed(started: list[RecordingUpstream]) -> None:
+    peer = await start(started)
+    d = deliverer(upstream(peer.port), idle_timeout=0.2)
+    await d.deliver("up", message(), BODY, ["bob@example.net"])
+    assert peer.open_now == 1
+    await peer.wait_for(lambda p: p.open_now == 0, timeout=5)
+    assert bytes(peer.raw[0]).endswith(b"QUIT\r\n")
+    res = await d.deliver("up", message("Q2"), BODY, ["bob@example.net"])
+    assert res["bob@example.net"].ok and peer.connections == 2
+    await d.close()
+
+
+async def test_concurrency_cap(started: list[RecordingUpstream]) -> None:
+    peer = await start(started, delays={"DATA": 0.1})
+    d = deliverer(upstream(peer.port, max_connections=2))
+    results = await asyncio.gather(*(d.deliver("up", message(f"Q{i}"), BODY, ["b@example.net"])
+                                     for i in range(8)))
+    assert all(r["b@example.net"].ok for r in results)
+    assert len(peer.received) == 8
+    assert peer.max_open == 2
+    assert d.concurrency("up") == 2
+    await d.close()
+
+
+async def test_connection_refused_is_transient() -> None:
+    metrics = Metrics()
+    d = deliverer(upstream(free_port()), metrics=metrics)
+    res = await d.deliver("up", message(), BODY, ["bob@example.net"])
+    verdict = res["bob@example.net"]
+    assert not verdict.ok and not verdict.permanent and verdict.reason == "connect_refused"
+    assert sample(metrics, "relay_upstream_connection_failures_total", upstream="up",
+                  reason="connect_refused") == 1
+    await d.close()
+
+
+async def test_bare_cr_is_never_sent(started: list[RecordingUpstream]) -> None:
+    peer = await start(started)
+    d = deliverer(upstream(peer.port))
+    bad = b"Subject: hi\rBcc: victim@example.org\r\n\r\nbody\r\n"
+    res = await d.deliver("up", message(), bad, ["bob@example.net"])
+    assert res["bob@example.net"].permanent and res["bob@example.net"].code == 554
+    assert peer.connections == 0
+    await d.close()
+
+
+# ---- TLS ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def server_ctx(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("upstream.test").configure_cert(ctx)
+    return ctx
+
+
+def ca_file(ca: trustme.CA, tmp_path: Path) -> Path:
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+async def test_starttls_verified(started: list[RecordingUpstream], ca: trustme.CA,
+                                 tmp_path: Path) -> None:
+    peer = await start(started, starttls=server_ctx(ca))
+    up = upstream(peer.port, tls="starttls", ca_file=ca_file(ca, tmp_path),
+                  tls_server_name="upstream.test")
+    d = deliverer(up)
+    res = await d.deliver("up", message(), BODY, ["bob@example.net"])
+    assert res["bob@example.net"].ok, res
+    raw = bytes(peer.raw[0])
+    assert raw.count(b"EHLO relay.test\r\n") == 2 and b"STARTTLS\r\n" in raw
+    assert peer.received[0].data == BODY
+    await d.close()
+
+
+async def test_starttls_wrong_ca_defers(started: list[RecordingUpstream], ca: trustme.CA,
+                                        tmp_path: Path) -> None:
+    peer = await start(started, starttls=server_ctx(ca))
+    other = trustme.CA()
+    metrics = Metrics()
+    up = upstream(peer.port, tls="starttls", ca_file=ca_file(other, tmp_path),
+                  tls_server_name="upstream.test")
+    d = deliverer(up, metrics=metrics)
+    res = await d.deliver("up", message(), BODY, ["bob@example.net"])
+    v = res["bob@example.net"]
+    assert not v.ok and not v.permanent and v.reason == "tls_certificate"
+    assert "certificate" in v.reply and "upstream.test" in v.reply
+    assert sample(metrics, "relay_upstream_connection_failures_total", upstream="up",
+                  reason="tls_certificate") == 1
+    assert peer.received == []
+    await d.close()
+
+
+async def test_starttls_wrong_name_defers(started: list[RecordingUpstream], ca: trustme.CA,
+                                          tmp_path: Path) -> None:
+    peer = await start(started, starttls=server_ctx(ca))
+    d = deliverer(upstream(peer.port, tls="starttls", ca_file=ca_file(ca, tmp_path),
+                           tls_server_name="smtp.office365.com"))
+    v = (await d.deliver("up", message(), BODY, ["bob@example.net"]))["bob@example.net"]
+    assert v.reason == "tls_certificate" and not v.permanent
+    assert "smtp.office365.com" in v.reply
+    await d.close()
+
+
+async def test_starttls_not_offered_defers(started: list[RecordingUpstream]) -> None:
+    peer = await start(started)
+    d = deliverer(upstream(peer.port, tls="starttls"))
+    v = (await d.deliver("up", message(), BODY, ["bob@example.net"]))["bob@example.net"]
+    assert v.reason == "starttls_unavailable" and not v.permanent
+    assert b"MAIL" not in bytes(peer.raw[0])
+    await d.close()
+
+
+async def test_verify_off_is_loud(started: list[RecordingUpstream], ca: trustme.CA,
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    peer = await start(started, starttls=server_ctx(ca))
+    d = deliverer(upstream(peer.port, tls="starttls", verify_tls=False))
+    with caplog.at_level(logging.WARNING, logger="relay.delivery"):
+        v = (await d.deliver("up", message(), BODY, ["bob@example.net"]))["bob@example.net"]
+    assert v.ok
+    assert "verification is OFF" in caplog.text
+    await d.close()
+
+
+async def test_implicit_tls(started: list[RecordingUpstream], ca: trustme.CA,
+                            tmp_path: Path) -> None:
+    peer = await start(started, implicit_tls=server_ctx(ca))
+    d = deliverer(upstream(peer.port, tls="implicit", ca_file=ca_file(ca, tmp_path),
+                           tls_server_name="upstream.test"))
+    v = (await d.deliver("up", message(), BODY, ["bob@example.net"]))["bob@example.net"]
+    assert v.ok, v
+    assert b"STARTTLS" not in bytes(peer.raw[0])
+    await d.close()
+
+
+# ---- AUTH -----------------------------------------------------------------------------------
+
+async def test_auth_plain_and_account_mapping(started: list[RecordingUpstream],
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    peer = await start(started, users={"cc@example.com": "s3cret-pw",
+                                       "sales@example.com": "other-pw"}, auth_required=True)
+    up = upstream(peer.port, auth="password", username="cc@example.com",
+                  password=Secret("s3cret-pw"))
+    accounts = [AccountConfig(upstream="up", sender="sales@example.com",
+                              username="sales@example.com", password=Secret("other-pw"))]
+    d = deliverer(up, accounts=accounts)
+    with caplog.at_level(logging.DEBUG):
+        r1 = await d.deliver("up", message("Q1"), BODY, ["bob@example.net"])
+        r2 = await d.deliver("up", message("Q2", sender="sales@example.com"), BODY,
+                             ["bob@example.net"])
+    assert r1["bob@example.net"].ok and r2["bob@example.net"].ok
+    assert [m.auth_user for m in peer.received] == ["cc@example.com", "sales@example.com"]
+    assert peer.connections == 2                      # sessions are per identity
+    assert "s3cret-pw" not in caplog.text and "other-pw" not in caplog.text
+    await d.close()
+
+
+async def test_auth_refused_defers_with_hint(started: list[RecordingUpstream],
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    peer = await start(started, users={"cc@example.com": "right"}, auth_required=True)
+    d = deliverer(upstream(peer.port, auth="password", username="cc@example.com",
+                           password=Secret("wrong-password")))
+    with caplog.at_level(logging.DEBUG):
+        v = (await d.deliver("up", message(), BODY, ["bob@example.net"]))["bob@example.net"]
+    assert not v.ok and not v.permanent and v.reason == "auth_failed"
+    assert v.reply.startswith("535")
+    assert "SMTP AUTH" in caplog.text                  # the Exchange Online hint
+    assert "wrong-password" not in caplog.text
+    await d.close()
+
+
+async def test_xoauth2(started: list[RecordingUpstream],
+                       caplog: pytest.LogCaptureFixture) -> None:
+    peer = await start(started, tokens={"cc@example.com": "ya29.good-token"},
+                       auth_required=True)
+    asked: list[str] = []
+
+    async def token_for(source: str) -> str:
+        asked.append(source)
+        return "ya29.good-token"
+
+    d = deliverer(upstream(peer.port, auth="xoauth2", username="cc@example.com",
+                           token_source="o365"), token_for=token_for)
+    with caplog.at_level(logging.DEBUG):
+        v = (await d.deliver("up", message(), BODY, ["bob@example.net"]))["bob@example.net"]
+    assert v.ok, v
+    assert asked == ["o365"]
+    assert peer.xoauth2_seen == ["user=cc@example.com\x01auth=Bearer ya29.good-token\x01\x01"]
+    assert "ya29.good-token" not in caplog.text
+    await d.close()
+
+
+async def test_xoauth2_refused_answers_challenge(started: list[RecordingUpstream]) -> None:
+    peer = await start(started, tokens={"cc@example.com": "good"}, auth_required=True)
+
+    async def token_for(source: str) -> str:
+        return "expired-token"
+
+    d = deliverer(upstream(peer.port, auth="xoauth2", username="cc@example.com",
+                           token_source="o365"), token_for=token_for)
+    v = (await d.deliver("up", message(), BODY, ["bob@example.net"]))["bob@example.net"]
+    assert not v.ok and not v.permanent and v.reason == "auth_failed"
+    assert v.reply.startswith("535")
+    # After the 334 JSON challenge relay sent one empty line, then got the final 535.
+    assert peer.xoauth2_seen[-1] == "after-challenge:b''"
+    raw = bytes(peer.raw[0])
+    assert b"AUTH XOAUTH2 " in raw and raw.split(b"AUTH XOAUTH2 ", 1)[1].split(b"\r\n")[1] == b""
+    await d.close()
+
+
+# ---- where the time goes --------------------------------------------------------------------
+
+async def test_stage_timing_and_slow_delivery(started: list[RecordingUpstream],
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    peer = await start(started, delays={"DATA": 0.6})
+    metrics = Metrics()
+    d = deliverer(upstream(peer.port, name="office365"), metrics=metrics, slow_threshold=0.4)
+    with caplog.at_level(logging.WARNING, logger="relay.delivery"):
+        v = (await d.deliver("office365", message(), BODY, ["b@example.net"]))["b@example.net"]
+        assert v.ok
+        fast = (await d.deliver("office365", message("Q2"), BODY, ["b@example.net"]))
+    assert fast["b@example.net"].ok
+    assert sample(metrics, "relay_slow_deliveries_total", upstream="office365",
+                  stage="data") == 2
+    for stage in ("connect", "greeting", "envelope", "data"):
+        count = sample(metrics, "relay_delivery_stage_seconds_count", upstream="office365",
+                       stage=stage)
+        assert count >= 1, stage
+    # The reused session's set-up is counted once, for the first message only.
+    assert sample(metrics, "relay_delivery_stage_seconds_count", upstream="office365",
+                  stage="connect") == 1
+    assert sample(metrics, "relay_delivery_seconds_count", upstream="office365") == 2
+    assert sample(metrics, "relay_delivery_stage_seconds_sum", upstream="office365",
+                  stage="data") >= 1.2
+    assert "delivery to office365 took" in caplog.text
+    assert "waiting for the provider's reply to DATA" in caplog.text
+    await d.close()
+
+
+async def test_outbox_writes_files(tmp_path: Path) -> None:
+    out = tmp_path / "outbox"
+    up = upstream(0, name="outbox", protocol="outbox", path=out)
+    d = deliverer(up)
+    msg = message("QOUT1", rcpts=("a@example.net", "b@example.net"))
+    res = await d.deliver("outbox", msg, BODY, ["a@example.net", "b@example.net"])
+    assert all(v.ok for v in res.values())
+    f = out / "QOUT1.eml"
+    assert f.read_bytes() == (b"Return-Path: <alice@example.com>\r\n"
+                              b"X-Original-To: a@example.net\r\nX-Original-To: b@example.net\r\n"
+                              + BODY)
+    # A retry for one recipient writes its own, deterministic file; no temp files remain.
+    await d.deliver("outbox", msg, BODY, ["b@example.net"])
+    await d.deliver("outbox", msg, BODY, ["b@example.net"])
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["QOUT1.eml", outbox_name("QOUT1", ["b@example.net"],
+                                                      msg.envelope.recipients)])
