@@ -1,0 +1,321 @@
+"""The loader on valid configs: defaults, inference, paths, secrets, sets, profiles."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from relay.config import load_config
+from relay.config.reader import Table
+from relay.config.schema import HostPort
+from relay.errors import ConfigError
+from tests.config.conftest import BASE, CONF, EXAMPLE_ENV, FILES
+
+SEED = Path("/work/shared/seeds/000_cd5cb624fd4635cb.txt")
+
+
+def write(tmp_path: Path, text: str, name: str = "relay.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_quick_start_config() -> None:
+    c = load_config(CONF / "relay.toml")
+    (listener,) = c.listeners
+    assert listener.listen == HostPort("127.0.0.1", 2525)
+    assert listener.auth == "none"
+    assert set(listener.allow) == {ipaddress.ip_network("127.0.0.0/8"),
+                                   ipaddress.ip_network("::1")}
+    (up,) = c.upstreams
+    assert up.protocol == "outbox"
+    assert up.path == CONF.parent / "var" / "outbox"
+    assert c.relay.spool == CONF.parent / "var" / "spool"
+    assert c.relay.default_upstream == "outbox"
+    assert c.metrics.listen == HostPort("127.0.0.1", 9325)
+
+
+def test_example_config_is_valid(example_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    c = load_config(example_dir / "relay.toml", environ=EXAMPLE_ENV)
+    assert [x.name for x in c.listeners] == ["platform", "cxone-inbound", "mailbox-imap",
+                                             "mailbox-pop3"]
+    assert c.upstream("office365").auth == "xoauth2"
+    assert c.upstream("gmail").auth == "password"
+    assert c.upstream("gmail").port == 465
+    assert c.upstream("gmail").password is not None
+    assert c.upstream("gmail").password.reveal() == "app-password"
+    assert c.upstream("o365-imap").auth == "xoauth2"           # from its [[account]]
+    assert c.upstream("o365-imap").port == 993
+    assert c.proxy("dante").password is not None
+    assert c.proxy("bastion").kind == "ssh"
+    assert c.token_source("o365").client_secret is not None
+    hq = ipaddress.ip_network("192.0.2.0/28")
+    assert hq in c.listeners[0].allow
+    assert ipaddress.ip_network("207.166.95.11/32") in c.listeners[1].allow
+    assert c.listeners[0].header_rules[0].header == "X-Relay-Listener"
+    assert c.listeners[0].header_rules[0].line > 0
+    assert {p.name for p in c.profiles} >= {"genesys-agentless", "exchange-online",
+                                            "zendesk-exchange-connector",
+                                            "exchange-online-150mb"}
+
+
+def test_example_documents_every_option(example_dir: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every key the loader reads in any section appears (set or commented) in the example."""
+    seen: dict[str, set[str]] = {}
+    finish = Table.finish
+
+    def spy(self: Table, **kw: object) -> None:
+        section = ".".join(str(p) for p in self.path if isinstance(p, str)) or "(top)"
+        seen.setdefault(section, set()).update(self.known)
+        finish(self, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Table, "finish", spy)
+    load_config(example_dir / "relay.toml", environ=EXAMPLE_ENV)
+    text = (CONF / "relay.example.toml").read_text()
+    written = set(re.findall(r"^#?\s*([a-z_0-9]+)\s*=", text, re.MULTILINE))
+    written |= set(re.findall(r"^\[\[?(?:[a-z_]+\.)?([a-z_]+)\]", text, re.MULTILINE))
+    missing = {f"{s}.{k}" for s, keys in seen.items() for k in keys
+               if k not in written and k != "password" and k != "client_secret"}
+    assert not missing, f"conf/relay.example.toml does not document: {sorted(missing)}"
+    for section in ("relay", "metrics", "listener", "upstream", "route", "proxy", "dkim",
+                    "token_source", "account", "profile", "address_set",
+                    "listener.header_rule", "route.header_rule", "upstream.header_rule"):
+        assert section in seen, section
+
+
+def _cxone_page() -> dict[str, dict[str, set[str]]]:
+    """The CXone page's two lists, per region, exactly as written (commas and all)."""
+    regions = {"北米": "na1", "オーストラリア": "au", "カナダ": "ca", "ヨーロッパ": "eu",
+               "日本": "jp", "イギリス": "uk"}
+    page = SEED.read_text(encoding="utf-8")
+    allow_part, spf_part = page.split("\nSPFレコード\n", 1)
+    allow_part = allow_part.split("\nメールサーバー許可リスト\n", 1)[1]
+    out: dict[str, dict[str, set[str]]] = {"allow": {}, "spf": {}}
+    for kind, part in (("allow", allow_part), ("spf", spf_part)):
+        region = ""
+        for line in part.splitlines():
+            if line.strip() in regions:
+                region = regions[line.strip()]
+            for addr in re.findall(r"\d{1,3}[.,]\d{1,3}[.,]\d{1,3}[.,]\d{1,3}", line):
+                out[kind].setdefault(region, set()).add(addr)
+    return out
+
+
+def test_shipped_address_sets_match_the_cxone_document() -> None:
+    """Each region's allow-list and SPF list, exactly as the page gives them, commas fixed."""
+    c = load_config(CONF / "relay.toml")
+    page = _cxone_page()
+    assert set(page["allow"]) == set(page["spf"]) == {"na1", "au", "ca", "eu", "jp", "uk"}
+    assert any("," in a for addrs in page["allow"].values() for a in addrs)   # the typo
+    for kind, suffix in (("allow", ""), ("spf", "-spf")):
+        for region, addrs in page[kind].items():
+            want = {ipaddress.ip_network(a.replace(",", ".")) for a in addrs}
+            got = c.address_sets[f"cxone-{region}{suffix}"]
+            assert set(got) == want, f"cxone-{region}{suffix}"
+            assert len(got) == len(addrs)
+
+
+def test_shipped_address_sets_note_each_comma_fix() -> None:
+    text = (CONF / "address_sets.toml").read_text()
+    for line in text.splitlines():
+        m = re.match(r'\s*"([\d.]+)",', line)
+        if m and line.count("#"):
+            assert f'"{m.group(1).replace(".", ",")}"' in line
+
+
+def test_shipped_profiles() -> None:
+    c = load_config(CONF / "relay.toml")
+    g = c.profile("genesys-agentless")
+    assert (g.max_recipients, g.max_subject_chars, g.max_local_part, g.max_display_name,
+            g.max_body_bytes, g.allow_attachments) == (1, 400, 64, 64, 3 * 2**20, False)
+    e = c.profile("exchange-online")
+    assert (e.max_message_bytes, e.recipients_per_day, e.messages_per_minute) == (
+        35 * 2**20, 10000, 30)
+    z = c.profile("zendesk-exchange-connector")
+    assert (z.messages_per_minute, z.bytes_per_5min, z.recipients_per_day,
+            z.max_message_bytes) == (10, 50 * 2**20, 10000, 50 * 2**20)
+
+
+def test_data_files_are_standalone_valid_toml() -> None:
+    for name in ("address_sets.toml", "profiles.toml"):
+        data = tomllib.loads((CONF / name).read_text())
+        assert set(data) == {"address_set" if name.startswith("address") else "profile"}
+
+
+def test_defaults_and_inference(tmp_path: Path) -> None:
+    c = load_config(write(tmp_path, BASE + '''
+[[upstream]]
+name = "o365"
+protocol = "smtp"
+host = "smtp.office365.com"
+username = "cc@example.com"
+password_env = "PW"
+
+[[upstream]]
+name = "direct"
+protocol = "smtp"
+host = "mx.example.net"
+tls = "none"
+
+[[upstream]]
+name = "imaps"
+protocol = "imap"
+host = "imap.example.net"
+tls = "implicit"
+auth = "passthrough"
+'''), environ={"PW": "pw"})
+    o = c.upstream("o365")
+    assert (o.port, o.tls, o.auth, o.username) == (587, "starttls", "password", "cc@example.com")
+    assert o.password is not None and o.password.origin == "env PW"
+    assert "pw" not in repr(o)
+    assert (c.upstream("direct").port, c.upstream("direct").auth) == (25, "none")
+    assert c.upstream("imaps").port == 993
+    assert c.listeners[0].max_message_size == 35 * 2**20
+    assert c.relay.retry.lifetime == 5 * 86400
+
+
+def test_listen_without_port_uses_protocol_default(tmp_path: Path) -> None:
+    c = load_config(write(tmp_path, BASE.replace('"127.0.0.1:2525"', '"127.0.0.1"')))
+    assert c.listeners[0].listen == HostPort("127.0.0.1", 25)
+
+
+def test_relative_paths_resolve_against_the_config_directory(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    (tmp_path / "sub").mkdir()
+    p = write(tmp_path / "sub", BASE.replace('path = "outbox"', 'path = "../mail/out"'))
+    monkeypatch.chdir("/")
+    c = load_config(p)
+    assert c.relay.spool == tmp_path / "sub" / "spool"
+    assert c.upstreams[0].path == tmp_path / "mail" / "out"
+
+
+def test_secret_file_is_read_and_group_readable_warns(tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o640)
+    text = BASE + f'''
+[[upstream]]
+name = "o365"
+protocol = "smtp"
+host = "smtp.office365.com"
+username = "cc@example.com"
+password_file = "{secret}"
+verify_tls = false
+'''
+    with caplog.at_level(logging.WARNING, logger="relay.config"):
+        c = load_config(write(tmp_path, text))
+    pw = c.upstream("o365").password
+    assert pw is not None and pw.reveal() == "s3cret"
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert "readable by group or others" in messages and "chmod 600" in messages
+    assert "verification is OFF" in messages
+    assert "s3cret" not in messages
+    assert re.search(r"relay\.toml:\d+: upstream\[1\]\.verify_tls:", messages)
+    secret.chmod(0o600)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="relay.config"):
+        load_config(write(tmp_path, text.replace("verify_tls = false\n", "")))
+    assert not caplog.records
+
+
+def test_config_sets_and_profiles_replace_shipped_ones(tmp_path: Path) -> None:
+    c = load_config(write(tmp_path, BASE.replace('allow = ["127.0.0.0/8"]',
+                                                 'allow = ["127.0.0.0/8", "cxone-uk", "lab"]')
+                          + '''
+[[address_set]]
+name = "cxone-uk"
+networks = ["198.51.100.0/24"]
+
+[[address_set]]
+name = "lab"
+networks = ["203.0.113.0/24", "2001:db8::/32"]
+
+[[profile]]
+name = "exchange-online"
+max_message_bytes = "150MB"
+'''))
+    allow = c.listeners[0].allow
+    assert ipaddress.ip_network("198.51.100.0/24") in allow
+    assert ipaddress.ip_network("52.56.74.209/32") not in allow
+    assert ipaddress.ip_network("2001:db8::/32") in allow
+    assert c.profile("exchange-online").max_message_bytes == 150 * 2**20
+    assert c.profile("exchange-online").messages_per_minute is None
+
+
+def test_explicit_data_files_and_none(tmp_path: Path) -> None:
+    text = BASE.replace('[relay]\n', '[relay]\naddress_sets = []\nprofiles = []\n')
+    c = load_config(write(tmp_path, text))
+    assert c.address_sets == {} and c.profiles == ()
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, BASE.replace('allow = ["127.0.0.0/8"]',
+                                                 'allow = ["cxone-na1"]').replace(
+            '[relay]\n', '[relay]\naddress_sets = []\n')))
+    assert exc.value.key == "listener[0].allow[0]"
+    assert "[[address_set]]" in exc.value.hint
+
+
+def test_accounts_infer_auth_and_are_checked(tmp_path: Path) -> None:
+    text = BASE + '''
+[[upstream]]
+name = "o365"
+protocol = "smtp"
+host = "smtp.office365.com"
+
+[[account]]
+upstream = "o365"
+sender = "Sales@Example.com"
+username = "sales@example.com"
+password_env = "PW"
+'''
+    c = load_config(write(tmp_path, text), environ={"PW": "x"})
+    assert c.upstream("o365").auth == "password"
+    assert c.accounts[0].sender == "sales@example.com"
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, text.replace('host = "smtp.office365.com"',
+                                                 'host = "smtp.office365.com"\nauth = "none"')),
+                    environ={"PW": "x"})
+    assert exc.value.key == "account[0].upstream"
+
+
+def test_header_rules_keep_their_lines(tmp_path: Path) -> None:
+    c = load_config(write(tmp_path, BASE + '''
+[[upstream.header_rule]]
+action = "add"
+header = "X-Relay"
+value = "yes"
+'''))
+    (rule,) = c.upstreams[0].header_rules
+    assert (rule.action, rule.header, rule.value, rule.line) == ("add", "X-Relay", "yes", 18)
+
+
+def test_error_lines_inside_multiline_arrays(tmp_path: Path) -> None:
+    text = BASE.replace('allow = ["127.0.0.0/8"]', 'allow = [\n  "127.0.0.0/8",\n'
+                        '  "10.0.0.0/8",\n  "192.168.1.1/24",\n]')
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, text))
+    assert exc.value.line == 14
+    assert str(exc.value).startswith(f"{tmp_path}/relay.toml:14: listener[0].allow[2]: ")
+
+
+def test_toml_error_at_end_of_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, 'a = """\nnever closed\n'))
+    assert exc.value.line is not None and "TOML syntax error" in str(exc.value)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config("/nonexistent/relay.toml")
+    assert str(exc.value) == "/nonexistent/relay.toml: config file not found"
+
+
+def test_fixture_files_are_what_the_bad_configs_expect() -> None:
+    assert (FILES / "tls.crt").read_text().startswith("-----BEGIN CERTIFICATE-----")
