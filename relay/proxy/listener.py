@@ -1,0 +1,198 @@
+"""An IMAP or POP3 proxy listener: binding, TLS toward clients, limits, reconfigure, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+
+from relay.config.schema import ListenerConfig, UpstreamConfig
+from relay.errors import ConfigError
+from relay.metrics import Metrics
+from relay.proxy.limits import FailureTracker, SessionCounter
+from relay.proxy.pump import Channel
+from relay.proxy.session import Authenticator, ProxySession, SessionContext
+from relay.proxy.upstream import TokenFor
+from relay.transports.base import Transport
+from relay.transports.tls import client_context
+
+log = logging.getLogger("relay.proxy")
+
+
+def server_context(cfg: ListenerConfig, into: ssl.SSLContext | None = None) -> ssl.SSLContext:
+    """The TLS context toward clients (cert/key loaded; reloading reuses ``into``)."""
+    if cfg.cert is None or cfg.key is None:
+        raise ConfigError(f"listener {cfg.name}: tls = \"{cfg.tls}\" needs cert and key",
+                          key="listener.cert", line=cfg.line or None,
+                          hint="set cert and key to PEM files, or tls = \"none\"")
+    ctx = into or ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(cfg.cert), str(cfg.key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"listener {cfg.name}: cannot load cert {cfg.cert} / key {cfg.key}: "
+                          f"{exc}", key="listener.cert", line=cfg.line or None,
+                          hint="cert must be a PEM chain and key its PEM private key, "
+                               "readable by relay") from exc
+    return ctx
+
+
+class ProxyListener:
+    """Accepts IMAP or POP3 clients and proxies each to ``upstream``."""
+
+    def __init__(self, cfg: ListenerConfig, *, upstream: UpstreamConfig,
+                 authenticator: Authenticator,
+                 transport_for: Callable[[UpstreamConfig], Transport],
+                 token_for: TokenFor | None = None, metrics: Metrics | None = None,
+                 fail_delay: float = 1.0, fail_delay_max: float = 8.0) -> None:
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sessions: dict[ProxySession, None] = {}
+        self._fail_delay = (fail_delay, fail_delay_max)
+        self._counter = SessionCounter(total=cfg.max_connections,
+                                       per_client=cfg.max_connections_per_client)
+        self._ctx = self._context(cfg, upstream, authenticator, transport_for, token_for,
+                                  metrics, None)
+
+    def _context(self, cfg: ListenerConfig, upstream: UpstreamConfig,
+                 authenticator: Authenticator,
+                 transport_for: Callable[[UpstreamConfig], Transport],
+                 token_for: TokenFor | None, metrics: Metrics | None,
+                 old: SessionContext | None) -> SessionContext:
+        if cfg.protocol not in ("imap", "pop3") or upstream.protocol != cfg.protocol:
+            raise ConfigError(f"listener {cfg.name} ({cfg.protocol}) cannot proxy to upstream "
+                              f"{upstream.name} ({upstream.protocol})", key="listener.upstream",
+                              line=cfg.line or None,
+                              hint="an IMAP listener needs an IMAP upstream, POP3 a POP3 one")
+        server_tls = None
+        if cfg.tls != "none":
+            server_tls = server_context(cfg, old.server_tls if old else None)
+        failures = FailureTracker(limit=cfg.auth_fail_limit, window=cfg.auth_fail_window,
+                                  base_delay=self._fail_delay[0], max_delay=self._fail_delay[1])
+        if old is not None:                       # keep what clients already earned
+            failures._fails = old.failures._fails
+        self._counter.total_limit = cfg.max_connections
+        self._counter.per_client_limit = cfg.max_connections_per_client
+        return SessionContext(
+            listener=cfg, upstream=upstream, authenticator=authenticator,
+            transport_for=transport_for, token_for=token_for, metrics=metrics,
+            failures=failures, server_tls=server_tls,
+            upstream_tls=client_context(upstream) if upstream.tls != "none" else None)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self._ctx.listener
+        loop = asyncio.get_running_loop()
+        implicit = cfg.tls == "implicit"
+        try:
+            self._server = await loop.create_server(
+                self._accept, cfg.listen.host, cfg.listen.port, backlog=1024,
+                ssl=self._ctx.server_tls if implicit else None,
+                ssl_handshake_timeout=cfg.login_timeout if implicit else None,
+                reuse_address=True)
+        except OSError as exc:
+            raise ConfigError(f"listener {cfg.name}: cannot listen on {cfg.listen}: "
+                              f"{exc.strerror or exc}", key="listener.listen",
+                              line=cfg.line or None,
+                              hint="another process may use the port, or binding below "
+                                   "1024 needs CAP_NET_BIND_SERVICE") from exc
+        if self._ctx.metrics is not None:
+            self._ctx.metrics.proxy_sessions.labels(cfg.name).set(0)
+            self._ctx.metrics.proxy_sessions_total.labels(cfg.name)
+        log.info("proxy listener %s (%s, tls=%s) on %s → upstream %s", cfg.name, cfg.protocol,
+                 cfg.tls, self.address, self._ctx.upstream.name)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port): useful when the config asked for port 0."""
+        assert self._server is not None and self._server.sockets
+        name = self._server.sockets[0].getsockname()
+        return str(name[0]), int(name[1])
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    async def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def wait_closed(self, timeout: float) -> None:
+        """Let open sessions finish for up to ``timeout`` seconds, then drop the rest."""
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
+            for session in list(self._sessions):
+                session.abort()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def reconfigure(self, cfg: ListenerConfig, *, upstream: UpstreamConfig,
+                          authenticator: Authenticator,
+                          transport_for: Callable[[UpstreamConfig], Transport],
+                          token_for: TokenFor | None = None,
+                          metrics: Metrics | None = None) -> None:
+        """Apply a new config to new sessions (open ones keep theirs).
+
+        A changed ``listen`` address or TLS mode rebinds; certificates are reloaded. On
+        any error the old settings stay and the error is raised.
+        """
+        old = self._ctx
+        new = self._context(cfg, upstream, authenticator, transport_for, token_for,
+                            metrics if metrics is not None else old.metrics, old)
+        rebind = (cfg.listen != old.listener.listen or cfg.tls != old.listener.tls)
+        if rebind and self._server is not None:
+            previous = self._server
+            self._ctx = new
+            try:
+                await self.start()
+            except ConfigError:
+                self._ctx, self._server = old, previous
+                raise
+            previous.close()
+        else:
+            if new.server_tls is not None and old.server_tls is not None:
+                # same mode: reload the certificate into the context the server holds
+                new.server_tls = server_context(cfg, old.server_tls)
+            self._ctx = new
+
+    # -- accepting -------------------------------------------------------------------------
+    def _accept(self) -> Channel:
+        ch = Channel()
+        ch.on_connect = self._connected
+        return ch
+
+    def _connected(self, ch: Channel) -> None:
+        assert ch.transport is not None
+        ctx = self._ctx
+        peer = ch.transport.get_extra_info("peername") or ("?", 0)
+        addr = str(peer[0])
+        sock = ch.transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        refuse = "auth_refused" if ctx.failures.refused(addr) else self._counter.admit(addr)
+        session = ProxySession(ctx, ch, (addr, int(peer[1])))
+        m = ctx.metrics
+        if refuse is None:
+            self._sessions[session] = None
+            if m is not None:
+                m.proxy_sessions.labels(ctx.listener.name).inc()
+                m.proxy_sessions_total.labels(ctx.listener.name).inc()
+        elif m is not None:
+            m.proxy_login_failures.labels(ctx.listener.name, refuse).inc()
+        task = asyncio.get_running_loop().create_task(session.run(refuse))
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._done(t, session, addr, refuse is None))
+
+    def _done(self, task: asyncio.Task[None], session: ProxySession, addr: str,
+              admitted: bool) -> None:
+        self._tasks.discard(task)
+        if admitted:
+            self._sessions.pop(session, None)
+            self._counter.release(addr)
+            if session.ctx.metrics is not None:
+                session.ctx.metrics.proxy_sessions.labels(session.ctx.listener.name).dec()

@@ -1,0 +1,280 @@
+"""One proxy session: pre-auth with the client, map credentials, log in upstream, splice.
+
+The session drives a sans-IO machine (``ImapPreAuth``/``Pop3PreAuth``) over the client
+``Channel``; on ``Login`` it asks the ``Authenticator`` who to be toward the provider,
+logs in through the upstream's transport, answers the client, and splices the two
+channels until either side closes or the post-login idle timeout passes. It writes one
+log line when it ends and never logs a password or token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from relay.config.schema import ListenerConfig, Secret, UpstreamConfig
+from relay.errors import OAuthError, ProxyUpstreamError, RelayError, TransportError
+from relay.maillog import censor
+from relay.metrics import Metrics
+from relay.proxy.events import Close, Event, Login, LoginFailure, PreAuth, Send, StartTls
+from relay.proxy.imap import ImapPreAuth
+from relay.proxy.limits import FailureTracker
+from relay.proxy.pop3 import Pop3PreAuth
+from relay.proxy.pump import Channel, ChannelClosed, splice
+from relay.proxy.upstream import TokenFor, UpstreamCredentials, login_upstream
+from relay.transports.base import Transport
+
+log = logging.getLogger("relay.proxy")
+
+
+class Authenticator(Protocol):
+    """Checks a client's credentials and says who relay is toward the provider.
+
+    Returns ``None`` when the credentials are wrong. For ``auth = "passthrough"`` it
+    returns the client's own credentials unchecked (the provider decides).
+    """
+
+    passthrough: bool
+
+    async def login(self, user: str, password: Secret) -> UpstreamCredentials | None: ...
+
+
+@dataclass(slots=True)
+class SessionContext:
+    """What every session of one listener shares (swapped whole on reconfigure)."""
+
+    listener: ListenerConfig
+    upstream: UpstreamConfig
+    authenticator: Authenticator
+    transport_for: Callable[[UpstreamConfig], Transport]
+    token_for: TokenFor | None
+    metrics: Metrics | None
+    failures: FailureTracker
+    server_tls: ssl.SSLContext | None = None
+    upstream_tls: ssl.SSLContext | None = None
+    sessions: set[ProxySession] = field(default_factory=set)
+
+
+def _fmt(value: object) -> str:
+    text = censor(str(value))
+    if text and all(c.isalnum() or c in "._@:-[]/+=" for c in text):
+        return text
+    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class ProxySession:
+    """A client connection from greeting to close."""
+
+    __slots__ = ("_idle_handle", "addr", "client", "ctx", "end", "flushed", "machine", "peer",
+                 "started", "to_upstream_extra", "upstream", "user")
+
+    def __init__(self, ctx: SessionContext, client: Channel, peer: tuple[str, int]) -> None:
+        self.ctx = ctx
+        self.client = client
+        self.peer = peer
+        self.addr = peer[0]
+        cfg = ctx.listener
+        kind = ImapPreAuth if cfg.protocol == "imap" else Pop3PreAuth
+        self.machine: PreAuth = kind(tls_mode=cfg.tls, tls_active=cfg.tls == "implicit",
+                                     max_line=cfg.max_line,
+                                     allow_plaintext_auth=cfg.allow_plaintext_auth)
+        self.upstream: Channel | None = None
+        self.user = ""
+        self.end = "unknown"
+        self.started = time.monotonic()
+        self.to_upstream_extra = 0
+        self.flushed = [0, 0]
+        self._idle_handle: asyncio.TimerHandle | None = None
+
+    # -- the whole session -----------------------------------------------------------------
+    async def run(self, refuse: str | None = None) -> None:
+        try:
+            if refuse is not None:
+                self.end = refuse
+                self.client.write(self.machine.refuse(
+                    "Too many failed logins, try again later." if refuse == "auth_refused"
+                    else "Too many connections, try again later."))
+                return
+            self.client.write(self.machine.greeting())
+            if await self._preauth():
+                await self._spliced()
+        except ChannelClosed:
+            self.end = "client_closed" if self.upstream is None else self.end
+        except Exception:
+            self.end = "internal_error"
+            log.exception("proxy session from %s failed", self.addr)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        self.client.close()
+        if self.upstream is not None:
+            self.upstream.close()
+        self._flush_bytes()
+        cfg = self.ctx.listener
+        up_in = self.client.received + self.to_upstream_extra
+        down = self.upstream.received if self.upstream is not None else 0
+        log.info("proxy session listener=%s client=%s user=%s upstream=%s duration=%.3f "
+                 "bytes_to_upstream=%d bytes_to_client=%d end=%s",
+                 cfg.name, _fmt(f"{self.addr}:{self.peer[1]}"), _fmt(self.user or "-"),
+                 self.ctx.upstream.name, time.monotonic() - self.started, up_in, down,
+                 self.end)
+
+    def _flush_bytes(self) -> None:
+        m = self.ctx.metrics
+        if m is None:
+            return
+        up = self.client.received + self.to_upstream_extra
+        down = self.upstream.received if self.upstream is not None else 0
+        name = self.ctx.listener.name
+        if up > self.flushed[0]:
+            m.proxy_bytes.labels(name, "to_upstream").inc(up - self.flushed[0])
+        if down > self.flushed[1]:
+            m.proxy_bytes.labels(name, "to_client").inc(down - self.flushed[1])
+        self.flushed = [up, down]
+
+    # -- before login ----------------------------------------------------------------------
+    async def _preauth(self) -> bool:
+        """Run the pre-auth conversation; True once logged in upstream and ready to splice."""
+        cfg = self.ctx.listener
+        while True:
+            try:
+                async with asyncio.timeout(cfg.login_timeout):
+                    data = await self.client.read_some()
+            except TimeoutError:
+                self.client.write(self.machine.timed_out())
+                self.end = "login_timeout"
+                return False
+            events: deque[Event] = deque(self.machine.receive(data))
+            while events:
+                ev = events.popleft()
+                if isinstance(ev, Send):
+                    self.client.write(ev.data)
+                elif isinstance(ev, Close):
+                    self.end = ev.reason
+                    if ev.reason not in ("logout",):
+                        self._count_failure(ev.reason)
+                    return False
+                elif isinstance(ev, StartTls):
+                    await self._start_tls()
+                elif isinstance(ev, Login):
+                    why = await self._login(ev)
+                    if why is None:
+                        return True
+                    events.extend(self.machine.login_failed(why))
+
+    async def _start_tls(self) -> None:
+        ctx = self.ctx.server_tls
+        assert ctx is not None
+        await self.client.drain()
+        try:
+            await self.client.start_tls(ctx, server_side=True,
+                                        timeout=self.ctx.listener.login_timeout)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            self.end = "tls_failed"
+            raise ChannelClosed(f"TLS handshake with the client failed: {exc}") from exc
+        self.machine.tls_started()
+
+    def _count_failure(self, reason: str) -> None:
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.proxy_login_failures.labels(self.ctx.listener.name, reason).inc()
+
+    async def _login(self, ev: Login) -> LoginFailure | None:
+        ctx = self.ctx
+        self.user = ev.user
+        if ctx.failures.refused(self.addr):
+            self._count_failure("refused")
+            self.end = "auth_refused"
+            return "refused"
+        try:
+            creds = await ctx.authenticator.login(ev.user, ev.password)
+        except RelayError as exc:
+            log.error("proxy login for %s on %s: %s", _fmt(ev.user), ctx.listener.name,
+                      exc.explain())
+            self._count_failure("config")
+            return "unavailable"
+        if creds is None:
+            return await self._bad_credentials("bad_credentials")
+        try:
+            result = await login_upstream(
+                ctx.upstream, creds, transport=ctx.transport_for(ctx.upstream),
+                token_for=ctx.token_for, tls_context=ctx.upstream_tls, metrics=ctx.metrics)
+        except ProxyUpstreamError as exc:
+            if exc.credentials and ctx.authenticator.passthrough:
+                return await self._bad_credentials("upstream_refused")
+            log.warning("proxy login for %s on %s: %s", _fmt(ev.user), ctx.listener.name,
+                        exc.explain())
+            self._count_failure(exc.reason)
+            return "unavailable"
+        except TransportError as exc:
+            log.warning("proxy login for %s on %s: %s", _fmt(ev.user), ctx.listener.name,
+                        exc.explain())
+            self._count_failure(exc.reason)
+            return "unavailable"
+        except OAuthError as exc:
+            log.warning("proxy login for %s on %s: token: %s", _fmt(ev.user),
+                        ctx.listener.name, exc.explain())
+            self._count_failure("token")
+            return "unavailable"
+        ctx.failures.clear(self.addr)
+        self.upstream = result.channel
+        self.client.write(self.machine.login_succeeded(result.capability, result.untagged))
+        leftover = self.machine.leftover()
+        self.to_upstream_extra = len(leftover)
+        splice(self.client, result.channel, to_upstream=leftover)
+        return None
+
+    async def _bad_credentials(self, reason: str) -> LoginFailure:
+        self._count_failure(reason)
+        delay = self.ctx.failures.record(self.addr)
+        if delay:
+            await asyncio.sleep(delay)            # slow down guessing, as servers do
+        if self.ctx.failures.refused(self.addr):
+            self.end = "auth_refused"
+            return "refused"
+        return "credentials"
+
+    # -- after login -----------------------------------------------------------------------
+    async def _spliced(self) -> None:
+        up = self.upstream
+        assert up is not None
+        self.end = "spliced"
+        loop = asyncio.get_running_loop()
+        idle = self.ctx.listener.idle_timeout
+        period = min(idle, 60.0)
+
+        def tick() -> None:
+            self._flush_bytes()
+            last = max(self.client.last_activity, up.last_activity)
+            if loop.time() - last >= idle:
+                self.end = "idle_timeout"
+                self.client.close()
+                up.close()
+                return
+            self._idle_handle = loop.call_later(period, tick)
+
+        self._idle_handle = loop.call_later(period, tick)
+        # Wait on the channels' own futures: no extra task per idle session.
+        await asyncio.wait([self.client.closed, up.closed], return_when=asyncio.FIRST_COMPLETED)
+        if self.end == "spliced":
+            self.end = "client_closed" if self.client.is_closed else "upstream_closed"
+        _, pending = await asyncio.wait([self.client.closed, up.closed], timeout=30)
+        if pending:
+            self.client.abort()
+            up.abort()
+
+    def abort(self) -> None:
+        """Drop both connections now (shutdown after the grace period)."""
+        self.end = "shutdown"
+        self.client.abort()
+        if self.upstream is not None:
+            self.upstream.abort()

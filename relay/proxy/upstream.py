@@ -1,0 +1,269 @@
+"""Logging in to the provider's IMAP/POP3 server: transport, TLS, greeting, LOGIN or XOAUTH2.
+
+``login_upstream`` connects through the upstream's ``Transport``, does implicit TLS or
+STARTTLS/STLS as configured, and authenticates with the mapped credentials: a password
+(IMAP LOGIN, or AUTHENTICATE PLAIN for non-ASCII credentials; POP3 USER/PASS) or an
+OAuth2 bearer token (IMAP AUTHENTICATE XOAUTH2, POP3 AUTH XOAUTH2). It returns the
+``Channel`` ready to be spliced, with what the client must see of the provider's login
+reply (its capabilities). Each stage's duration is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from relay.config.schema import Secret, UpstreamConfig
+from relay.errors import OAuthError, ProxyUpstreamError, TransportError
+from relay.maillog import censor
+from relay.metrics import Metrics
+from relay.proxy.pump import Channel, ChannelClosed, LineTooLong
+from relay.proxy.sasl import SaslError, plain_string, xoauth2_string
+from relay.transports.base import Transport
+from relay.transports.tls import classify_tls_error, client_context, server_name
+
+TokenFor = Callable[[str], Awaitable[str]]
+_CAPA_CODE = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
+_LINE_LIMIT = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCredentials:
+    """Who relay is toward the provider: a password, or a token source for XOAUTH2."""
+
+    username: str
+    password: Secret | None = None
+    token_source: str | None = None
+
+    def __repr__(self) -> str:
+        how = f"token_source={self.token_source}" if self.token_source else "password"
+        return f"UpstreamCredentials({self.username!r}, {how})"
+
+
+@dataclass(slots=True)
+class UpstreamLogin:
+    """A logged-in provider connection and what the client must be told about it."""
+
+    channel: Channel
+    capability: str | None = None      # IMAP: the provider's post-login capabilities
+    untagged: bytes = b""              # IMAP: untagged lines that came with the login reply
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+def _refused(cfg: UpstreamConfig, reply: bytes, *, credentials: bool) -> ProxyUpstreamError:
+    text = censor(reply.decode("utf-8", "replace").strip())
+    hint = ("check the mapped account's password or token source; for Exchange Online, "
+            "IMAP/POP3 must be enabled for the mailbox and the app must hold "
+            "IMAP.AccessAsApp/POP.AccessAsApp" if credentials else
+            "the provider did not follow the protocol; check host, port and tls mode")
+    return ProxyUpstreamError(f"upstream {cfg.name} refused the login: {text}",
+                              reason="auth_refused" if credentials else "protocol",
+                              reply=text, credentials=credentials, hint=hint)
+
+
+async def _line(ch: Channel) -> bytes:
+    return await ch.read_line(_LINE_LIMIT)
+
+
+async def _imap(ch: Channel, tag: bytes, command: bytes, *,
+                cont: Callable[[bytes], bytes] | None = None) -> tuple[bytes, list[bytes]]:
+    """Send a command; return the tagged reply line and the untagged lines before it."""
+    ch.write(tag + b" " + command + b"\r\n")
+    untagged: list[bytes] = []
+    while True:
+        line = await _line(ch)
+        if line.startswith(tag + b" "):
+            return line, untagged
+        if line.startswith(b"+"):
+            ch.write((cont(line) if cont else b"") + b"\r\n")   # empty answer aborts/ends
+        else:
+            untagged.append(line)
+
+
+def _imap_ok(line: bytes, tag: bytes) -> bool:
+    return line[len(tag) + 1:len(tag) + 4].upper() == b"OK "
+
+
+async def _imap_login(cfg: UpstreamConfig, ch: Channel, ctx: ssl.SSLContext | None,
+                      creds: UpstreamCredentials, token: str | None, greeting: bytes,
+                      result: UpstreamLogin) -> None:
+    caps = _CAPA_CODE.search(greeting)
+    sasl_ir = caps is not None and b"SASL-IR" in caps.group(1).upper().split()
+    if cfg.tls == "starttls":
+        line, _ = await _imap(ch, b"R1", b"STARTTLS")
+        if not _imap_ok(line, b"R1"):
+            raise ProxyUpstreamError(f"upstream {cfg.name} refused STARTTLS: "
+                                     f"{line.decode('utf-8', 'replace').strip()}",
+                                     reason="starttls", hint="set tls = \"implicit\" or "
+                                     "\"none\" to match what the server offers")
+        await _tls(cfg, ch, ctx)
+        sasl_ir = False                   # capabilities before TLS no longer count
+    tag = b"R2"
+    if token is not None:
+        ir = xoauth2_string(creds.username, token)
+        if sasl_ir:
+            line, untagged = await _imap(ch, tag, b"AUTHENTICATE XOAUTH2 " + ir)
+        else:
+            sent = [False]
+
+            def answer(_challenge: bytes) -> bytes:
+                if sent[0]:
+                    return b""            # the error challenge: an empty line ends it
+                sent[0] = True
+                return ir
+            line, untagged = await _imap(ch, tag, b"AUTHENTICATE XOAUTH2", cont=answer)
+    else:
+        assert creds.password is not None
+        user, password = creds.username, creds.password.reveal()
+        if (user + password).isascii() and (user + password).isprintable():
+            def quote(s: str) -> bytes:
+                return b'"' + s.encode().replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+            line, untagged = await _imap(ch, tag, b"LOGIN " + quote(user) + b" " + quote(password))
+        else:
+            payload = plain_string(user, password)
+            line, untagged = await _imap(ch, tag, b"AUTHENTICATE PLAIN",
+                                         cont=lambda _c: payload)
+    if not _imap_ok(line, tag):
+        no = line[len(tag) + 1:len(tag) + 4].upper() == b"NO "
+        raise _refused(cfg, line, credentials=no)
+    code = _CAPA_CODE.search(line)
+    if code:
+        result.capability = code.group(1).decode("ascii", "replace")
+    elif not any(u[:13].upper() == b"* CAPABILITY " for u in untagged):
+        _, capa_untagged = await _imap(ch, b"R3", b"CAPABILITY")
+        untagged += capa_untagged
+    result.untagged = b"".join(untagged)
+
+
+async def _pop3(ch: Channel, command: bytes) -> bytes:
+    ch.write(command + b"\r\n")
+    return await _line(ch)
+
+
+async def _pop3_login(cfg: UpstreamConfig, ch: Channel, ctx: ssl.SSLContext | None,
+                      creds: UpstreamCredentials, token: str | None) -> None:
+    if cfg.tls == "starttls":
+        line = await _pop3(ch, b"STLS")
+        if not line.startswith(b"+OK"):
+            raise ProxyUpstreamError(f"upstream {cfg.name} refused STLS: "
+                                     f"{line.decode('utf-8', 'replace').strip()}",
+                                     reason="starttls", hint="set tls = \"implicit\" or "
+                                     "\"none\" to match what the server offers")
+        await _tls(cfg, ch, ctx)
+    if token is not None:
+        line = await _pop3(ch, b"AUTH XOAUTH2")
+        if line.startswith(b"+ ") or line.rstrip() == b"+":
+            line = await _pop3(ch, xoauth2_string(creds.username, token))
+            if line.startswith(b"+ ") or line.rstrip() == b"+":
+                line = await _pop3(ch, b"")        # the error challenge: an empty line ends it
+    else:
+        assert creds.password is not None
+        user, password = creds.username, creds.password.reveal()
+        if " " in user or not (user + password).isascii():
+            line = await _pop3(ch, b"AUTH PLAIN")
+            if line.startswith(b"+"):
+                line = await _pop3(ch, plain_string(user, password))
+        else:
+            line = await _pop3(ch, b"USER " + user.encode())
+            if line.startswith(b"+OK"):
+                line = await _pop3(ch, b"PASS " + password.encode())
+    if not line.startswith(b"+OK"):
+        raise _refused(cfg, line, credentials=line.startswith(b"-ERR"))
+
+
+async def _tls(cfg: UpstreamConfig, ch: Channel, ctx: ssl.SSLContext | None) -> None:
+    name = server_name(cfg)
+    ctx = ctx or client_context(cfg)
+    try:
+        await ch.start_tls(ctx, server_side=False, server_hostname=name,
+                           timeout=cfg.connect_timeout)
+    except (ssl.SSLError, TimeoutError, ConnectionError) as exc:
+        raise classify_tls_error(exc, name) from exc
+
+
+async def login_upstream(cfg: UpstreamConfig, creds: UpstreamCredentials, *,
+                         transport: Transport, token_for: TokenFor | None = None,
+                         tls_context: ssl.SSLContext | None = None,
+                         metrics: Metrics | None = None) -> UpstreamLogin:
+    """Connect to ``cfg`` through ``transport`` and log in as ``creds``.
+
+    Raises TransportError (connect/TLS), OAuthError (token), or ProxyUpstreamError
+    (provider refused, timed out or spoke nonsense). The token is fetched while the
+    connection is being made.
+    """
+    loop = asyncio.get_running_loop()
+    token_task: asyncio.Future[str] | None = None
+    if creds.token_source is not None:
+        if token_for is None:
+            raise OAuthError(f"upstream {cfg.name}: no token provider wired for "
+                             f"{creds.token_source}", hint="this is a relay wiring bug")
+        token_task = asyncio.ensure_future(token_for(creds.token_source))
+    stages: dict[str, float] = {}
+    mark = time.monotonic()
+
+    def stage(name: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        stages[name] = now - mark
+        mark = now
+        if metrics is not None:
+            metrics.proxy_connect_seconds.labels(cfg.name, name).observe(stages[name])
+
+    ch: Channel | None = None
+    try:
+        sock = await transport.connect(cfg.host, cfg.port, timeout=cfg.connect_timeout)
+        stage("connect")
+        implicit = cfg.tls == "implicit"
+        name = server_name(cfg)
+        ctx = tls_context or (client_context(cfg) if cfg.tls != "none" else None)
+        try:
+            _, ch = await loop.create_connection(
+                Channel, sock=sock,
+                ssl=ctx if implicit else None,
+                server_hostname=name if implicit else None,
+                ssl_handshake_timeout=cfg.connect_timeout if implicit else None)
+        except (ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            sock.close()
+            raise classify_tls_error(exc, name) from exc
+        if implicit:
+            stage("tls")
+        result = UpstreamLogin(channel=ch, stages=stages)
+        async with asyncio.timeout(cfg.command_timeout):
+            greeting = await _line(ch)
+            ok = b"* OK" if cfg.protocol == "imap" else b"+OK"
+            if not greeting.upper().startswith(ok):
+                raise _refused(cfg, greeting, credentials=False)
+            stage("greeting")
+            token = await token_task if token_task is not None else None
+            if cfg.protocol == "imap":
+                await _imap_login(cfg, ch, ctx, creds, token, greeting, result)
+            else:
+                await _pop3_login(cfg, ch, ctx, creds, token)
+            stage("auth")
+        return result
+    except BaseException as exc:
+        if token_task is not None and not token_task.done():
+            token_task.cancel()
+        if ch is not None:
+            ch.abort()
+        if isinstance(exc, TimeoutError):
+            raise ProxyUpstreamError(f"upstream {cfg.name} did not answer within "
+                                     f"{cfg.command_timeout:g}s", reason="timeout",
+                                     hint="the provider or the tunnel is stalled") from exc
+        if isinstance(exc, (ChannelClosed, LineTooLong)):
+            raise ProxyUpstreamError(f"upstream {cfg.name} closed the connection or sent "
+                                     f"garbage during login: {exc}", reason="protocol",
+                                     hint="check host, port, protocol and tls mode") from exc
+        if isinstance(exc, SaslError):
+            raise ProxyUpstreamError(f"upstream {cfg.name}: cannot encode credentials: {exc}",
+                                     reason="protocol", hint="check the mapped user name") \
+                from exc
+        raise
+
+
+__all__ = ["TokenFor", "TransportError", "UpstreamCredentials", "UpstreamLogin",
+           "login_upstream"]
