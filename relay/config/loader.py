@@ -8,7 +8,6 @@ shipped in the source tree's ``conf/``) and then from the config's own entries.
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import tomllib
@@ -18,9 +17,15 @@ from pathlib import Path
 from relay.config import references
 from relay.config.addresses import AddressSets, read_sets
 from relay.config.entries import read_dkim, read_profile, read_route
-from relay.config.reader import Context, Table, show, suggest
+from relay.config.reader import Context, Table, render_path, show, suggest
 from relay.config.remote import read_account, read_proxy, read_token_source, read_upstream
-from relay.config.schema import Config, ProfileConfig
+from relay.config.schema import (
+    Config,
+    ListenerConfig,
+    ProfileConfig,
+    RouteConfig,
+    UpstreamConfig,
+)
 from relay.config.sections import read_listener, read_metrics, read_relay
 from relay.errors import ConfigError
 
@@ -185,18 +190,20 @@ def _unique_dkim(ctx: Context, dkim: Sequence[object]) -> None:
 
 
 def _check_header_rules(ctx: Context, config: Config) -> None:
-    """Hand header rules to the headers module, which refuses rules on protected headers."""
-    try:
-        headers = importlib.import_module("relay.headers")
-    except ModuleNotFoundError:
-        return                                      # headers module not built yet
-    check_rules = getattr(headers, "check_rules", None)
-    if check_rules is None:
-        return
-    try:
-        check_rules(config)
-    except ConfigError as exc:
-        if not exc.file:
-            raise ConfigError(exc.detail, file=ctx.file, line=exc.line, key=exc.key,
-                              got=exc.got, expected=exc.expected, hint=exc.hint) from None
-        raise
+    """Refuse header rules on protected headers (the rule itself lives in relay.headers)."""
+    from relay.headers import check_rules, protected_patterns  # imports the schema: lazy
+
+    patterns = protected_patterns(config.relay)
+    groups: tuple[tuple[str, Sequence[ListenerConfig | UpstreamConfig | RouteConfig]], ...] = (
+        ("listener", config.listeners), ("upstream", config.upstreams),
+        ("route", config.routes))
+    for section, entries in groups:
+        for i, entry in enumerate(entries):
+            for j, rule in enumerate(entry.header_rules):
+                path = (section, i, "header_rule", j)
+                where = render_path(path)
+                try:
+                    check_rules([rule], patterns, where=where)
+                except ConfigError as exc:
+                    raise ctx.error((*path, "header"), exc.detail.removeprefix(f"{where}: "),
+                                    hint=exc.hint) from None

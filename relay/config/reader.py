@@ -229,7 +229,12 @@ class Table:
 
     def tables(self, key: str) -> list[Table]:
         """An array of tables (``[[key]]``), each wrapped."""
-        value = self._typed(key, (list,), f"an array of tables [[{key}]]", False)
+        full = render_path((*self.path, key))
+        if isinstance(self.raw.get(key), dict):
+            raise self.error(key, "wrong type", got="a table", expected=f"an array of tables "
+                             f"[[{full}]]", hint=f"write [[{full}]] with two brackets: each "
+                             "one starts another entry")
+        value = self._typed(key, (list,), f"an array of tables [[{full}]]", False)
         if value is None:
             return []
         assert isinstance(value, list)

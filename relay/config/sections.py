@@ -263,6 +263,14 @@ def _listener_rules(t: Table, cfg: ListenerConfig) -> None:
                       got="true", expected='false (clients authenticate after TLS)',
                       hint="allow_plaintext_auth only applies to tls = \"none\" listeners; "
                            "with TLS configured, credentials always wait for TLS")
+    logs_in = cfg.protocol != "smtp" or cfg.auth == "required"
+    if logs_in and cfg.tls == "none" and not cfg.allow_plaintext_auth:
+        raise t.error("tls", "clients could never log in on this listener", got='"none"',
+                      expected='"starttls" or "implicit" (with cert and key)',
+                      hint="logins wait for TLS, and this listener has none: switch TLS on, "
+                           "set allow_plaintext_auth = true (loopback only)"
+                           + (', or use auth = "none" with allow if only listed networks send'
+                              if cfg.protocol == "smtp" else ""))
     if cfg.users_file is not None and not cfg.users_file.exists():
         t.warn("users_file", f"{cfg.users_file} does not exist yet; nobody can log in "
                              "until `relay user add NAME` creates it")
