@@ -9,6 +9,7 @@ or the end of the connection. ``ResponseParser`` is sans-IO (bytes in, response 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import ssl
 import urllib.parse
 from collections.abc import Mapping
@@ -189,24 +190,36 @@ class ResponseParser:
             self._state = "eof"
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def build_request(url: str, fields: Mapping[str, str],
-                  headers: Mapping[str, str] | None = None) -> tuple[str, int, bytes]:
-    """``(host, port, request bytes)`` for a form POST to an https ``url``."""
+                  headers: Mapping[str, str] | None = None) -> tuple[str, int, bool, bytes]:
+    """``(host, port, tls, request bytes)`` for a form POST to ``url``.
+
+    Only https, except plain http to a loopback address (a local test endpoint).
+    """
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "https" or not parts.hostname:
+    tls = parts.scheme == "https"
+    if not parts.hostname or not (tls or (parts.scheme == "http" and
+                                          _loopback(parts.hostname))):
         raise ValueError(f"token URL must be https://host/...: {url!r}")
-    host, port = parts.hostname, parts.port or 443
+    host, port = parts.hostname, parts.port or (443 if tls else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     body = urllib.parse.urlencode(fields).encode("ascii")
     host_header = f"[{host}]" if ":" in host else host
-    if port != 443:
+    if port != (443 if tls else 80):
         host_header += f":{port}"
     lines = [f"POST {target} HTTP/1.1", f"Host: {host_header}",
              "Content-Type: application/x-www-form-urlencoded",
              f"Content-Length: {len(body)}", "Accept: application/json",
              f"User-Agent: relay/{__version__}", "Connection: close"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    return host, port, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    return host, port, tls, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 async def post_form(url: str, fields: Mapping[str, str], *, transport: Transport,
@@ -215,16 +228,16 @@ async def post_form(url: str, fields: Mapping[str, str], *, transport: Transport
     """POST ``fields`` form-encoded to ``url`` through ``transport``; the whole exchange
     is bounded by ``timeout``. Raises TransportError (connect, TLS, timeout) or
     HttpProtocolError (malformed response)."""
-    host, port, request = build_request(url, fields, headers)
-    ctx = ssl_context or ssl.create_default_context()
+    host, port, tls, request = build_request(url, fields, headers)
+    ctx = (ssl_context or ssl.create_default_context()) if tls else None
     parser = ResponseParser()
     sock = None
     try:
         async with asyncio.timeout(timeout):
             sock = await transport.connect(host, port, timeout=timeout)
             try:
-                reader, writer = await asyncio.open_connection(sock=sock, ssl=ctx,
-                                                               server_hostname=host)
+                reader, writer = await asyncio.open_connection(
+                    sock=sock, ssl=ctx, server_hostname=host if ctx else None)
             except (ssl.SSLError, ConnectionError) as exc:
                 raise classify_tls_error(exc, host) from None
             sock = None

@@ -80,12 +80,13 @@ def test_header_flood_is_bounded() -> None:
 
 
 def test_build_request() -> None:
-    host, port, req = build_request("https://login.example:8443/t/oauth2/v2.0/token?x=1",
+    host, port, tls, req = build_request("https://login.example:8443/t/oauth2/v2.0/token?x=1",
                                     {"grant_type": "client_credentials", "scope": "a b"})
-    assert (host, port) == ("login.example", 8443)
+    assert (host, port, tls) == ("login.example", 8443, True)
     head, body = req.split(b"\r\n\r\n", 1)
     assert head.startswith(b"POST /t/oauth2/v2.0/token?x=1 HTTP/1.1\r\nHost: login.example:8443")
     assert body == b"grant_type=client_credentials&scope=a+b"
     assert f"Content-Length: {len(body)}".encode() in head
     with pytest.raises(ValueError):
         build_request("http://insecure.example/token", {})
+    assert build_request("http://127.0.0.1:8080/token", {})[:3] == ("127.0.0.1", 8080, False)
