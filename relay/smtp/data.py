@@ -1,0 +1,121 @@
+"""Sans-IO reader of the SMTP DATA stream: finds the real end, refuses smuggling, unstuffs.
+
+Bytes go in with ``feed()`` in chunks of any size; once the end of data has been seen it
+returns one event:
+
+- ``Message(body, leftover)``: the message, dot-unstuffed, lines ending in CRLF;
+- ``TooBig(leftover)``: more than ``max_size`` bytes arrived (they were not kept);
+- ``BareLineEnding(kind, leftover)``: a CR or LF not part of a CRLF pair appeared.
+
+``leftover`` holds the bytes after the end of data (pipelined commands): the caller hands
+them back to the command reader.
+
+Only ``<CRLF>.<CRLF>`` ends the data (the CRLF before the dot belongs to the last line;
+an empty message is a bare ``.<CRLF>`` right after the 354 reply). ``\\n.\\n``,
+``\\r.\\r``, ``\\n.\\r\\n`` and ``\\r\\n.\\n`` never end it: they stay inside the data,
+where the bare line ending they contain refuses the whole message, so relay can never
+pass on a smuggled second message or an injected header (``Subject: hi\\rBcc: x``).
+
+The scan is a ``bytes.find`` per chunk plus a short check across the chunk boundary,
+and the bare-line-ending test is three ``bytes.count`` calls over the finished message:
+no per-line Python work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+END = b"\r\n.\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    body: bytes        # dot-unstuffed, CRLF line endings, without the final ".\r\n"
+    leftover: bytes    # bytes received after the end of data
+    size: int          # bytes received before the final ".\r\n" (as on the wire)
+
+
+@dataclass(frozen=True, slots=True)
+class TooBig:
+    leftover: bytes
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BareLineEnding:
+    kind: Literal["CR", "LF"]
+    leftover: bytes
+    size: int
+
+
+Event = Message | TooBig | BareLineEnding
+
+
+class DataReader:
+    """Feed DATA bytes; get one event once the real end of data has arrived."""
+
+    __slots__ = ("_chunks", "_done", "_max_size", "_received", "_tail", "_too_big")
+
+    def __init__(self, max_size: int) -> None:
+        self._max_size = max_size
+        self._chunks: list[bytes] = []
+        self._received = 0          # stream bytes fed so far
+        self._tail = b"\r\n"        # the last <= 4 stream bytes (a virtual CRLF at start)
+        self._too_big = False
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def received(self) -> int:
+        return self._received
+
+    def feed(self, chunk: bytes) -> Event | None:
+        """Consume ``chunk``; return the event when the end of data is in it, else None."""
+        if self._done:
+            raise RuntimeError("DataReader already saw the end of data")
+        if not chunk:
+            return None
+        tail = self._tail
+        start = self._received - len(tail)      # stream position of window[0]
+        # An end marker starting inside the tail can only be seen across the boundary.
+        at = (tail + chunk[:4]).find(END)
+        if at < 0:
+            found = chunk.find(END)
+            at = found + len(tail) if found >= 0 else -1
+        if at < 0:
+            self._received += len(chunk)
+            if not self._too_big:
+                # At most ".\r" at the end of the chunk may turn out not to be body.
+                if self._received - 2 > self._max_size:
+                    self._too_big = True
+                    self._chunks.clear()
+                else:
+                    self._chunks.append(chunk)
+            window = tail + chunk[-4:] if len(chunk) < 4 else chunk[-4:]
+            self._tail = window[-4:]
+            return None
+
+        self._done = True
+        body_end = start + at + 2               # the CRLF before the dot is body
+        consumed = start + at + len(END)        # through the final CRLF
+        leftover = chunk[consumed - self._received:]
+        size = body_end
+        if self._too_big or body_end > self._max_size:
+            self._chunks.clear()
+            return TooBig(leftover, size)
+        self._chunks.append(chunk)
+        raw = b"".join(self._chunks)
+        self._chunks.clear()
+        body = raw[:body_end] if body_end < len(raw) else raw
+        crlf = body.count(b"\r\n")
+        if body.count(b"\n") != crlf:
+            return BareLineEnding("LF", leftover, size)
+        if body.count(b"\r") != crlf:
+            return BareLineEnding("CR", leftover, size)
+        if body.startswith(b"."):
+            body = body[1:]
+        return Message(body.replace(b"\r\n.", b"\r\n"), leftover, size)

@@ -1,0 +1,187 @@
+"""An SMTP listener in relay's own event loop: binding, TLS, sessions, reload, drain.
+
+``SmtpListener`` serves one ``[[listener]]`` with ``loop.create_server`` (no threads).
+Each session keeps the config it started with; ``reconfigure`` makes new sessions use a
+new config, users and TLS certificate. Shutdown is ``stop_accepting()`` then
+``wait_closed(timeout)``: open sessions may finish, then the rest are told ``421 4.3.2``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any
+
+from relay.config.schema import ListenerConfig
+from relay.errors import ConfigError, RelayError
+from relay.maillog import MailLog
+from relay.metrics import Metrics
+from relay.smtp.auth import AuthThrottle, UserDB
+from relay.smtp.handler import ConnectionTracker, Context
+from relay.smtp.hooks import AcceptFn, Checks
+from relay.smtp.server import RelaySMTP
+
+log = logging.getLogger("relay.smtp")
+
+
+def build_tls_context(cfg: ListenerConfig) -> ssl.SSLContext:
+    """The listener's server-side TLS context (TLS 1.2+), built once per config."""
+    key = f"listener.{cfg.name}"
+    if cfg.cert is None or cfg.key is None:
+        raise ConfigError(f"tls = {cfg.tls!r} needs cert and key", line=cfg.line or None,
+                          key=f"{key}.cert", hint="set cert and key to PEM files, or tls = none")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    try:
+        ctx.load_cert_chain(cfg.cert, cfg.key)
+    except OSError as exc:
+        raise ConfigError(f"cannot read TLS certificate or key ({exc.strerror})",
+                          line=cfg.line or None, key=f"{key}.cert",
+                          hint=f"check that {cfg.cert} and {cfg.key} exist and relay "
+                               "may read them") from None
+    except ssl.SSLError as exc:
+        raise ConfigError(f"TLS certificate or key unusable ({exc.reason or exc})",
+                          line=cfg.line or None, key=f"{key}.key",
+                          hint="cert must be PEM (leaf first, then intermediates) and key "
+                               "its matching unencrypted PEM private key") from None
+    return ctx
+
+
+class SmtpListener:
+    """Serves one SMTP listener; see the module docstring for the life cycle."""
+
+    def __init__(self, cfg: ListenerConfig, *, hostname: str, accept: AcceptFn,
+                 maillog: MailLog, checks: Checks | None = None, users: UserDB | None = None,
+                 metrics: Metrics | None = None, auth_base_delay: float = 1.0,
+                 auth_max_delay: float = 8.0) -> None:
+        if cfg.protocol != "smtp":
+            raise ValueError(f"listener {cfg.name!r} is {cfg.protocol}, not smtp")
+        self._throttle = AuthThrottle(limit=cfg.auth_fail_limit, window=cfg.auth_fail_window,
+                                      base_delay=auth_base_delay, max_delay=auth_max_delay)
+        self._connections = ConnectionTracker()
+        self._sessions: set[RelaySMTP] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._server: asyncio.Server | None = None
+        self._ctx = self._context(cfg, hostname=hostname, accept=accept, maillog=maillog,
+                                  checks=checks, users=users, metrics=metrics)
+        if metrics is not None:
+            metrics.smtp_sessions.labels(cfg.name).set(0)
+
+    def _context(self, cfg: ListenerConfig, *, hostname: str, accept: AcceptFn,
+                 maillog: MailLog, checks: Checks | None, users: UserDB | None,
+                 metrics: Metrics | None) -> Context:
+        tls = build_tls_context(cfg) if cfg.tls != "none" else None
+        return Context(cfg=cfg, hostname=hostname, accept=accept, maillog=maillog,
+                       tls_context=tls, users=users, checks=checks, metrics=metrics,
+                       throttle=self._throttle, connections=self._connections)
+
+    @property
+    def config(self) -> ListenerConfig:
+        return self._ctx.cfg
+
+    @property
+    def sessions(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The bound (host, port) pairs; useful with port 0."""
+        if self._server is None:
+            return []
+        return [(str(s.getsockname()[0]), int(s.getsockname()[1]))
+                for s in self._server.sockets]
+
+    def _factory(self) -> RelaySMTP:
+        session = _TrackedSMTP(self._ctx)
+        session.on_close = self._forget
+        self._sessions.add(session)
+        self._idle.clear()
+        return session
+
+    def _forget(self, session: RelaySMTP) -> None:
+        self._sessions.discard(session)
+        if not self._sessions:
+            self._idle.set()
+
+    def _sni(self, sslobj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        # Implicit TLS: hand each handshake the current config's context (cert reloads).
+        current = self._ctx.tls_context
+        if current is not None:
+            sslobj.context = current
+
+    async def start(self) -> None:
+        cfg = self._ctx.cfg
+        server_ssl: ssl.SSLContext | None = None
+        if cfg.tls == "implicit":
+            server_ssl = build_tls_context(cfg)
+            server_ssl.sni_callback = self._sni
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(
+                self._factory, cfg.listen.host, cfg.listen.port, ssl=server_ssl,
+                reuse_address=True, backlog=max(100, min(cfg.max_connections, 4096)),
+                ssl_handshake_timeout=cfg.command_timeout if server_ssl else None)
+        except OSError as exc:
+            raise RelayError(
+                f"listener {cfg.name}: cannot listen on {cfg.listen} ({exc.strerror})",
+                hint="another process may hold the port (ss -ltnp), or ports below 1024 "
+                     "need root or CAP_NET_BIND_SERVICE") from None
+        log.info("listener %s: SMTP on %s (tls=%s, auth=%s)", cfg.name,
+                 ", ".join(f"{h}:{p}" for h, p in self.addresses), cfg.tls, cfg.auth)
+
+    def reconfigure(self, cfg: ListenerConfig, *, users: UserDB | None,
+                    checks: Checks | None = None, accept: AcceptFn | None = None,
+                    hostname: str | None = None) -> None:
+        """Use a new config for new sessions; open sessions finish on the old one.
+
+        The bind address and TLS mode cannot change in place (ValueError): the app
+        replaces the listener for that. Raises ConfigError (old config kept) if the new
+        certificate cannot be loaded.
+        """
+        old = self._ctx
+        if cfg.listen != old.cfg.listen or cfg.tls != old.cfg.tls or cfg.name != old.cfg.name:
+            raise ValueError("listen, tls or name changed: replace the listener instead")
+        self._ctx = self._context(cfg, hostname=hostname or old.hostname,
+                                  accept=accept or old.accept, maillog=old.maillog,
+                                  checks=checks, users=users, metrics=old.metrics)
+        self._throttle.configure(limit=cfg.auth_fail_limit, window=cfg.auth_fail_window)
+
+    async def stop_accepting(self) -> None:
+        """Stop taking new connections (open sessions carry on)."""
+        if self._server is not None:
+            self._server.close()
+
+    async def wait_closed(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for sessions to end, then close the rest with 421."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            for session in list(self._sessions):
+                session.shutdown()
+            try:
+                await asyncio.wait_for(self._idle.wait(), 5.0)
+            except TimeoutError:
+                log.warning("listener %s: %d sessions did not close", self._ctx.cfg.name,
+                            len(self._sessions))
+        if self._ctx.background:
+            await asyncio.gather(*self._ctx.background, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+class _TrackedSMTP(RelaySMTP):
+    """A session that tells its listener when it is gone."""
+
+    on_close: Any = None
+
+    def connection_lost(self, error: Exception | None) -> None:
+        try:
+            super().connection_lost(error)
+        finally:
+            if self.on_close is not None:
+                self.on_close(self)
+                self.on_close = None

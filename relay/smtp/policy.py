@@ -1,0 +1,216 @@
+"""Envelope address policy: parse MAIL/RCPT paths strictly and decide who may relay.
+
+Addresses are judged as relay will later use them, so forms that other software reads
+differently are refused instead of passed on: percent-hack (``user%other@domain``), bang
+paths (``a!b@c``), quoted local parts holding ``@``, ``%``, ``!`` or backslashes, source
+routes (``<@a,@b:user@c>``), and any control character (NUL, CR, LF, DEL...). Syntax
+errors get ``501 5.1.3``; refused-but-well-formed forms get ``553 5.1.3``; non-ASCII
+without ``SMTPUTF8`` gets ``553 5.6.7`` (RFC 6531).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from relay.smtp.replies import AUTH_REQUIRED, RELAY_DENIED, Refusal
+
+MAX_LOCAL = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+
+_ATEXT = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~")
+_LDH = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_PARAM_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+_PARAM_VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e]+$")   # printable, no "=" (RFC 5321 esmtp-value)
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A parsed MAIL FROM / RCPT TO argument."""
+
+    address: str                      # "" for the null reverse-path <>
+    params: dict[str, str | None]     # keyword (upper case) → value
+
+
+def _bad(what: str, detail: str) -> Refusal:
+    return Refusal(501, "5.1.3", f"Bad {what} address syntax: {detail}", reason="bad_address")
+
+
+def _refused(what: str, detail: str) -> Refusal:
+    return Refusal(553, "5.1.3", f"{what.capitalize()} address not accepted: {detail}",
+                   reason="bad_address")
+
+
+def parse_command(arg: str | None, keyword: str, *, what: str, null_ok: bool,
+                  smtputf8: bool | None = None) -> Parsed:
+    """Parse ``FROM:<path> params`` / ``TO:<path> params``.
+
+    ``smtputf8=None`` means "decide from the parameters" (MAIL FROM); RCPT passes the
+    transaction's SMTPUTF8 flag.
+    """
+    usage = "MAIL FROM:<address>" if keyword == "FROM:" else "RCPT TO:<address>"
+    syntax = Refusal(501, "5.5.4", f"Syntax: {usage} [parameters]", reason="bad_address")
+    if arg is None or arg[: len(keyword)].upper() != keyword:
+        raise syntax
+    text = arg[len(keyword):].lstrip(" ")
+    if not text:
+        raise syntax
+    _check_chars(text, what)
+    path, rest = _split_path(text, what)
+    params = parse_params(rest)
+    utf8 = ("SMTPUTF8" in params) if smtputf8 is None else smtputf8
+    address = parse_path(path, what=what, null_ok=null_ok, smtputf8=utf8)
+    return Parsed(address, params)
+
+
+def _check_chars(text: str, what: str) -> None:
+    for ch in text:
+        o = ord(ch)
+        if o < 0x20 or o == 0x7F:
+            raise _bad(what, f"control character 0x{o:02x}")
+        if 0xDC80 <= o <= 0xDCFF:
+            raise _bad(what, "invalid UTF-8")
+
+
+def _split_path(text: str, what: str) -> tuple[str, str]:
+    """Split ``<path> rest`` (angle brackets, honouring quotes) or ``bare@path rest``."""
+    if not text.startswith("<"):
+        path, _, rest = text.partition(" ")
+        return path, rest
+    quoted = escaped = False
+    for i, ch in enumerate(text):
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ">" and not quoted:
+            rest = text[i + 1:]
+            if rest and not rest.startswith(" "):
+                raise _bad(what, "text after '>'")
+            return text[1:i], rest.strip(" ")
+    raise _bad(what, "missing '>'")
+
+
+def parse_params(text: str) -> dict[str, str | None]:
+    params: dict[str, str | None] = {}
+    for token in text.split():
+        key, eq, value = token.partition("=")
+        if not _PARAM_KEY.match(key) or (eq and not _PARAM_VALUE.match(value)):
+            raise Refusal(501, "5.5.4", f"Syntax error in parameter {key[:32]!r}",
+                          reason="bad_address")
+        params[key.upper()] = value if eq else None
+    return params
+
+
+def parse_path(path: str, *, what: str, null_ok: bool, smtputf8: bool) -> str:
+    """Validate the mailbox inside the angle brackets; return it unchanged."""
+    if path == "":
+        if null_ok:
+            return ""
+        raise _bad(what, "empty address")
+    if path.startswith("@"):
+        raise _refused(what, "source routes are not accepted")
+    if len(path) > MAX_PATH:
+        raise _bad(what, f"longer than {MAX_PATH} characters")
+    if not smtputf8 and not path.isascii():
+        raise Refusal(553, "5.6.7", f"Non-ASCII {what} address requires SMTPUTF8",
+                      reason="bad_address")
+    if path.startswith('"'):
+        local, after = _quoted_local(path, what)
+    else:
+        at = path.rfind("@")
+        if at < 0:
+            raise _bad(what, "no domain (use user@domain)")
+        local, after = path[:at], path[at:]
+        _dot_string(local, what)
+    if not after.startswith("@"):
+        raise _bad(what, "expected '@' after the local part")
+    if len(local) > MAX_LOCAL:
+        raise _bad(what, f"local part longer than {MAX_LOCAL} characters")
+    _domain(after[1:], what)
+    return path
+
+
+def _quoted_local(path: str, what: str) -> tuple[str, str]:
+    i = 1
+    while i < len(path):
+        ch = path[i]
+        if ch == "\\":
+            raise _refused(what, "backslash in a quoted local part")
+        if ch == '"':
+            local = path[: i + 1]
+            inner = local[1:-1]
+            if any(c in inner for c in "@%!"):
+                raise _refused(what, "quoted local part containing '@', '%' or '!'")
+            return local, path[i + 1:]
+        i += 1
+    raise _bad(what, "unterminated quoted local part")
+
+
+def _dot_string(local: str, what: str) -> None:
+    if not local:
+        raise _bad(what, "empty local part")
+    if "%" in local:
+        raise _refused(what, "percent-hack routing (%) is not accepted")
+    if "!" in local:
+        raise _refused(what, "bang-path routing (!) is not accepted")
+    if "@" in local:
+        raise _refused(what, "more than one '@'")
+    for atom in local.split("."):
+        if not atom:
+            raise _bad(what, "empty atom in local part (leading, trailing or double dot)")
+        for ch in atom:
+            if ch not in _ATEXT and ch.isascii():
+                raise _bad(what, f"character {ch!r} in local part")
+
+
+def _domain(domain: str, what: str) -> None:
+    if not domain:
+        raise _bad(what, "empty domain")
+    if len(domain) > MAX_DOMAIN:
+        raise _bad(what, f"domain longer than {MAX_DOMAIN} characters")
+    if domain.startswith("["):
+        if not domain.endswith("]"):
+            raise _bad(what, "unterminated address literal")
+        literal = domain[1:-1]
+        try:
+            if literal[:5].lower() == "ipv6:":
+                ipaddress.IPv6Address(literal[5:])
+            else:
+                ipaddress.IPv4Address(literal)
+        except ValueError:
+            raise _bad(what, "invalid address literal") from None
+        return
+    for label in domain.split("."):
+        if label.isascii():
+            if not _LDH.match(label):
+                raise _bad(what, f"invalid domain label {label[:63]!r}")
+        elif not all(c.isalnum() or c == "-" for c in label) or len(label) > 63:
+            raise _bad(what, "invalid internationalized domain label")
+
+
+def domain_of(address: str) -> str:
+    """The domain of a validated address, lower case."""
+    return address.rpartition("@")[2].lower()
+
+
+def in_domains(domain: str, domains: Iterable[str]) -> bool:
+    """``domain`` equals one of ``domains`` (case-insensitive; ``.example.com`` = subdomains)."""
+    d = domain.lower().rstrip(".")
+    for entry in domains:
+        e = entry.lower().rstrip(".")
+        if d == e or (e.startswith(".") and d.endswith(e)):
+            return True
+    return False
+
+
+def relay_refusal(*, auth_required: bool) -> Refusal:
+    """The reply for a client that may not relay: 530 when AUTH would help, else 550."""
+    if auth_required:
+        return Refusal.from_reply(AUTH_REQUIRED, "auth_required")
+    return Refusal.from_reply(RELAY_DENIED, "relay_denied")

@@ -1,0 +1,330 @@
+"""One SMTP session: aiosmtpd's protocol with relay's commands, limits, AUTH and DATA.
+
+aiosmtpd provides the command loop, STARTTLS and the stream plumbing; relay overrides
+EHLO (PIPELINING, SIZE, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, STARTTLS, AUTH), MAIL,
+RCPT (strict address policy and relay decision), AUTH (PLAIN, LOGIN against the users
+file, off the loop, with throttling), DATA (the chunked sans-IO reader of ``data.py``),
+timeouts (a ``421 4.4.2`` before closing) and adds enhanced status codes to every reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections import defaultdict
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Session
+
+from relay.smtp import replies
+from relay.smtp.data import DataReader, Event
+from relay.smtp.handler import Context, Transaction, finish_message
+from relay.smtp.hooks import SessionInfo
+from relay.smtp.policy import domain_of, in_domains, parse_command, relay_refusal
+from relay.smtp.replies import Refusal, with_enhanced
+from relay.smtp.sasl import run_auth
+
+log = logging.getLogger("relay.smtp")
+
+READ_CHUNK = 65536
+_MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "AUTH"}
+_RAW = ("220 ", "220-", "334 ", "354 ")     # no enhanced code (greeting, challenges, 354)
+
+
+class _Hooks:
+    """aiosmtpd's handler object: relay overrides the commands, so only errors land here."""
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("SMTP session error: %r", error, exc_info=error)
+        return replies.LOCAL_ERROR
+
+
+def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
+    """Give bytes read past the end of DATA (pipelined commands) back to the reader."""
+    reader._buffer[:0] = data  # type: ignore[attr-defined]  # no public unread in asyncio
+
+
+class RelaySMTP(SMTP):
+    """An SMTP session of a relay listener."""
+
+    line_length_limit = 32768          # StreamReader limit; command lines are checked below
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        cfg = ctx.cfg
+        self._txn: Transaction | None = None
+        self._auth_user = ""
+        self._client_ip = ""
+        self._client_port = 0
+        self._allowlisted = False
+        self._implicit_tls = False
+        self._refused_reply: str | None = None
+        self._counted = False
+        super().__init__(
+            _Hooks(), data_size_limit=cfg.max_message_size, enable_SMTPUTF8=True,
+            decode_data=False, hostname=ctx.hostname, ident="ESMTP",
+            tls_context=ctx.tls_context if cfg.tls == "starttls" else None,
+            timeout=cfg.command_timeout, auth_required=False,
+            auth_require_tls=not cfg.allow_plaintext_auth,
+            auth_exclude_mechanism=["LOGIN", "PLAIN"], loop=asyncio.get_running_loop())
+        # aiosmtpd keeps these limits in a class-wide dict; give each session its own.
+        self.command_size_limits: defaultdict[str, int] = defaultdict(lambda: 512)
+        self.command_size_limits.update(MAIL=1024, RCPT=1024, AUTH=12288)
+
+    # --- connection life cycle ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if not first:                            # STARTTLS finished: forget pre-TLS state
+            self._auth_user = ""
+            return
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self._client_ip, self._client_port = str(peer[0]), int(peer[1])
+        if self._client_ip.startswith("::ffff:"):
+            self._client_ip = self._client_ip[7:]
+        self._implicit_tls = transport.get_extra_info("sslcontext") is not None
+        cfg = self.ctx.cfg
+        try:
+            ip = ipaddress.ip_address(self._client_ip)
+            self._allowlisted = any(ip in net for net in cfg.allow)
+        except ValueError:
+            self._allowlisted = False
+        self._refused_reply = self.ctx.connections.open(
+            self._client_ip, max_total=cfg.max_connections,
+            max_per_client=cfg.max_connections_per_client)
+        if self._refused_reply is None:
+            self._counted = True
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.smtp_sessions.labels(cfg.name).inc()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._counted:
+            self._counted = False
+            self.ctx.connections.close(self._client_ip)
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.smtp_sessions.labels(self.ctx.cfg.name).dec()
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if self._refused_reply is not None:
+            self.ctx.refused(Refusal.from_reply(self._refused_reply, "too_many_connections"),
+                             info=None, client=self._client_ip, stage="CONNECT")
+            await self.push(self._refused_reply)
+            self.close()
+            return
+        await super()._handle_client()
+
+    def _timeout_cb(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            log.info("%s: %s timed out", self.ctx.cfg.name, self._client_ip)
+            self._write_now(replies.timeout_reply(self.hostname))
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    def shutdown(self) -> None:
+        """Tell the client the service is going away and close (used after drain timeout)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self._write_now(replies.SHUTTING_DOWN)
+            self.close()
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str) and not status.startswith(_RAW):
+            status = with_enhanced(status)
+        await super().push(status)
+
+    async def _raw(self, lines: list[str]) -> None:
+        self._writer.write("".join(f"{line}\r\n" for line in lines).encode())
+        await self._writer.drain()
+
+    def _set_post_data_state(self) -> None:
+        super()._set_post_data_state()  # type: ignore[no-untyped-call]
+        self._txn = None
+
+    @property
+    def _s(self) -> Session:
+        if self.session is None:     # AttributeError: inspect.getmembers() in __init__ skips it
+            raise AttributeError("no SMTP session before connection_made")
+        return self.session
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _write_now(self, line: str) -> None:
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.write(line.encode() + b"\r\n")
+
+    # --- session facts ------------------------------------------------------------------
+
+    @property
+    def tls(self) -> bool:
+        return self._implicit_tls or self._tls_protocol is not None
+
+    def info(self) -> SessionInfo:
+        return SessionInfo(
+            listener=self.ctx.cfg.name, client_ip=self._client_ip,
+            client_port=self._client_port, helo=self._s.host_name or "", tls=self.tls,
+            auth_user=self._auth_user, allowlisted=self._allowlisted,
+            trusted=bool(self._auth_user) or self._allowlisted)
+
+    def _auth_offered(self) -> bool:
+        return self.ctx.users is not None and (self.tls or self.ctx.cfg.allow_plaintext_auth)
+
+    async def _refuse(self, refusal: Refusal, stage: str, *, sender: str | None = None,
+                      recipient: str | None = None) -> None:
+        reply = self.ctx.refused(refusal, info=self.info(), client=self._client_ip,
+                                 stage=stage, sender=sender,
+                                 recipients=(recipient,) if recipient is not None else ())
+        await self.push(reply)
+
+    # --- commands -----------------------------------------------------------------------
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: HELO hostname")
+            return
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        self._s.extended_smtp = False
+        self._s.host_name = hostname
+        await self._raw([f"250 {self.hostname}"])
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        self._s.extended_smtp = True
+        self._s.host_name = hostname
+        lines = [self.hostname, "PIPELINING", f"SIZE {self.ctx.cfg.max_message_size}",
+                 "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+        if self.tls_context is not None and not self.tls:
+            lines.append("STARTTLS")
+        if self._auth_offered():
+            lines.append("AUTH PLAIN LOGIN")
+        await self._raw([f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"])
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if not self._s.host_name:
+            await self.push(replies.NEED_EHLO)
+            return
+        if self._txn is not None:
+            await self.push(replies.NESTED_MAIL)
+            return
+        cfg = self.ctx.cfg
+        sender: str | None = None
+        try:
+            parsed = parse_command(arg, "FROM:", what="sender", null_ok=True)
+            sender, params = parsed.address, parsed.params
+            if params and not self._s.extended_smtp:
+                raise Refusal(501, "5.5.4", "Parameters need EHLO", reason="bad_address")
+            unknown = sorted(set(params) - _MAIL_PARAMS)
+            if unknown:
+                raise Refusal(555, "5.5.4", f"MAIL parameter {unknown[0][:32]} not supported",
+                              reason="bad_address")
+            body = (params.get("BODY") or "7BIT").upper()
+            if body not in ("7BIT", "8BITMIME"):
+                raise Refusal(501, "5.5.4", "BODY must be 7BIT or 8BITMIME",
+                              reason="bad_address")
+            if "SMTPUTF8" in params and params["SMTPUTF8"] is not None:
+                raise Refusal(501, "5.5.4", "SMTPUTF8 takes no value", reason="bad_address")
+            size = params.get("SIZE")
+            if size is not None:
+                if not size.isdigit() or len(size) > 20:
+                    raise Refusal(501, "5.5.4", "SIZE must be a number", reason="bad_address")
+                if int(size) > cfg.max_message_size:
+                    raise Refusal.from_reply(replies.TOO_BIG, "too_big")
+            info = self.info()
+            if not info.trusted and not cfg.relay_domains:
+                raise relay_refusal(auth_required=self._auth_wanted())
+            if self.ctx.checks is not None:
+                await self.ctx.checks.check_sender(info, sender, params)
+        except Refusal as r:
+            await self._refuse(r, "MAIL", sender=sender)
+            return
+        self._txn = Transaction(sender=sender, smtputf8="SMTPUTF8" in params,
+                                body_8bitmime=body == "8BITMIME")
+        await self.push(replies.SENDER_OK)
+
+    def _auth_wanted(self) -> bool:
+        return self.ctx.cfg.auth == "required" and self.ctx.users is not None
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if not self._s.host_name:
+            await self.push(replies.NEED_EHLO)
+            return
+        txn = self._txn
+        if txn is None:
+            await self.push(replies.NEED_MAIL)
+            return
+        cfg = self.ctx.cfg
+        rcpt: str | None = None
+        try:
+            parsed = parse_command(arg, "TO:", what="recipient", null_ok=False,
+                                   smtputf8=txn.smtputf8)
+            rcpt = parsed.address
+            if parsed.params:
+                raise Refusal(555, "5.5.4", "RCPT parameters not supported",
+                              reason="bad_address")
+            if len(txn.recipients) >= cfg.max_recipients:
+                raise Refusal.from_reply(replies.TOO_MANY_RCPTS, "too_many_rcpts")
+            info = self.info()
+            if not info.trusted and not in_domains(domain_of(rcpt), cfg.relay_domains):
+                raise relay_refusal(auth_required=self._auth_wanted())
+            if self.ctx.checks is not None:
+                await self.ctx.checks.check_recipient(info, txn.sender, rcpt,
+                                                      tuple(txn.recipients))
+        except Refusal as r:
+            await self._refuse(r, "RCPT", sender=txn.sender, recipient=rcpt)
+            return
+        txn.recipients.append(rcpt)
+        await self.push(replies.RCPT_OK)
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if not self._s.host_name:
+            await self.push(replies.NEED_EHLO)
+            return
+        txn = self._txn
+        if txn is None:
+            await self.push(replies.NEED_MAIL)
+            return
+        if not txn.recipients:
+            await self.push(replies.NEED_RCPT)
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push(replies.START_DATA)
+        event = await self._read_data()
+        if event is None:
+            return
+        self._txn = None
+        self._reset_timeout()
+        tls_version = None
+        if self.tls:
+            ssl_obj = self.transport.get_extra_info("ssl_object") if self.transport else None
+            tls_version = ssl_obj.version() if ssl_obj is not None else None
+        reply = await finish_message(self.ctx, self.info(), txn, event,
+                                     extended=bool(self._s.extended_smtp),
+                                     tls_version=tls_version)
+        self._set_post_data_state()
+        self._reset_timeout()
+        await self.push(reply)
+
+    async def _read_data(self) -> Event | None:
+        reader = DataReader(self.ctx.cfg.max_message_size)
+        while True:
+            self._reset_timeout(self.ctx.cfg.data_timeout)
+            chunk = await self._reader.read(READ_CHUNK)
+            if not chunk:                       # client went away mid-DATA: nothing queued
+                self.close()
+                return None
+            event = reader.feed(chunk)
+            if event is not None:
+                if event.leftover:
+                    _unread(self._reader, event.leftover)
+                return event
+
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        await run_auth(self, arg)

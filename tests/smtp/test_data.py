@@ -1,0 +1,136 @@
+"""Table tests for the sans-IO DATA reader: end of data, smuggling, size, unstuffing."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.smtp.data import BareLineEnding, DataReader, Event, Message, TooBig
+
+
+def feed_all(reader: DataReader, chunks: list[bytes]) -> Event | None:
+    event = None
+    for chunk in chunks:
+        assert event is None, "bytes fed after the end of data"
+        event = reader.feed(chunk)
+    return event
+
+
+def splits(stream: bytes) -> list[list[bytes]]:
+    """The stream whole, byte by byte, and cut in two at every position."""
+    out = [[stream], [bytes([b]) for b in stream]]
+    out += [[stream[:i], stream[i:]] for i in range(1, len(stream))]
+    return out
+
+
+# stream after the 354 reply → (event type, body or kind, leftover)
+TABLE: list[tuple[bytes, type, object, bytes]] = [
+    (b".\r\n", Message, b"", b""),
+    (b"a\r\n.\r\n", Message, b"a\r\n", b""),
+    (b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n", Message, b"Subject: x\r\n\r\nbody\r\n",
+     b"QUIT\r\n"),
+    # dot stuffing: first line, later lines, a line of only dots
+    (b"..x\r\n.\r\n", Message, b".x\r\n", b""),
+    (b"a\r\n..\r\n...\r\n.b\r\n.\r\n", Message, b"a\r\n.\r\n..\r\nb\r\n", b""),
+    (b"..\r\n.\r\n", Message, b".\r\n", b""),
+    # not the end: a dot line that is not alone, dots mid-line
+    (b"a\r\n.x\r\nb.\r\n.\r\n", Message, b"a\r\nx\r\nb.\r\n", b""),
+    # pipelined commands after the end are returned, not swallowed
+    (b"m\r\n.\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\n", Message, b"m\r\n",
+     b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\n"),
+    # smuggling variants: never an end, always refused after the real end
+    (b"a\n.\nMAIL FROM:<x@y.z>\r\n.\r\n", BareLineEnding, "LF", b""),
+    (b"a\r.\rMAIL FROM:<x@y.z>\r\n.\r\n", BareLineEnding, "CR", b""),
+    (b"a\n.\r\nMAIL FROM:<x@y.z>\r\n.\r\n", BareLineEnding, "LF", b""),
+    (b"a\r\n.\nMAIL FROM:<x@y.z>\r\n.\r\n", BareLineEnding, "LF", b""),
+    (b"a\r\n.\rMAIL FROM:<x@y.z>\r\n.\r\nNOOP\r\n", BareLineEnding, "CR", b"NOOP\r\n"),
+    (b"Subject: hi\rBcc: x@evil.example\r\n\r\nb\r\n.\r\n", BareLineEnding, "CR", b""),
+    (b"Subject: hi\nBcc: x@evil.example\r\n\r\nb\r\n.\r\n", BareLineEnding, "LF", b""),
+    (b"last line without crlf\n.\r\n.\r\n", BareLineEnding, "LF", b""),
+    (b"\r\r\n.\r\n", BareLineEnding, "CR", b""),
+    (b"\n\r\n.\r\n", BareLineEnding, "LF", b""),
+    # a CRLF split by the chunking is still a pair
+    (b"a\r\nb\r\n\r\n.\r\n", Message, b"a\r\nb\r\n\r\n", b""),
+]
+
+
+@pytest.mark.parametrize(("stream", "kind", "expected", "leftover"), TABLE)
+def test_table_every_split(stream: bytes, kind: type, expected: object,
+                           leftover: bytes) -> None:
+    for chunks in splits(stream):
+        reader = DataReader(max_size=10_000)
+        # feed up to the end; whatever comes later must be in leftover
+        event = None
+        rest = b""
+        for i, chunk in enumerate(chunks):
+            event = reader.feed(chunk)
+            if event is not None:
+                rest = b"".join(chunks[i + 1:])
+                break
+        assert event is not None, chunks
+        assert isinstance(event, kind), (chunks, event)
+        assert event.leftover + rest == leftover, chunks
+        if isinstance(event, Message):
+            assert event.body == expected, chunks
+        elif isinstance(event, BareLineEnding):
+            assert event.kind == expected, chunks
+        assert reader.done
+
+
+@pytest.mark.parametrize("stream", [
+    b"", b"a\r\n", b"a\r\n.", b"a\r\n.\r", b"a\n.\n", b"a\r.\r", b"a\n.\r\n", b"a\r\n.\n",
+    b"x\r\n..\r\n", b"\r\n.", b".\n", b".\r",
+])
+def test_not_an_end(stream: bytes) -> None:
+    for chunks in splits(stream) if stream else [[b""]]:
+        reader = DataReader(max_size=10_000)
+        assert feed_all(reader, chunks) is None
+        assert not reader.done
+
+
+def test_size_limit_exact_and_over() -> None:
+    body = b"x" * 8 + b"\r\n"                      # 10 bytes
+    ok = DataReader(max_size=10).feed(body + b".\r\n")
+    assert isinstance(ok, Message) and ok.body == body and ok.size == 10
+    over = DataReader(max_size=9).feed(body + b".\r\nNOOP\r\n")
+    assert isinstance(over, TooBig) and over.leftover == b"NOOP\r\n"
+
+
+def test_too_big_stops_buffering_and_still_finds_the_end() -> None:
+    reader = DataReader(max_size=1000)
+    for _ in range(100):
+        assert reader.feed(b"y" * 998 + b"\r\n") is None
+    assert reader._chunks == []        # nothing kept once over the limit
+    event = reader.feed(b"tail\r\n.\r\nQUIT\r\n")
+    assert isinstance(event, TooBig) and event.leftover == b"QUIT\r\n"
+    assert event.size == 100 * 1000 + 6
+
+
+def test_too_big_end_split_across_chunks() -> None:
+    reader = DataReader(max_size=5)
+    assert reader.feed(b"0123456789\r\n.") is None
+    assert reader.feed(b"\r") is None
+    event = reader.feed(b"\nRSET\r\n")
+    assert isinstance(event, TooBig) and event.leftover == b"RSET\r\n"
+
+
+def test_bare_cr_after_size_is_not_checked_when_too_big() -> None:
+    event = DataReader(max_size=3).feed(b"ab\rcd\r\n.\r\n")
+    assert isinstance(event, TooBig)
+
+
+def test_feed_after_end_is_an_error() -> None:
+    reader = DataReader(max_size=100)
+    assert isinstance(reader.feed(b".\r\n"), Message)
+    with pytest.raises(RuntimeError):
+        reader.feed(b"x")
+
+
+def test_large_message_in_64k_chunks() -> None:
+    line = b"A" * 76 + b"\r\n"
+    body = b"Subject: big\r\n\r\n" + line * 1400 + b".hidden\r\n" + line
+    stream = body.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    reader = DataReader(max_size=1 << 20)
+    event = None
+    for i in range(0, len(stream), 65536):
+        event = reader.feed(stream[i:i + 65536])
+    assert isinstance(event, Message) and event.body == body
