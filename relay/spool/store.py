@@ -1,0 +1,369 @@
+"""The durable spool: store, read, update and remove queued messages; nothing is lost.
+
+``store()`` returns only when the message is on disk for good: one file (header line,
+envelope, message) written in ``tmp/``, fdatasynced, renamed into ``queue/``, and
+``queue/`` fsynced, all in one worker thread (the event loop never touches the disk).
+
+Measured on the reference 2-core ext4 VM with 20 concurrent store+remove loops: about
+1,500 messages/s at ~0.6 ms CPU each (most of it kernel time). Group commit of the
+directory fsync (one fsync acknowledging several renames, done both on the loop and
+between threads) cut fsync calls 2-6x but gave no measurable throughput or CPU gain,
+since the kernel's journal already merges concurrent commits; so each store fsyncs the
+directory itself, which is simpler to reason about. Recycling emptied files instead of
+creating new ones only helped on a freshly made filesystem (uninitialised inodes).
+
+Crash safety, by the state a crash can leave:
+- a file in ``tmp/``: never acknowledged; ``recover()`` deletes it;
+- ``queue/<ID>`` without ``<ID>.state``: a fresh message, delivered to everyone;
+- ``queue/<ID>.state``: written to tmp/, fsynced and renamed over the old one, so it is
+  always a complete old or new state;
+- ``remove()`` unlinks the state first, then the message. A crash in between leaves a
+  fresh message that is delivered again (at least once, as after a crash between the
+  upstream's 250 and removal), never an orphan state file, which recovery treats as
+  damage. The other order would turn every such crash into a spurious ``corrupt/`` entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from relay.errors import SpoolError
+from relay.metrics import Metrics
+from relay.spool import recovery
+from relay.spool.layout import (
+    STATE_SUFFIX,
+    FormatError,
+    IdGenerator,
+    MessageFile,
+    encode_envelope,
+    encode_state,
+    fresh_state,
+    is_queue_id,
+    message_header,
+)
+from relay.spool.lock import SpoolLock
+from relay.spool.records import Envelope, QueuedMessage
+
+log = logging.getLogger("relay.spool")
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolStats:
+    counts: dict[str, int]               # by state: active, deferred, held
+    oldest_received: float | None        # Unix time the oldest queued message arrived
+
+
+@dataclass(slots=True)
+class _Entry:                            # what stats() needs, kept per queued message
+    received_at: float
+    held: bool
+    next_attempt: float
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class Spool:
+    """The on-disk queue under ``root`` (see ``relay.spool.layout`` for the files)."""
+
+    def __init__(self, root: Path, *, fsync: bool = True, metrics: Metrics | None = None):
+        self.root = Path(root)
+        self.tmp = self.root / "tmp"
+        self.queue = self.root / "queue"
+        self.corrupt = self.root / "corrupt"
+        self._fsync = fsync
+        self._metrics = metrics
+        self._ids = IdGenerator()
+        self._index: dict[str, _Entry] = {}
+        self._listeners: list[Callable[[QueuedMessage], None]] = []
+        self._lock = SpoolLock(self.root / "lock")
+        self._dirfd: int | None = None
+        self._busy: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._pending: set[asyncio.Task[str]] = set()
+
+    # --- set-up ----------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        if self._dirfd is not None:
+            return
+        try:
+            for d in (self.root, self.tmp, self.queue, self.corrupt):
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._dirfd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SpoolError(f"cannot use the spool directory {self.root}: {exc.strerror}",
+                             hint="create it and make it writable by relay's user, or set "
+                                  "[relay] spool to a directory that is") from exc
+
+    def close(self) -> None:
+        """Close the queue directory descriptor and release the lock (if held)."""
+        if self._dirfd is not None:
+            os.close(self._dirfd)
+            self._dirfd = None
+        self._lock.release()
+
+    def lock(self, *, timeout: float = 0.0) -> SpoolLock:
+        """Take the spool lock (held until ``close()`` or the returned lock's release()).
+
+        Raises SpoolError naming the holder if another relay or queue command has it.
+        """
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock.acquire(timeout=timeout)
+        return self._lock
+
+    def is_locked_by_other(self) -> bool:
+        """True if another process (a running relay) holds the spool lock."""
+        return self._lock.held_by_other()
+
+    def recover(self) -> list[QueuedMessage]:
+        """Start-up: remove tmp/ leftovers, move damaged files to corrupt/, index the rest."""
+        self._prepare()
+        recovery.clean_tmp(self.tmp)
+        found = recovery.scan(self.queue, self.corrupt)
+        recovery.fsync_dirs(self.queue, self.corrupt, self.tmp)
+        self._reindex(found)
+        log.info("spool: %d queued message(s) in %s", len(found), self.queue)
+        return found
+
+    def scan(self) -> list[QueuedMessage]:
+        """Read-only recovery for tools: index good messages, move and delete nothing."""
+        self._prepare()
+        found = recovery.scan(self.queue, None)
+        self._reindex(found)
+        return found
+
+    def _reindex(self, found: list[QueuedMessage]) -> None:
+        self._index = {m.queue_id: _Entry(m.envelope.received_at, m.state.held,
+                                          m.state.next_attempt) for m in found}
+
+    def add_listener(self, callback: Callable[[QueuedMessage], None]) -> None:
+        """Call ``callback`` (on the loop) after each successful store()."""
+        self._listeners.append(callback)
+
+    # --- the write path ----------------------------------------------------------------------
+
+    async def store(self, envelope: Envelope, data: bytes) -> str:
+        """Spool a message durably and return its queue id (see the module docstring).
+
+        Once the write has begun it completes even if the caller is cancelled, so the
+        message is either refused (exception) or queued and handed to the listeners.
+        """
+        self._prepare()
+        task = asyncio.ensure_future(self._store(envelope, data))
+        self._pending.add(task)
+        task.add_done_callback(self._store_done)
+        return await asyncio.shield(task)
+
+    def _store_done(self, task: asyncio.Task[str]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled():
+            task.exception()        # retrieved here too: the caller may have gone away
+
+    async def _store(self, envelope: Envelope, data: bytes) -> str:
+        queue_id = self._ids.new()
+        head = message_header(encode_envelope(envelope), len(data))
+        await asyncio.to_thread(self._write_message, queue_id, head, data)
+        msg = QueuedMessage(queue_id=queue_id, envelope=envelope, state=fresh_state(envelope),
+                            size=len(data))
+        self._index[queue_id] = _Entry(envelope.received_at, False, 0.0)
+        for callback in self._listeners:
+            try:
+                callback(msg)
+            except Exception:
+                log.exception("spool: listener failed for %s; it is delivered after a restart",
+                              queue_id)
+        return queue_id
+
+    def _write_message(self, queue_id: str, head: bytes, data: bytes) -> None:
+        tmp = self.tmp / queue_id
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise self._error("create a spool file", exc) from exc
+        try:
+            try:
+                _write_all(fd, head)
+                _write_all(fd, data)
+                if self._fsync:
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.queue / queue_id)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise self._error("write a spool file", exc) from exc
+        try:
+            self._sync_queue_dir()
+        except OSError as exc:
+            # Not durable, so not acknowledged: take it back, or a client retry duplicates it.
+            with contextlib.suppress(OSError):
+                os.unlink(self.queue / queue_id)
+            raise self._error("make the spooled message durable", exc) from exc
+
+    async def save_state(self, msg: QueuedMessage) -> None:
+        """Replace the message's state file atomically (tmp, fsync, rename, dir fsync).
+
+        Raises KeyError if the message is no longer queued, SpoolError on a write error.
+        """
+        self._check_id(msg.queue_id)
+        self._prepare()
+        raw = encode_state(msg.state)
+        async with self._exclusive(msg.queue_id):
+            await asyncio.to_thread(self._write_state, msg.queue_id, raw)
+            entry = self._index.get(msg.queue_id)
+            if entry is not None:
+                entry.held, entry.next_attempt = msg.state.held, msg.state.next_attempt
+
+    def _write_state(self, queue_id: str, raw: bytes) -> None:
+        if not (self.queue / queue_id).exists():
+            raise KeyError(queue_id)
+        tmp = self.tmp / f"{queue_id}{STATE_SUFFIX}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, raw)
+                if self._fsync:
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.queue / f"{queue_id}{STATE_SUFFIX}")
+            self._sync_queue_dir()
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise self._error("write a state file", exc) from exc
+
+    async def remove(self, queue_id: str) -> None:
+        """Delete a message (delivered, bounced or deleted): state file first, then message."""
+        self._check_id(queue_id)
+        self._prepare()
+        async with self._exclusive(queue_id):
+            await asyncio.to_thread(self._unlink, queue_id)
+            self._index.pop(queue_id, None)
+
+    def _unlink(self, queue_id: str) -> None:
+        for name in (queue_id + STATE_SUFFIX, queue_id):
+            try:
+                os.unlink(self.queue / name)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise self._error(f"remove {name}", exc) from exc
+        try:
+            self._sync_queue_dir()
+        except OSError as exc:
+            log.warning("spool: fsync after removing %s failed (%s); after a crash it may be "
+                        "delivered again", queue_id, exc.strerror)
+
+    def _sync_queue_dir(self) -> None:
+        """In the worker thread: make this thread's rename/unlink in queue/ durable."""
+        if self._fsync and self._dirfd is not None:
+            os.fsync(self._dirfd)
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, queue_id: str) -> AsyncIterator[None]:
+        """Serialise state writes and removal of one message."""
+        lock, users = self._busy.get(queue_id) or (asyncio.Lock(), 0)
+        self._busy[queue_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._busy[queue_id]
+            if users == 1:
+                del self._busy[queue_id]
+            else:
+                self._busy[queue_id] = (lock, users - 1)
+
+    # --- the read path -----------------------------------------------------------------------
+
+    async def read_message(self, queue_id: str) -> bytes:
+        """The raw message bytes. KeyError if not queued, SpoolError if damaged."""
+        self._check_id(queue_id)
+        return await asyncio.to_thread(self._read_data, queue_id)
+
+    def _read_data(self, queue_id: str) -> bytes:
+        try:
+            fd = os.open(self.queue / queue_id, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KeyError(queue_id) from None
+        except OSError as exc:
+            raise self._error(f"open {queue_id}", exc) from exc
+        try:
+            return MessageFile(fd).read_data()
+        except FormatError as exc:
+            raise SpoolError(f"queue file {queue_id} is damaged: {exc}",
+                             hint="restart relay to move it to corrupt/, then inspect it "
+                                  "there") from exc
+        except OSError as exc:
+            raise self._error(f"read {queue_id}", exc) from exc
+        finally:
+            os.close(fd)
+
+    def load(self, queue_id: str) -> QueuedMessage:
+        """Envelope and current state of a queued message; KeyError if it is not queued."""
+        self._check_id(queue_id)
+        try:
+            return recovery.read_queued(self.queue, queue_id)
+        except FileNotFoundError:
+            raise KeyError(queue_id) from None
+        except FormatError as exc:
+            raise SpoolError(f"queue file {queue_id} is damaged: {exc}",
+                             hint="restart relay to move it to corrupt/") from exc
+        except OSError as exc:
+            raise self._error(f"read {queue_id}", exc) from exc
+
+    def queue_ids(self) -> list[str]:
+        """Ids of all queued messages, oldest first (from the index recover() built)."""
+        return sorted(self._index)
+
+    def __contains__(self, queue_id: object) -> bool:
+        return queue_id in self._index
+
+    def stats(self, now: float | None = None) -> SpoolStats:
+        """Messages by state (held; deferred: next attempt in the future; else active)."""
+        current = time.time() if now is None else now
+        counts = {"active": 0, "deferred": 0, "held": 0}
+        for e in self._index.values():
+            state = "held" if e.held else "deferred" if e.next_attempt > current else "active"
+            counts[state] += 1
+        oldest = min((e.received_at for e in self._index.values()), default=None)
+        return SpoolStats(counts=counts, oldest_received=oldest)
+
+    def update_metrics(self, now: float | None = None) -> SpoolStats:
+        """Compute stats() and export them to the queue gauges (call on scrape or a timer)."""
+        stats = self.stats(now)
+        if self._metrics is not None:
+            self._metrics.update_queue(stats.counts, stats.oldest_received, now=now)
+        return stats
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_id(queue_id: str) -> None:
+        if not is_queue_id(queue_id):
+            raise KeyError(queue_id)
+
+    def _error(self, what: str, exc: OSError) -> SpoolError:
+        if exc.errno in _DISK_FULL:
+            return SpoolError(f"spool {self.root} is full: cannot {what} ({exc.strerror})",
+                              disk_full=True,
+                              hint="free space (or quota) on the spool's filesystem; clients "
+                                   "are told to retry later meanwhile")
+        return SpoolError(f"spool {self.root}: cannot {what}: {exc.strerror or exc}",
+                          hint="check the spool filesystem (permissions, mount, kernel log "
+                               "for I/O errors)")

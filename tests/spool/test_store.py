@@ -1,0 +1,211 @@
+"""The spool's write and read paths, index, stats and lock."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from relay.errors import SpoolError
+from relay.metrics import Metrics
+from relay.spool import QueuedMessage, RcptStatus, Spool
+from relay.spool.layout import is_queue_id
+from tests.spool.conftest import envelope
+
+DATA = b"From: agent@example.com\r\nSubject: hello\r\n\r\nbody\r\n"
+
+
+async def test_store_writes_one_durable_file_and_nothing_else(spool: Spool) -> None:
+    env = envelope("a@example.net", "b@example.net")
+    qid = await spool.store(env, DATA)
+    assert is_queue_id(qid)
+    assert os.listdir(spool.queue) == [qid]          # one file: no state on the happy path
+    assert os.listdir(spool.tmp) == []
+    assert (spool.queue / qid).read_bytes().endswith(DATA)
+    assert oct((spool.queue / qid).stat().st_mode & 0o777) == "0o600"
+    assert await spool.read_message(qid) == DATA
+    msg = spool.load(qid)
+    assert msg.envelope == env and msg.size == len(DATA)
+    assert [(r.address, r.status) for r in msg.state.recipients] == [
+        ("a@example.net", RcptStatus.PENDING), ("b@example.net", RcptStatus.PENDING)]
+    assert msg.state.next_attempt == 0 and not msg.state.held
+    assert spool.queue_ids() == [qid] and qid in spool
+
+
+async def test_listeners_get_each_stored_message(spool: Spool) -> None:
+    seen: list[QueuedMessage] = []
+    spool.add_listener(seen.append)
+    spool.add_listener(lambda m: 1 / 0)         # a failing listener does not fail store()
+    qid = await spool.store(envelope(), DATA)
+    assert [m.queue_id for m in seen] == [qid]
+    assert seen[0].state.recipients[0].status is RcptStatus.PENDING
+
+
+async def test_concurrent_stores_get_distinct_ordered_ids(spool: Spool) -> None:
+    ids = await asyncio.gather(*(spool.store(envelope(), DATA + b"%d" % i) for i in range(60)))
+    assert len(set(ids)) == 60
+    assert spool.queue_ids() == sorted(ids)
+    for i, qid in enumerate(ids):
+        assert await spool.read_message(qid) == DATA + b"%d" % i
+
+
+async def test_a_cancelled_store_still_completes_and_is_announced(spool: Spool) -> None:
+    seen: list[str] = []
+    announced = asyncio.Event()
+    spool.add_listener(lambda m: (seen.append(m.queue_id), announced.set()))
+    task = asyncio.ensure_future(spool.store(envelope(), b"x" * 5_000_000))
+    await asyncio.sleep(0)                      # let it start writing, then cancel
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(announced.wait(), 10)      # the write finishes in its thread
+    assert spool.queue_ids() == seen and os.listdir(spool.tmp) == []
+
+
+async def test_state_is_saved_atomically_and_removed_before_the_message(spool: Spool) -> None:
+    qid = await spool.store(envelope("a@example.net", "b@example.net"), DATA)
+    msg = spool.load(qid)
+    msg.state.recipients[0].status = RcptStatus.DELIVERED
+    msg.state.recipients[1].last_reply = "451 4.3.0 busy"
+    msg.state.attempts, msg.state.next_attempt = 1, time.time() + 600
+    await spool.save_state(msg)
+    assert sorted(os.listdir(spool.queue)) == [qid, qid + ".state"]
+    assert os.listdir(spool.tmp) == []
+    again = spool.load(qid)
+    assert again.state == msg.state
+
+    calls: list[str] = []
+    real_unlink = os.unlink
+
+    def spy(path: str | os.PathLike[str]) -> None:
+        calls.append(os.path.basename(path))
+        real_unlink(path)
+
+    os.unlink = spy  # type: ignore[assignment]
+    try:
+        await spool.remove(qid)
+    finally:
+        os.unlink = real_unlink
+    assert calls == [qid + ".state", qid]
+    assert os.listdir(spool.queue) == [] and qid not in spool
+    with pytest.raises(KeyError):
+        spool.load(qid)
+    with pytest.raises(KeyError):
+        await spool.read_message(qid)
+    with pytest.raises(KeyError):
+        await spool.save_state(msg)             # never an orphan state file
+    assert os.listdir(spool.queue) == []
+    await spool.remove(qid)                     # idempotent
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "..", "lock", "abc", ""])
+async def test_ids_from_outside_are_validated(spool: Spool, bad: str) -> None:
+    with pytest.raises(KeyError):
+        spool.load(bad)
+    with pytest.raises(KeyError):
+        await spool.read_message(bad)
+    with pytest.raises(KeyError):
+        await spool.remove(bad)
+
+
+async def test_stats_and_metrics(spool: Spool) -> None:
+    now = time.time()
+    old = await spool.store(envelope(when=now - 300), DATA)
+    deferred = await spool.store(envelope(when=now - 100), DATA)
+    held = await spool.store(envelope(when=now - 50), DATA)
+    await spool.store(envelope(when=now), DATA)
+    msg = spool.load(deferred)
+    msg.state.next_attempt = now + 60
+    await spool.save_state(msg)
+    msg = spool.load(held)
+    msg.state.held = True
+    await spool.save_state(msg)
+    stats = spool.stats(now)
+    assert stats.counts == {"active": 2, "deferred": 1, "held": 1}
+    assert stats.oldest_received == pytest.approx(now - 300)
+    assert spool.stats(now + 61).counts == {"active": 3, "deferred": 0, "held": 1}
+
+    metrics = Metrics()
+    sp = Spool(spool.root, metrics=metrics)
+    assert len(sp.recover()) == 4               # the index is rebuilt from disk
+    sp.update_metrics(now)
+    value = metrics.registry.get_sample_value
+    assert value("relay_queue_messages", {"state": "deferred"}) == 1
+    assert value("relay_queue_messages", {"state": "held"}) == 1
+    assert value("relay_queue_messages", {"state": "active"}) == 2
+    assert value("relay_queue_oldest_message_age_seconds") == pytest.approx(300)
+    await sp.remove(old)
+    sp.update_metrics(now)
+    assert value("relay_queue_oldest_message_age_seconds") == pytest.approx(100)
+    sp.close()
+
+
+async def test_a_write_error_is_a_spool_error_and_leaves_nothing(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "s")
+    sp.recover()
+    os.rmdir(sp.tmp)
+    sp.tmp.write_text("not a directory")        # ENOTDIR on create
+    with pytest.raises(SpoolError) as err:
+        await sp.store(envelope(), DATA)
+    assert not err.value.disk_full
+    assert "cannot create a spool file" in str(err.value) and err.value.hint
+    assert os.listdir(sp.queue) == [] and sp.queue_ids() == []
+    sp.close()
+
+
+async def test_unwritable_spool_root_says_what_to_do(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    sp = Spool(tmp_path / "file" / "spool")
+    with pytest.raises(SpoolError, match="cannot use the spool directory") as err:
+        sp.recover()
+    assert "[relay] spool" in err.value.hint
+
+
+async def test_fsync_off_still_stores(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "s", fsync=False)
+    qid = await sp.store(envelope(), DATA)
+    assert await sp.read_message(qid) == DATA
+    sp.close()
+
+
+def test_lock_is_exclusive_and_visible(tmp_path: Path) -> None:
+    a, b = Spool(tmp_path / "s"), Spool(tmp_path / "s")
+    assert not a.is_locked_by_other()
+    lock = a.lock()
+    assert lock.held and not a.is_locked_by_other() and b.is_locked_by_other()
+    with pytest.raises(SpoolError, match=f"in use by process {os.getpid()}") as err:
+        b.lock()
+    assert "never share a spool" in err.value.hint
+    a.close()
+    assert not b.is_locked_by_other()
+    with b.lock():
+        assert a.is_locked_by_other()
+    assert not a.is_locked_by_other()
+
+
+def test_lock_held_by_another_process_and_freed_when_it_dies(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    code = ("import sys; from pathlib import Path; from relay.spool import Spool; "
+            "s = Spool(Path(sys.argv[1])); s.lock(); print('locked', flush=True); "
+            "sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(root)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"locked\n"
+        sp = Spool(root)
+        assert sp.is_locked_by_other()
+        with pytest.raises(SpoolError, match=f"process {proc.pid}"):
+            sp.lock()
+        with pytest.raises(SpoolError):
+            sp.lock(timeout=0.2)                  # waits a little, then gives up
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not sp.is_locked_by_other()
+    sp.lock()
+    sp.close()
