@@ -74,12 +74,28 @@ def summary(config: Config) -> str:
     return ", ".join(f"{n} {one if n == 1 else many}" for n, one, many in counts)
 
 
+def _check_dkim_keys(path: str, config: Config) -> bool:
+    """Load the DKIM keys the way start-up does (relay.dkim_keys), so check sees bad keys."""
+    from relay.dkim_keys import load_keys
+
+    try:
+        load_keys(config.dkim)
+    except ConfigError as exc:
+        index = next((i for i, d in enumerate(config.dkim) if d.line == exc.line), None)
+        key = f"dkim[{index}].key_file" if index is not None else exc.key
+        print(ConfigError(exc.detail, file=exc.file or path, line=exc.line, key=key,
+                          got=exc.got, expected=exc.expected, hint=exc.hint).explain(),
+              file=sys.stderr)
+        return False
+    return True
+
+
 def check_command(args: argparse.Namespace) -> int:
     path = _path(args)
     config, warnings = _load(path)
     for line in warnings:
         print(f"warning: {line}", file=sys.stderr)
-    if config is None:
+    if config is None or not _check_dkim_keys(path, config):
         return 1
     print(f"{path}: ok ({summary(config)})")
     return 0

@@ -168,7 +168,12 @@ def read_proxy(t: Table) -> ProxyConfig:
     try:
         port = parts.port or (1080 if scheme == "socks5" else 22)
         host = parse_host(parts.hostname or "")
-    except (BadValue, ValueError) as exc:
+    except BadValue as exc:
+        fixed = url.replace(parts.hostname or "", exc.expected.strip('"'), 1)
+        raise t.error("url", exc.what, got=None if parts.password else show(url),
+                      expected=show(fixed) if "comma" in exc.what else exc.expected,
+                      hint=exc.hint) from None
+    except ValueError as exc:
         raise t.error("url", "bad host or port in proxy url",
                       got=None if parts.password else show(url),
                       expected=f'"{scheme}://[user@]host:port"', hint=str(exc)) from None

@@ -75,3 +75,17 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
                          cwd=REPO / "tests", timeout=60, check=False)
     assert bad.returncode == 1
     assert bad.stderr == (REPO / "tests/bad_configs/open_relay.err").read_text()
+
+
+def test_check_loads_dkim_keys_like_start_up(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    key = tmp_path / "example.com.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    key.chmod(0o600)
+    p = tmp_path / "relay.toml"
+    p.write_text(BASE + f'\n[[dkim]]\ndomain = "example.com"\nselector = "s1"\n'
+                 f'key_file = "{key}"\n')
+    assert main(["config", "check", str(p)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{p}:18: dkim[0].key_file: ")
+    assert str(key) in err
