@@ -164,7 +164,11 @@ class Channel(asyncio.Protocol):
 
     async def start_tls(self, context: ssl.SSLContext, *, server_side: bool,
                         server_hostname: str | None = None, timeout: float = 30.0) -> None:
-        """Upgrade to TLS in place. Bytes received before the upgrade are discarded."""
+        """Upgrade to TLS in place. Bytes received before the upgrade are discarded.
+
+        ``loop.start_tls`` swaps the protocol synchronously, so no plaintext byte can land
+        between the clear and the swap; decrypted bytes may arrive before it returns.
+        """
         assert self.transport is not None
         self._buf.clear()
         transport = await self._loop.start_tls(
@@ -173,7 +177,6 @@ class Channel(asyncio.Protocol):
         if transport is None:
             raise ChannelClosed("connection closed during the TLS handshake")
         self.transport = transport
-        self._buf.clear()
 
     def ssl_object(self) -> ssl.SSLObject | None:
         if self.transport is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import ssl
@@ -109,3 +110,10 @@ async def run_proxy(dc: Dovecot, cert: tuple[Path, Path] | None = None, *,
     finally:
         await listener.stop_accepting()
         await listener.wait_closed(5)
+
+
+async def until(cond: Callable[[], bool], *, timeout: float = 10.0) -> None:
+    """Wait (bounded) for loop-side state, e.g. a session count, to reach a condition."""
+    async with asyncio.timeout(timeout):
+        while not cond():  # noqa: ASYNC110 (state changes in callbacks; no event to wait on)
+            await asyncio.sleep(0.02)

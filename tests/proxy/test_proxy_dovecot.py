@@ -15,7 +15,7 @@ import pytest
 
 from relay.config.schema import Secret
 from tests.peers.dovecot import Dovecot
-from tests.proxy.conftest import run_proxy
+from tests.proxy.conftest import run_proxy, until
 
 
 def message(subject: str, body: bytes = b"hello from the relay tests\r\n") -> bytes:
@@ -55,7 +55,7 @@ async def test_imaplib_plain_passthrough_logs_and_counts(dc: Dovecot,
         caps, body = await asyncio.to_thread(client)
         assert b"IDLE" in caps and b"AUTH=PLAIN" not in caps
         assert body == sent
-        await asyncio.wait_for(_until(lambda: r.listener.session_count == 0), 10)
+        await until(lambda: r.listener.session_count == 0)
         assert r.transport.connects == 1
         assert r.metric("relay_proxy_sessions_started_total", {"listener": "imap-in"}) == 1
         assert r.metric("relay_proxy_sessions", {"listener": "imap-in"}) == 0
@@ -68,11 +68,6 @@ async def test_imaplib_plain_passthrough_logs_and_counts(dc: Dovecot,
     assert "user=alice" in lines[0] and "upstream=dovecot" in lines[0]
     assert "end=client_closed" in lines[0] or "end=upstream_closed" in lines[0]
     assert "alice-pw" not in caplog.text
-
-
-async def _until(cond: object, interval: float = 0.02) -> None:
-    while not cond():  # type: ignore[operator]  # noqa: ASYNC110 (a bounded condition poll)
-        await asyncio.sleep(interval)
 
 
 @pytest.mark.parametrize(("tls", "up_tls"), [("starttls", "starttls"),
