@@ -140,3 +140,16 @@ class ProxyUpstreamError(RelayError):
         self.reason = reason
         self.reply = reply
         self.credentials = credentials
+
+
+class ControlError(RelayError):
+    """A queue tool or control-socket command failed.
+
+    ``code`` is a short label a script can test: ``not_found`` (no such queued message),
+    ``bad_request``, ``held`` (retry of a held message), ``unreachable`` (no running relay
+    answers on the control socket), ``internal``.
+    """
+
+    def __init__(self, message: str, *, code: str = "error", hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.code = code
