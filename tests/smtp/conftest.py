@@ -73,11 +73,15 @@ def certs(ca: trustme.CA, tmp_path: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+@pytest.fixture(scope="session")
+def user_hashes() -> dict[str, str]:
+    return {"alice": hash_password(PASSWORD.encode()), "bob": hash_password(b"bobpw")}
+
+
 @pytest.fixture
-def users_file(tmp_path: Path) -> Path:
+def users_file(tmp_path: Path, user_hashes: dict[str, str]) -> Path:
     path = tmp_path / "users"
-    write_users(path, {"alice": hash_password(PASSWORD.encode()),
-                       "bob": hash_password(b"bobpw")})
+    write_users(path, user_hashes)
     return path
 
 
@@ -131,8 +135,9 @@ async def start_relay(certs: tuple[Path, Path], users_file: Path,
 class RawClient:
     """A line-level SMTP client over a plain socket, for bytes smtplib will not send."""
 
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 10.0, source: str | None = None) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.buf = b""
 
     def reply(self) -> str:

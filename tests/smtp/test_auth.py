@@ -1,0 +1,185 @@
+"""AUTH: the users file, 535 at once, throttling then refusal, nothing logged that is secret."""
+
+from __future__ import annotations
+
+import base64
+import os
+import smtplib
+import ssl
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from relay.errors import ConfigError
+from relay.smtp.auth import AuthThrottle, UserDB, hash_password, read_users, write_users
+from relay.smtp.sasl import decode_plain
+from tests.smtp.conftest import PASSWORD, RawClient, Relay, StartRelay, run
+
+
+def plain(user: str, password: str) -> str:
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+def tls_client(relay: Relay) -> RawClient:
+    c = RawClient(relay.port)
+    c.reply()
+    c.cmd("EHLO x")
+    assert c.cmd("STARTTLS").startswith("220 ")
+    ctx = ssl.create_default_context()
+    relay.ca.configure_trust(ctx)
+    c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost")
+    c.cmd("EHLO x")
+    return c
+
+
+async def test_wrong_password_gets_535_at_once_with_smtplib(start_relay: StartRelay) -> None:
+    relay = await start_relay()
+
+    def go() -> tuple[float, int, bytes]:
+        ctx = ssl.create_default_context()
+        relay.ca.configure_trust(ctx)
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as s:
+            s.starttls(context=ctx)
+            start = time.monotonic()
+            try:
+                s.login("alice", "wrong")
+            except smtplib.SMTPAuthenticationError as exc:
+                return time.monotonic() - start, exc.smtp_code, exc.smtp_error
+        raise AssertionError("login succeeded")
+
+    elapsed, code, text = await run(go)
+    assert (code, text) == (535, b"5.7.8 Authentication credentials invalid")
+    assert elapsed < 2.0
+    assert relay.metrics.registry.get_sample_value(
+        "relay_auth_failures_total",
+        {"listener": "platform", "protocol": "smtp"}) == 2   # smtplib tries PLAIN, then LOGIN
+
+
+async def test_repeated_failures_are_slowed_then_refused(start_relay: StartRelay) -> None:
+    relay = await start_relay(auth_fail_limit=4, auth_fail_window=60, auth_base_delay=0.2)
+
+    def go() -> tuple[list[tuple[str, float]], str, str, str]:
+        c = tls_client(relay)
+        timed = []
+        for _ in range(3):
+            start = time.monotonic()
+            timed.append((c.cmd(f"AUTH PLAIN {plain('alice', 'nope')}"),
+                          time.monotonic() - start))
+        fourth = c.cmd(f"AUTH PLAIN {plain('alice', 'nope')}")
+        assert c.closed()
+        c.close()
+        # a new connection from the same address: refused AUTH, even with the right password
+        c2 = tls_client(relay)
+        blocked = c2.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}")
+        mail = c2.cmd("MAIL FROM:<a@example.com>")
+        c2.close()
+        return timed, fourth, blocked, mail
+
+    timed, fourth, blocked, mail = await run(go)
+    assert [r for r, _ in timed] == ["535 5.7.8 Authentication credentials invalid"] * 3
+    assert timed[0][1] < 0.15                   # first failure: at once
+    assert timed[1][1] >= 0.2 and timed[2][1] >= 0.4   # then growing delays
+    assert fourth == "421 4.7.0 Too many failed authentications; closing connection"
+    assert blocked == "454 4.7.0 Too many failed authentications; try again later"
+    assert mail == "530 5.7.0 Authentication required"
+    log = "\n".join(relay.maillog_records)
+    assert "nope" not in log and PASSWORD not in log and plain("alice", "nope") not in log
+    assert "reason=auth_failed" in log and "user=alice" in log
+
+
+async def test_auth_exchange_errors(start_relay: StartRelay) -> None:
+    relay = await start_relay()
+
+    def go() -> list[str]:
+        c = tls_client(relay)
+        out = [c.cmd("AUTH CRAM-MD5"), c.cmd("AUTH PLAIN"), c.cmd("*"),
+               c.cmd("AUTH PLAIN !!!notbase64"), c.cmd("AUTH LOGIN"), c.cmd("*"),
+               c.cmd("AUTH PLAIN " + base64.b64encode(b"admin\0alice\0" +
+                                                       PASSWORD.encode()).decode()),
+               c.cmd("AUTH PLAIN " + plain("nobody", PASSWORD)),
+               c.cmd("AUTH PLAIN " + base64.b64encode(b"alice\0alice\0" +
+                                                       PASSWORD.encode()).decode())]
+        c.close()
+        return out
+
+    out = await run(go)
+    assert out[0] == "504 5.5.4 Unrecognized authentication type"
+    assert out[1] == "334 " and out[2] == "501 5.7.0 Authentication aborted"
+    assert out[3] == "501 5.5.2 Cannot decode base64 response"
+    assert out[4] == "334 VXNlcm5hbWU6" and out[5] == "501 5.7.0 Authentication aborted"
+    assert out[6] == "535 5.7.8 Authentication credentials invalid"   # authzid != user
+    assert out[7] == "535 5.7.8 Authentication credentials invalid"   # unknown user
+    assert out[8] == "235 2.7.0 Authentication successful"
+
+
+async def test_users_file_change_is_picked_up(start_relay: StartRelay, users_file: Path) -> None:
+    relay = await start_relay()
+    users = read_users(users_file)
+    users["carol"] = hash_password("pässwörd".encode())
+    await run(write_users, users_file, users)
+
+    def go() -> str:
+        c = tls_client(relay)
+        r = c.cmd("AUTH PLAIN " + base64.b64encode("\0carol\0pässwörd".encode()).decode())
+        c.close()
+        return r
+
+    assert await run(go) == "235 2.7.0 Authentication successful"
+
+
+def test_users_file_format_and_mode(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    write_users(path, {"u1": hash_password(b"pw", n=2**4)})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    db = UserDB.load(path)
+    assert db.names() == ["u1"]
+    assert db.verify_sync("u1", b"pw") and not db.verify_sync("u1", b"pW")
+    assert not db.verify_sync("ghost", b"pw")
+    line = path.read_text().strip()
+    assert line.startswith("u1:$scrypt$n=16,r=8,p=1$")
+    os.chmod(path, 0o644)
+    with pytest.raises(ConfigError, match="readable or writable by every user"):
+        UserDB.load(path)
+    os.chmod(path, 0o600)
+    path.write_text("# comment\n\nu1:$scrypt$bad\n")
+    with pytest.raises(ConfigError, match=r"users:3: user 'u1': not a \$scrypt\$ hash"):
+        UserDB.load(path)
+    path.write_text("no colon here\n")
+    with pytest.raises(ConfigError, match=r"users:1: not a NAME:HASH line"):
+        UserDB.load(path)
+
+
+@pytest.mark.parametrize(("data", "result"), [
+    (b"\0user\0pw", ("user", b"pw")),
+    (b"user\0user\0pw", ("user", b"pw")),
+    (b"\0user\0", ("user", b"")),
+    (b"other\0user\0pw", None),
+    (b"user\0pw", None),
+    (b"\0\0pw", None),
+    (b"\0a\0b\0c", None),
+])
+def test_decode_plain_table(data: bytes, result: tuple[str, bytes] | None) -> None:
+    if result is None:
+        with pytest.raises(ValueError):
+            decode_plain(data)
+    else:
+        assert decode_plain(data) == result
+
+
+def test_throttle_schedule_and_expiry() -> None:
+    now = [0.0]
+    t = AuthThrottle(limit=4, window=100, base_delay=1, max_delay=3, clock=lambda: now[0])
+    assert t.failure("1.2.3.4") == (0.0, False)
+    assert t.failure("1.2.3.4") == (1.0, False)
+    assert t.failure("1.2.3.4") == (2.0, False)
+    assert t.failure("5.6.7.8") == (0.0, False)
+    assert t.failure("1.2.3.4") == (0.0, True)
+    assert t.blocked("1.2.3.4") and not t.blocked("5.6.7.8")
+    now[0] = 101.0
+    assert not t.blocked("1.2.3.4")
+    # failures outside the window are forgotten; success clears
+    assert t.failure("5.6.7.8") == (0.0, False)
+    t.success("5.6.7.8")
+    assert t.failure("5.6.7.8") == (0.0, False)
