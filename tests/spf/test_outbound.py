@@ -1,0 +1,128 @@
+"""`relay spf check` and the start-up warning, against dnsmasq."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.checks.spf_outbound import provider_include, warn_failing_domains
+from relay.cli import main
+from relay.config import load_config
+from relay.config.schema import HostPort
+from relay.dns import Resolver
+from tests.peers.dnsmasq import Zone, dnsmasq, silent_dns
+
+MSFT = "spf.protection.outlook.com"
+
+
+@pytest.fixture
+def dns(tmp_path: Path) -> Iterator[HostPort]:
+    zone = Zone(domains=["customer.test", "nomsft.test", "toomany.test", "outlook.com",
+                         "nospf.test"], txt={
+        "customer.test": f"v=spf1 ip4:192.0.2.0/24 include:{MSFT} -all",
+        MSFT: "v=spf1 ip4:40.92.0.0/15 ip4:40.107.0.0/16 -all",
+        "nomsft.test": "v=spf1 ip4:192.0.2.0/24 -all",
+        "toomany.test": "v=spf1 " + " ".join(f"a:h{i}.toomany.test" for i in range(11))
+                        + " -all",
+    }, a={f"h{i}.toomany.test": ["192.0.2.200"] for i in range(11)})
+    with dnsmasq(tmp_path, zone) as hp:
+        yield hp
+
+
+def config(tmp: Path, dns: HostPort) -> Path:
+    conf = tmp / "relay.toml"
+    conf.write_text(
+        f'[relay]\nhostname = "relay.test"\nspool = "{tmp / "spool"}"\n'
+        f'dns_servers = ["{dns.host}:{dns.port}"]\ndns_timeout = "2s"\n'
+        f'default_upstream = "outbox"\n\n'
+        f'[[listener]]\nname = "local"\nprotocol = "smtp"\nlisten = "127.0.0.1:2525"\n'
+        f'auth = "none"\nallow = ["127.0.0.0/8"]\n\n'
+        f'[[upstream]]\nname = "o365"\nprotocol = "smtp"\nhost = "smtp.office365.com"\n'
+        f'port = 587\n\n'
+        f'[[upstream]]\nname = "outbox"\nprotocol = "outbox"\npath = "{tmp / "out"}"\n\n'
+        f'[[route]]\nsender_domain = "customer.test"\nupstream = "o365"\n\n'
+        f'[[route]]\nsender_domain = "nomsft.test"\nupstream = "o365"\n')
+    return conf
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = main(["spf", "check", *argv])
+    cap = capsys.readouterr()
+    return code, cap.out + cap.err
+
+
+def test_provider_include() -> None:
+    assert provider_include("smtp.office365.com") == (MSFT, "Microsoft 365 / Exchange Online")
+    assert provider_include("outlook.office365.com.")[0] == MSFT  # type: ignore[index]
+    assert provider_include("smtp-mail.outlook.com")[0] == MSFT  # type: ignore[index]
+    assert provider_include("smtp.gmail.com")[0] == "_spf.google.com"  # type: ignore[index]
+    assert provider_include("mail.example.com") is None
+    assert provider_include("notoffice365.com") is None
+
+
+def test_upstream_provider_included(tmp_path: Path, dns: HostPort,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run(capsys, "customer.test", "--upstream", "o365", "-c",
+                    str(config(tmp_path, dns)))
+    assert code == 0, out
+    assert f"include:{MSFT} present" in out
+    assert "lookups:  1 of 10" in out
+    assert "result:   ok" in out
+
+
+def test_upstream_provider_missing(tmp_path: Path, dns: HostPort,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run(capsys, "nomsft.test", "--upstream", "o365", "-c",
+                    str(config(tmp_path, dns)))
+    assert code == 1, out
+    assert f"include:{MSFT} MISSING" in out
+    assert "mail would get spf=fail" in out
+
+
+def test_ips(dns: HostPort, capsys: pytest.CaptureFixture[str]) -> None:
+    d = f"{dns.host}:{dns.port}"
+    code, out = run(capsys, "nomsft.test", "--ip", "192.0.2.7", "--dns", d)
+    assert code == 0 and "ip 192.0.2.7: spf=pass" in out
+    code, out = run(capsys, "customer.test", "--ip", "40.92.1.1", "--ip", "198.51.100.9",
+                    "--dns", d)
+    assert code == 1
+    assert "ip 40.92.1.1: spf=pass" in out and "ip 198.51.100.9: spf=fail" in out
+
+
+def test_too_many_lookups(dns: HostPort, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run(capsys, "toomany.test", "--dns", f"{dns.host}:{dns.port}")
+    assert code == 1
+    assert "lookups:  11 of 10  OVER THE LIMIT" in out
+    assert "permerror" in out
+
+
+def test_no_record_is_a_warning(dns: HostPort, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run(capsys, "nospf.test", "--dns", f"{dns.host}:{dns.port}")
+    assert code == 0 and "publishes no SPF record" in out
+
+
+def test_comma_written_address_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run(capsys, "customer.test", "--ip", "69,169,235,170")
+    assert code == 1
+    assert "'69,169,235,170' is not an IP address" in out and "69.169.235.170" in out
+
+
+def test_dns_timeout_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with silent_dns() as hp:
+        code, out = run(capsys, "customer.test", "--dns", f"{hp.host}:{hp.port}",
+                        "--dns-timeout", "0.5")
+    assert code == 2, out
+    assert "could not check" in out
+
+
+async def test_startup_warning_per_failing_domain(tmp_path: Path, dns: HostPort,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    cfg = load_config(config(tmp_path, dns))
+    with caplog.at_level(logging.WARNING, logger="relay.spf"):
+        failing = await warn_failing_domains(cfg, Resolver.from_config(cfg.relay))
+    assert [p.domain for p in failing] == ["nomsft.test"]
+    assert "SPF for sender domain nomsft.test via upstream o365 would fail" in caplog.text
+    assert "customer.test" not in caplog.text
