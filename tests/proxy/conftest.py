@@ -35,7 +35,8 @@ def dc() -> Iterator[Dovecot]:
 def relay_cert(dc: Dovecot, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A certificate for relay's listeners, signed by the same test CA as Dovecot's."""
     d = tmp_path_factory.mktemp("relaycert")
-    issued = dc.ca.issue_cert("localhost", "127.0.0.1")
+    # fetchmail checks the subject CN, not only the subjectAltName
+    issued = dc.ca.issue_cert("localhost", "127.0.0.1", common_name="localhost")
     cert, key = d / "cert.pem", d / "key.pem"
     issued.private_key_and_cert_chain_pem.write_to_path(str(cert))
     issued.private_key_pem.write_to_path(str(key))
