@@ -19,6 +19,8 @@ ALLOW = (ipaddress.ip_network("127.0.0.0/8"),)
 async def test_connection_limits_total_and_per_client(start_relay: StartRelay) -> None:
     relay = await start_relay(allow=ALLOW, max_connections=3, max_connections_per_client=2)
 
+    keep: list[RawClient] = []
+
     def go() -> list[str]:
         a = RawClient(relay.port, source="127.0.0.1")
         b = RawClient(relay.port, source="127.0.0.1")
@@ -33,6 +35,7 @@ async def test_connection_limits_total_and_per_client(start_relay: StartRelay) -
         assert e.closed()
         a.cmd("QUIT")
         a.close()
+        keep.extend((b, d))
         return out
 
     out = await run(go)
@@ -47,6 +50,9 @@ async def test_connection_limits_total_and_per_client(start_relay: StartRelay) -
             "relay_smtp_sessions", {"listener": "platform"})
 
     await run(lambda: wait_until(lambda: gauge() == 2, timeout=5))  # b, d open; a quit
+    for client in keep:
+        client.close()
+    await run(lambda: wait_until(lambda: gauge() == 0, timeout=5))
 
 
 async def test_command_timeout(start_relay: StartRelay) -> None:
