@@ -195,11 +195,11 @@ class RecordingUpstream:
         self._protocols.append(proto)
         return proto
 
-    async def start(self) -> int:
+    async def start(self, port: int = 0) -> int:
         loop = asyncio.get_running_loop()
         self._cond = asyncio.Condition()
-        self._server = await loop.create_server(self._factory, "127.0.0.1", 0,
-                                                ssl=self.implicit_tls)
+        self._server = await loop.create_server(self._factory, "127.0.0.1", port,
+                                                ssl=self.implicit_tls, reuse_address=True)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 

@@ -1,0 +1,344 @@
+"""The scheduler: delivers due messages, caps concurrency per upstream, backs off, gives up.
+
+New messages (the spool's listener callback) are attempted at once; failed ones wait
+``first * 2**(n-1)`` seconds (capped at ``max``, +/- ``jitter``), never past the
+message's lifetime, after which the remaining recipients are bounced. After each
+attempt the state is saved atomically, or the message removed when every recipient is
+delivered or bounced. A message whose upstream is at its concurrency cap waits in a
+FIFO for a free slot instead of holding a task. Held messages are never attempted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import heapq
+import itertools
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from relay.bounce import Bouncer, Failure
+from relay.config.schema import RetryConfig
+from relay.delivery import Deliverer, RcptResult
+from relay.errors import DeliveryError, RelayError
+from relay.maillog import MailLog
+from relay.metrics import Metrics
+from relay.routing import Router
+from relay.spool.records import Envelope, QueuedMessage, RcptStatus
+
+log = logging.getLogger("relay.scheduler")
+
+
+class SpoolSeam(Protocol):
+    """What the scheduler needs of ``relay.spool.Spool``."""
+
+    async def read_message(self, queue_id: str) -> bytes: ...
+    async def save_state(self, msg: QueuedMessage) -> None: ...
+    async def remove(self, queue_id: str) -> None: ...
+    async def store(self, envelope: Envelope, data: bytes) -> str: ...
+    def load(self, queue_id: str) -> QueuedMessage: ...
+
+
+def backoff(retry: RetryConfig, attempts: int, rng: Callable[[], float] = random.random) -> float:
+    """Seconds to wait after the ``attempts``-th failed attempt (1-based), with jitter."""
+    base = min(retry.first * float(2 ** max(0, min(attempts - 1, 40))), retry.max)
+    return max(0.0, base * (1.0 + retry.jitter * (2.0 * rng() - 1.0)))
+
+
+class Scheduler:
+    """Owns the delivery schedule; only the app creates it (see CONTRIBUTING.md seams)."""
+
+    def __init__(self, *, spool: SpoolSeam, router: Router, deliverer: Deliverer,
+                 retry: RetryConfig, maillog: MailLog, bouncer: Bouncer,
+                 metrics: Metrics | None = None, clock: Callable[[], float] = time.time,
+                 rng: Callable[[], float] = random.random) -> None:
+        self._spool = spool
+        self._router, self._deliverer, self._retry = router, deliverer, retry
+        self._maillog, self._bouncer, self._metrics = maillog, bouncer, metrics
+        self._clock, self._rng = clock, rng
+        self._msgs: dict[str, QueuedMessage] = {}       # scheduled (not held, not forgotten)
+        self._due: dict[str, float] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._busy: collections.Counter[str] = collections.Counter()
+        self._parked: dict[str, collections.deque[str]] = {}
+        self._reload_after: set[str] = set()
+        self._wake = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._side: set[asyncio.Task[None]] = set()
+
+    # ---- the seam ----------------------------------------------------------------------
+
+    async def start(self, recovered: list[QueuedMessage]) -> None:
+        """Schedule the recovered queue and start the dispatch loop."""
+        for msg in recovered:
+            self._schedule(msg, msg.state.next_attempt)
+        self._runner = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
+
+    def enqueue(self, msg: QueuedMessage) -> None:
+        """Spool listener callback: a new message, due now."""
+        self._schedule(msg, 0.0)
+
+    def reschedule(self, queue_id: str) -> None:
+        """Re-read the state from the spool (after retry/release) and schedule it."""
+        if queue_id in self._inflight:
+            self._reload_after.add(queue_id)
+            return
+        self._spawn(self._reload(queue_id))
+
+    def forget(self, queue_id: str) -> None:
+        """Drop from the schedule (hold/delete); an attempt in flight still finishes."""
+        self._msgs.pop(queue_id, None)
+        self._due.pop(queue_id, None)
+        self._reload_after.discard(queue_id)
+
+    def in_flight(self, queue_id: str) -> bool:
+        return queue_id in self._inflight
+
+    async def wait_idle(self, queue_id: str) -> None:
+        task = self._inflight.get(queue_id)
+        if task is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(task)
+
+    async def stop(self, *, grace: float) -> None:
+        """Start no new attempts; let current ones finish for ``grace`` s, then cancel."""
+        self._stopping = True
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        tasks = list(self._inflight.values()) + list(self._side)
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("stopping: %d delivery attempt(s) cancelled after %.0f s grace; "
+                            "they are retried after restart", len(pending), grace)
+                await asyncio.wait(pending)
+
+    def reconfigure(self, *, router: Router, deliverer: Deliverer, retry: RetryConfig) -> None:
+        """New attempts use these; attempts in flight finish with the old ones."""
+        self._router, self._deliverer, self._retry = router, deliverer, retry
+        self._wake.set()
+
+    # ---- scheduling ------------------------------------------------------------------------
+
+    def scheduled(self) -> dict[str, float]:
+        """Queue id -> due time of every scheduled message (for tests and queue tools)."""
+        return dict(self._due)
+
+    def _schedule(self, msg: QueuedMessage, due: float) -> None:
+        if msg.state.held or self._stopping:
+            self.forget(msg.queue_id)
+            return
+        self._msgs[msg.queue_id] = msg
+        self._due[msg.queue_id] = due
+        heapq.heappush(self._heap, (due, next(self._seq), msg.queue_id))
+        self._wake.set()
+
+    async def _reload(self, queue_id: str) -> None:
+        try:
+            msg = await asyncio.to_thread(self._spool.load, queue_id)
+        except KeyError:
+            self.forget(queue_id)
+            return
+        except RelayError as exc:
+            log.error("%s: cannot reload state: %s", queue_id, exc)
+            return
+        self._schedule(msg, msg.state.next_attempt)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._side.add(task)
+        task.add_done_callback(self._side.discard)
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            now = self._clock()
+            while self._heap and self._heap[0][0] <= now:
+                due, _, qid = heapq.heappop(self._heap)
+                if self._due.get(qid) == due and qid not in self._inflight:
+                    self._dispatch(qid)
+            timeout = min(self._heap[0][0] - now, 60.0) if self._heap else 60.0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(timeout, 0.0)):
+                    await self._wake.wait()
+
+    def _dispatch(self, qid: str) -> None:
+        msg = self._msgs.get(qid)
+        if msg is None:
+            return
+        pending = [r.address for r in msg.state.recipients if r.status is RcptStatus.PENDING]
+        groups: dict[str, list[str]] = {}
+        unrouted: dict[str, RcptResult] = {}
+        for rcpt in pending:
+            try:
+                groups.setdefault(self._router.route(msg.envelope, rcpt), []).append(rcpt)
+            except DeliveryError as exc:
+                unrouted[rcpt] = RcptResult(0, str(exc), False, exc.reason)
+        deliverer = self._deliverer
+        for upstream in groups:
+            if self._busy[upstream] >= deliverer.concurrency(upstream):
+                self._parked.setdefault(upstream, collections.deque()).append(qid)
+                self._due.pop(qid, None)
+                return
+        for upstream in groups:
+            self._busy[upstream] += 1
+        self._due.pop(qid, None)
+        task = asyncio.get_running_loop().create_task(
+            self._attempt(msg, groups, unrouted, deliverer), name=f"deliver {qid}")
+        self._inflight[qid] = task
+        task.add_done_callback(functools.partial(self._attempt_done, qid))
+
+    def _release(self, upstream: str) -> None:
+        self._busy[upstream] -= 1
+        if self._busy[upstream] <= 0:
+            del self._busy[upstream]
+        parked = self._parked.get(upstream)
+        while parked:
+            qid = parked.popleft()
+            msg = self._msgs.get(qid)
+            if msg is not None and qid not in self._due and qid not in self._inflight:
+                self._schedule(msg, 0.0)
+                break
+        if parked is not None and not parked:
+            del self._parked[upstream]
+
+    def _attempt_done(self, qid: str, task: asyncio.Task[None]) -> None:
+        self._inflight.pop(qid, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: delivery attempt failed unexpectedly", qid,
+                      exc_info=task.exception())
+        if qid in self._reload_after:
+            self._reload_after.discard(qid)
+            if not self._stopping:
+                self._spawn(self._reload(qid))
+
+    # ---- one attempt -------------------------------------------------------------------------
+
+    async def _attempt(self, msg: QueuedMessage, groups: dict[str, list[str]],
+                       unrouted: dict[str, RcptResult], deliverer: Deliverer) -> None:
+        qid = msg.queue_id
+        released: set[str] = set()
+        try:
+            try:
+                data = await self._spool.read_message(qid)
+            except KeyError:
+                self.forget(qid)
+                return
+
+            async def one(upstream: str, rcpts: list[str]) -> dict[str, RcptResult]:
+                try:
+                    return await deliverer.deliver(upstream, msg, data, rcpts)
+                finally:
+                    released.add(upstream)
+                    self._release(upstream)
+
+            outcomes = await asyncio.gather(*(one(u, r) for u, r in groups.items()))
+            results: dict[str, tuple[str, RcptResult]] = {
+                r: ("", res) for r, res in unrouted.items()}
+            for upstream, outcome in zip(groups, outcomes, strict=True):
+                results.update({r: (upstream, res) for r, res in outcome.items()})
+            await self._apply(msg, data, results, deliverer)
+        finally:
+            for upstream in groups:
+                if upstream not in released:
+                    self._release(upstream)
+
+    async def _apply(self, msg: QueuedMessage, data: bytes,
+                     results: dict[str, tuple[str, RcptResult]], deliverer: Deliverer) -> None:
+        qid, state, now = msg.queue_id, msg.state, self._clock()
+        delay = f"{max(0.0, now - msg.envelope.received_at):.2f}"
+        failures: list[tuple[Failure, str]] = []
+        last_error = ""
+        for rcpt in state.recipients:
+            if rcpt.address not in results:
+                continue
+            upstream, res = results[rcpt.address]
+            rcpt.attempts += 1
+            rcpt.last_reply = res.reply
+            if res.ok:
+                rcpt.status = RcptStatus.DELIVERED
+                self._maillog.delivered(qid, to=f"<{rcpt.address}>", upstream=upstream,
+                                        delay=delay, reply=res.reply)
+                self._count("delivered", upstream, res)
+            elif res.permanent:
+                failures.append((Failure(rcpt.address, res.reply, res.remote), upstream))
+            else:
+                last_error = res.reply
+                self._maillog.deferred(qid, to=f"<{rcpt.address}>", upstream=upstream or None,
+                                       delay=delay, reply=res.reply)
+                self._count("deferred", upstream, res)
+        state.attempts += 1
+        state.last_attempt = now
+        state.upstream = ",".join(sorted({u for u, _ in results.values() if u}))
+        if last_error:
+            state.last_error = last_error
+        retry = self._retry
+        expired = now - msg.envelope.received_at >= retry.lifetime
+        if expired:
+            for rcpt in state.recipients:
+                if rcpt.status is RcptStatus.PENDING and rcpt.address in results:
+                    reason = rcpt.last_reply or "no delivery attempt succeeded"
+                    failures.append((Failure(rcpt.address, f"{reason} (gave up after "
+                                             f"{retry.lifetime / 3600:.0f} h in the queue)",
+                                             expired=True), results[rcpt.address][0]))
+        if failures:
+            await self._bounce(msg, data, failures)
+        if any(r.status is RcptStatus.PENDING for r in state.recipients):
+            due = now + backoff(retry, state.attempts, self._rng)
+            due = min(due, max(msg.envelope.received_at + retry.lifetime, now + 1.0))
+            state.next_attempt = due
+            try:
+                await self._spool.save_state(msg)
+            except KeyError:        # deleted while we were delivering
+                self.forget(qid)
+                return
+            except RelayError as exc:
+                log.error("%s: cannot save delivery state: %s (hint: %s)", qid, exc, exc.hint)
+            if qid in self._msgs and not self._stopping:
+                self._schedule(msg, due)
+        else:
+            self.forget(qid)
+            with contextlib.suppress(KeyError):
+                await self._spool.remove(qid)
+
+    async def _bounce(self, msg: QueuedMessage, data: bytes,
+                      failures: list[tuple[Failure, str]]) -> None:
+        qid = msg.queue_id
+        try:
+            dsn_id = await self._bouncer.bounce(msg, [f for f, _ in failures], data)
+        except RelayError as exc:
+            # Keep them pending: the DSN is tried again at the next attempt.
+            log.error("%s: cannot queue the bounce: %s (hint: %s)", qid, exc, exc.hint)
+            return
+        by_addr = {r.address: r for r in msg.state.recipients}
+        for failure, upstream in failures:
+            rcpt = by_addr[failure.recipient]
+            rcpt.status = RcptStatus.BOUNCED
+            rcpt.last_reply = failure.reply
+            self._maillog.bounced(qid, to=f"<{failure.recipient}>", upstream=upstream or None,
+                                  status=failure.status, reply=failure.reply,
+                                  dsn=dsn_id or "none (bounce of a bounce)")
+            if self._metrics is not None:
+                first = failure.reply[:1]
+                cls = ("expired" if failure.expired else f"{first}xx" if first.isdigit()
+                       else "local")
+                self._metrics.messages_bounced.labels(upstream or "none", cls).inc()
+
+    def _count(self, verdict: str, upstream: str, res: RcptResult) -> None:
+        if self._metrics is None:
+            return
+        counter = (self._metrics.messages_delivered if verdict == "delivered"
+                   else self._metrics.messages_deferred)
+        counter.labels(upstream or "none", res.reply_class).inc()

@@ -1,0 +1,299 @@
+"""The scheduler end to end: real spool, real SMTP peers (recording upstream and smtp-sink)."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from relay.config.schema import RetryConfig
+from relay.delivery import Deliverer
+from relay.scheduler import backoff
+from relay.spool import RcptStatus
+from tests.delivery.helpers import BODY, deliverer, upstream
+from tests.fakes.recording_upstream import RecordingUpstream
+from tests.peers import free_port, running, wait_for_port
+from tests.scheduler.rig import FAST, Rig, sink_argv, until
+
+
+@pytest.fixture
+async def peers() -> AsyncIterator[list[RecordingUpstream]]:
+    started: list[RecordingUpstream] = []
+    yield started
+    for p in started:
+        await p.stop()
+
+
+@pytest.fixture
+async def rigs() -> AsyncIterator[list[Rig]]:
+    made: list[Rig] = []
+    yield made
+    for r in made:
+        await r.stop()
+
+
+async def peer(peers: list[RecordingUpstream], port: int = 0, **kw: object) -> RecordingUpstream:
+    p = RecordingUpstream(**kw)  # type: ignore[arg-type]
+    await p.start(port)
+    peers.append(p)
+    return p
+
+
+async def rig(rigs: list[Rig], tmp_path: Path, *ups: object, **kw: object) -> Rig:
+    r = Rig(tmp_path, *ups, **kw)  # type: ignore[arg-type]
+    rigs.append(r)
+    await r.start()
+    return r
+
+
+def dsn_parts(data: bytes) -> dict[str, str]:
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    out: dict[str, str] = {}
+    for part in msg.get_payload():
+        ctype = part.get_content_type()
+        if ctype == "message/delivery-status":
+            out[ctype] = "\n".join(str(block) for block in part.get_payload())
+        else:
+            out[ctype] = part.get_payload(decode=False)
+    return out
+
+
+async def test_backoff_doubles_to_max_with_jitter() -> None:
+    retry = RetryConfig(first=60, max=1800, jitter=0.2)
+    assert [backoff(retry, n, lambda: 0.5) for n in (1, 2, 3, 5, 6, 40)] == [
+        60, 120, 240, 960, 1800, 1800]
+    assert backoff(retry, 1, lambda: 0.0) == pytest.approx(48)
+    assert backoff(retry, 1, lambda: 1.0) == pytest.approx(72)
+
+
+@pytest.fixture
+def sink_dump() -> Iterator[Path]:
+    """A dump folder smtp-sink can write as nobody (pytest's tmp_path is root-only)."""
+    dump = Path(tempfile.mkdtemp(prefix="relay-sink-"))
+    dump.chmod(0o777)
+    yield dump
+    shutil.rmtree(dump, ignore_errors=True)
+
+
+def dumped(dump: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(dump.iterdir()))
+
+
+async def test_new_message_delivered_through_smtp_sink(rigs: list[Rig], tmp_path: Path,
+                                                       sink_dump: Path) -> None:
+    port, dump = free_port(), sink_dump
+    argv = sink_argv(port, "-c", "-d", f"{dump}/%M.")
+    with running(argv, log=tmp_path / "sink.log") as proc:
+        wait_for_port("127.0.0.1", port, proc=proc, log=tmp_path / "sink.log")
+        r = await rig(rigs, tmp_path, upstream(port))
+        started = time.monotonic()
+        qid = await r.send(BODY)
+        await r.drained()
+        assert time.monotonic() - started < 5          # at once, not after a retry delay
+        await until(lambda: dumped(dump))
+    assert b"Subject: hello" in dumped(dump) and b"bob@example.net" in dumped(dump)
+    [line] = r.lines("delivered")
+    assert line.startswith(f"{qid}: delivered to=<bob@example.net> upstream=up delay=")
+    assert 'reply="250 2.0.0 Ok' in line
+
+
+async def test_4xx_then_2xx_is_delivered_once(rigs: list[Rig], peers: list[RecordingUpstream],
+                                              tmp_path: Path) -> None:
+    p = await peer(peers, script={"DATA": ["451 4.3.0 try again later"]})
+    r = await rig(rigs, tmp_path, upstream(p.port))
+    qid = await r.send(BODY)
+    await r.drained()
+    assert len(p.received) == 1 and p.received[0].data == BODY
+    assert [line.split()[1] for line in r.log] == ["deferred", "delivered"]
+    assert r.lines("deferred")[0].startswith(f"{qid}: deferred to=<bob@example.net>")
+    assert 'reply="451 4.3.0 try again later"' in r.lines("deferred")[0]
+
+
+async def test_5xx_bounces_to_sender_and_the_bounce_is_delivered(
+        rigs: list[Rig], peers: list[RecordingUpstream], tmp_path: Path) -> None:
+    reply = "550 5.1.1 <gone@example.net>: Recipient address rejected: User unknown"
+    p = await peer(peers, rcpt_script={"gone@example.net": [reply]})
+    r = await rig(rigs, tmp_path, upstream(p.port))
+    qid = await r.send(BODY, rcpts=("ok@example.net", "gone@example.net"))
+    await until(lambda: len(p.received) == 2)
+    await r.drained()
+    original, dsn = p.received
+    assert original.rcpt_tos == ["ok@example.net"]
+    assert dsn.mail_from == "<>" and dsn.rcpt_tos == ["alice@example.com"]  # aiosmtpd's null
+    assert b"MAIL FROM:<> SIZE=" in b"".join(p.raw)
+    parts = dsn_parts(dsn.data)
+    assert "Final-Recipient: rfc822; gone@example.net" in parts["message/delivery-status"]
+    assert "Status: 5.1.1" in parts["message/delivery-status"]
+    assert f"Diagnostic-Code: smtp; {reply}" in parts["message/delivery-status"]
+    assert "Remote-MTA: dns; 127.0.0.1" in parts["message/delivery-status"]
+    assert "Subject: hello" in parts["text/rfc822-headers"]
+    assert "Hi Bob" not in dsn.data.decode()              # headers only, never the body
+    assert reply in parts["text/plain"]
+    [bounced] = r.lines("bounced")
+    assert bounced.startswith(f"{qid}: bounced to=<gone@example.net> upstream=up status=5.1.1")
+    assert b"Auto-Submitted: auto-replied" in dsn.data
+
+
+async def test_a_bounce_is_never_bounced(rigs: list[Rig], tmp_path: Path) -> None:
+    """Against smtp-sink refusing every RCPT: the DSN fails too, and is dropped."""
+    port = free_port()
+    argv = sink_argv(port, "-f", "RCPT")
+    with running(argv, log=tmp_path / "sink.log") as proc:
+        wait_for_port("127.0.0.1", port, proc=proc, log=tmp_path / "sink.log")
+        r = await rig(rigs, tmp_path, upstream(port))
+        qid = await r.send(BODY)
+        await until(lambda: len(r.lines("bounced")) == 2)
+        await r.drained()
+    first, second = r.lines("bounced")
+    assert first.startswith(f"{qid}: bounced to=<bob@example.net>")
+    dsn_id = first.split("dsn=")[1]
+    assert second.startswith(f"{dsn_id}: bounced to=<alice@example.com>")
+    assert 'dsn="none (bounce of a bounce)"' in second
+    assert r.spool.queue_ids() == []
+
+
+async def test_lifetime_exceeded_bounces(rigs: list[Rig], peers: list[RecordingUpstream],
+                                         tmp_path: Path) -> None:
+    p = await peer(peers, rcpt_script={"bob@example.net": ["451 4.4.3 remote busy"] * 200})
+    retry = RetryConfig(first=0.05, max=0.1, jitter=0.0, lifetime=0.4)
+    r = await rig(rigs, tmp_path, upstream(p.port), retry=retry)
+    qid = await r.send(BODY)
+    await until(lambda: len(p.received) == 1)
+    await r.drained()
+    [bounced] = r.lines("bounced")
+    assert bounced.startswith(f"{qid}: bounced to=<bob@example.net> upstream=up status=4.4.3")
+    assert "gave up after" in bounced and "451 4.4.3 remote busy" in bounced
+    assert len(r.lines("deferred")) >= 2
+    parts = dsn_parts(p.received[0].data)
+    assert "Action: failed" in parts["message/delivery-status"]
+    assert "queue lifetime" in parts["text/plain"]
+
+
+async def test_upstream_down_then_up(rigs: list[Rig], peers: list[RecordingUpstream],
+                                     tmp_path: Path) -> None:
+    port = free_port()
+    r = await rig(rigs, tmp_path, upstream(port),
+                  retry=RetryConfig(first=0.2, max=0.2, jitter=0.0))
+    qid = await r.send(BODY)
+    await until(lambda: r.spool.load(qid).state.attempts >= 1)   # deferred, state saved
+    assert "connect to 127.0.0.1" in r.lines("deferred")[0]
+    state = r.spool.load(qid).state
+    assert state.recipients[0].status is RcptStatus.PENDING and state.attempts >= 1
+    assert "failed" in state.recipients[0].last_reply
+    p = await peer(peers, port)
+    await r.drained()
+    assert len(p.received) == 1
+    assert r.lines("bounced") == []
+
+
+async def test_concurrency_cap_per_upstream(rigs: list[Rig], peers: list[RecordingUpstream],
+                                            tmp_path: Path) -> None:
+    p = await peer(peers, delays={"DATA": 0.05})
+    r = await rig(rigs, tmp_path, upstream(p.port, max_connections=2))
+    for i in range(10):
+        await r.send(BODY, rcpts=(f"r{i}@example.net",))
+    await r.drained()
+    assert len(p.received) == 10
+    assert p.max_open == 2
+    assert p.connections == 2                               # and the sessions were reused
+
+
+async def test_held_messages_are_skipped_after_restart(rigs: list[Rig],
+                                                       peers: list[RecordingUpstream],
+                                                       tmp_path: Path) -> None:
+    p = await peer(peers)
+    first = Rig(tmp_path, upstream(p.port))
+    first.spool.recover()
+    held_id = await first.send(BODY, rcpts=("held@example.net",))
+    msg = first.spool.load(held_id)
+    msg.state.held = True
+    await first.spool.save_state(msg)
+    await first.send(BODY, rcpts=("free@example.net",))
+    first.spool.close()
+    r = await rig(rigs, tmp_path, upstream(p.port))         # recovers both
+    await until(lambda: len(p.received) == 1)
+    await until(lambda: len(r.spool.queue_ids()) == 1)
+    assert r.spool.queue_ids() == [held_id]
+    assert p.received[0].rcpt_tos == ["free@example.net"]
+    assert held_id not in r.scheduler.scheduled()
+    # release: the queue tool clears the flag and asks for a reschedule
+    msg = r.spool.load(held_id)
+    msg.state.held = False
+    msg.state.next_attempt = 0.0
+    await r.spool.save_state(msg)
+    r.scheduler.reschedule(held_id)
+    await r.drained()
+    assert len(p.received) == 2
+
+
+async def test_stop_waits_for_attempts_in_flight(rigs: list[Rig],
+                                                 peers: list[RecordingUpstream],
+                                                 tmp_path: Path) -> None:
+    p = await peer(peers, delays={"DATA": 0.5})
+    r = Rig(tmp_path, upstream(p.port))
+    await r.start()
+    qid = await r.send(BODY)
+    await until(lambda: r.scheduler.in_flight(qid))
+    await r.scheduler.stop(grace=10.0)
+    assert not r.scheduler.in_flight(qid)
+    assert len(p.received) == 1 and r.spool.queue_ids() == []
+    await r.deliverer.close()
+    r.spool.close()
+
+
+async def test_reconfigure_moves_new_attempts(rigs: list[Rig], peers: list[RecordingUpstream],
+                                              tmp_path: Path) -> None:
+    old, new = await peer(peers), await peer(peers)
+    r = await rig(rigs, tmp_path, upstream(old.port))
+    await r.send(BODY)
+    await r.drained()
+    fresh: Deliverer = deliverer(upstream(new.port), metrics=r.metrics)
+    r.scheduler.reconfigure(router=r.router, deliverer=fresh, retry=FAST)
+    await r.deliverer.close()
+    r.deliverer = fresh
+    await r.send(BODY)
+    await r.drained()
+    assert len(old.received) == 1 and len(new.received) == 1
+
+
+async def test_slow_delivery_against_smtp_sink(rigs: list[Rig], tmp_path: Path) -> None:
+    port = free_port()
+    argv = sink_argv(port, "-W", "DATA:1")
+    with running(argv, log=tmp_path / "sink.log") as proc:
+        wait_for_port("127.0.0.1", port, proc=proc, log=tmp_path / "sink.log")
+        r = await rig(rigs, tmp_path, upstream(port, name="office365"),
+                      default="office365", slow_threshold=0.5)
+        await r.send(BODY)
+        await r.drained()
+    value = r.metrics.registry.get_sample_value(
+        "relay_slow_deliveries_total", {"upstream": "office365", "stage": "data"})
+    assert value == 1
+
+
+async def test_outbox_upstream_end_to_end(rigs: list[Rig], tmp_path: Path) -> None:
+    out = tmp_path / "outbox"
+    ob = replace(upstream(0, name="outbox", protocol="outbox"), path=out)
+    r = await rig(rigs, tmp_path, ob, default="outbox")
+    qid = await r.send(BODY)
+    await r.drained()
+    assert (out / f"{qid}.eml").read_bytes().endswith(BODY)
+    assert "upstream=outbox" in r.lines("delivered")[0]
+
+
+async def test_unrouted_recipients_stay_queued(rigs: list[Rig], peers: list[RecordingUpstream],
+                                               tmp_path: Path) -> None:
+    p = await peer(peers)
+    r = await rig(rigs, tmp_path, upstream(p.port), default=None)
+    qid = await r.send(BODY)
+    await until(lambda: r.lines("deferred"))
+    assert "no route" in r.lines("deferred")[0]
+    assert r.spool.queue_ids() == [qid] and p.connections == 0
