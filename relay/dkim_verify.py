@@ -7,6 +7,7 @@ extra package). Used by ``relay dkim verify`` and for inbound Authentication-Res
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
@@ -25,7 +26,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 from relay.dkim import parse
 from relay.errors import DnsError
 
-Result = Literal["pass", "fail", "neutral", "temperror", "permerror"]
+Result = Literal["pass", "fail", "neutral", "none", "temperror", "permerror"]
 TxtLookup = Callable[[str], list[bytes]]
 MIN_RSA_BITS = 1024
 
@@ -145,3 +146,28 @@ def _verify_one(headers: list[list[bytes]], body: bytes, sig_header: tuple[bytes
     except InvalidSignature:
         return res("fail", "signature does not verify (headers changed?)")
     return res("pass")
+
+
+async def verify_async(data: bytes, *, lookup: TxtLookup) -> list[VerifyResult]:
+    return await asyncio.to_thread(verify, data, lookup=lookup)
+
+
+def authentication_results(results: list[VerifyResult], authserv_id: str,
+                           linesep: bytes = b"\r\n") -> bytes:
+    """``Authentication-Results:`` (RFC 8601) with one ``dkim=`` clause per signature."""
+    clauses = []
+    for r in results or [VerifyResult("", "", "", "none")]:
+        if r.result == "none":
+            clauses.append("dkim=none")
+            continue
+        reason = f' reason="{_quoted(r.reason)}"' if r.reason else ""
+        clauses.append(f"dkim={r.result}{reason} header.d={r.domain or 'unknown'} "
+                       f"header.s={r.selector or 'unknown'} header.a={r.algorithm or 'unknown'}")
+    sep = linesep.decode()
+    text = f"Authentication-Results: {authserv_id};{sep}\t" + f";{sep}\t".join(clauses) + sep
+    return text.encode("ascii", "replace")
+
+
+def _quoted(text: str) -> str:
+    clean = "".join(c if c.isprintable() and c.isascii() else "?" for c in text)[:200]
+    return clean.replace("\\", "\\\\").replace('"', '\\"')

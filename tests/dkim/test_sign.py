@@ -189,3 +189,16 @@ def test_relay_verifier_dns_timeout_is_temperror(keyset: KeySet) -> None:
         [r] = verify(signed, lookup=res.txt)
     assert r.result == "temperror"
     assert "timed out" in r.reason
+
+
+async def test_inbound_authentication_results(keyset: KeySet, resolver: Resolver) -> None:
+    from relay.dkim_verify import authentication_results, verify_async
+
+    signed = signer(keyset.rsa, keyset.ed).sign(MESSAGE, sender_domain="example.com")
+    results = await verify_async(signed.replace(b"parcel", b"refund"), lookup=resolver.txt)
+    header = authentication_results(results, "relay.example.org").decode()
+    assert header.startswith("Authentication-Results: relay.example.org;\r\n\t")
+    assert header.count('dkim=fail reason="body hash mismatch" header.d=example.com') == 2
+    assert header.endswith("header.a=ed25519-sha256\r\n")
+    none = authentication_results([], "r").decode()
+    assert none == "Authentication-Results: r;\r\n\tdkim=none\r\n"
