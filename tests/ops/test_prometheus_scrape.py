@@ -1,16 +1,25 @@
-"""A real Prometheus server scrapes the metrics endpoint; its HTTP API shows relay's series."""
+"""A real Prometheus scrapes the metrics endpoint: relay's series, alert rules and dashboard.
+
+Prometheus runs with deploy/prometheus/relay-rules.yml loaded; every query of
+deploy/grafana/relay-dashboard.json is run against it and must return data.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
 from relay.config.schema import HostPort
 from relay.metrics import Metrics
 from relay.metrics_server import MetricsServer
-from tests.peers.prometheus import prometheus_server
+from tests.ops.deploy_support import DEPLOY
+from tests.peers.prometheus import Prometheus, prometheus_server
+
+RULES = DEPLOY / "prometheus" / "relay-rules.yml"
+DASHBOARD = DEPLOY / "grafana" / "relay-dashboard.json"
 
 
 def _up(targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -25,7 +34,8 @@ async def test_prometheus_scrapes_relay(metrics: Metrics, tmp_path: Path) -> Non
         with contextlib.ExitStack() as stack:
             # Prometheus is started and polled from threads: the loop keeps serving scrapes.
             prom = await asyncio.to_thread(
-                stack.enter_context, prometheus_server(tmp_path / "prom", [target]))
+                stack.enter_context,
+                prometheus_server(tmp_path / "prom", [target], rule_files=[RULES]))
             up = await asyncio.to_thread(prom.wait_for, "target up",
                                          lambda: _up(prom.targets()))
             assert up[0]["labels"]["instance"] == target
@@ -57,6 +67,17 @@ async def test_prometheus_scrapes_relay(metrics: Metrics, tmp_path: Path) -> Non
             created = await asyncio.to_thread(prom.query, '{__name__=~"relay_.*_created"}')
             assert created == []
 
+            await asyncio.to_thread(check_dashboard_and_rules, prom)
+
+            # A protected-header violation fires its alert at the next evaluation.
+            metrics.protected_header_violations.inc()
+            firing = await asyncio.to_thread(
+                prom.wait_for, "RelayProtectedHeaderViolation firing",
+                lambda: [a for a in prom.api("alerts")["alerts"]
+                         if a["labels"]["alertname"] == "RelayProtectedHeaderViolation"
+                         and a["state"] == "firing"])
+            assert firing[0]["labels"]["instance"] == target
+
             # A value changed in relay shows up at the next scrape.
             metrics.upstream_failures.labels("office365", "connect_timeout").inc(7)
             await asyncio.to_thread(
@@ -69,3 +90,36 @@ async def test_prometheus_scrapes_relay(metrics: Metrics, tmp_path: Path) -> Non
             await asyncio.to_thread(
                 prom.wait_for, "target down",
                 lambda: [t for t in prom.targets() if t["health"] == "down"])
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, expr) with Grafana's variables replaced as Grafana would."""
+    doc = json.loads(DASHBOARD.read_text())
+    out = []
+    for panel in doc["panels"]:
+        for t in panel.get("targets", []):
+            expr = (t["expr"].replace("$__rate_interval", "30s").replace("$job", "relay")
+                    .replace("$instance", ".*").replace("$upstream", ".*"))
+            out.append((panel["title"], expr))
+    return out
+
+
+def check_dashboard_and_rules(prom: Prometheus) -> None:
+    """Every dashboard query returns data; every alert rule evaluates without error."""
+    prom.wait_for("3 scrapes in 30s", lambda: prom.query(
+        "count_over_time(relay_build_info[30s]) >= 3"))
+    for title, expr in dashboard_queries():
+        assert prom.query(expr), f"dashboard panel {title!r} has no data: {expr}"
+
+    def evaluated() -> list[dict[str, Any]]:
+        rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
+        done = all(r["lastEvaluation"] > "1970" and not r["lastEvaluation"].startswith("0001")
+                   for r in rules)
+        return rules if rules and done else []
+
+    rules = prom.wait_for("rules evaluated", evaluated)
+    bad = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
+    assert not bad, bad
+    assert len(rules) == RULES.read_text().count("- alert:")
+    # A healthy relay: nothing pending or firing.
+    assert prom.api("alerts")["alerts"] == []
