@@ -176,10 +176,11 @@ class MessageFile:
             raise FormatError("envelope is truncated")
         self.envelope = decode_envelope(raw)
 
-    def read_data(self) -> bytes:
-        data = os.pread(self.fd, self.data_len, self.data_offset)
-        while len(data) < self.data_len:    # pread may return short for very large reads
-            more = os.pread(self.fd, self.data_len - len(data), self.data_offset + len(data))
+    def read_data(self, limit: int | None = None) -> bytes:
+        want = self.data_len if limit is None else min(limit, self.data_len)
+        data = os.pread(self.fd, want, self.data_offset)
+        while len(data) < want:             # pread may return short for very large reads
+            more = os.pread(self.fd, want - len(data), self.data_offset + len(data))
             if not more:
                 raise FormatError("message data is truncated")
             data += more
@@ -191,6 +192,13 @@ class MessageFile:
 def fresh_state(envelope: Envelope) -> QueueState:
     """The state a message has before its first attempt: everyone pending, due now."""
     return QueueState(recipients=[Recipient(address=a) for a in envelope.recipients])
+
+
+def state_name(state: QueueState, now: float) -> str:
+    """The queue state shown by tools and metrics: held, deferred (due later) or active."""
+    if state.held:
+        return "held"
+    return "deferred" if state.next_attempt > now else "active"
 
 
 def encode_state(state: QueueState) -> bytes:

@@ -291,12 +291,15 @@ class Spool:
 
     # --- the read path -----------------------------------------------------------------------
 
-    async def read_message(self, queue_id: str) -> bytes:
-        """The raw message bytes. KeyError if not queued, SpoolError if damaged."""
-        self._check_id(queue_id)
-        return await asyncio.to_thread(self._read_data, queue_id)
+    async def read_message(self, queue_id: str, *, limit: int | None = None) -> bytes:
+        """The raw message bytes (the first ``limit`` of them if given).
 
-    def _read_data(self, queue_id: str) -> bytes:
+        KeyError if not queued, SpoolError if damaged.
+        """
+        self._check_id(queue_id)
+        return await asyncio.to_thread(self._read_data, queue_id, limit)
+
+    def _read_data(self, queue_id: str, limit: int | None) -> bytes:
         try:
             fd = os.open(self.queue / queue_id, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -304,7 +307,7 @@ class Spool:
         except OSError as exc:
             raise self._error(f"open {queue_id}", exc) from exc
         try:
-            return MessageFile(fd).read_data()
+            return MessageFile(fd).read_data(limit)
         except FormatError as exc:
             raise SpoolError(f"queue file {queue_id} is damaged: {exc}",
                              hint="restart relay to move it to corrupt/, then inspect it "
@@ -338,7 +341,7 @@ class Spool:
         """Messages by state (held; deferred: next attempt in the future; else active)."""
         current = time.time() if now is None else now
         counts = {"active": 0, "deferred": 0, "held": 0}
-        for e in self._index.values():
+        for e in self._index.values():      # the same rule as layout.state_name
             state = "held" if e.held else "deferred" if e.next_attempt > current else "active"
             counts[state] += 1
         oldest = min((e.received_at for e in self._index.values()), default=None)
