@@ -374,3 +374,26 @@ async def test_outbox_writes_files(tmp_path: Path) -> None:
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["QOUT1.eml", outbox_name("QOUT1", ["b@example.net"],
                                                       msg.envelope.recipients)])
+
+
+async def test_mail_options_follow_the_envelope(started: list[RecordingUpstream]) -> None:
+    peer = await start(started)
+    d = deliverer(upstream(peer.port))
+    msg = message(sender="ünï@example.com", smtputf8=True, body_8bitmime=True)
+    v = (await d.deliver("up", msg, BODY, ["bob@example.net"]))["bob@example.net"]
+    assert v.ok, v
+    assert peer.mail_options[0][1:] == ["BODY=8BITMIME", "SMTPUTF8"]
+    assert peer.mail_options[0][0] == f"SIZE={len(BODY)}"
+    assert "MAIL FROM:<ünï@example.com>".encode() in bytes(peer.raw[0])
+    await d.close()
+
+
+async def test_message_over_the_providers_size_bounces_without_sending(
+        started: list[RecordingUpstream]) -> None:
+    peer = await start(started, size_limit=100)
+    d = deliverer(upstream(peer.port))
+    v = (await d.deliver("up", message(), BODY + b"x" * 100 + b"\r\n",
+                         ["bob@example.net"]))["bob@example.net"]
+    assert v.permanent and v.reply.startswith("552 5.3.4") and "100" in v.reply
+    assert b"MAIL" not in bytes(peer.raw[0])
+    await d.close()

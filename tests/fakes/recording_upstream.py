@@ -126,13 +126,15 @@ class RecordingUpstream:
                  implicit_tls: ssl.SSLContext | None = None,
                  users: dict[str, str] | None = None,
                  tokens: dict[str, str] | None = None,
-                 auth_required: bool = False, hostname: str = "upstream.test") -> None:
+                 auth_required: bool = False, hostname: str = "upstream.test",
+                 size_limit: int = 33554432) -> None:
         self.script = {k: list(v) for k, v in (script or {}).items()}
         self.rcpt_script = {k: list(v) for k, v in (rcpt_script or {}).items()}
         self.delays = dict(delays or {})
         self.starttls, self.implicit_tls = starttls, implicit_tls
         self.users, self.tokens = users or {}, tokens or {}
         self.auth_required, self.hostname = auth_required, hostname
+        self.size_limit = size_limit
         self.received: list[Received] = []
         self.raw: list[bytearray] = []
         self.mail_options: list[list[str]] = []
@@ -185,6 +187,7 @@ class RecordingUpstream:
     def _factory(self) -> _RecordingSMTP:
         self.raw.append(bytearray())
         kw: dict[str, Any] = {"hostname": self.hostname, "decode_data": False,
+                              "data_size_limit": self.size_limit,
                               "enable_SMTPUTF8": True, "auth_required": self.auth_required,
                               "auth_require_tls": False, "authenticator": self._authenticate}
         if self.starttls is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config.schema import RetryConfig
+from relay.config.schema import RetryConfig, RouteConfig
 from relay.delivery import Deliverer
 from relay.scheduler import backoff
 from relay.spool import RcptStatus
@@ -297,3 +297,36 @@ async def test_unrouted_recipients_stay_queued(rigs: list[Rig], peers: list[Reco
     await until(lambda: r.lines("deferred"))
     assert "no route" in r.lines("deferred")[0]
     assert r.spool.queue_ids() == [qid] and p.connections == 0
+
+
+async def test_retry_sends_only_the_pending_recipients(rigs: list[Rig],
+                                                       peers: list[RecordingUpstream],
+                                                       tmp_path: Path) -> None:
+    p = await peer(peers, rcpt_script={"later@example.net": ["450 4.2.1 mailbox busy"]})
+    r = await rig(rigs, tmp_path, upstream(p.port))
+    qid = await r.send(BODY, rcpts=("now@example.net", "later@example.net"))
+    await r.drained()
+    assert [m.rcpt_tos for m in p.received] == [["now@example.net"], ["later@example.net"]]
+    assert [line.split()[1:3] for line in r.log] == [
+        ["delivered", "to=<now@example.net>"], ["deferred", "to=<later@example.net>"],
+        ["delivered", "to=<later@example.net>"]]
+    assert all(line.startswith(qid) for line in r.log)
+
+
+async def test_recipients_split_across_upstreams(rigs: list[Rig],
+                                                 peers: list[RecordingUpstream],
+                                                 tmp_path: Path) -> None:
+    a, b = await peer(peers), await peer(peers, rcpt_script={"x@partner.org": ["451 4.3.0 no"]})
+    routes = (RouteConfig(upstream="partner", recipient_domain="partner.org"),)
+    r = await rig(rigs, tmp_path, upstream(a.port), upstream(b.port, name="partner"),
+                  routes=routes, retry=RetryConfig(first=30, max=30, jitter=0.0))
+    qid = await r.send(BODY, rcpts=("bob@example.net", "x@partner.org"))
+    await until(lambda: r.spool.load(qid).state.attempts == 1)
+    state = r.spool.load(qid).state
+    assert [(x.address, x.status) for x in state.recipients] == [
+        ("bob@example.net", RcptStatus.DELIVERED), ("x@partner.org", RcptStatus.PENDING)]
+    assert state.upstream == "partner,up" and state.last_error == "451 4.3.0 no"
+    assert 25 < state.next_attempt - time.time() <= 30         # backoff, not a busy loop
+    assert r.scheduler.scheduled()[qid] == state.next_attempt
+    assert [m.rcpt_tos for m in a.received] == [["bob@example.net"]]
+    assert b.received == []

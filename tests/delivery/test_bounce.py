@@ -1,0 +1,99 @@
+"""RFC 3464 DSNs: structure, status codes, headers only, never a bounce of a bounce."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import time
+
+import pytest
+
+from relay.bounce import Bouncer, Failure, build_dsn, headers_of, is_bounce
+from relay.spool.records import Envelope
+from tests.delivery.helpers import BODY, message
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.stored: list[tuple[Envelope, bytes]] = []
+
+    async def store(self, envelope: Envelope, data: bytes) -> str:
+        self.stored.append((envelope, data))
+        return f"DSN{len(self.stored)}"
+
+
+@pytest.mark.parametrize(("reply", "expired", "status"), [
+    ("550 5.1.1 <x@example.net>: user unknown", False, "5.1.1"),
+    ("554 5.7.1 rejected", False, "5.7.1"),
+    ("550 no enhanced code here", False, "5.0.0"),
+    ("451 4.4.3 remote busy", True, "4.4.3"),
+    ("connect to smtp.example.net:587 failed", True, "4.4.7"),
+    ("554 5.6.0 bare CR", False, "5.6.0"),
+])
+def test_status_codes(reply: str, expired: bool, status: str) -> None:
+    assert Failure("x@example.net", reply, expired=expired).status == status
+
+
+def test_dsn_structure() -> None:
+    msg = message("QID1", rcpts=("gone@example.net", "ok@example.net"))
+    dsn = build_dsn(msg=msg, failures=[Failure("gone@example.net", "550 5.1.1 no\r\nsuch user",
+                                               "smtp.example.net")],
+                    data=BODY, hostname="relay.test", bounce_from="MAILER-DAEMON@relay.test")
+    assert b"\n" not in dsn.replace(b"\r\n", b"")            # CRLF only, no bare LF/CR
+    parsed = email.message_from_bytes(dsn, policy=email.policy.default)
+    assert parsed["To"].addresses[0].addr_spec == "alice@example.com"
+    assert parsed["Auto-Submitted"] == "auto-replied"
+    assert parsed.get_content_type() == "multipart/report"
+    text, status, headers = parsed.iter_parts()
+    assert text.get_content_type() == "text/plain"
+    assert status.get_content_type() == "message/delivery-status"
+    assert headers.get_content_type() == "text/rfc822-headers"
+    raw = dsn.decode()
+    assert "Reporting-MTA: dns; relay.test" in raw
+    assert "X-Relay-Queue-ID: QID1" in raw
+    assert "Final-Recipient: rfc822; gone@example.net" in raw
+    assert "Remote-MTA: dns; smtp.example.net" in raw
+    assert "Diagnostic-Code: smtp; 550 5.1.1 no such user" in raw   # folded to one line
+    assert "ok@example.net" not in raw
+    assert "Subject: hello" in raw and "Hi Bob" not in raw
+
+
+def test_headers_of_is_bounded_and_stops_at_blank_line() -> None:
+    assert headers_of(BODY).endswith(b"Message-ID: <m1@example.com>\r\n")
+    huge = b"X-Big: " + b"a" * 70000 + b"\r\nSubject: s\r\n\r\nbody"
+    assert len(headers_of(huge)) <= 64 * 1024
+
+
+def test_is_bounce() -> None:
+    now = time.time()
+    plain = Envelope(sender="a@example.com", recipients=("b@x.net",), received_at=now)
+    assert not is_bounce(plain, BODY)
+    assert is_bounce(Envelope(sender="", recipients=("b@x.net",), received_at=now), BODY)
+    assert is_bounce(Envelope(sender="a@example.com", recipients=("b@x.net",),
+                              received_at=now, dsn_of="Q1"), BODY)
+    report = (b"From: x@example.com\r\nContent-Type: multipart/report;\r\n"
+              b" report-type=delivery-status; boundary=b\r\n\r\n--b--\r\n")
+    assert is_bounce(plain, report)
+
+
+async def test_bouncer_queues_to_sender_once() -> None:
+    store = _Store()
+    bouncer = Bouncer(spool=store, hostname="relay.test")
+    msg = message("QID2", smtputf8=False)
+    dsn_id = await bouncer.bounce(msg, [Failure("bob@example.net", "550 5.1.1 gone")], BODY)
+    assert dsn_id == "DSN1"
+    env, data = store.stored[0]
+    assert env.sender == "" and env.recipients == ("alice@example.com",)
+    assert env.dsn_of == "QID2"
+    assert b"From: Mail Delivery System <MAILER-DAEMON@relay.test>" in data
+    # the DSN itself failing: nothing more is queued
+    dsn_msg = message("DSN1", sender="", rcpts=("alice@example.com",), dsn_of="QID2")
+    assert await bouncer.bounce(dsn_msg, [Failure("alice@example.com", "550 no")], data) is None
+    assert len(store.stored) == 1
+
+
+def test_eight_bit_headers_are_marked() -> None:
+    body = "Subject: Grüße\r\n\r\nx\r\n".encode()
+    dsn = build_dsn(msg=message(), failures=[Failure("bob@example.net", "550 5.1.1 x")],
+                    data=body, hostname="relay.test", bounce_from="m@relay.test")
+    assert b"Content-Transfer-Encoding: 8bit" in dsn and "Grüße".encode() in dsn

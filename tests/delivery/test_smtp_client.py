@@ -1,0 +1,71 @@
+"""Session set-up against Postfix's smtp-sink: greeting refusals are deferrals, never bounces."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from relay.smtp_client import has_bare_cr_or_lf, xoauth2_string
+from tests.delivery.helpers import BODY, deliverer, message, upstream
+from tests.peers import free_port, running, wait_for_port
+from tests.scheduler.rig import sink_argv
+
+
+@pytest.mark.parametrize(("user", "token", "raw"), [
+    ("cc@example.com", "ya29.a0AfH6", "user=cc@example.com\x01auth=Bearer ya29.a0AfH6\x01\x01"),
+    ("ü@example.com", "t", "user=ü@example.com\x01auth=Bearer t\x01\x01"),
+])
+def test_xoauth2_string(user: str, token: str, raw: str) -> None:
+    assert base64.b64decode(xoauth2_string(user, token)).decode() == raw
+
+
+@pytest.mark.parametrize(("user", "token"), [
+    ("cc@example.com\x01auth=Bearer evil", "t"), ("cc@example.com\r\n", "t"), ("", "t"),
+    ("cc@example.com", ""), ("cc@example.com", "tok\x01en"), ("cc@example.com", "a b"),
+])
+def test_xoauth2_refuses_control_characters(user: str, token: str) -> None:
+    with pytest.raises(ValueError):
+        xoauth2_string(user, token)
+
+
+@pytest.mark.parametrize(("data", "bare"), [
+    (b"a\r\nb\r\n", False), (b"a\rb\r\n", True), (b"a\nb\r\n", True), (b"a\r\n\n", True),
+    (b"a\r\n.\r\n", False), (b"a\r", True), (b"", False),
+])
+def test_bare_cr_lf(data: bytes, bare: bool) -> None:
+    assert has_bare_cr_or_lf(data) is bare
+
+
+@pytest.mark.parametrize(("options", "reason", "code"), [
+    (("-r", "CONNECT"), "greeting_refused", 4),
+    (("-f", "CONNECT"), "greeting_refused", 5),     # 5xx greeting: still a deferral
+    (("-Q", "EHLO"), "ehlo_refused", 4),             # 421 and hang up
+    (("-q", "EHLO"), "disconnected", 0),             # hang up without a word
+    (("-q", "MAIL"), "disconnected", 0),
+    (("-r", "EHLO,HELO"), "ehlo_refused", 4),
+])
+async def test_session_refusals_defer(tmp_path: Path, options: tuple[str, ...],
+                                      reason: str, code: int) -> None:
+    port = free_port()
+    log = tmp_path / "sink.log"
+    with running(sink_argv(port, *options), log=log) as proc:
+        wait_for_port("127.0.0.1", port, proc=proc, log=log)
+        d = deliverer(upstream(port))
+        v = (await d.deliver("up", message(), BODY, ["b@example.net"]))["b@example.net"]
+        await d.close()
+    assert not v.ok and not v.permanent and v.reason == reason, v
+    if code:
+        assert v.reply.startswith(str(code)), v
+
+
+async def test_smtp_sink_rcpt_and_data_faults(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "sink.log"
+    with running(sink_argv(port, "-r", "."), log=log) as proc:
+        wait_for_port("127.0.0.1", port, proc=proc, log=log)
+        d = deliverer(upstream(port))
+        v = (await d.deliver("up", message(), BODY, ["b@example.net"]))["b@example.net"]
+        await d.close()
+    assert not v.ok and not v.permanent and v.reply.startswith("4")
