@@ -157,7 +157,9 @@ class Locator:
         t = self._text
         for quote in ('"""', "'''"):
             if self._peek(3) == quote:
-                end = t.index(quote, self._pos + 3)
+                end = self._pos + 3
+                while t[end:end + 3] != quote:
+                    end += 2 if quote == '"""' and t[end] == "\\" else 1
                 while t[end + 3:end + 4] == quote[0]:   # up to two quotes may close it
                     end += 1
                 self._pos = end + 3

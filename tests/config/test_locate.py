@@ -125,3 +125,51 @@ def test_multiline_string_with_quotes_at_end() -> None:
     doc = 'a = """x""""\nb = 2\n'
     assert tomllib.loads(doc)["a"] == 'x"'
     assert Locator(doc).exact(("b",)) == 2
+
+
+TRICKY = r'''
+[ relay . retry ]          # 2
+"a.b" = 1                  # 3
+'c:\dir\' = 'C:\path\'     # 4
+m = """one \""" still
+inside"""                  # 6
+n = 1_000                  # 7
+when = 1979-05-27 07:32:00Z  # 8
+f = inf                    # 9
+empty = {}                 # 10
+arr = [ { x = [1, {y = 2}] }, # 11
+  "], [not.a.table", ]     # 12
+[[ listener ]]             # 13
+name = "x" # trailing     # 14
+'''
+
+TRICKY_CASES = [
+    (("relay", "retry"), 2), (("relay", "retry", "a.b"), 3), (("relay", "retry", "c:\\dir\\"), 4),
+    (("relay", "retry", "m"), 5), (("relay", "retry", "n"), 7), (("relay", "retry", "when"), 8),
+    (("relay", "retry", "f"), 9), (("relay", "retry", "empty"), 10),
+    (("relay", "retry", "arr", 0, "x", 1, "y"), 11), (("relay", "retry", "arr", 1), 12),
+    (("listener", 0), 13), (("listener", 0, "name"), 14),
+]
+
+
+@pytest.mark.parametrize(("path", "line"), TRICKY_CASES)
+def test_tricky_lexemes(path: tuple[str | int, ...], line: int) -> None:
+    data = tomllib.loads(TRICKY)
+    assert data["relay"]["retry"]["m"] == 'one """ still\ninside'
+    assert Locator(TRICKY).exact(path) == line
+
+
+def test_every_shipped_and_fixture_file_scans() -> None:
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    files = [*root.glob("conf/*.toml"), *root.glob("tests/bad_configs/*.toml")]
+    assert len(files) > 40
+    for f in files:
+        text = f.read_text()
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError:
+            continue
+        loc = Locator(text)
+        for key in data:
+            assert loc.exact((key,)) is not None, (f, key)
