@@ -7,6 +7,7 @@ names from config, reply classes, classified reasons, stages. Never addresses or
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Iterable, Mapping
 
@@ -32,7 +33,8 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.build_info = Info("relay_build", "Build information.", registry=r)
-        self.build_info.info({"version": __version__})
+        self.build_info.info({"version": __version__,
+                              "python": platform.python_version()})
 
         # --- SMTP in
         self.messages_received = Counter(
