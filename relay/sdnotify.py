@@ -10,6 +10,7 @@ fail.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -107,6 +108,19 @@ class SystemdNotifier:
     def watchdog(self) -> bool:
         """Keep-alive ping for ``WatchdogSec=``; send it from the event loop, never a thread."""
         return self.notify(WATCHDOG=1)
+
+    async def watchdog_loop(self) -> None:
+        """Ping ``WatchdogSec=`` forever from the event loop (returns at once if unset).
+
+        The app runs it as a task: a blocked loop stops the pings and systemd restarts
+        relay. Cancel the task when stopping.
+        """
+        interval = self.watchdog_interval
+        if interval is None:
+            return
+        while True:
+            self.watchdog()
+            await asyncio.sleep(interval)
 
     def close(self) -> None:
         if self._sock is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -89,3 +91,22 @@ def test_watchdog(receiver: tuple[str, socket.socket]) -> None:
     assert fields(sock) == {"WATCHDOG": "1"}
     other = SystemdNotifier.from_environ({**env, "WATCHDOG_PID": "1"})
     assert other.watchdog_interval is None                  # meant for another process
+
+
+async def test_watchdog_loop_pings_until_cancelled(
+        receiver: tuple[str, socket.socket]) -> None:
+    path, sock = receiver
+    sock.setblocking(False)
+    n = SystemdNotifier.from_environ({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "40000"})
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(n.watchdog_loop())
+    try:
+        for _ in range(3):
+            data = await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
+            assert data == b"WATCHDOG=1"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    # Without WatchdogSec the loop returns at once.
+    await asyncio.wait_for(SystemdNotifier(path).watchdog_loop(), 1)
