@@ -52,8 +52,10 @@ class CertInfo:
     not_after: dt.datetime
 
     def describe(self) -> str:
-        names = ", ".join(self.names) or "none"
-        return (f"CN={self.subject_cn or '-'} (names: {names}), issued by {self.issuer}, "
+        names = ", ".join(self.names) or "no subjectAltName"
+        cn = f"CN={self.subject_cn}, " if self.subject_cn and \
+            self.subject_cn not in self.names else ""
+        return (f"a certificate for {cn}{names}, issued by {self.issuer}, "
                 f"valid until {self.not_after:%Y-%m-%d}")
 
 
@@ -100,11 +102,9 @@ def classify_tls_error(exc: BaseException, expected_name: str,
         detail = exc.verify_message or str(exc)
         if code == 62 or "hostname mismatch" in detail.lower() or "ip address mismatch" in \
                 detail.lower():
-            shown = ", ".join(info.names) if info and info.names else \
-                (info.subject_cn if info else "unknown")
+            shown = f"; the server presented {info.describe()}" if info else ""
             return TransportError(
-                f"TLS certificate does not match: expected {expected_name}, "
-                f"certificate names {shown}{presented}",
+                f"TLS certificate does not match: expected {expected_name}{shown}",
                 reason="tls_certificate",
                 hint="connect with the name the provider's certificate carries (upstream "
                      "host, or tls_server_name when connecting by IP or through a tunnel); "

@@ -1,0 +1,162 @@
+"""The steps of a ``relay check`` walk: records, the transport steps, text and JSON output."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import socket
+import ssl
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from relay.errors import RelayError, TransportError
+from relay.transports.factory import connect_timed
+from relay.transports.tls import CertInfo, cert_info
+
+
+@dataclass
+class Step:
+    step: str                      # proxy, socks5, ssh, channel, tcp, tls, greeting, ...
+    ok: bool | None                # None: skipped
+    seconds: float | None
+    detail: str
+    hint: str = ""
+    reason: str = ""
+
+
+@dataclass
+class Report:
+    """Everything ``relay check`` found out about one upstream."""
+
+    upstream: str
+    protocol: str
+    target: str                    # host:port
+    via: str                       # proxy name or "direct"
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok is not False for s in self.steps)
+
+    @property
+    def reason(self) -> str:
+        return next((s.reason or s.step for s in self.steps if s.ok is False), "")
+
+    def passed(self, step: str, seconds: float | None, detail: str) -> None:
+        self.steps.append(Step(step, True, seconds, detail))
+
+    def skipped(self, step: str, detail: str) -> None:
+        self.steps.append(Step(step, None, None, detail))
+
+    def failed(self, step: str, seconds: float | None, error: RelayError | str, *,
+               reason: str = "", hint: str = "") -> None:
+        if isinstance(error, RelayError):
+            hint = hint or error.hint
+            reason = reason or getattr(error, "reason", "") or getattr(error, "error", "")
+        self.steps.append(Step(step, False, seconds, str(error), hint, reason))
+
+
+class Clock:
+    """Times one step: ``with Clock() as c: ...`` then ``c.seconds``."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.seconds = 0.0
+
+    def __enter__(self) -> Clock:
+        self.started = time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.monotonic() - self.started
+
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
+
+_SOCKS_OUTER = {"proxy_unreachable"}
+_SSH_INNER = {"ssh_channel_refused"}
+
+
+async def transport_steps(report: Report, transport: Any, kind: str, host: str, port: int,
+                          *, timeout: float) -> socket.socket | None:
+    """Connect through ``transport`` (kind: direct, socks5, ssh), one step per phase."""
+    started = time.monotonic()
+    try:
+        sock, timings = await connect_timed(transport, host, port, timeout=timeout)
+    except TransportError as exc:
+        elapsed = time.monotonic() - started
+        if kind == "socks5":
+            step = "proxy" if exc.reason in _SOCKS_OUTER else "socks5"
+        elif kind == "ssh":
+            step = "channel" if exc.reason in _SSH_INNER else "ssh"
+        else:
+            step = "tcp"
+        report.failed(step, elapsed, exc)
+        return None
+    name = report.via
+    if "proxy_connect" in timings:
+        report.passed("proxy", timings["proxy_connect"], f"SOCKS5 proxy {name} reached")
+        report.passed("socks5", timings["proxy_handshake"],
+                      f"proxy {name} authenticated us and connected to {host}:{port}")
+    elif "ssh_connect" in timings:
+        reused = timings["ssh_connect"] < 0.001
+        report.passed("ssh", timings["ssh_connect"],
+                      f"SSH bastion {name}: " + ("connection reused" if reused else
+                                                 "host key verified, key accepted"))
+        report.passed("channel", timings["ssh_channel"], f"channel to {host}:{port} open")
+    else:
+        report.passed("tcp", time.monotonic() - started, f"connected to {host}:{port}")
+    return sock
+
+
+def tls_detail(version: str, info: CertInfo | None) -> str:
+    if info is None:
+        return f"{version}, no certificate (verification off)"
+    left = (info.not_after - dt.datetime.now(dt.UTC)).days
+    warn = f" (EXPIRES IN {left} DAYS)" if left < 21 else ""
+    label = f"CN={info.subject_cn}" if info.subject_cn else \
+        f"for {', '.join(info.names[:3]) or 'no names'}"
+    return f"{version}, certificate {label} valid until {info.not_after:%Y-%m-%d}{warn}"
+
+
+def ssl_object_detail(obj: ssl.SSLObject | None) -> str:
+    if obj is None:
+        return "TLS"
+    der = obj.getpeercert(binary_form=True)
+    return tls_detail(obj.version() or "TLS", cert_info(der) if der else None)
+
+
+async def close_quietly(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    try:
+        async with asyncio.timeout(2):
+            await writer.wait_closed()
+    except (OSError, TimeoutError, ssl.SSLError):
+        pass
+
+
+# ---- output ---------------------------------------------------------------------------------
+
+def format_text(reports: list[Report]) -> str:
+    lines: list[str] = []
+    for r in reports:
+        via = f" via {r.via}" if r.via != "direct" else ""
+        lines.append(f"{r.upstream} ({r.protocol} {r.target}{via})")
+        for s in r.steps:
+            verdict = {True: "ok", False: "FAIL", None: "--"}[s.ok]
+            ms = f"{s.seconds * 1000:.0f} ms" if s.seconds is not None else ""
+            lines.append(f"  {verdict:<5} {s.step:<10} {ms:>8}  {s.detail}")
+            if s.hint and s.ok is False:
+                lines.append(f"  {'':<5} {'':<10} {'':>8}  hint: {s.hint}")
+        lines.append(f"  => {'ok' if r.ok else 'FAILED (' + r.reason + ')'}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def to_json(reports: list[Report]) -> dict[str, Any]:
+    return {"ok": all(r.ok for r in reports),
+            "upstreams": [{"name": r.upstream, "protocol": r.protocol, "target": r.target,
+                           "via": r.via, "ok": r.ok, "reason": r.reason,
+                           "steps": [asdict(s) for s in r.steps]} for r in reports]}
