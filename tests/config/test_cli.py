@@ -64,13 +64,17 @@ def test_show_masks_secrets_and_is_toml(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_console_script_end_to_end(tmp_path: Path) -> None:
-    """The real entry point in a child process, from another working directory."""
-    ok = subprocess.run([sys.executable, "-m", "relay", "config", "check",
+    """The real entry point in a child process, from another working directory.
+
+    ``-P`` keeps the working directory off sys.path: from tests/, the test package
+    tests/dkim would otherwise shadow dkimpy's ``dkim``.
+    """
+    ok = subprocess.run([sys.executable, "-P", "-m", "relay", "config", "check",
                          str(CONF / "relay.toml")], capture_output=True, text=True,
                         cwd=tmp_path, timeout=60, check=False)
     assert ok.returncode == 0, ok.stderr
     assert ": ok (1 listener" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "relay", "config", "check",
+    bad = subprocess.run([sys.executable, "-P", "-m", "relay", "config", "check",
                           "bad_configs/open_relay.toml"], capture_output=True, text=True,
                          cwd=REPO / "tests", timeout=60, check=False)
     assert bad.returncode == 1
