@@ -184,7 +184,7 @@ class MetricsServer:
 
     def __init__(self, *, metrics: Metrics, listen: HostPort, readiness: Probe | None = None,
                  health: Probe | None = None,
-                 before_scrape: Callable[[], None] | None = None,
+                 before_scrape: Callable[[], object] | None = None,
                  read_timeout: float = READ_TIMEOUT) -> None:
         self._metrics = metrics
         self._read_timeout = read_timeout
