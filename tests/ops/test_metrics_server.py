@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import gzip
 import socket
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,6 +16,7 @@ from relay.config.schema import HostPort
 from relay.errors import RelayError
 from relay.metrics import Metrics
 from relay.metrics_server import MAX_HEAD, MetricsServer
+from relay.spool import Envelope, Spool
 from tests.ops.support import get, http
 from tests.peers.prometheus import check_metrics
 
@@ -224,3 +227,22 @@ async def test_request_head_timeout_is_408(metrics: Metrics) -> None:
         raw = await asyncio.wait_for(reader.read(), 5)
         writer.close()
     assert raw.startswith(b"HTTP/1.1 408 ")
+
+
+async def test_queue_gauges_are_computed_at_scrape_time(tmp_path: Path) -> None:
+    """The app's wiring: before_scrape=spool.update_metrics keeps the oldest age current."""
+    m = Metrics()
+    spool = Spool(tmp_path / "spool", fsync=False, metrics=m)
+    spool.recover()
+    received = time.time() - 120
+    await spool.store(Envelope(sender="a@example.com", recipients=("b@example.net",),
+                               received_at=received), b"Subject: x\r\n\r\nbody\r\n")
+    async with MetricsServer(metrics=m, listen=HostPort("127.0.0.1", 0),
+                             before_scrape=spool.update_metrics) as server:
+        _, _, body = await http(server.addresses[0].port, get("/metrics"))
+    samples = {(s.name, tuple(s.labels.values())): s.value
+               for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+    assert samples[("relay_queue_messages", ("active",))] == 1.0
+    assert samples[("relay_queue_messages", ("deferred",))] == 0.0
+    assert 120 <= samples[("relay_queue_oldest_message_age_seconds", ())] < 180
+    spool.close()
