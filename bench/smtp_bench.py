@@ -96,9 +96,10 @@ class Sink:
     def __init__(self, work: Path) -> None:
         self.port = free_port()
         self.out = work / "sink.out"
-        self.proc = subprocess.Popen(
-            ["smtp-sink", "-u", "nobody", "-c", f"127.0.0.1:{self.port}", "1024"],
-            stdout=open(self.out, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.out, "wb") as out:
+            self.proc = subprocess.Popen(
+                ["smtp-sink", "-u", "nobody", "-c", f"127.0.0.1:{self.port}", "1024"],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         wait_port(self.port)
 
     def count(self) -> int:
@@ -203,10 +204,10 @@ max_connections = 20
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        log = open(self.dir / "relay.log", "wb")
-        self.proc = subprocess.Popen(
-            self.cg.wrap([sys.executable, "-m", "relay", "run", "-c", str(self.config)]),
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.dir / "relay.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                self.cg.wrap([sys.executable, "-m", "relay", "run", "-c", str(self.config)]),
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_port(self.port)
 
     def stop(self) -> None:
