@@ -94,6 +94,12 @@ def read_upstream(t: Table) -> UpstreamConfig:
         line=t.ctx.line(t.path) or 0,
     )
     t.finish()
+    if protocol != "smtp":
+        for key in ("helo_name", "max_messages_per_connection", "data_timeout", "profile",
+                    "header_rule"):
+            if key in t.raw:
+                raise t.error(key, "only applies to smtp upstreams",
+                              hint=f"remove it from this {protocol} upstream")
     if not verify:
         t.warn("verify_tls", f"TLS certificate verification is OFF for upstream {name!r}: "
                              "anyone on the path can read and alter this mail and its "

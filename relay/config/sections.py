@@ -234,8 +234,18 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
     return cfg
 
 
+SMTP_ONLY = ("relay_domains", "max_message_size", "max_recipients", "command_timeout",
+             "data_timeout", "spf", "dkim_verify", "profile", "header_rule")
+PROXY_ONLY = ("upstream", "login_timeout", "idle_timeout", "max_line")
+
+
 def _listener_rules(t: Table, cfg: ListenerConfig) -> None:
     """Rules within one listener; rules that involve an upstream are in references."""
+    for key in PROXY_ONLY if cfg.protocol == "smtp" else SMTP_ONLY:
+        if key in t.raw and not (key == "upstream" and cfg.protocol == "smtp"):
+            other = "imap/pop3" if cfg.protocol == "smtp" else "smtp"
+            raise t.error(key, f"only applies to {other} listeners",
+                          hint=f"remove it from this {cfg.protocol} listener")
     if cfg.protocol == "smtp":
         if cfg.upstream is not None:
             raise t.error("upstream", "only imap/pop3 listeners take an upstream",

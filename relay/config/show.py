@@ -11,7 +11,7 @@ import ipaddress
 import json
 from pathlib import Path
 
-from relay.config.schema import Config, HostPort, ProxyConfig, Secret
+from relay.config.schema import Config, HostPort, ProxyConfig, Secret, UpstreamConfig
 
 # Config field → (TOML section name, array of tables?)
 _SECTIONS = (("relay", "relay", False), ("metrics", "metrics", False),
@@ -20,6 +20,7 @@ _SECTIONS = (("relay", "relay", False), ("metrics", "metrics", False),
              ("token_sources", "token_source", True), ("accounts", "account", True),
              ("profiles", "profile", True))
 _SKIP = frozenset({"line"})
+_OUTBOX = frozenset({"name", "protocol", "path", "max_connections", "profile", "header_rules"})
 
 
 def render(config: Config) -> str:
@@ -48,7 +49,8 @@ def _table(header: str, obj: object, many: bool) -> list[str]:
                                                                   "username")):
             continue
         value = getattr(obj, f.name)
-        if value is None:
+        if value is None or (isinstance(obj, UpstreamConfig) and obj.protocol == "outbox"
+                             and f.name not in _OUTBOX):
             continue
         if isinstance(value, Secret):
             out.append(_secret(f.name, value))
