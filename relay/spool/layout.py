@@ -96,6 +96,9 @@ def encode_envelope(envelope: Envelope) -> bytes:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+_SCALARS: dict[str, type] = {"str": str, "bool": bool, "int": int, "float": float}
+
+
 def decode_envelope(raw: bytes) -> Envelope:
     try:
         record = json.loads(raw)
@@ -120,10 +123,12 @@ def decode_envelope(raw: bytes) -> Envelope:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise FormatError("envelope received_at is not a number")
             value = float(value)
-        else:
-            expected = type(f.default) if f.default is not dataclasses.MISSING else str
-            if type(value) is not expected:
+        elif (expected := _SCALARS.get(str(f.type))) is not None:
+            ok = type(value) is expected or (expected is float and type(value) is int)
+            if not ok:
                 raise FormatError(f"envelope {f.name} is not a {expected.__name__}")
+            if expected is float:
+                value = float(value)
         values[f.name] = value
     return Envelope(**values)
 

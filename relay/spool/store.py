@@ -131,8 +131,13 @@ class Spool:
     def recover(self) -> list[QueuedMessage]:
         """Start-up: remove tmp/ leftovers, move damaged files to corrupt/, index the rest."""
         self._prepare()
-        recovery.clean_tmp(self.tmp)
-        found = recovery.scan(self.queue, self.corrupt)
+        try:
+            recovery.clean_tmp(self.tmp)
+            found = recovery.scan(self.queue, self.corrupt)
+        except OSError as exc:                  # the directory itself, not one file
+            raise SpoolError(f"cannot read the spool {self.root}: {exc.strerror or exc}",
+                             hint="check the spool filesystem (mount, permissions, kernel "
+                                  "log for I/O errors)") from exc
         recovery.fsync_dirs(self.queue, self.corrupt, self.tmp)
         self._reindex(found)
         log.info("spool: %d queued message(s) in %s", len(found), self.queue)
