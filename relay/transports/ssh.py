@@ -152,7 +152,7 @@ class SshTransport:
                 cfg.host, cfg.port, username=cfg.username or None, config=None,
                 known_hosts=str(cfg.known_hosts), agent_path=None,
                 client_keys=[str(cfg.key_file)] if cfg.key_file else None,
-                password=None, kbdint_auth=False,
+                password=cfg.password.reveal() if cfg.password else None, kbdint_auth=False,
                 connect_timeout=min(timeout, cfg.connect_timeout),
                 keepalive_interval=self._keepalive, keepalive_count_max=3)
         except asyncssh.HostKeyNotVerifiable as exc:
@@ -165,11 +165,13 @@ class SshTransport:
                      f"and update known_hosts (ssh-keyscan -p {cfg.port} {cfg.host}); "
                      "otherwise the connection may be intercepted") from None
         except asyncssh.PermissionDenied as exc:
+            how = "key" if cfg.key_file else "password"
+            fix = (f"add the public key of {cfg.key_file} to that user's authorized_keys on "
+                   "the bastion" if cfg.key_file else "check the [[proxy]] password")
             raise TransportError(
-                f"{self.where} refused key authentication for user '{cfg.username}' "
+                f"{self.where} refused {how} authentication for user '{cfg.username}' "
                 f"({exc.reason})", reason="ssh_auth_failed",
-                hint=f"add the public key of {cfg.key_file} to that user's authorized_keys on "
-                     "the bastion, and check the user name in the [[proxy]] url") from None
+                hint=f"{fix}, and check the user name in the [[proxy]] url") from None
         except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
             raise TransportError(f"{self.where}: cannot use key_file {cfg.key_file}: {exc}",
                                  reason="ssh_config",

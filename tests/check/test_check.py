@@ -14,9 +14,10 @@ import pytest
 import trustme
 
 from tests.check.servers import auth_smtp
+from tests.peers import free_port
 from tests.peers.dante import Dante
 from tests.peers.dovecot import Dovecot, dovecot
-from tests.peers.sshd import Sshd, sshd
+from tests.peers.sshd import Sshd, keygen, sshd
 from tests.peers.token_server import TokenServer, token_server
 from tests.transports.helpers import TLS_NAME, blackhole
 
@@ -52,6 +53,14 @@ class World:
                         O365_BADSECRET="expired-secret-value", ALICE_PW="alice-pw",
                         ALICE_BADPW="not-alices", SSL_CERT_FILE=str(ca_file))
         socks = f"socks5://{d.user}@127.0.0.1"
+        stranger = keygen(tmp / "stranger_key")
+        other_host = keygen(tmp / "other_host_key").with_suffix(".pub").read_text().split()
+        wrong_known = tmp / "wrong_known_hosts"
+        wrong_known.write_text(f"[127.0.0.1]:{bastion.port} {other_host[0]} {other_host[1]}\n")
+        alice_token = tmp / "alice.token"
+        alice_token.write_text("alice-pw\n")    # Dovecot checks a bearer token like a password
+        alice_token.chmod(0o600)
+        ssh = f"ssh://{bastion.user}@127.0.0.1:{bastion.port}"
         text = f"""\
 [relay]
 hostname = "relay.test"
@@ -78,6 +87,28 @@ name = "bastion"
 url = "ssh://{bastion.user}@127.0.0.1:{bastion.port}"
 key_file = "{bastion.client_key}"
 known_hosts = "{bastion.known_hosts}"
+
+[[proxy]]
+name = "dante-down"
+url = "{socks}:{free_port()}"
+password_env = "DANTE_PW"
+
+[[proxy]]
+name = "bastion-rebuilt"
+url = "{ssh}"
+key_file = "{bastion.client_key}"
+known_hosts = "{wrong_known}"
+
+[[proxy]]
+name = "bastion-stranger"
+url = "{ssh}"
+key_file = "{stranger}"
+known_hosts = "{bastion.known_hosts}"
+
+[[token_source]]
+name = "alice-static"
+kind = "static"
+token_file = "{alice_token}"
 
 [[token_source]]
 name = "o365"
@@ -109,6 +140,12 @@ client_secret_env = "O365_BADSECRET"
         text += smtp_upstream("ruleset", d.blocked_port, ca_file, via="dante", **pw)
         text += smtp_upstream("wrong-name", ports["wrongname"], ca_file, via="dante", **pw)
         text += smtp_upstream("ssh", ports["ok"], ca_file, via="bastion", **pw)
+        text += smtp_upstream("ssh-host-key", ports["ok"], ca_file, via="bastion-rebuilt", **pw)
+        text += smtp_upstream("ssh-auth", ports["ok"], ca_file, via="bastion-stranger", **pw)
+        text += smtp_upstream("proxy-down", ports["ok"], ca_file, via="dante-down", **pw)
+        text += (f'[[upstream]]\nname = "imap-oauth"\nprotocol = "imap"\nhost = "127.0.0.1"\n'
+                 f'port = {dove.imap}\ntls = "starttls"\nca_file = "{dove.ca_file}"\n'
+                 f'auth = "xoauth2"\nusername = "alice"\ntoken_source = "alice-static"\n\n')
         for name, proto, port, var in (("imap", "imap", dove.imap, "ALICE_PW"),
                                        ("imaps", "imap", dove.imaps, "ALICE_PW"),
                                        ("pop3-badpw", "pop3", dove.pop3, "ALICE_BADPW")):
@@ -221,6 +258,32 @@ def test_ssh_bastion(report: dict[str, Any]) -> None:
     u = report["ssh"]
     assert u["ok"], u
     assert [x["step"] for x in u["steps"]][:2] == ["ssh", "channel"]
+
+
+def test_ssh_host_key_mismatch(report: dict[str, Any]) -> None:
+    f = failed(report["ssh-host-key"])
+    assert f["step"] == "ssh" and f["reason"] == "ssh_host_key_mismatch"
+    assert "SHA256:" in f["detail"] and "ssh-keyscan" in f["hint"]
+
+
+def test_ssh_auth_failure(report: dict[str, Any]) -> None:
+    f = failed(report["ssh-auth"])
+    assert f["step"] == "ssh" and f["reason"] == "ssh_auth_failed"
+    assert "authorized_keys" in f["hint"]
+
+
+def test_proxy_down(report: dict[str, Any]) -> None:
+    f = failed(report["proxy-down"])
+    assert f["step"] == "proxy" and f["reason"] == "proxy_unreachable"
+    assert "connection refused" in f["detail"]
+
+
+def test_imap_xoauth2_with_static_token(report: dict[str, Any]) -> None:
+    u = report["imap-oauth"]
+    assert u["ok"], u
+    s = steps(u)
+    assert "token source alice-static" in s["token"]["detail"]
+    assert "(XOAUTH2)" in s["auth"]["detail"]
 
 
 def test_imap_starttls_and_login(report: dict[str, Any]) -> None:
