@@ -27,7 +27,8 @@ __all__ = ["DnsError", "Resolver"]
 class Resolver:
     """A stub resolver: the configured servers (or the system's), one overall timeout."""
 
-    def __init__(self, *, servers: Sequence[HostPort] = (), timeout: float = 5.0) -> None:
+    def __init__(self, *, servers: Sequence[HostPort] = (), timeout: float = 5.0,
+                 cache_size: int = 10_000) -> None:
         self.timeout = timeout
         self.servers = tuple(servers)
         if servers:
@@ -38,7 +39,8 @@ class Resolver:
             res = dns.resolver.Resolver(configure=True)
         res.timeout = timeout
         res.lifetime = timeout
-        res.cache = None
+        # honours each answer's TTL (and the SOA minimum for negative answers); thread-safe
+        res.cache = dns.resolver.LRUCache(cache_size) if cache_size else None
         self._res = res
 
     @classmethod

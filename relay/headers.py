@@ -127,6 +127,26 @@ def prepend(data: bytes, *fields: bytes) -> bytes:
     return b"".join(fields) + data
 
 
+def remove_forged_results(data: bytes, authserv_id: str) -> bytes:
+    """Drop Authentication-Results fields that claim to be ours (RFC 8601 section 5).
+
+    Inbound mail may carry such a field written by anyone; relay's own results are only
+    trustworthy when no earlier copy can pass for them. Other fields are left untouched.
+    """
+    fields, body_at = split(data)
+    mine = authserv_id.lower().encode("ascii", "replace")
+
+    def forged(f: Field) -> bool:
+        if f.name.lower() != b"authentication-results":
+            return False
+        value = f.raw.split(b":", 1)[1].replace(b"\r\n", b"").replace(b"\n", b"").lower()
+        return value.split(b";", 1)[0].split()[:1] == [mine]
+
+    if not any(forged(f) for f in fields):
+        return data
+    return b"".join(f.raw for f in fields if not forged(f)) + data[body_at:]
+
+
 def _check_list(rules: Sequence[HeaderRule], patterns: Sequence[str], where: str) -> None:
     for rule in rules:
         name = rule.header.strip()

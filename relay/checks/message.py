@@ -1,7 +1,9 @@
 """A listener's ``Checks``: provider-profile limits and SPF, ready for ``SmtpListener``.
 
 SPF is decided at MAIL FROM (so a ``550 5.7.23`` or ``451 4.4.3`` comes before DATA is
-sent) and its trace headers are prepended after DATA; authenticated sessions are not
+sent) and its trace headers are prepended after DATA, after removing any
+Authentication-Results field that claims relay's own hostname (RFC 8601 section 5);
+authenticated sessions are not
 SPF-checked (SPF is about MTAs, not a platform's submissions). Profile limits are checked
 at MAIL (local part), RCPT (recipients, local part) and after DATA, for the listener's
 profile and for the profile of the upstream each recipient routes to.
@@ -16,6 +18,7 @@ from typing import Literal
 from relay.checks.limits import check_message_async, check_recipient, check_sender
 from relay.checks.spf import SpfChecker
 from relay.config.schema import ProfileConfig
+from relay.headers import remove_forged_results
 from relay.smtp.hooks import BaseChecks, SessionInfo
 from relay.spool.records import Envelope
 
@@ -85,6 +88,7 @@ class MessageChecks(BaseChecks):
         headers = self._pending.pop(self._key(session, envelope.sender), None)
         if headers is None:      # e.g. evicted: decide again rather than pass unchecked
             headers = await self._headers(session, envelope)
+        data = remove_forged_results(data, self._spf.hostname)
         # the listener's own Received line stays on top, SPF results right under it
         end = data.find(b"\r\n", 0)
         while end >= 0 and data[end + 2:end + 3] in (b" ", b"\t"):

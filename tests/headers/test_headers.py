@@ -170,3 +170,17 @@ def test_rules_replace_adds_when_absent_and_keep_lf() -> None:
     out = apply_rules(lf, (HeaderRule("replace", "X-New", "v"),
                            HeaderRule("remove", "X-Old")))
     assert out == b"Subject: a\nX-New: v\n\nbody\n"
+
+
+def test_forged_authentication_results_removed() -> None:
+    from relay.headers import remove_forged_results
+
+    msg = (b"Received: x\r\n"
+           b"Authentication-Results: Relay.Example.Org;\r\n\tspf=pass smtp.mailfrom=a@b\r\n"
+           b"Authentication-Results: mx.other.example; dkim=pass\r\n"
+           b"Authentication-Results: relay.example.org.evil; spf=pass\r\n"
+           b"Subject: s\r\n\r\nAuthentication-Results: relay.example.org; body\r\n")
+    out = remove_forged_results(msg, "relay.example.org")
+    assert out == msg.replace(
+        b"Authentication-Results: Relay.Example.Org;\r\n\tspf=pass smtp.mailfrom=a@b\r\n", b"")
+    assert remove_forged_results(ZENDESK, "relay.example.org") is ZENDESK

@@ -78,6 +78,17 @@ async def test_spf_pass_is_tagged_under_the_received_line(relay: tuple[int, Reco
     assert b"spf=pass smtp.mailfrom=news@pass.spf.test" in data.replace(b"\r\n\t", b" ")
 
 
+async def test_forged_results_for_relay_are_dropped(relay: tuple[int, Recorder]) -> None:
+    port, rec = relay
+    c = await client(port)
+    forged = b"Authentication-Results: relay.test; spf=pass smtp.mailfrom=x@bank.example\r\n"
+    await c.sendmail("news@pass.spf.test", ["c@example.net"], forged + msg())
+    await c.quit()
+    [(_env, data)] = rec.messages
+    assert b"bank.example" not in data
+    assert data.count(b"Authentication-Results: relay.test;") == 1
+
+
 async def test_spf_fail_refused_at_mail_from(relay: tuple[int, Recorder]) -> None:
     port, rec = relay
     c = await client(port)
