@@ -148,10 +148,13 @@ class SshTransport:
                                  hint="set known_hosts on the [[proxy]]; relay never connects "
                                       "to a bastion whose host key it cannot verify")
         try:
+            # Key and known_hosts files are read off the loop; asyncssh would read them inline.
+            known = await asyncio.to_thread(asyncssh.read_known_hosts, str(cfg.known_hosts))
+            keys = ([await asyncio.to_thread(asyncssh.read_private_key, str(cfg.key_file))]
+                    if cfg.key_file else None)
             return await asyncssh.connect(
                 cfg.host, cfg.port, username=cfg.username or None, config=None,
-                known_hosts=str(cfg.known_hosts), agent_path=None,
-                client_keys=[str(cfg.key_file)] if cfg.key_file else None,
+                known_hosts=known, agent_path=None, client_keys=keys,
                 password=cfg.password.reveal() if cfg.password else None, kbdint_auth=False,
                 connect_timeout=min(timeout, cfg.connect_timeout),
                 keepalive_interval=self._keepalive, keepalive_count_max=3)
@@ -188,8 +191,8 @@ class SshTransport:
                                  reason="ssh_bastion_unreachable",
                                  hint="check the bastion's sshd log") from None
         except OSError as exc:
-            if cfg.key_file is not None and exc.filename == str(cfg.key_file):
-                raise TransportError(f"{self.where}: cannot read key_file {cfg.key_file}: "
+            if exc.filename in (str(cfg.key_file), str(cfg.known_hosts)):
+                raise TransportError(f"{self.where}: cannot read {exc.filename}: "
                                      f"{exc.strerror}", reason="ssh_config",
                                      hint="check the path and permissions") from None
             raise TransportError(f"{self.where}: cannot connect: {exc.strerror or exc}",

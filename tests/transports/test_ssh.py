@@ -16,7 +16,7 @@ from relay.transports.ssh import SshTransport
 from relay.transports.tls import client_context, server_name
 from tests.peers import free_port
 from tests.peers.sshd import Sshd, keygen, sshd
-from tests.transports.helpers import smtp_server, upstream_config
+from tests.transports.helpers import blackhole, smtp_server, upstream_config
 from tests.transports.test_socks5 import echo_through
 
 
@@ -156,3 +156,16 @@ async def test_bastion_restart_reconnects_with_backoff(tmp_path: Path, echo_port
             assert await echo_through(sock, b"after") == b"after"
         finally:
             await t.close()
+
+
+async def test_bastion_blackholed_times_out(bastion: Sshd) -> None:
+    with blackhole() as port:
+        t = SshTransport(ssh_config(bastion, port=port, connect_timeout=0.5))
+        with pytest.raises(TransportError) as info:
+            await t.connect("127.0.0.1", 25, timeout=10)
+    assert info.value.reason == "ssh_bastion_unreachable"
+    assert str(info.value).startswith("connect timed out")
+    # a second attempt inside the backoff window fails fast with the same explanation
+    with pytest.raises(TransportError) as again:
+        await t.connect("127.0.0.1", 25, timeout=10)
+    assert "next attempt in" in str(again.value)
