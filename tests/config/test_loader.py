@@ -319,3 +319,92 @@ def test_missing_file() -> None:
 
 def test_fixture_files_are_what_the_bad_configs_expect() -> None:
     assert (FILES / "tls.crt").read_text().startswith("-----BEGIN CERTIFICATE-----")
+
+
+def test_token_sources_fill_provider_defaults(tmp_path: Path) -> None:
+    rt = tmp_path / "google.refresh"
+    rt.write_text("1//refresh\n")
+    c = load_config(write(tmp_path, BASE + f'''
+[[token_source]]
+name = "ms"
+kind = "client_credentials"
+tenant = "contoso.onmicrosoft.com"
+client_id = "id"
+client_secret_env = "SECRET"
+
+[[token_source]]
+name = "google"
+kind = "refresh_token"
+provider = "google"
+client_id = "id.apps.googleusercontent.com"
+refresh_token_file = "{rt}"
+
+[[token_source]]
+name = "local"
+kind = "client_credentials"
+provider = "custom"
+token_url = "http://127.0.0.1:8080/token"
+client_id = "id"
+client_secret_env = "SECRET"
+'''), environ={"SECRET": "s"})
+    ms, google, local = c.token_sources
+    assert ms.token_url == ("https://login.microsoftonline.com/contoso.onmicrosoft.com"
+                            "/oauth2/v2.0/token")
+    assert ms.scope == "https://outlook.office365.com/.default"
+    assert (google.token_url, google.scope) == ("https://oauth2.googleapis.com/token",
+                                                "https://mail.google.com/")
+    assert local.token_url == "http://127.0.0.1:8080/token"
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, BASE + '''
+[[token_source]]
+name = "remote"
+kind = "client_credentials"
+provider = "custom"
+token_url = "http://idp.example.com/token"
+client_id = "id"
+client_secret_env = "SECRET"
+'''), environ={"SECRET": "s"})
+    assert exc.value.key == "token_source[0].token_url"
+
+
+def test_proxies(tmp_path: Path) -> None:
+    c = load_config(write(tmp_path, BASE + f'''
+[[proxy]]
+name = "dante"
+url = "socks5://relay%40corp@[::1]"
+password_env = "SOCKS_PW"
+remote_dns = false
+
+[[proxy]]
+name = "bastion"
+url = "ssh://relay@127.0.0.1:2222"
+key_file = "{FILES / 'id_ed25519'}"
+known_hosts = "{FILES / 'known_hosts'}"
+'''), environ={"SOCKS_PW": "pw"})
+    dante, bastion = c.proxies
+    assert (dante.kind, dante.host, dante.port, dante.username, dante.remote_dns) == (
+        "socks5", "::1", 1080, "relay@corp", False)
+    assert dante.password is not None and dante.password.reveal() == "pw"
+    assert (bastion.kind, bastion.port, bastion.username) == ("ssh", 2222, "relay")
+    assert bastion.known_hosts == FILES / "known_hosts"
+
+
+def test_imap_passthrough_needs_no_users_file(tmp_path: Path) -> None:
+    c = load_config(write(tmp_path, BASE + '''
+[[listener]]
+name = "imap"
+protocol = "imap"
+listen = "127.0.0.1:1143"
+allow_plaintext_auth = true
+upstream = "provider"
+
+[[upstream]]
+name = "provider"
+protocol = "imap"
+host = "imap.example.com"
+tls = "implicit"
+auth = "passthrough"
+'''))
+    assert c.listeners[1].users_file is None
+    assert c.listeners[1].listen == HostPort("127.0.0.1", 1143)
+    assert c.upstream("provider").port == 993
