@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
+import secrets
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 from relay.config.schema import AccountConfig, Secret, UpstreamConfig
 from relay.errors import ConfigError
@@ -87,3 +93,34 @@ def build_authenticator(upstream: UpstreamConfig, accounts: Sequence[AccountConf
                           hint="set users_file on the IMAP/POP3 listener, or use auth = "
                                "\"passthrough\" on the upstream")
     return MappedAuthenticator(upstream=upstream, accounts=accounts, verify=verify)
+
+
+class _Checks(Protocol):
+    def verify_sync(self, name: str, password: bytes) -> bool: ...
+
+
+def users_file_verify(users: _Checks, *, cache_ttl: float = 60.0) -> Verify:
+    """A ``Verify`` over relay's users file (``relay.smtp.auth.UserDB``), off the loop.
+
+    scrypt costs ~0.1 s of CPU; platforms poll their mailboxes every minute, so a
+    successful check is remembered for ``cache_ttl`` seconds as a keyed hash of the
+    credentials (never the password itself). Failures are never cached.
+    """
+    key = secrets.token_bytes(32)
+    ok: dict[bytes, float] = {}
+
+    async def verify(user: str, password: Secret) -> bool:
+        digest = hmac.new(key, user.encode() + b"\0" + password.reveal().encode(),
+                          hashlib.sha256).digest()
+        now = time.monotonic()
+        if ok.get(digest, 0.0) > now:
+            return True
+        good = await asyncio.to_thread(users.verify_sync, user, password.reveal().encode())
+        if good:
+            if len(ok) > 10_000:
+                for k in [k for k, exp in ok.items() if exp <= now]:
+                    del ok[k]
+            ok[digest] = now + cache_ttl
+        return good
+
+    return verify

@@ -46,7 +46,9 @@ class ProxyListener:
                  authenticator: Authenticator,
                  transport_for: Callable[[UpstreamConfig], Transport],
                  token_for: TokenFor | None = None, metrics: Metrics | None = None,
-                 fail_delay: float = 1.0, fail_delay_max: float = 8.0) -> None:
+                 fail_delay: float = 1.0, fail_delay_max: float = 8.0,
+                 kernel_splice: bool = True) -> None:
+        self._kernel_splice = kernel_splice
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._sessions: dict[ProxySession, None] = {}
@@ -78,7 +80,7 @@ class ProxyListener:
         return SessionContext(
             listener=cfg, upstream=upstream, authenticator=authenticator,
             transport_for=transport_for, token_for=token_for, metrics=metrics,
-            failures=failures, server_tls=server_tls,
+            failures=failures, server_tls=server_tls, kernel_splice=self._kernel_splice,
             upstream_tls=client_context(upstream) if upstream.tls != "none" else None)
 
     # -- lifecycle -------------------------------------------------------------------------

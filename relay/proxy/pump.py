@@ -11,6 +11,7 @@ no task, no copy beyond the kernel's, and backpressure from the transports thems
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import Callable
 from typing import cast
@@ -19,6 +20,7 @@ from typing import cast
 # small enough that a slow reader holds at most this much per direction.
 HIGH_WATER = 1024 * 1024
 LOW_WATER = 256 * 1024
+READ_SIZE = 1024 * 1024
 
 
 class ChannelClosed(ConnectionError):
@@ -196,29 +198,67 @@ class Channel(asyncio.Protocol):
             self.transport.abort()
 
 
-def splice(client: Channel, upstream: Channel, *, to_upstream: bytes = b"",
-           to_client: bytes = b"") -> None:
-    """Connect two channels: from now on every byte read on one is written to the other.
+class TransportSplice:
+    """Two channels spliced through their asyncio transports (any TLS on either side)."""
 
-    ``to_upstream``/``to_client`` are bytes already read (pipelined commands, responses
-    that came with the login reply); they are written first, in order.
-    """
-    for ch in (client, upstream):
-        assert ch.transport is not None
-        ch.transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
-    to_upstream += client.take_buffer()
-    to_client += upstream.take_buffer()
-    client._peer, upstream._peer = upstream, client
-    client.last_activity = upstream.last_activity = client._loop.time()
-    if to_upstream:
-        upstream.write(to_upstream)
-    if to_client:
-        client.write(to_client)
-    for ch, other in ((client, upstream), (upstream, client)):
-        if ch._eof:                      # closed before the splice: take the other down
-            other.close()
-        else:
+    __slots__ = ("client", "done", "upstream")
+
+    def __init__(self, client: Channel, upstream: Channel, *, to_upstream: bytes = b"",
+                 to_client: bytes = b"") -> None:
+        """From now on every byte read on one channel is written to the other.
+
+        ``to_upstream``/``to_client`` are bytes already read (pipelined commands, responses
+        that came with the login reply); they are written first, in order.
+        """
+        self.client, self.upstream = client, upstream
+        self.done: asyncio.Future[str] = client._loop.create_future()
+        for ch in (client, upstream):
             assert ch.transport is not None
-            ch.transport.resume_reading()
-            if other._write_paused:
-                ch.transport.pause_reading()
+            ch.transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+            if hasattr(ch.transport, "max_size"):      # plain TCP: read up to 1 MB at once
+                ch.transport.max_size = READ_SIZE
+        to_upstream += client.take_buffer()
+        to_client += upstream.take_buffer()
+        client._peer, upstream._peer = upstream, client
+        client.last_activity = upstream.last_activity = client._loop.time()
+        if to_upstream:
+            upstream.write(to_upstream)
+        if to_client:
+            client.write(to_client)
+        for ch, other, how in ((client, upstream, "client_closed"),
+                               (upstream, client, "upstream_closed")):
+            ch.closed.add_done_callback(functools.partial(self._closed, how))
+            if ch._eof:                      # closed before the splice: take the other down
+                other.close()
+            else:
+                assert ch.transport is not None
+                ch.transport.resume_reading()
+                if other._write_paused:
+                    ch.transport.pause_reading()
+
+    def _closed(self, how: str, _f: object = None) -> None:
+        if not self.done.done():
+            self.done.set_result(how)
+
+    def counts(self) -> tuple[int, int]:
+        """Bytes moved so far: (client → upstream, upstream → client)."""
+        return self.client.received, self.upstream.received
+
+    @property
+    def last_activity(self) -> float:
+        return max(self.client.last_activity, self.upstream.last_activity)
+
+    def close(self) -> None:
+        self.client.close()
+        self.upstream.close()
+
+    def abort(self) -> None:
+        self.client.abort()
+        self.upstream.abort()
+
+    async def wait_closed(self, timeout: float) -> None:
+        """Wait for both sides to finish flushing; drop them after ``timeout``."""
+        _, pending = await asyncio.wait([self.client.closed, self.upstream.closed],
+                                        timeout=timeout)
+        if pending:
+            self.abort()

@@ -22,11 +22,12 @@ from relay.config.schema import ListenerConfig, Secret, UpstreamConfig
 from relay.errors import OAuthError, ProxyUpstreamError, RelayError, TransportError
 from relay.maillog import censor
 from relay.metrics import Metrics
+from relay.proxy import zerocopy
 from relay.proxy.events import Close, Event, Login, LoginFailure, PreAuth, Send, StartTls
 from relay.proxy.imap import ImapPreAuth
 from relay.proxy.limits import FailureTracker
 from relay.proxy.pop3 import Pop3PreAuth
-from relay.proxy.pump import Channel, ChannelClosed, splice
+from relay.proxy.pump import Channel, ChannelClosed, TransportSplice
 from relay.proxy.upstream import TokenFor, UpstreamCredentials, login_upstream
 from relay.transports.base import Transport
 
@@ -57,6 +58,7 @@ class SessionContext:
     metrics: Metrics | None
     failures: FailureTracker
     server_tls: ssl.SSLContext | None = None
+    kernel_splice: bool = True                 # splice(2) plain sessions (Linux)
     upstream_tls: ssl.SSLContext | None = None
     sessions: set[ProxySession] = field(default_factory=set)
 
@@ -73,7 +75,7 @@ class ProxySession:
     """A client connection from greeting to close."""
 
     __slots__ = ("_idle_handle", "addr", "client", "ctx", "end", "flushed", "machine", "peer",
-                 "started", "to_upstream_extra", "upstream", "user")
+                 "spliced", "started", "to_upstream_extra", "upstream", "user")
 
     def __init__(self, ctx: SessionContext, client: Channel, peer: tuple[str, int]) -> None:
         self.ctx = ctx
@@ -86,6 +88,7 @@ class ProxySession:
                                      max_line=cfg.max_line,
                                      allow_plaintext_auth=cfg.allow_plaintext_auth)
         self.upstream: Channel | None = None
+        self.spliced: TransportSplice | zerocopy.KernelSplice | None = None
         self.user = ""
         self.end = "unknown"
         self.started = time.monotonic()
@@ -119,28 +122,36 @@ class ProxySession:
         self.client.close()
         if self.upstream is not None:
             self.upstream.close()
+        if self.spliced is not None:
+            self.spliced.close()
         self._flush_bytes()
         cfg = self.ctx.listener
-        up_in = self.client.received + self.to_upstream_extra
-        down = self.upstream.received if self.upstream is not None else 0
+        up_in, down = self._counts()
+        splice = ("-" if self.spliced is None else
+                  "kernel" if isinstance(self.spliced, zerocopy.KernelSplice) else "transport")
         log.info("proxy session listener=%s client=%s user=%s upstream=%s duration=%.3f "
-                 "bytes_to_upstream=%d bytes_to_client=%d end=%s",
+                 "bytes_to_upstream=%d bytes_to_client=%d splice=%s end=%s",
                  cfg.name, _fmt(f"{self.addr}:{self.peer[1]}"), _fmt(self.user or "-"),
                  self.ctx.upstream.name, time.monotonic() - self.started, up_in, down,
-                 self.end)
+                 splice, self.end)
 
     def _flush_bytes(self) -> None:
         m = self.ctx.metrics
         if m is None:
             return
-        up = self.client.received + self.to_upstream_extra
-        down = self.upstream.received if self.upstream is not None else 0
+        up, down = self._counts()
         name = self.ctx.listener.name
         if up > self.flushed[0]:
             m.proxy_bytes.labels(name, "to_upstream").inc(up - self.flushed[0])
         if down > self.flushed[1]:
             m.proxy_bytes.labels(name, "to_client").inc(down - self.flushed[1])
         self.flushed = [up, down]
+
+    def _counts(self) -> tuple[int, int]:
+        if self.spliced is None:
+            return 0, 0
+        up, down = self.spliced.counts()
+        return up + self.to_upstream_extra, down
 
     # -- before login ----------------------------------------------------------------------
     async def _preauth(self) -> bool:
@@ -230,7 +241,10 @@ class ProxySession:
         self.client.write(self.machine.login_succeeded(result.capability, result.untagged))
         leftover = self.machine.leftover()
         self.to_upstream_extra = len(leftover)
-        splice(self.client, result.channel, to_upstream=leftover)
+        # Nothing but bytes from here on: the kernel moves them when neither side has TLS.
+        kind = (zerocopy.KernelSplice if ctx.kernel_splice and
+                zerocopy.available(self.client, result.channel) else TransportSplice)
+        self.spliced = kind(self.client, result.channel, to_upstream=leftover)
         return None
 
     async def _bad_credentials(self, reason: str) -> LoginFailure:
@@ -245,8 +259,8 @@ class ProxySession:
 
     # -- after login -----------------------------------------------------------------------
     async def _spliced(self) -> None:
-        up = self.upstream
-        assert up is not None
+        spliced = self.spliced
+        assert spliced is not None
         self.end = "spliced"
         loop = asyncio.get_running_loop()
         idle = self.ctx.listener.idle_timeout
@@ -254,23 +268,17 @@ class ProxySession:
 
         def tick() -> None:
             self._flush_bytes()
-            last = max(self.client.last_activity, up.last_activity)
-            if loop.time() - last >= idle:
+            if loop.time() - spliced.last_activity >= idle:
                 self.end = "idle_timeout"
-                self.client.close()
-                up.close()
+                spliced.close()
                 return
             self._idle_handle = loop.call_later(period, tick)
 
         self._idle_handle = loop.call_later(period, tick)
-        # Wait on the channels' own futures: no extra task per idle session.
-        await asyncio.wait([self.client.closed, up.closed], return_when=asyncio.FIRST_COMPLETED)
+        how = await spliced.done            # a future of the splice itself: no extra task
         if self.end == "spliced":
-            self.end = "client_closed" if self.client.is_closed else "upstream_closed"
-        _, pending = await asyncio.wait([self.client.closed, up.closed], timeout=30)
-        if pending:
-            self.client.abort()
-            up.abort()
+            self.end = how
+        await spliced.wait_closed(30)
 
     def abort(self) -> None:
         """Drop both connections now (shutdown after the grace period)."""
@@ -278,3 +286,5 @@ class ProxySession:
         self.client.abort()
         if self.upstream is not None:
             self.upstream.abort()
+        if self.spliced is not None:
+            self.spliced.abort()

@@ -108,10 +108,12 @@ service pop3-login {{
   client_limit = {max_sessions + 100}
 }}
 service imap {{
+  service_count = 0
   process_limit = {procs}
   client_limit = {per_proc}
 }}
 service pop3 {{
+  service_count = 0
   process_limit = {procs}
   client_limit = {per_proc}
 }}

@@ -89,7 +89,8 @@ async def run_proxy(dc: Dovecot, cert: tuple[Path, Path] | None = None, *,
                     verify: Callable[[str, Secret], Awaitable[bool]] | None = None,
                     token_for: Callable[[str], Awaitable[str]] | None = None,
                     inner_transport: Transport | None = None, host: str = "localhost",
-                    fail_delay: float = 0.05, **listener_kw: Any) -> AsyncIterator[Running]:
+                    fail_delay: float = 0.05, kernel_splice: bool = True,
+                    **listener_kw: Any) -> AsyncIterator[Running]:
     up = UpstreamConfig(name="dovecot", protocol=protocol,  # type: ignore[arg-type]
                         host=host, port=upstream_port(dc, protocol, up_tls),
                         tls=up_tls, ca_file=dc.ca_file, auth=auth,  # type: ignore[arg-type]
@@ -104,7 +105,8 @@ async def run_proxy(dc: Dovecot, cert: tuple[Path, Path] | None = None, *,
     authenticator: Authenticator = build_authenticator(up, (), verify)
     listener = ProxyListener(lcfg, upstream=up, authenticator=authenticator,
                              transport_for=lambda _u: transport, token_for=token_for,
-                             metrics=metrics, fail_delay=fail_delay, fail_delay_max=1.0)
+                             metrics=metrics, fail_delay=fail_delay, fail_delay_max=1.0,
+                             kernel_splice=kernel_splice)
     await listener.start()
     try:
         yield Running(listener, transport, metrics, listener.address[1])

@@ -235,21 +235,42 @@ async def test_idle_sees_a_message_delivered_while_idling(dc: Dovecot) -> None:
         writer.close()
 
 
-async def test_50_mb_message_fetched_intact_over_tls_both_ways(dc: Dovecot,
-                                                               relay_cert: tuple) -> None:
+@pytest.fixture(scope="module")
+def big(dc: Dovecot) -> tuple[str, bytes]:
+    """A message over 50 MB in alice's INBOX."""
     subject = f"big-{uuid.uuid4().hex}"
     raw = base64.encodebytes(os.urandom(38 * 1024 * 1024)).replace(b"\n", b"\r\n")
     sent = message(subject, raw)
     assert len(sent) > 50 * 1024 * 1024
-    await asyncio.to_thread(dc.deliver, "alice", sent)
-    async with run_proxy(dc, relay_cert, tls="implicit", up_tls="implicit") as r:
+    dc.deliver("alice", sent)
+    return subject, sent
+
+
+@pytest.mark.parametrize(("tls", "kernel", "path"), [
+    ("implicit", True, "transport"),         # TLS both ways: asyncio transports
+    ("none", True, "kernel"),                # plain both ways: splice(2)
+    ("none", False, "transport"),            # plain, kernel splice switched off
+])
+async def test_50_mb_message_fetched_intact(dc: Dovecot, relay_cert: tuple,
+                                            big: tuple[str, bytes], tls: str, kernel: bool,
+                                            path: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="relay.proxy")
+    subject, sent = big
+    async with run_proxy(dc, relay_cert, tls=tls, up_tls=tls, kernel_splice=kernel) as r:
         ctx = r.client_context(dc)
 
         def client() -> bytes:
-            m = imaplib.IMAP4_SSL("localhost", r.port, ssl_context=ctx)
+            if tls == "implicit":
+                m: imaplib.IMAP4 = imaplib.IMAP4_SSL("localhost", r.port, ssl_context=ctx)
+            else:
+                m = imaplib.IMAP4("localhost", r.port)
             m.login("alice", "alice-pw")
             body = imap_fetch_subject(m, subject)
             m.logout()
             return body
         got = await asyncio.to_thread(client)
+        await until(lambda: r.listener.session_count == 0)
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(sent).hexdigest()
+    (line,) = [rec.getMessage() for rec in caplog.records if "proxy session" in rec.getMessage()]
+    assert f"splice={path}" in line
+    assert int(line.split("bytes_to_client=")[1].split()[0]) > len(sent)

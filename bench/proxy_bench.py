@@ -1,0 +1,306 @@
+"""IMAP proxy bench: relay vs direct against the same Dovecot, in one run.
+
+Measures, side by side:
+  * FETCH of a 50 MB message through relay and directly (median MB/s over rounds), and
+    relay's CPU milliseconds per FETCH (from /proc/<relay pid>/stat);
+  * login+SELECT latency through relay and directly (median over rounds);
+  * relay's resident memory holding 2,000 idle logged-in IMAP sessions;
+  * 10,000 logged-in sessions held at once (each answers a NOOP), without error.
+
+relay runs in its own process (this file with ``--serve``) so its CPU and memory are its
+own. Needs root (Dovecot, raised RLIMIT_NOFILE) and Debian's dovecot-imapd.
+
+    python bench/proxy_bench.py                # full run
+    python bench/proxy_bench.py --quick        # fewer rounds and sessions (smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import logging
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+USER, PASSWORD = "bench", "bench-pw"
+TAG_CLK = os.sysconf("SC_CLK_TCK")
+
+
+# -- relay in its own process --------------------------------------------------------------
+async def serve(upstream_port: int, tls: str, ca_file: str) -> None:
+    from relay.config.schema import HostPort, ListenerConfig, UpstreamConfig
+    from relay.metrics import Metrics
+    from relay.proxy.accounts import PassthroughAuthenticator
+    from relay.proxy.listener import ProxyListener
+    from relay.transports.direct import DirectTransport
+
+    logging.basicConfig(level=logging.WARNING)
+    up = UpstreamConfig(name="dovecot", protocol="imap", host="localhost", port=upstream_port,
+                        tls=tls, ca_file=Path(ca_file) if ca_file else None,  # type: ignore[arg-type]
+                        auth="passthrough")
+    cfg = ListenerConfig(name="imap", protocol="imap", listen=HostPort("127.0.0.1", 0),
+                         upstream="dovecot", max_connections=50_000,
+                         max_connections_per_client=50_000, login_timeout=300)
+    transport = DirectTransport()
+    listener = ProxyListener(cfg, upstream=up, authenticator=PassthroughAuthenticator(),
+                             transport_for=lambda _u: transport, metrics=Metrics())
+    await listener.start()
+    print(f"PORT {listener.address[1]}", flush=True)
+    await asyncio.Event().wait()
+
+
+def raise_nofile(n: int) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = max(hard, n)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def proc_cpu_ms(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000.0 / TAG_CLK    # utime + stime
+
+
+def proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+# -- a minimal blocking IMAP client --------------------------------------------------------
+class Imap:
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray()
+        self.until(b"\r\n")
+
+    def until(self, marker: bytes) -> bytes:
+        while marker not in self.buf:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buf += chunk
+        end = self.buf.index(marker) + len(marker)
+        data = bytes(self.buf[:end])
+        del self.buf[:end]
+        return data
+
+    def command(self, tag: bytes, line: bytes) -> bytes:
+        self.sock.sendall(tag + b" " + line + b"\r\n")
+        out = b""
+        while True:
+            ln = self.until(b"\r\n")
+            out += ln
+            if ln.startswith(tag + b" "):
+                if not ln.startswith(tag + b" OK"):
+                    raise RuntimeError(ln.decode(errors="replace"))
+                return out
+
+    def fetch_big(self, uid: bytes) -> int:
+        """UID FETCH the literal without keeping it: returns the literal size."""
+        self.sock.sendall(b"F UID FETCH " + uid + b" BODY.PEEK[]\r\n")
+        head = self.until(b"}\r\n")
+        size = int(head[head.rindex(b"{") + 1:-3])
+        if len(self.buf) >= size:
+            del self.buf[:size]
+        else:
+            left = size - len(self.buf)
+            self.buf.clear()
+            view = memoryview(bytearray(1 << 20))
+            while left > 0:
+                n = self.sock.recv_into(view, min(left, len(view)))
+                if not n:
+                    raise ConnectionError("closed during FETCH")
+                left -= n
+        self.until(b"\r\nF OK")
+        self.until(b"\r\n")
+        return size
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def login_select(port: int) -> float:
+    start = time.perf_counter()
+    c = Imap(port)
+    c.command(b"L", b"LOGIN " + USER.encode() + b" " + PASSWORD.encode())
+    c.command(b"S", b"SELECT INBOX")
+    took = time.perf_counter() - start
+    c.command(b"Q", b"LOGOUT")
+    c.close()
+    return took
+
+
+# -- many sessions -------------------------------------------------------------------------
+async def open_sessions(port: int, n: int, conns: list, errors: list[str]) -> None:
+    sem = asyncio.Semaphore(100)
+    login = f"a LOGIN {USER} {PASSWORD}\r\n".encode()
+
+    async def one() -> None:
+        async with sem:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                await reader.readline()
+                writer.write(login)
+                while True:
+                    line = await reader.readline()
+                    if not line:
+                        raise ConnectionError("closed during login")
+                    if line.startswith(b"a "):
+                        if not line.startswith(b"a OK"):
+                            raise RuntimeError(line.decode(errors="replace").strip())
+                        break
+                conns.append((reader, writer))
+            except (OSError, RuntimeError) as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def noop_all(conns: list) -> int:
+    sem = asyncio.Semaphore(500)
+    ok = 0
+
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal ok
+        async with sem:
+            writer.write(b"n NOOP\r\n")
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                if line.startswith(b"n "):
+                    ok += line.startswith(b"n OK")
+                    return
+
+    await asyncio.gather(*(one(r, w) for r, w in conns))
+    return ok
+
+
+async def hold(port: int, pid: int, idle_n: int, total_n: int) -> dict[str, float | str]:
+    conns: list = []
+    errors: list[str] = []
+    base = proc_rss_mb(pid)
+    await open_sessions(port, idle_n, conns, errors)
+    await asyncio.sleep(1.0)                      # let freed login buffers settle
+    rss_idle = proc_rss_mb(pid)
+    n_idle = len(conns)
+    start = time.monotonic()
+    await open_sessions(port, total_n - len(conns), conns, errors)
+    opened = time.monotonic() - start
+    rss_total = proc_rss_mb(pid)
+    alive = await asyncio.wait_for(noop_all(conns), 300)
+    for _, w in conns:
+        w.close()
+    return {"base": base, "rss_idle": rss_idle, "n_idle": n_idle, "held": len(conns),
+            "alive": alive, "rss_total": rss_total, "open_s": opened,
+            "errors": "; ".join(sorted(set(errors))[:3]) or "none", "n_errors": len(errors)}
+
+
+# -- the run -------------------------------------------------------------------------------
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=0, help="FETCH rounds (default 7, quick 3)")
+    ap.add_argument("--sessions", type=int, default=0,
+                    help="sessions to hold (default 10000, quick 2000; 0 skips nothing)")
+    ap.add_argument("--serve", type=int, metavar="UPSTREAM_PORT", help=argparse.SUPPRESS)
+    ap.add_argument("--tls", default="none", help=argparse.SUPPRESS)
+    ap.add_argument("--ca", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    raise_nofile(65536)
+    if args.serve:
+        asyncio.run(serve(args.serve, args.tls, args.ca))
+        return 0
+
+    from tests.peers.dovecot import dovecot
+
+    rounds, lat_rounds = (3, 20) if args.quick else (7, 100)
+    idle_n, total_n = (500, 2000) if args.quick else (2000, 10_000)
+    rounds = args.rounds or rounds
+    total_n = args.sessions or total_n
+    idle_n = min(idle_n, total_n)
+    body = base64.encodebytes(os.urandom(38 * 1024 * 1024)).replace(b"\n", b"\r\n")
+    msg = b"From: a@example.com\r\nSubject: big\r\n\r\n" + body
+    with dovecot(users={USER: PASSWORD}, max_sessions=total_n + 500) as dc:
+        dc.deliver(USER, msg)
+        relay = subprocess.Popen([sys.executable, __file__, "--serve", str(dc.imap)],
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            assert relay.stdout is not None
+            port = int(relay.stdout.readline().split()[1])
+            print(f"message {len(msg) / 1e6:.1f} MB; Dovecot {dc.imap}, relay {port} "
+                  f"(pid {relay.pid}); {rounds} FETCH rounds, {lat_rounds} login rounds")
+            clients = {}
+            for name, p in (("direct", dc.imap), ("relay", port)):
+                c = Imap(p)
+                c.command(b"L", f"LOGIN {USER} {PASSWORD}".encode())
+                reply = c.command(b"S", b"SELECT INBOX")
+                assert b"1 EXISTS" in reply, reply
+                clients[name] = c
+            speeds: dict[str, list[float]] = {"direct": [], "relay": []}
+            cpu: list[float] = []
+            for _ in range(rounds):
+                for name in ("direct", "relay"):
+                    before = proc_cpu_ms(relay.pid)
+                    start = time.perf_counter()
+                    size = clients[name].fetch_big(b"1")
+                    took = time.perf_counter() - start
+                    assert size == len(msg), (size, len(msg))
+                    speeds[name].append(size / took / 1e6)
+                    if name == "relay":
+                        cpu.append(proc_cpu_ms(relay.pid) - before)
+            for c in clients.values():
+                c.close()
+            lat = {"direct": [], "relay": []}
+            for _ in range(lat_rounds):
+                for name, p in (("direct", dc.imap), ("relay", port)):
+                    lat[name].append(login_select(p) * 1000)
+            held = asyncio.run(hold(port, relay.pid, idle_n, total_n))
+        finally:
+            relay.terminate()
+            relay.wait(10)
+
+    d, r = statistics.median(speeds["direct"]), statistics.median(speeds["relay"])
+    ld, lr = statistics.median(lat["direct"]), statistics.median(lat["relay"])
+    per_session_kb = (float(held["rss_idle"]) - float(held["base"])) * 1024 / max(
+        1, float(held["n_idle"]))
+    print()
+    print(f"{'measure':44} {'relay':>12} {'direct':>12}   target")
+    print(f"{'FETCH 50 MB, median MB/s':44} {r:12.0f} {d:12.0f}   ratio {r / d:.2f} "
+          f"(target >= 0.90) {'PASS' if r / d >= 0.9 else 'FAIL'}")
+    print(f"{'  relay CPU ms per FETCH (median)':44} {statistics.median(cpu):12.0f} "
+          f"{'':12}   (nginx ~20 ms)")
+    print(f"{'login+SELECT, median ms':44} {lr:12.2f} {ld:12.2f}   +{lr - ld:.2f} ms "
+          f"(target <= +2 ms) {'PASS' if lr - ld <= 2 else 'FAIL'}")
+    print(f"{'  p90 ms':44} {statistics.quantiles(lat['relay'], n=10)[-1]:12.2f} "
+          f"{statistics.quantiles(lat['direct'], n=10)[-1]:12.2f}")
+    print(f"{'relay RSS before sessions, MB':44} {held['base']:12.1f}")
+    label = f"relay RSS with {held['n_idle']} idle sessions, MB"
+    print(f"{label:44} "
+          f"{held['rss_idle']:12.1f} {'':12}   (target < 60) "
+          f"{'PASS' if float(held['rss_idle']) < 60 and held['n_idle'] == idle_n else 'FAIL'}")
+    print(f"{'  per idle session, KB':44} {per_session_kb:12.1f}")
+    print(f"{'sessions held (answered NOOP) / asked':44} {held['alive']:>12} {total_n:>12}   "
+          f"{'PASS' if held['alive'] == total_n else 'FAIL'}")
+    print(f"{'  relay RSS with all held, MB':44} {held['rss_total']:12.1f}")
+    print(f"{'  time to open and log in the rest, s':44} {held['open_s']:12.1f}")
+    print(f"{'  errors':44} {held['n_errors']:>12}   {held['errors']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

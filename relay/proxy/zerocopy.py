@@ -1,0 +1,193 @@
+"""Kernel splice for plain-TCP sessions: bytes move socket → pipe → socket, never into Python.
+
+When neither side of a logged-in session uses TLS, relay has nothing to do with the bytes,
+so it hands both sockets to ``os.splice`` (Linux). Each direction reads into a pipe only
+while that pipe is empty and stops reading while the destination cannot take more, so
+backpressure is the kernel's. A direction's pipe exists only while bytes flow (idle
+sessions hold no pipes). The TLS path stays in ``relay.proxy.pump``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+
+from relay.proxy.pump import Channel
+
+CHUNK = 1024 * 1024
+_F_SETPIPE_SZ = 1031
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_BURST = 16                       # reads per wakeup before yielding to other sessions
+
+
+def available(client: Channel, upstream: Channel) -> bool:
+    """True when both channels are plain, idle-to-write TCP sockets and splice(2) exists."""
+    if not hasattr(os, "splice"):
+        return False
+    for ch in (client, upstream):
+        t = ch.transport
+        if (t is None or t.is_closing() or ch.is_closed or t.get_extra_info("ssl_object")
+                is not None or t.get_extra_info("socket") is None
+                or t.get_write_buffer_size() != 0):
+            return False
+    return True
+
+
+def _detach(ch: Channel) -> int:
+    """Take a duplicate of the channel's socket fd and let asyncio forget the original."""
+    assert ch.transport is not None
+    fd = os.dup(ch.transport.get_extra_info("socket").fileno())
+    ch.transport.abort()           # closes only asyncio's fd: the connection lives on in ours
+    return fd
+
+
+class _Direction:
+    """Bytes from ``src`` to ``dst`` through a pipe, with kernel backpressure."""
+
+    __slots__ = ("bytes", "dst", "eof", "inpipe", "owner", "pending", "pipe", "src")
+
+    def __init__(self, owner: KernelSplice, src: int, dst: int, pending: bytes) -> None:
+        self.owner = owner
+        self.src, self.dst = src, dst
+        self.pending = pending
+        self.pipe: tuple[int, int] | None = None
+        self.inpipe = 0
+        self.bytes = 0
+        self.eof = False
+
+    def start(self) -> None:
+        if self.pending:
+            self.writable()
+        else:
+            self.owner.loop.add_reader(self.src, self.readable)
+
+    def _release_pipe(self) -> None:
+        if self.pipe is not None and self.inpipe == 0:
+            os.close(self.pipe[0])
+            os.close(self.pipe[1])
+            self.pipe = None
+
+    def _flush(self) -> bool:
+        """Write what is pending and in the pipe; True when all of it went out."""
+        while self.pending:
+            try:
+                n = os.write(self.dst, self.pending)
+            except BlockingIOError:
+                return False
+            self.pending = self.pending[n:]
+        while self.inpipe:
+            assert self.pipe is not None
+            try:
+                n = os.splice(self.pipe[0], self.dst, self.inpipe, flags=_FLAGS)
+            except BlockingIOError:
+                return False
+            self.inpipe -= n
+        return True
+
+    def readable(self) -> None:
+        loop = self.owner.loop
+        try:
+            for _ in range(_BURST):
+                if self.pipe is None:
+                    self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                    with contextlib.suppress(OSError):
+                        fcntl.fcntl(self.pipe[1], _F_SETPIPE_SZ, CHUNK)
+                try:
+                    n = os.splice(self.src, self.pipe[1], CHUNK, flags=_FLAGS)
+                except BlockingIOError:
+                    self._release_pipe()
+                    return
+                if n == 0:
+                    self.eof = True
+                    loop.remove_reader(self.src)
+                    self.owner.ended(self)
+                    return
+                self.inpipe += n
+                self.bytes += n
+                self.owner.last_activity = loop.time()
+                if not self._flush():
+                    loop.remove_reader(self.src)          # backpressure: wait for dst
+                    loop.add_writer(self.dst, self.writable)
+                    return
+        except OSError as exc:
+            self.owner.failed(exc)
+
+    def writable(self) -> None:
+        loop = self.owner.loop
+        try:
+            if not self._flush():
+                loop.add_writer(self.dst, self.writable)
+                return
+        except OSError as exc:
+            self.owner.failed(exc)
+            return
+        loop.remove_writer(self.dst)
+        if self.eof:
+            self.owner.ended(self)
+        else:
+            self.owner.loop.add_reader(self.src, self.readable)
+
+    def close(self) -> None:
+        loop = self.owner.loop
+        loop.remove_reader(self.src)
+        loop.remove_writer(self.dst)
+        if self.pipe is not None:
+            os.close(self.pipe[0])
+            os.close(self.pipe[1])
+            self.pipe = None
+
+
+class KernelSplice:
+    """A logged-in plain session spliced in the kernel (same interface as TransportSplice)."""
+
+    __slots__ = ("_fds", "done", "down", "last_activity", "loop", "up")
+
+    def __init__(self, client: Channel, upstream: Channel, *, to_upstream: bytes = b"",
+                 to_client: bytes = b"") -> None:
+        self.loop = asyncio.get_running_loop()
+        to_upstream += client.take_buffer()
+        to_client += upstream.take_buffer()
+        cfd, ufd = _detach(client), _detach(upstream)
+        self._fds: tuple[int, int] | None = (cfd, ufd)
+        self.done: asyncio.Future[str] = self.loop.create_future()
+        self.last_activity = self.loop.time()
+        self.up = _Direction(self, cfd, ufd, to_upstream)
+        self.down = _Direction(self, ufd, cfd, to_client)
+        self.up.start()
+        self.down.start()
+
+    def counts(self) -> tuple[int, int]:
+        return self.up.bytes, self.down.bytes
+
+    def ended(self, d: _Direction) -> None:
+        """One side sent EOF: deliver what is left in its pipe, then close the session."""
+        if d.inpipe or d.pending:
+            self.loop.add_writer(d.dst, d.writable)
+            return
+        self._finish("client_closed" if d is self.up else "upstream_closed")
+
+    def failed(self, exc: OSError) -> None:
+        self._finish("connection_error")
+
+    def _finish(self, how: str) -> None:
+        if self._fds is None:
+            return
+        self.up.close()
+        self.down.close()
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = None
+        if not self.done.done():
+            self.done.set_result(how)
+
+    def close(self) -> None:
+        self._finish("closed")
+
+    def abort(self) -> None:
+        self._finish("aborted")
+
+    async def wait_closed(self, timeout: float) -> None:
+        return None                # _finish closes synchronously
