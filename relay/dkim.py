@@ -37,9 +37,10 @@ SIGNED_HEADERS: tuple[str, ...] = (
 OVERSIGNED: frozenset[str] = frozenset({
     "from", "to", "cc", "subject", "date", "message-id", "reply-to", "in-reply-to",
     "references"})
-# Also signed (as absent) when missing: nobody downstream may add these. Date and
-# Message-ID are left out on purpose: a provider may legitimately add a missing one.
-OVERSIGNED_ABSENT: tuple[str, ...] = ("from", "to", "cc", "subject", "reply-to")
+# Also signed (as absent) when missing: nobody downstream may add these. Date,
+# Message-ID and To are left out on purpose: a provider may legitimately add a missing
+# one (e.g. "To: undisclosed-recipients:;"), which must not break the signature.
+OVERSIGNED_ABSENT: tuple[str, ...] = ("from", "cc", "subject", "reply-to")
 
 _PKCS1 = padding.PKCS1v15()
 _PREHASHED = Prehashed(hashes.SHA256())

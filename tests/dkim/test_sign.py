@@ -202,3 +202,19 @@ async def test_inbound_authentication_results(keyset: KeySet, resolver: Resolver
     assert header.endswith("header.a=ed25519-sha256\r\n")
     none = authentication_results([], "r").decode()
     assert none == "Authentication-Results: r;\r\n\tdkim=none\r\n"
+
+
+def test_missing_to_date_message_id_may_be_added_downstream(keyset: KeySet,
+                                                            dns: HostPort) -> None:
+    bare = b"From: a@example.com\r\nSubject: s\r\n\r\nbody\r\n"
+    signed = signer(keyset.rsa).sign(bare, sender_domain="example.com")
+    names = sig_tags(signed)[b"h"].split(b":")
+    assert b"to" not in names and b"date" not in names and b"message-id" not in names
+    added = signed.replace(b"\r\nFrom:", b"\r\nTo: undisclosed-recipients:;\r\n"
+                           b"Date: Sat, 21 Nov 2026 09:00:00 +0000\r\n"
+                           b"Message-ID: <added@provider.example>\r\nFrom:", 1)
+    assert perl_verify(added, dns) == [("pass", "example.com", "rsa2026")]
+    # but a Reply-To, Cc or second Subject may not be
+    for extra in (b"Reply-To: x@evil.test", b"Cc: x@evil.test", b"Subject: other"):
+        tampered = signed.replace(b"\r\nFrom:", b"\r\n" + extra + b"\r\nFrom:", 1)
+        assert perl_verify(tampered, dns)[0][0] == "fail"
