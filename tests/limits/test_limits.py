@@ -224,3 +224,24 @@ async def test_forget_idle_bounds_memory() -> None:
     t.now += 86400 + 1
     rl.forget_idle()
     assert rl._boxes == {}
+
+
+def test_shipped_profiles_match_the_field_documents() -> None:
+    from pathlib import Path
+
+    from relay.config import load_config
+
+    conf = load_config(Path(__file__).parents[2] / "conf" / "relay.toml")
+    genesys = conf.profile("genesys-agentless")
+    assert (genesys.max_recipients, genesys.max_subject_chars, genesys.max_local_part,
+            genesys.max_display_name, genesys.max_body_bytes, genesys.allow_attachments) == (
+        1, 400, 64, 64, 3 * MB, False)
+    check_message(genesys, message(subject=b"s" * 400, body=b"x" * (3 * MB)))
+    assert refusal(check_message, genesys, message(subject=b"s" * 512)).reply == (
+        "552 5.3.4 Subject is 512 characters; genesys-agentless allows 400")
+    zd = conf.profile("zendesk-exchange-connector")
+    assert (zd.messages_per_minute, zd.bytes_per_5min, zd.recipients_per_day,
+            zd.max_message_bytes) == (10, 50 * MB, 10_000, 50 * MB)
+    ex = conf.profile("exchange-online")
+    assert (ex.max_message_bytes, ex.messages_per_minute, ex.recipients_per_day) == (
+        35 * MB, 30, 10_000)
