@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trustme
 
-from tests.check.servers import auth_smtp
+from tests.check.servers import AuthHandler, auth_smtp
 from tests.peers import free_port
 from tests.peers.dante import Dante
 from tests.peers.dovecot import Dovecot, dovecot
@@ -46,8 +46,9 @@ def smtp_upstream(name: str, port: int, ca_file: Path, **extra: str) -> str:
 class World:
     def __init__(self, tmp: Path, ca: trustme.CA, ca_file: Path, d: Dante, bastion: Sshd,
                  dove: Dovecot, tokens: TokenServer, blackhole_port: int,
-                 ports: dict[str, int]) -> None:
+                 ports: dict[str, int], handler: AuthHandler) -> None:
         self.config = tmp / "relay.toml"
+        self.handler = handler
         self.env = dict(os.environ, DANTE_PW=d.password, DANTE_BADPW="wrong-proxy-pw",
                         MBX_PW=MAILBOX_PW, O365_SECRET=tokens.client_secret,
                         O365_BADSECRET="expired-secret-value", ALICE_PW="alice-pw",
@@ -173,7 +174,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA, ca_file: Pat
             sshd(tmp / "sshd") as bastion, dovecot(users={"alice": "alice-pw"}) as dove, \
             blackhole() as bh:
         yield World(tmp, ca, ca_file, dante_proxy, bastion, dove, tokens, bh,
-                    {"ok": ok, "refuse": refuse, "wrongname": wrongname})
+                    {"ok": ok, "refuse": refuse, "wrongname": wrongname}, _h)
 
 
 @pytest.fixture(scope="module")
@@ -316,8 +317,19 @@ def test_text_output_and_exit_codes(world: World) -> None:
     assert unknown.returncode == 1 and "no upstream named nope" in unknown.stderr
 
 
+def test_check_sends_no_mail_by_default(world: World, report: dict[str, Any]) -> None:
+    assert report["oauth"]["ok"]
+    assert world.handler.xoauth2 and set(world.handler.xoauth2) == {MAILBOX}
+    assert all(rcpts == ["ops@example.net"] for _f, rcpts, _d in world.handler.messages)
+
+
 def test_send_test_delivers_one_message(world: World) -> None:
+    before = len(world.handler.messages)
     proc = world.run("office365", "--send-test", "ops@example.net")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ok    send" in proc.stdout and "to ops@example.net" in proc.stdout
+    assert len(world.handler.messages) == before + 1
+    sender, rcpts, data = world.handler.messages[-1]
+    assert (sender, rcpts) == (MAILBOX, ["ops@example.net"])
+    assert b"Subject: relay check: test message via office365" in data
 
