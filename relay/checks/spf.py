@@ -126,8 +126,12 @@ def evaluate(ip: str, sender: str, helo: str, *, lookup: Lookup, timeout: float,
 
     ``record`` evaluates a given policy text instead of the domain's published one.
     """
-    q = _Query(ip, sender, helo, receiver=receiver or None, strict=True,
-               timeout=timeout, querytime=max(timeout, OVERALL_TIMEOUT), lookup=lookup)
+    try:
+        q = _Query(ip, sender, helo, receiver=receiver or None, strict=True,
+                   timeout=timeout, querytime=max(timeout, OVERALL_TIMEOUT), lookup=lookup)
+    except spf.PermError as exc:         # not an IP address at all
+        return SpfResult(result="permerror", identity="mailfrom" if sender else "helo",
+                         domain="", ip=ip, sender=sender, helo=helo, explanation=str(exc))
     if default_explanation is not None:
         q.set_default_explanation(default_explanation)
     res, _code, explanation = q.check(record)

@@ -33,10 +33,11 @@ def dns(tmp_path: Path) -> Iterator[HostPort]:
         f"void.{D}": f"v=spf1 a:nx1.{D} a:nx2.{D} a:nx3.{D} ip4:127.0.0.0/8 -all",
         f"twovoid.{D}": f"v=spf1 a:nx1.{D} a:nx2.{D} ip4:127.0.0.0/8 -all",
         f"syntax.{D}": "v=spf1 ip4:127.0.0.1/33 -all",
+        f"v6.{D}": f"v=spf1 ip6:2001:db8:1::/48 a:v6host.{D} -all",
     }
     zone = Zone(domains=[D], txt=txt,
                 a={f"h{i}.{D}": [f"192.0.2.{i}"] for i in range(1, 12)}
-                | {f"mail.{D}": ["127.0.0.9"]},
+                | {f"mail.{D}": ["127.0.0.9"], f"v6host.{D}": ["2001:db8:2::25"]},
                 mx={f"mx.{D}": [(f"mail.{D}", 10)]})
     with dnsmasq(tmp_path, zone) as hp:
         yield hp
@@ -62,6 +63,11 @@ def checker(dns: HostPort) -> SpfChecker:
     (f"a@twovoid.{D}", "127.0.0.5", "pass", 2),
     (f"a@syntax.{D}", "127.0.0.5", "permerror", 0),
     (f"a@nospf.{D}", "127.0.0.5", "none", 0),
+    (f"a@v6.{D}", "2001:db8:1::7", "pass", 0),
+    (f"a@v6.{D}", "2001:db8:2::25", "pass", 1),
+    (f"a@v6.{D}", "2001:db8:3::1", "fail", 1),
+    (f"a@pass.{D}", "::ffff:127.0.0.5", "pass", 0),          # IPv4-mapped (dual-stack socket)
+    (f"a@pass.{D}", "not-an-ip", "permerror", 0),
 ])
 def test_results(checker: SpfChecker, sender: str, ip: str, expected: str,
                  lookups: int) -> None:
