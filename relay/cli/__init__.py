@@ -15,7 +15,7 @@ from relay import __version__
 from relay.errors import RelayError
 
 # Areas, in the order `relay --help` lists them. Each is relay.cli.<area> with register().
-AREAS: tuple[str, ...] = ("config", "dkim", "spf", "check", "user", "queue")
+AREAS: tuple[str, ...] = ("run", "config", "dkim", "spf", "check", "user", "queue")
 
 
 def build_parser() -> argparse.ArgumentParser:

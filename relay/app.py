@@ -1,0 +1,318 @@
+"""Composition root: builds relay from a Config; start, SIGHUP reload, SIGTERM drain.
+
+Only this module creates long-lived tasks. Start-up order: spool lock and recovery,
+metrics endpoint (so /healthz answers during recovery), scheduler, listeners, control
+socket, readiness. A reload builds and validates a whole new set of components first
+(``relay.components.build``) and only then swaps; anything wrong keeps the old config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from relay.bounce import Bouncer
+from relay.checks.spf_outbound import warn_failing_domains
+from relay.components import Components, ListenerParts, build
+from relay.config import load_config
+from relay.config.schema import Config
+from relay.control import ControlServer
+from relay.errors import RelayError
+from relay.maillog import MailLog
+from relay.metrics import Metrics
+from relay.metrics_server import MetricsServer
+from relay.oauth import TokenSources
+from relay.proxy.listener import ProxyListener
+from relay.queue import QueueManager
+from relay.scheduler import Scheduler
+from relay.sdnotify import SystemdNotifier
+from relay.smtp.listener import SmtpListener
+from relay.spool import Spool
+from relay.tlsinfo import update_listener_expiry
+from relay.transports.factory import Transports
+
+log = logging.getLogger("relay")
+Listener = SmtpListener | ProxyListener
+
+
+def pid_file(config: Config) -> Path:
+    return config.relay.pid_file or config.relay.spool / "relay.pid"
+
+
+def control_path(config: Config) -> Path:
+    return config.relay.control_socket or config.relay.spool / "control.sock"
+
+
+class App:
+    """One running relay process."""
+
+    def __init__(self, config_path: Path, config: Config) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.metrics = Metrics()
+        self.maillog = MailLog()
+        self.notifier = SystemdNotifier.from_environ()
+        self.not_ready: str | None = "starting"
+        self.spool = Spool(config.relay.spool, fsync=config.relay.fsync, metrics=self.metrics)
+        self.transports = Transports(config.proxies)
+        self.tokens = TokenSources(config.token_sources, transports=self.transports,
+                                   metrics=self.metrics)
+        self.parts: Components | None = None
+        self.scheduler: Scheduler | None = None
+        self.listeners: dict[str, Listener] = {}
+        self.metrics_server: MetricsServer | None = None
+        self.control: ControlServer | None = None
+        self._stop = asyncio.Event()
+        self._hard_stop = False
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._lock: Any = None
+
+    # ---- start ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._lock = self.spool.lock()
+        self.metrics.record_reload(success=True)
+        self.metrics.declare(listeners=[lc.name for lc in cfg.listeners],
+                             upstreams=[u.name for u in cfg.upstreams])
+        if cfg.metrics.enabled:
+            self.metrics_server = self._metrics_server(cfg)
+            await self.metrics_server.start()
+        recovered = await asyncio.to_thread(self.spool.recover)
+        parts = build(cfg, spool=self.spool, transports=self.transports, tokens=self.tokens,
+                      metrics=self.metrics)
+        await update_listener_expiry(self.metrics, cfg.listeners)
+        self.parts = parts
+        self.scheduler = Scheduler(
+            spool=self.spool, router=parts.router, deliverer=parts.deliverer,
+            retry=cfg.relay.retry, maillog=self.maillog, metrics=self.metrics,
+            bouncer=Bouncer(spool=self.spool, hostname=cfg.relay.hostname,
+                            bounce_from=cfg.relay.bounce_from))
+        self.spool.add_listener(self.scheduler.enqueue)
+        await self.scheduler.start(recovered)
+        for lp in parts.listeners.values():
+            listener = self._listener(lp, parts)
+            await listener.start()
+            self.listeners[lp.cfg.name] = listener
+        self.control = ControlServer(
+            QueueManager(self.spool, self.scheduler, maillog=self.maillog), control_path(cfg),
+            commands={"reload": self._control_reload, "status": self._control_status})
+        await self.control.start()
+        self._write_pid(cfg)
+        self._spawn(warn_failing_domains(cfg, parts.resolver))
+        self._spawn(self.notifier.watchdog_loop())
+        self.not_ready = None
+        status = f"{len(self.listeners)} listeners, {len(recovered)} messages queued"
+        self.notifier.ready(status)
+        log.info("relay started (%s; config %s)", status, self.config_path)
+
+    def _metrics_server(self, cfg: Config) -> MetricsServer:
+        return MetricsServer(metrics=self.metrics, listen=cfg.metrics.listen,
+                             readiness=lambda: self.not_ready,
+                             before_scrape=self.spool.update_metrics)
+
+    def _listener(self, lp: ListenerParts, parts: Components) -> Listener:
+        cfg = parts.config
+        if lp.cfg.protocol == "smtp":
+            assert lp.accept is not None
+            return SmtpListener(lp.cfg, hostname=cfg.relay.hostname, accept=lp.accept,
+                                maillog=self.maillog, checks=lp.checks, users=lp.users,
+                                metrics=self.metrics)
+        assert lp.authenticator is not None and lp.cfg.upstream is not None
+        return ProxyListener(lp.cfg, upstream=cfg.upstream(lp.cfg.upstream),
+                             authenticator=lp.authenticator,
+                             transport_for=self.transports.for_upstream,
+                             token_for=self.tokens.token, metrics=self.metrics)
+
+    def _write_pid(self, cfg: Config) -> None:
+        path = pid_file(cfg)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(f"{os.getpid()}\n")
+        tmp.replace(path)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed: %s", task.exception())
+
+    # ---- reload -----------------------------------------------------------------------
+
+    async def reload(self) -> tuple[bool, str]:
+        """Load, validate and swap the config; on any error keep the old one."""
+        async with self._reload_lock:
+            self.notifier.reloading()
+            try:
+                message = await self._reload()
+            except RelayError as exc:
+                self.metrics.record_reload(success=False)
+                text = exc.explain()
+                log.error("reload failed, still running the previous config: %s", text)
+                self.notifier.ready("reload failed; previous config kept")
+                return False, text
+            self.metrics.record_reload(success=True)
+            self.notifier.ready(message)
+            log.info("reload: %s", message)
+            return True, message
+
+    async def _reload(self) -> str:
+        new = await asyncio.to_thread(load_config, self.config_path)
+        old = self.config
+        if new.relay.spool != old.relay.spool:
+            raise RelayError("relay.spool cannot change on reload",
+                             hint="drain and restart relay to move the spool")
+        # Validate everything first: nothing below this block may fail half-way.
+        staged_transports = Transports(new.proxies)
+        parts = build(new, spool=self.spool, transports=self.transports, tokens=self.tokens,
+                      metrics=self.metrics)
+        await staged_transports.close()
+        await update_listener_expiry(self.metrics, new.listeners)
+        new_server = None
+        if new.metrics.enabled and (not old.metrics.enabled
+                                    or new.metrics.listen != old.metrics.listen):
+            new_server = self._metrics_server(new)
+            await new_server.start()
+        added = [n for n in parts.listeners if n not in self.listeners]
+        started: list[Listener] = []
+        try:
+            for name in added:
+                listener = self._listener(parts.listeners[name], parts)
+                await listener.start()
+                started.append(listener)
+        except RelayError:
+            for listener in started:
+                await listener.stop_accepting()
+                await listener.wait_closed(0)
+            if new_server is not None:
+                await new_server.stop()
+            raise
+        # Commit: from here on, swap.
+        self.transports.reconfigure(new.proxies)
+        self.tokens.reconfigure(new.token_sources)
+        for name, listener in zip(added, started, strict=True):
+            self.listeners[name] = listener
+        removed = [n for n in self.listeners if n not in parts.listeners]
+        for name in removed:
+            self._retire(self.listeners.pop(name), new.relay.shutdown_grace)
+        for name, lp in parts.listeners.items():
+            if name not in added:
+                await self._reconfigure_listener(name, lp, parts)
+        old_parts = self.parts
+        self.parts, self.config = parts, new
+        assert self.scheduler is not None
+        self.scheduler.reconfigure(router=parts.router, deliverer=parts.deliverer,
+                                   retry=new.relay.retry)
+        if old_parts is not None:
+            self._spawn(old_parts.deliverer.close())
+        self._spawn(self.transports.close_retired())
+        if new_server is not None or not new.metrics.enabled:
+            old_server, self.metrics_server = self.metrics_server, new_server
+            if old_server is not None:
+                await old_server.stop()
+        self.metrics.declare(listeners=list(parts.listeners),
+                             upstreams=[u.name for u in new.upstreams])
+        return (f"config {self.config_path} applied: {len(added)} listeners added, "
+                f"{len(removed)} removed, {len(self.listeners)} running")
+
+    async def _reconfigure_listener(self, name: str, lp: ListenerParts,
+                                    parts: Components) -> None:
+        current = self.listeners[name]
+        cfg = parts.config
+        if isinstance(current, SmtpListener) and lp.cfg.protocol == "smtp":
+            old = current.config
+            if old.listen == lp.cfg.listen and old.tls == lp.cfg.tls:
+                current.reconfigure(lp.cfg, users=lp.users, checks=lp.checks,
+                                    accept=lp.accept, hostname=cfg.relay.hostname)
+                return
+        elif isinstance(current, ProxyListener) and lp.cfg.protocol != "smtp":
+            assert lp.authenticator is not None and lp.cfg.upstream is not None
+            await current.reconfigure(lp.cfg, upstream=cfg.upstream(lp.cfg.upstream),
+                                      authenticator=lp.authenticator,
+                                      transport_for=self.transports.for_upstream,
+                                      token_for=self.tokens.token)
+            return
+        # Address, TLS mode or protocol changed: retire the old one, bind a new one.
+        self._retire(current, cfg.relay.shutdown_grace)
+        await asyncio.sleep(0)
+        replacement = self._listener(lp, parts)
+        await replacement.start()
+        self.listeners[name] = replacement
+
+    def _retire(self, listener: Listener, grace: float) -> None:
+        async def retire() -> None:
+            await listener.stop_accepting()
+            await listener.wait_closed(grace)
+        self._spawn(retire())
+
+    async def _control_reload(self, args: dict[str, Any]) -> dict[str, Any]:
+        ok, message = await self.reload()
+        return {"ok": ok, "message": message}
+
+    async def _control_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        stats = self.spool.stats()
+        return {"ok": True, "pid": os.getpid(), "config": str(self.config_path),
+                "listeners": sorted(self.listeners), "ready": self.not_ready is None,
+                "queue": {"counts": dict(stats.counts), "oldest": stats.oldest_received}}
+
+    # ---- stop -------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        if self._stop.is_set():
+            self._hard_stop = True
+            log.warning("second stop signal: exiting now (the spool is consistent)")
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+            return
+        log.info("stopping: no new sessions; draining for up to %gs",
+                 self.config.relay.shutdown_grace)
+        self._stop.set()
+
+    async def drain(self) -> None:
+        grace = self.config.relay.shutdown_grace
+        self.not_ready = "draining"
+        self.notifier.stopping()
+        for listener in self.listeners.values():
+            await listener.stop_accepting()
+        await asyncio.gather(*(lst.wait_closed(grace) for lst in self.listeners.values()),
+                             return_exceptions=True)
+        if self.scheduler is not None:
+            await self.scheduler.stop(grace=grace)
+        if self.control is not None:
+            await self.control.stop()
+        if self.parts is not None:
+            await self.parts.deliverer.close()
+        await self.transports.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+        with contextlib.suppress(OSError):
+            pid_file(self.config).unlink()
+        self.notifier.close()
+        self.spool.close()
+        log.info("relay stopped")
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        try:
+            await self.start()
+        except BaseException:
+            await self.drain()
+            raise
+        await self._stop.wait()
+        await self.drain()
+        return 0

@@ -1,0 +1,96 @@
+"""``relay run``, ``relay reload`` and ``relay status``: the daemon and its remote control."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from relay.config import load_config
+from relay.errors import RelayError
+
+DEFAULT_CONFIG = os.environ.get("RELAY_CONFIG", "conf/relay.toml")
+LOG_FORMAT = "%(asctime)s relay[%(process)d]: %(name)s: %(levelname)s: %(message)s"
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for name, func, text in (
+            ("run", _run, "run the relay (foreground; SIGHUP reloads, SIGTERM drains)"),
+            ("reload", _reload, "make the running relay re-read its config"),
+            ("status", _status, "show whether relay runs, its listeners and queue")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                       help=f"config file (default: $RELAY_CONFIG or {DEFAULT_CONFIG})")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=func)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format=LOG_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S", stream=sys.stderr)
+    # Library chatter (aiosmtpd logs every command) is not operator information.
+    for noisy in ("mail.log", "asyncio", "asyncssh"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from relay.app import App  # the daemon's imports are only paid by `run`
+
+    path = Path(args.config)
+    config = load_config(path)
+    setup_logging(config.relay.log_level)
+    try:
+        return asyncio.run(App(path, config).run())
+    except RelayError as exc:
+        logging.getLogger("relay").error("cannot start: %s", exc.explain())
+        return 1
+    except asyncio.CancelledError:
+        return 1
+
+
+def _control(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    from relay.app import control_path
+    from relay.control import request
+
+    config = load_config(args.config)
+    return asyncio.run(request(control_path(config), command, timeout=120))
+
+
+def _reload(args: argparse.Namespace) -> int:
+    try:
+        reply = _control(args, "reload")
+    except RelayError as exc:
+        # No control socket: fall back to SIGHUP through the pid file.
+        from relay.app import pid_file
+
+        config = load_config(args.config)
+        try:
+            pid = int(pid_file(config).read_text().strip())
+            os.kill(pid, signal.SIGHUP)
+        except (OSError, ValueError):
+            raise exc from None
+        print(f"relay: sent SIGHUP to pid {pid}; the result is in relay's log")
+        return 0
+    print(f"relay: {reply.get('message', reply)}")
+    return 0 if reply.get("ok") else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    reply = _control(args, "status")
+    if args.json:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+        return 0
+    queue = reply.get("queue", {})
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(queue.get("counts", {}).items()))
+    print(f"relay pid {reply.get('pid')} {'ready' if reply.get('ready') else 'NOT ready'}; "
+          f"config {reply.get('config')}")
+    print(f"listeners: {', '.join(reply.get('listeners', []))}")
+    print(f"queue: {counts or 'empty'}")
+    return 0

@@ -1,0 +1,111 @@
+"""Everything derived from one Config, built and validated before it is put to use.
+
+``build(config, ...)`` loads DKIM keys, users files and TLS certificates and builds the
+router, deliverer, checks and accept pipelines. Any mistake raises before anything
+running is touched, so a reload either swaps in a whole new set or keeps the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from relay.checks.spf import SpfChecker
+from relay.config.schema import Config, ListenerConfig, ProfileConfig, Secret
+from relay.delivery import Deliverer
+from relay.dkim import Signer
+from relay.dkim_keys import load_keys
+from relay.dns import Resolver
+from relay.errors import ConfigError
+from relay.headers import HeaderGuard, protected_patterns
+from relay.metrics import Metrics
+from relay.oauth import TokenSources
+from relay.pipeline import AcceptPipeline, RoutedChecks
+from relay.proxy.accounts import build_authenticator
+from relay.proxy.session import Authenticator
+from relay.routing import Router
+from relay.smtp.auth import UserDB
+from relay.spool import Spool
+from relay.transports.factory import Transports
+
+
+@dataclass
+class ListenerParts:
+    """What one listener needs from a config (SMTP or IMAP/POP3)."""
+
+    cfg: ListenerConfig
+    users: UserDB | None = None
+    accept: AcceptPipeline | None = None             # smtp
+    checks: RoutedChecks | None = None               # smtp
+    authenticator: Authenticator | None = None       # imap/pop3
+
+
+@dataclass
+class Components:
+    config: Config
+    router: Router
+    deliverer: Deliverer
+    signer: Signer | None
+    resolver: Resolver
+    listeners: dict[str, ListenerParts] = field(default_factory=dict)
+
+
+def _verifier(db: UserDB) -> Callable[[str, Secret], Awaitable[bool]]:
+    async def verify(user: str, password: Secret) -> bool:
+        return await asyncio.to_thread(db.verify_sync, user, password.reveal().encode())
+    return verify
+
+
+def _users(cfg: ListenerConfig, cache: dict[Path, UserDB]) -> UserDB | None:
+    if cfg.users_file is None:
+        return None
+    db = cache.get(cfg.users_file)
+    if db is None:
+        try:
+            db = UserDB.load(cfg.users_file)
+        except ConfigError as exc:
+            raise ConfigError(exc.detail, file=exc.file or str(cfg.users_file),
+                              line=exc.line, key=f"listener {cfg.name!r}.users_file",
+                              hint=exc.hint or "create it with: relay user add NAME") from None
+        cache[cfg.users_file] = db
+    return db
+
+
+def build(config: Config, *, spool: Spool, transports: Transports, tokens: TokenSources,
+          metrics: Metrics) -> Components:
+    """Validate and build everything a config implies; raises ConfigError on a mistake."""
+    keys = load_keys(config.dkim)
+    signer = Signer(keys, metrics=metrics) if config.dkim else None
+    router = Router(config.routes, config.relay.default_upstream)
+    resolver = Resolver.from_config(config.relay)
+    guard = HeaderGuard(protected_patterns(config.relay), metrics=metrics)
+    profiles: dict[str, ProfileConfig] = {p.name: p for p in config.profiles}
+    upstream_profiles = {u.name: profiles[u.profile] for u in config.upstreams
+                         if u.profile is not None}
+    spf = SpfChecker(resolver=resolver, hostname=config.relay.hostname, metrics=metrics)
+    deliverer = Deliverer.from_config(config, transport_for=transports.for_upstream,
+                                      token_for=tokens.token, metrics=metrics)
+    parts = Components(config=config, router=router, deliverer=deliverer, signer=signer,
+                       resolver=resolver)
+    users_cache: dict[Path, UserDB] = {}
+    for lc in config.listeners:
+        users = _users(lc, users_cache)
+        if lc.protocol == "smtp":
+            parts.listeners[lc.name] = ListenerParts(
+                cfg=lc, users=users,
+                accept=AcceptPipeline(listener=lc, config=config, spool=spool, router=router,
+                                      signer=signer, guard=guard),
+                checks=RoutedChecks(router=router,
+                                    profile=profiles[lc.profile] if lc.profile else None,
+                                    upstream_profiles=upstream_profiles,
+                                    spf=spf if lc.spf != "off" else None, spf_policy=lc.spf))
+        else:
+            assert lc.upstream is not None
+            up = config.upstream(lc.upstream)
+            verify = _verifier(users) if users is not None else None
+            parts.listeners[lc.name] = ListenerParts(
+                cfg=lc, users=users,
+                authenticator=build_authenticator(up, config.accounts, verify))
+    return parts

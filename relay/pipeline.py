@@ -1,0 +1,100 @@
+"""The accept pipeline of one SMTP listener: route check, header rules, DKIM, guard, spool.
+
+What happens between a finished DATA and the ``250 ... queued as <id>``:
+
+1. (at RCPT) every recipient must have a route; a message nobody can deliver is refused
+   in the session (``550 5.7.1`` for a recipient no route covers), never bounced later;
+2. header rules of the listener, then of the routes the recipients take, are applied
+   (rules can never touch protected headers: the config loader refuses such rules);
+3. trusted mail (authenticated or allow-listed clients) whose From domain has a DKIM key
+   is signed, last, after every header change relay makes;
+4. the protected-header guard compares what relay received with what it will store; a
+   difference (a bug, by construction) is counted, logged and answered ``451 4.3.0`` so
+   the platform keeps the message and retries, rather than relay sending altered mail;
+5. the spool stores it durably; only then does the listener answer 250.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+from relay.checks.message import MessageChecks
+from relay.checks.spf import SpfChecker
+from relay.config.schema import Config, HeaderRule, ListenerConfig, ProfileConfig
+from relay.dkim import Signer
+from relay.headers import HeaderGuard, apply_rules
+from relay.routing import Router
+from relay.smtp.hooks import SessionInfo
+from relay.smtp.replies import Refusal
+from relay.spool import Spool
+from relay.spool.records import Envelope
+
+NO_ROUTE = "550 5.7.1 Relaying denied: no route for this recipient"
+
+
+class AcceptPipeline:
+    """The ``accept`` callable an ``SmtpListener`` hands finished messages to."""
+
+    def __init__(self, *, listener: ListenerConfig, config: Config, spool: Spool,
+                 router: Router, signer: Signer | None, guard: HeaderGuard) -> None:
+        self._rules = listener.header_rules
+        self._route_rules = {(r.sender_domain, r.recipient_domain): r.header_rules
+                             for r in config.routes if r.header_rules}
+        self._routes = config.routes
+        self._upstream_rules = {u.name: u.header_rules for u in config.upstreams
+                                if u.header_rules}
+        self._spool = spool
+        self._router = router
+        self._signer = signer
+        self._guard = guard
+
+    def _rules_for(self, envelope: Envelope) -> list[HeaderRule]:
+        rules = list(self._rules)
+        if not (self._route_rules or self._upstream_rules):
+            return rules
+        seen: set[str] = set()
+        for rcpt in envelope.recipients:
+            upstream = self._router.route_or_none(envelope.sender, rcpt)
+            if upstream is None or upstream in seen:
+                continue
+            seen.add(upstream)
+            for route in self._routes:
+                if route.upstream == upstream and route.header_rules:
+                    rules.extend(route.header_rules)
+            rules.extend(self._upstream_rules.get(upstream, ()))
+        return rules
+
+    async def __call__(self, envelope: Envelope, data: bytes) -> str:
+        received = data
+        rules = self._rules_for(envelope)
+        if rules:
+            data = apply_rules(data, rules)
+        if self._signer is not None:
+            data = await self._signer.maybe_sign(envelope, data)
+        if not self._guard.check(received, data):
+            raise Refusal(451, "4.3.0", "Error: local error in processing; try again later",
+                          reason="protected_headers")
+        return await self._spool.store(envelope, data)
+
+
+class RoutedChecks(MessageChecks):
+    """The listener's checks (profile limits, SPF) plus: every recipient needs a route."""
+
+    def __init__(self, *, router: Router, profile: ProfileConfig | None,
+                 upstream_profiles: Mapping[str, ProfileConfig], spf: SpfChecker | None,
+                 spf_policy: Literal["off", "tag", "reject"]) -> None:
+        self._router = router
+        self._upstream_profiles = upstream_profiles
+        super().__init__(profile=profile, route_profile=self._profile_of, spf=spf,
+                         spf_policy=spf_policy)
+
+    def _profile_of(self, sender: str, recipient: str) -> ProfileConfig | None:
+        upstream = self._router.route_or_none(sender, recipient)
+        return None if upstream is None else self._upstream_profiles.get(upstream)
+
+    async def check_recipient(self, session: SessionInfo, sender: str, recipient: str,
+                              accepted: Sequence[str]) -> None:
+        if self._router.route_or_none(sender, recipient) is None:
+            raise Refusal.from_reply(NO_ROUTE, "no_route")
+        await super().check_recipient(session, sender, recipient, accepted)
