@@ -66,12 +66,28 @@ def parse_file(path: Path | str) -> tuple[str, str, dict[str, object]]:
             line, msg = int(m.group(1)), f"{msg[:m.start()]} at column {m.group(2)}"
         elif _TOML_END.search(msg):
             line, msg = text.count("\n") + 1, _TOML_END.sub(" at end of file", msg)
-        if msg.startswith("Illegal character '\\n'"):
-            msg = f"string not closed before the end of the line ({msg})"
+        msg, hint = _friendlier(msg)
         raise ConfigError(f"TOML syntax error: {msg}", file=file, line=line,
-                          hint="check quotes, brackets and commas on this line (strings "
-                               'need "double quotes"; arrays are [..., ...])') from None
+                          hint=hint) from None
     return file, text, data
+
+
+_SYNTAX_HINT = ('check quotes, brackets and commas on this line (strings need "double '
+                'quotes"; booleans are true or false; arrays are [..., ...])')
+_TWICE_HINT = "each key and each [table] appears once; [[name]] starts another entry"
+
+
+def _friendlier(msg: str) -> tuple[str, str]:
+    """tomllib's message, with the common operator mistakes named in plain words; a hint."""
+    if msg.startswith("Illegal character '\\n'"):
+        return f"string not closed before the end of the line ({msg})", _SYNTAX_HINT
+    if msg.startswith("Cannot overwrite a value"):
+        return f"key set twice ({msg})", _TWICE_HINT
+    m = re.match(r"Cannot declare \((.*?),?\) twice", msg)
+    if m:
+        name = ".".join(part.strip().strip("'\"") for part in m.group(1).split(","))
+        return f"table [{name}] declared twice ({msg})", _TWICE_HINT
+    return msg, _SYNTAX_HINT
 
 
 def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -> Config:

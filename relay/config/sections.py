@@ -256,8 +256,11 @@ def _listener_rules(t: Table, cfg: ListenerConfig) -> None:
                           hint="relay refuses to be an open relay: list the client networks "
                                'in allow (e.g. allow = ["10.20.0.0/16"]) or require AUTH')
         if cfg.auth == "required" and cfg.users_file is None:
+            hint = "create it with `relay user add NAME`"
+            if cfg.allow:
+                hint += ', or set auth = "none" to accept only the allow-listed networks'
             raise t.error("users_file", 'auth = "required" needs a users file',
-                          expected="a file path", hint="create it with `relay user add NAME`")
+                          expected="a file path", hint=hint)
     else:
         if cfg.upstream is None:
             raise t.error("upstream", f"{cfg.protocol} listeners need an upstream",
