@@ -152,15 +152,28 @@ def _all_qualifier(record: str) -> str:
 
 
 def routed_domains(config: Config) -> list[tuple[str, UpstreamConfig]]:
-    """(sender domain, upstream) of every route naming a sender domain (wildcards: base)."""
-    out = []
+    """(sender domain, upstream) of every route naming a sender domain (wildcards: base),
+    and of every DKIM signing domain no such route names (via ``default_upstream``)."""
+    out: list[tuple[str, UpstreamConfig]] = []
+    named: set[str] = set()
     for route in config.routes:
         if route.sender_domain:
-            domain = route.sender_domain.removeprefix("*.")
+            domain = route.sender_domain.removeprefix("*.").lower()
+            named.add(domain)
             try:
                 out.append((domain, config.upstream(route.upstream)))
             except KeyError:
                 continue
+    default = config.relay.default_upstream
+    for key in config.dkim:
+        domain = key.domain.lower().rstrip(".")
+        if domain in named or default is None:
+            continue
+        named.add(domain)
+        try:
+            out.append((domain, config.upstream(default)))
+        except KeyError:
+            continue
     return out
 
 

@@ -126,3 +126,25 @@ async def test_startup_warning_per_failing_domain(tmp_path: Path, dns: HostPort,
     assert [p.domain for p in failing] == ["nomsft.test"]
     assert "SPF for sender domain nomsft.test via upstream o365 would fail" in caplog.text
     assert "customer.test" not in caplog.text
+
+
+def test_routed_domains_include_dkim_domains_via_default_upstream() -> None:
+    from relay.checks.spf_outbound import routed_domains
+    from relay.config.schema import (
+        Config,
+        DkimKeyConfig,
+        MetricsConfig,
+        RelaySection,
+        RouteConfig,
+        UpstreamConfig,
+    )
+
+    o365 = UpstreamConfig(name="o365", protocol="smtp", host="smtp.office365.com", port=587)
+    gmail = UpstreamConfig(name="gmail", protocol="smtp", host="smtp.gmail.com", port=587)
+    cfg = Config(source=Path("x.toml"), relay=RelaySection(default_upstream="o365"),
+                 metrics=MetricsConfig(), listeners=(), upstreams=(o365, gmail),
+                 routes=(RouteConfig(upstream="gmail", sender_domain="*.shop.test"),),
+                 dkim=(DkimKeyConfig("Brand.test", "s", Path("k")),
+                       DkimKeyConfig("shop.test", "s", Path("k"))))
+    assert [(d, u.name) for d, u in routed_domains(cfg)] == [
+        ("shop.test", "gmail"), ("brand.test", "o365")]
