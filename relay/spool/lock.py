@@ -89,7 +89,7 @@ class SpoolLock:
             return False
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except OSError:                 # no lock file (or no spool): nobody holds it
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

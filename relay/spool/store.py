@@ -129,7 +129,16 @@ class Spool:
         return self._lock.held_by_other()
 
     def recover(self) -> list[QueuedMessage]:
-        """Start-up: remove tmp/ leftovers, move damaged files to corrupt/, index the rest."""
+        """Start-up: remove tmp/ leftovers, move damaged files to corrupt/, index the rest.
+
+        Refuses while another process holds the spool lock: its unfinished writes in tmp/
+        are not leftovers. Take ``lock()`` first.
+        """
+        if self.is_locked_by_other():
+            raise SpoolError(f"the spool {self.root} is in use by process "
+                             f"{self._lock.holder_pid() or '?'}; not recovering under it",
+                             hint="stop the other relay first, or use `relay queue` to "
+                                  "inspect a running relay's queue")
         self._prepare()
         try:
             recovery.clean_tmp(self.tmp)

@@ -209,3 +209,13 @@ def test_lock_held_by_another_process_and_freed_when_it_dies(tmp_path: Path) -> 
     assert not sp.is_locked_by_other()
     sp.lock()
     sp.close()
+
+
+async def test_recover_refuses_under_a_running_relay(tmp_path: Path) -> None:
+    running, other = Spool(tmp_path / "s"), Spool(tmp_path / "s")
+    running.lock()
+    running.recover()
+    with pytest.raises(SpoolError, match="not recovering under it"):
+        other.recover()
+    running.close()
+    assert other.recover() == []
