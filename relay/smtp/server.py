@@ -264,6 +264,18 @@ class RelaySMTP(SMTP):
             lines.append("AUTH PLAIN LOGIN")
         await self._raw([f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"])
 
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self.tls:
+            await self.push("503 5.5.1 Error: TLS already active")
+            return
+        if self._txn is not None:
+            await self.push("503 5.5.1 Error: STARTTLS not permitted during a mail transaction")
+            return
+        if self.tls_context is None:
+            await self.push("502 5.5.1 Error: STARTTLS not offered on this listener")
+            return
+        await super().smtp_STARTTLS(arg)
+
     async def smtp_MAIL(self, arg: str | None) -> None:
         if not self._s.host_name:
             await self.push(replies.NEED_EHLO)

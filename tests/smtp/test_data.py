@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.smtp.data import BareLineEnding, DataReader, Event, Message, TooBig
 
@@ -134,3 +138,31 @@ def test_large_message_in_64k_chunks() -> None:
     for i in range(0, len(stream), 65536):
         event = reader.feed(stream[i:i + 65536])
     assert isinstance(event, Message) and event.body == body
+
+
+# --- property: any CRLF message, dot-stuffed and cut anywhere, comes back unchanged
+
+_line = st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(_line | st.sampled_from([b".", b"..", b".x", b""]), max_size=30),
+       cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=6),
+       after=st.binary(max_size=20))
+def test_roundtrip_property(lines: list[bytes], cuts: list[int], after: bytes) -> None:
+    body = b"".join(line + b"\r\n" for line in lines)
+    stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n"
+                       for line in lines)
+    stream = stuffed + b".\r\n" + after
+    points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    reader = DataReader(max_size=1 << 20)
+    event = None
+    rest = b""
+    for a, b in itertools.pairwise(points):
+        event = reader.feed(stream[a:b])
+        if event is not None:
+            rest = stream[b:]
+            break
+    assert isinstance(event, Message)
+    assert event.body == body
+    assert event.leftover + rest == after

@@ -68,6 +68,7 @@ async def test_login_without_initial_response(start_relay: StartRelay) -> None:
         tls = client_ctx(relay).wrap_socket(c.sock, server_hostname="localhost")
         c.sock = tls
         c.cmd("EHLO x")
+        assert c.cmd("STARTTLS") == "503 5.5.1 Error: TLS already active"
         out = [c.cmd("AUTH LOGIN")]
         out.append(c.cmd(base64.b64encode(b"bob").decode()))
         out.append(c.cmd(base64.b64encode(b"bobpw").decode()))
