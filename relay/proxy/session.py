@@ -172,7 +172,7 @@ class ProxySession:
                     self.client.write(ev.data)
                 elif isinstance(ev, Close):
                     self.end = ev.reason
-                    if ev.reason not in ("logout",):
+                    if ev.reason not in ("logout", "refused"):    # refusals counted already
                         self._count_failure(ev.reason)
                     return False
                 elif isinstance(ev, StartTls):
