@@ -85,9 +85,9 @@ def read_upstream(t: Table) -> UpstreamConfig:
         via=t.opt_text("via"),
         max_connections=_int(t, "max_connections", D),
         max_messages_per_connection=_int(t, "max_messages_per_connection", D),
-        connect_timeout=duration(t, "connect_timeout", D, min=1.0),
-        command_timeout=duration(t, "command_timeout", D, min=1.0),
-        data_timeout=duration(t, "data_timeout", D, min=1.0),
+        connect_timeout=duration(t, "connect_timeout", D, min=0.001),
+        command_timeout=duration(t, "command_timeout", D, min=0.001),
+        data_timeout=duration(t, "data_timeout", D, min=0.001),
         helo_name=t.opt_text("helo_name", expected="a host name", check=is_domain),
         profile=t.opt_text("profile"),
         header_rules=read_header_rules(t),
@@ -220,7 +220,7 @@ def read_proxy(t: Table) -> ProxyConfig:
                       port=port, username=username, password=password,
                       remote_dns=t.flag("remote_dns", default(ProxyConfig, "remote_dns")),
                       key_file=key_file, known_hosts=known_hosts,
-                      connect_timeout=duration(t, "connect_timeout", ProxyConfig, min=1.0),
+                      connect_timeout=duration(t, "connect_timeout", ProxyConfig, min=0.001),
                       line=t.ctx.line(t.path) or 0)
     t.finish()
     return cfg

@@ -109,7 +109,7 @@ def read_relay(t: Table) -> RelaySection:
         log_level=t.enum("log_level", LOG_LEVELS, default(D, "log_level")),
         default_upstream=t.opt_text("default_upstream"),
         dns_servers=tuple(dns),
-        dns_timeout=duration(t, "dns_timeout", D, min=0.1),
+        dns_timeout=duration(t, "dns_timeout", D, min=0.001),
         slow_delivery_threshold=duration(t, "slow_delivery_threshold", D, min=0.001),
         protected_headers=protected,
         retry=read_retry(t.table("retry")),
@@ -120,11 +120,11 @@ def read_relay(t: Table) -> RelaySection:
 
 
 def read_retry(t: Table) -> RetryConfig:
-    first = duration(t, "first", RetryConfig, min=1.0)
-    most = duration(t, "max", RetryConfig, min=1.0)
+    first = duration(t, "first", RetryConfig, min=0.001)
+    most = duration(t, "max", RetryConfig, min=0.001)
     jitter = t.bounded("jitter", _fraction, default(RetryConfig, "jitter"),
                        expected="a fraction", min=0.0, max=0.9)
-    lifetime = duration(t, "lifetime", RetryConfig, min=60.0)
+    lifetime = duration(t, "lifetime", RetryConfig, min=0.001)
     if most < first:
         raise t.error("max", "retry.max is shorter than retry.first", got=show(t.raw.get("max")),
                       expected=f"at least {first:g} seconds")
@@ -215,18 +215,18 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
         max_connections=t.integer("max_connections", default(D, "max_connections"), min=1) or 1,
         max_connections_per_client=t.integer("max_connections_per_client",
                                          default(D, "max_connections_per_client"), min=1) or 1,
-        command_timeout=duration(t, "command_timeout", D, min=1.0),
-        data_timeout=duration(t, "data_timeout", D, min=1.0),
+        command_timeout=duration(t, "command_timeout", D, min=0.001),
+        data_timeout=duration(t, "data_timeout", D, min=0.001),
         auth_fail_limit=t.integer("auth_fail_limit", default(D, "auth_fail_limit"), min=1) or 1,
-        auth_fail_window=duration(t, "auth_fail_window", D, min=1.0),
+        auth_fail_window=duration(t, "auth_fail_window", D, min=0.001),
         spf=cast(Literal["off", "tag", "reject"], spf),
         dkim_verify=t.flag("dkim_verify", default(D, "dkim_verify")),
         profile=t.opt_text("profile"),
         header_rules=read_header_rules(t),
         upstream=upstream,
-        login_timeout=duration(t, "login_timeout", D, min=1.0),
-        idle_timeout=duration(t, "idle_timeout", D, min=1.0),
-        max_line=t.integer("max_line", default(D, "max_line"), min=512) or 512,
+        login_timeout=duration(t, "login_timeout", D, min=0.001),
+        idle_timeout=duration(t, "idle_timeout", D, min=0.001),
+        max_line=t.integer("max_line", default(D, "max_line"), min=64) or 64,
         line=t.ctx.line(t.path) or 0,
     )
     t.finish()
