@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -219,3 +221,37 @@ async def test_recover_refuses_under_a_running_relay(tmp_path: Path) -> None:
         other.recover()
     running.close()
     assert other.recover() == []
+
+
+async def test_store_returns_only_after_data_rename_and_directory_are_synced(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The durability contract, as the sequence of calls store() makes before returning."""
+    calls: list[str] = []
+    real = {name: getattr(os, name) for name in ("fdatasync", "fsync", "rename", "close")}
+    dirfd = spool._dirfd
+
+    def record(name: str) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            if name == "rename":
+                calls.append(f"rename {Path(args[0]).parent.name}->{Path(args[1]).parent.name}")
+            elif name == "fsync":
+                calls.append("fsync dir" if args[0] == dirfd else "fsync file")
+            else:
+                calls.append(name)
+            return real[name](*args)
+        return call
+
+    for name in real:
+        monkeypatch.setattr(os, name, record(name))
+    qid = await spool.store(envelope(), DATA)
+    calls.append("returned")
+    assert calls == ["fdatasync", "close", "rename tmp->queue", "fsync dir", "returned"]
+
+    calls.clear()
+    msg = spool.load(qid)
+    msg.state.attempts = 1
+    await spool.save_state(msg)
+    assert calls == ["fdatasync", "close", "rename tmp->queue", "fsync dir"]
+    calls.clear()
+    await spool.remove(qid)
+    assert calls == ["fsync dir"]
