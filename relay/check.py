@@ -117,6 +117,11 @@ class Checker:
         await self.transports.close()
 
     async def check(self, up: UpstreamConfig) -> Report:
+        report = await self._check(up)
+        report.note_if_slow(self.config.relay.slow_delivery_threshold)
+        return report
+
+    async def _check(self, up: UpstreamConfig) -> Report:
         via = up.via or "direct"
         report = Report(up.name, up.protocol, f"{up.host}:{up.port}" if up.host else
                         str(up.path), via)

@@ -34,6 +34,17 @@ class Report:
     target: str                    # host:port
     via: str                       # proxy name or "direct"
     steps: list[Step] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def note_if_slow(self, threshold: float) -> None:
+        """Flag a walk slower than the slow-delivery threshold, naming the slowest step."""
+        timed = [s for s in self.steps if s.seconds is not None]
+        total = sum(s.seconds or 0.0 for s in timed)
+        if timed and total > threshold:
+            worst = max(timed, key=lambda s: s.seconds or 0.0)
+            self.notes.append(
+                f"the walk took {total:.1f} s, more than slow_delivery_threshold "
+                f"({threshold:g} s); {worst.seconds or 0.0:.1f} s of it in {worst.step}")
 
     @property
     def ok(self) -> bool:
@@ -150,6 +161,7 @@ def format_text(reports: list[Report]) -> str:
             lines.append(f"  {verdict:<5} {s.step:<10} {ms:>8}  {s.detail}")
             if s.hint and s.ok is False:
                 lines.append(f"  {'':<5} {'':<10} {'':>8}  hint: {s.hint}")
+        lines += [f"  note: {n}" for n in r.notes]
         lines.append(f"  => {'ok' if r.ok else 'FAILED (' + r.reason + ')'}")
         lines.append("")
     return "\n".join(lines)
@@ -158,5 +170,5 @@ def format_text(reports: list[Report]) -> str:
 def to_json(reports: list[Report]) -> dict[str, Any]:
     return {"ok": all(r.ok for r in reports),
             "upstreams": [{"name": r.upstream, "protocol": r.protocol, "target": r.target,
-                           "via": r.via, "ok": r.ok, "reason": r.reason,
+                           "via": r.via, "ok": r.ok, "reason": r.reason, "notes": r.notes,
                            "steps": [asdict(s) for s in r.steps]} for r in reports]}
