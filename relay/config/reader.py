@@ -279,7 +279,11 @@ class Table:
         if file_key in self.raw:
             p = self.file(file_key, exists=True, readable=True, private=True)
             assert p is not None
-            value = p.read_text(encoding="utf-8").rstrip("\r\n")
+            try:
+                value = p.read_text(encoding="utf-8").rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise self.error(file_key, f"cannot read the {name} file",
+                                 got=show(self.raw[file_key]), hint=f"{p}: {exc}") from None
             if not value:
                 raise self.error(file_key, f"{name} file is empty", got=show(self.raw[file_key]),
                                  hint=f"write the {name} into {p}")
