@@ -227,7 +227,7 @@ async def test_store_returns_only_after_data_rename_and_directory_are_synced(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The durability contract, as the sequence of calls store() makes before returning."""
     calls: list[str] = []
-    real = {name: getattr(os, name) for name in ("fdatasync", "fsync", "rename", "close")}
+    real = {name: getattr(os, name) for name in ("fdatasync", "fsync", "rename")}
     dirfd = spool._dirfd
 
     def record(name: str) -> Callable[..., Any]:
@@ -245,13 +245,13 @@ async def test_store_returns_only_after_data_rename_and_directory_are_synced(
         monkeypatch.setattr(os, name, record(name))
     qid = await spool.store(envelope(), DATA)
     calls.append("returned")
-    assert calls == ["fdatasync", "close", "rename tmp->queue", "fsync dir", "returned"]
+    assert calls == ["fdatasync", "rename tmp->queue", "fsync dir", "returned"]
 
     calls.clear()
     msg = spool.load(qid)
     msg.state.attempts = 1
     await spool.save_state(msg)
-    assert calls == ["fdatasync", "close", "rename tmp->queue", "fsync dir"]
+    assert calls == ["fdatasync", "rename tmp->queue", "fsync dir"]
     calls.clear()
     await spool.remove(qid)
     assert calls == ["fsync dir"]
