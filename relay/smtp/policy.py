@@ -15,11 +15,12 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from relay.smtp.replies import AUTH_REQUIRED, RELAY_DENIED, Refusal
+from relay.smtp.replies import AUTH_REQUIRED, RELAY_DENIED, TOO_BIG, Refusal
 
 MAX_LOCAL = 64
 MAX_DOMAIN = 255
 MAX_PATH = 256
+_MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "AUTH"}
 
 _ATEXT = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~")
 _LDH = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
@@ -94,6 +95,29 @@ def _split_path(text: str, what: str) -> tuple[str, str]:
                 raise _bad(what, "text after '>'")
             return text[1:i], rest.strip(" ")
     raise _bad(what, "missing '>'")
+
+
+def mail_params(params: dict[str, str | None], *, extended: bool,
+                max_size: int) -> tuple[bool, bool]:
+    """Check MAIL FROM parameters; return (SMTPUTF8, BODY=8BITMIME). AUTH= is ignored."""
+    if params and not extended:
+        raise Refusal(501, "5.5.4", "Parameters need EHLO", reason="bad_address")
+    unknown = sorted(set(params) - _MAIL_PARAMS)
+    if unknown:
+        raise Refusal(555, "5.5.4", f"MAIL parameter {unknown[0][:32]} not supported",
+                      reason="bad_address")
+    body = (params.get("BODY") or "7BIT").upper()
+    if body not in ("7BIT", "8BITMIME"):
+        raise Refusal(501, "5.5.4", "BODY must be 7BIT or 8BITMIME", reason="bad_address")
+    if params.get("SMTPUTF8") is not None:
+        raise Refusal(501, "5.5.4", "SMTPUTF8 takes no value", reason="bad_address")
+    size = params.get("SIZE")
+    if size is not None:
+        if not size.isdigit() or len(size) > 20:
+            raise Refusal(501, "5.5.4", "SIZE must be a number", reason="bad_address")
+        if int(size) > max_size:
+            raise Refusal.from_reply(TOO_BIG, "too_big")
+    return "SMTPUTF8" in params, body == "8BITMIME"
 
 
 def parse_params(text: str) -> dict[str, str | None]:

@@ -21,14 +21,19 @@ from relay.smtp import replies
 from relay.smtp.data import DataReader, Event
 from relay.smtp.handler import Context, Transaction, finish_message
 from relay.smtp.hooks import SessionInfo
-from relay.smtp.policy import domain_of, in_domains, parse_command, relay_refusal
+from relay.smtp.policy import (
+    domain_of,
+    in_domains,
+    mail_params,
+    parse_command,
+    relay_refusal,
+)
 from relay.smtp.replies import Refusal, with_enhanced
 from relay.smtp.sasl import run_auth
 
 log = logging.getLogger("relay.smtp")
 
 READ_CHUNK = 65536
-_MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "AUTH"}
 _RAW = ("220 ", "220-", "334 ", "354 ")     # no enhanced code (greeting, challenges, 354)
 
 
@@ -288,24 +293,8 @@ class RelaySMTP(SMTP):
         try:
             parsed = parse_command(arg, "FROM:", what="sender", null_ok=True)
             sender, params = parsed.address, parsed.params
-            if params and not self._s.extended_smtp:
-                raise Refusal(501, "5.5.4", "Parameters need EHLO", reason="bad_address")
-            unknown = sorted(set(params) - _MAIL_PARAMS)
-            if unknown:
-                raise Refusal(555, "5.5.4", f"MAIL parameter {unknown[0][:32]} not supported",
-                              reason="bad_address")
-            body = (params.get("BODY") or "7BIT").upper()
-            if body not in ("7BIT", "8BITMIME"):
-                raise Refusal(501, "5.5.4", "BODY must be 7BIT or 8BITMIME",
-                              reason="bad_address")
-            if "SMTPUTF8" in params and params["SMTPUTF8"] is not None:
-                raise Refusal(501, "5.5.4", "SMTPUTF8 takes no value", reason="bad_address")
-            size = params.get("SIZE")
-            if size is not None:
-                if not size.isdigit() or len(size) > 20:
-                    raise Refusal(501, "5.5.4", "SIZE must be a number", reason="bad_address")
-                if int(size) > cfg.max_message_size:
-                    raise Refusal.from_reply(replies.TOO_BIG, "too_big")
+            smtputf8, body8 = mail_params(params, extended=bool(self._s.extended_smtp),
+                                          max_size=cfg.max_message_size)
             info = self.info()
             if not info.trusted and not cfg.relay_domains:
                 raise relay_refusal(auth_required=self._auth_wanted())
@@ -314,8 +303,7 @@ class RelaySMTP(SMTP):
         except Refusal as r:
             await self._refuse(r, "MAIL", sender=sender)
             return
-        self._txn = Transaction(sender=sender, smtputf8="SMTPUTF8" in params,
-                                body_8bitmime=body == "8BITMIME")
+        self._txn = Transaction(sender=sender, smtputf8=smtputf8, body_8bitmime=body8)
         await self.push(replies.SENDER_OK)
 
     def _auth_wanted(self) -> bool:
