@@ -20,8 +20,11 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     """A 256 KiB tmpfs, unmounted afterwards."""
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mnt)],
-                   check=True, capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs",
+                           str(mnt)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.fail(f"cannot mount a tmpfs for the disk-full test ({done.stderr.strip()}): "
+                    "run the tests as root (or with CAP_SYS_ADMIN)")
     try:
         yield mnt
     finally:
