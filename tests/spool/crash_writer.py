@@ -27,7 +27,7 @@ async def worker(spool: Spool, rng: random.Random, live: list[str]) -> None:
         print("S", qid, flush=True)
         live.append(qid)
         roll = rng.random()
-        if roll < 0.3 and live:
+        if roll < 0.25 and live:
             target = live[rng.randrange(len(live))]
             msg = spool.load(target)
             msg.state.attempts += 1
@@ -35,7 +35,7 @@ async def worker(spool: Spool, rng: random.Random, live: list[str]) -> None:
             msg.state.next_attempt = time.time() + 60
             await spool.save_state(msg)
             print("T", target, flush=True)
-        elif roll < 0.5 and live:
+        elif roll < 0.85 and live:
             target = live.pop(rng.randrange(len(live)))
             print("D", target, flush=True)
             await spool.remove(target)

@@ -70,10 +70,11 @@ def test_kill_9_never_loses_an_acknowledged_message(tmp_path: Path,
     removed: set[str] = set()
     removing: set[str] = set()              # remove() begun: gone or not, both are fine
     caplog.set_level(logging.INFO, logger="relay.spool")
-    total = 0
+    total = interrupted = 0
     for rnd in range(ROUNDS):
         events = _run_and_kill(root, rng.randrange(1 << 30), rng)
         total += len(events)
+        interrupted += len(os.listdir(root / "tmp"))
         for kind, qid in events:
             if kind == "S":
                 stored.add(qid)
@@ -98,4 +99,5 @@ def test_kill_9_never_loses_an_acknowledged_message(tmp_path: Path,
         removing -= set(recovered)              # ... or did not: queued like any other
     moved = [r for r in caplog.records if "damaged" in r.getMessage()]
     assert moved == []
-    assert total > ROUNDS                      # the kills did land amid real work
+    assert total > ROUNDS                      # the kills did land amid real work,
+    assert interrupted > 0                     # some of them halfway through a write
