@@ -54,54 +54,75 @@ def _transient(reply: str, reason: str) -> RcptResult:
 
 
 class _Pool:
-    """Idle sessions of one upstream, by identity; the semaphore is the concurrency cap."""
+    """Sessions of one upstream, idle ones by identity; the semaphore is the concurrency cap.
+
+    ``alive`` counts open sessions (in use and idle). Opening one more than
+    ``max_connections`` first closes the oldest idle session of another identity, so
+    idle sessions never push the connection count past the cap.
+    """
 
     def __init__(self, upstream: UpstreamConfig, idle_timeout: float) -> None:
         self.upstream = upstream
-        self.sem = asyncio.Semaphore(max(1, upstream.max_connections))
+        self.limit = max(1, upstream.max_connections)
+        self.sem = asyncio.Semaphore(self.limit)
         self.idle_timeout = idle_timeout
-        self._idle: dict[tuple[str, str, str], list[tuple[SmtpSession, asyncio.TimerHandle]]] = {}
+        self._idle: list[tuple[SmtpSession, asyncio.TimerHandle]] = []   # oldest first
         self.closing: set[asyncio.Task[None]] = set()
         self.opened = 0     # sessions opened so far (tests and debugging)
+        self.alive = 0
 
     def take(self, key: tuple[str, str, str]) -> SmtpSession | None:
-        entries = self._idle.get(key, [])
-        while entries:
-            session, handle = entries.pop()
+        """The most recently used idle session for this identity, if any is usable."""
+        for i in range(len(self._idle) - 1, -1, -1):
+            session, handle = self._idle[i]
+            if session.credentials.key != key:
+                continue
+            del self._idle[i]
             handle.cancel()
             if session.usable:
                 return session
-            session.close()
+            self.discard(session)
         return None
 
+    async def make_room(self) -> None:
+        """Before opening a session: QUIT the oldest idle one(s) while the cap is reached."""
+        while self.alive >= self.limit and self._idle:
+            session, handle = self._idle.pop(0)
+            handle.cancel()
+            session.discarded = True
+            self.alive -= 1
+            await session.quit()
+
     def put(self, session: SmtpSession) -> None:
-        limit = max(1, self.upstream.max_messages_per_connection)
-        if not session.usable or session.messages >= limit:
-            self._quit(session)
+        """Return a session after an attempt: keep it idle, or QUIT it."""
+        per_conn = max(1, self.upstream.max_messages_per_connection)
+        if not session.usable or session.messages >= per_conn:
+            self.discard(session)
             return
-        loop = asyncio.get_running_loop()
-        entries = self._idle.setdefault(session.credentials.key, [])
-        handle = loop.call_later(self.idle_timeout, self._expire, session)
-        entries.append((session, handle))
+        handle = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, session)
+        self._idle.append((session, handle))
 
     def _expire(self, session: SmtpSession) -> None:
-        entries = self._idle.get(session.credentials.key, [])
-        for i, (s, _h) in enumerate(entries):
+        for i, (s, _h) in enumerate(self._idle):
             if s is session:
-                del entries[i]
-                self._quit(session)
+                del self._idle[i]
+                self.discard(session)
                 return
 
-    def _quit(self, session: SmtpSession) -> None:
+    def discard(self, session: SmtpSession) -> None:
+        """QUIT (politely, in the background) and forget a session; idempotent."""
+        if session.discarded:
+            return
+        session.discarded = True
+        self.alive -= 1
         task = asyncio.get_running_loop().create_task(session.quit())
         self.closing.add(task)
         task.add_done_callback(self.closing.discard)
 
     async def close(self) -> None:
-        for entries in self._idle.values():
-            for session, handle in entries:
-                handle.cancel()
-                self._quit(session)
+        for session, handle in self._idle:
+            handle.cancel()
+            self.discard(session)
         self._idle.clear()
         if self.closing:
             await asyncio.gather(*self.closing, return_exceptions=True)
@@ -263,12 +284,15 @@ class Deliverer:
             with timer.stage("envelope"):
                 if await session.rset():
                     return session
-            session.close()
+            pool.discard(session)
+        await pool.make_room()
+        session = await SmtpSession.open(up, transport=self._transport_for(up),
+                                         helo_name=up.helo_name or self._hostname,
+                                         credentials=creds, timer=timer,
+                                         token_for=self._token_for, log=log)
         pool.opened += 1
-        return await SmtpSession.open(up, transport=self._transport_for(up),
-                                      helo_name=up.helo_name or self._hostname,
-                                      credentials=creds, timer=timer,
-                                      token_for=self._token_for, log=log)
+        pool.alive += 1
+        return session
 
     async def _transaction(self, session: SmtpSession, msg: QueuedMessage, data: bytes,
                            recipients: list[str], timer: StageTimer,

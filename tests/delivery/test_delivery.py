@@ -275,6 +275,23 @@ async def test_auth_plain_and_account_mapping(started: list[RecordingUpstream],
     await d.close()
 
 
+async def test_idle_session_of_another_identity_yields_its_slot(
+        started: list[RecordingUpstream]) -> None:
+    peer = await start(started, users={"cc@example.com": "pw1", "sales@example.com": "pw2"})
+    up = upstream(peer.port, auth="password", username="cc@example.com", password=Secret("pw1"),
+                  max_connections=1)
+    accounts = [AccountConfig(upstream="up", user="sales", username="sales@example.com",
+                              password=Secret("pw2"))]
+    d = deliverer(up, accounts=accounts)
+    for qid, user in (("Q1", ""), ("Q2", "sales"), ("Q3", "sales"), ("Q4", "")):
+        v = (await d.deliver("up", message(qid, auth_user=user), BODY, ["b@example.net"]))
+        assert v["b@example.net"].ok
+    assert [m.auth_user for m in peer.received] == [
+        "cc@example.com", "sales@example.com", "sales@example.com", "cc@example.com"]
+    assert peer.connections == 3 and peer.max_open == 1
+    await d.close()
+
+
 async def test_auth_refused_defers_with_hint(started: list[RecordingUpstream],
                                              caplog: pytest.LogCaptureFixture) -> None:
     peer = await start(started, users={"cc@example.com": "right"}, auth_required=True)
