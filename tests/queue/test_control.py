@@ -169,3 +169,37 @@ async def test_cli_acts_on_the_files_when_no_relay_runs(queue: Queue) -> None:
     assert code == 1 and "is not a queue id" in err
     code, out, err = await relay_cli("queue", "list", "--spool", str(queue.spool.root / "nope"))
     assert code == 1 and "is not a relay spool" in err
+
+
+async def test_cli_finds_the_spool_and_socket_through_the_config(
+        queue: Queue, hook: FakeScheduler, tmp_path: Path) -> None:
+    sock = tmp_path / "ctl.sock"
+    config = tmp_path / "relay.toml"
+    config.write_text(f"""
+[relay]
+hostname = "localhost"
+spool = "{queue.spool.root}"
+control_socket = "{sock}"
+default_upstream = "outbox"
+
+[[listener]]
+name = "local"
+protocol = "smtp"
+listen = "127.0.0.1:2525"
+auth = "none"
+allow = ["127.0.0.0/8"]
+
+[[upstream]]
+name = "outbox"
+protocol = "outbox"
+path = "{tmp_path / 'outbox'}"
+""")
+    queue.spool.lock()
+    srv = ControlServer(QueueManager(queue.spool, hook), sock)
+    await srv.start()
+    try:
+        code, out, err = await relay_cli("queue", "list", "--json", "-c", str(config))
+        assert code == 0, err
+        assert json.loads(out)["count"] == 3
+    finally:
+        await srv.stop()
