@@ -236,6 +236,11 @@ class Scheduler:
             except KeyError:
                 self.forget(qid)
                 return
+            except RelayError as exc:
+                log.error("%s: cannot read the queued message: %s (hint: %s)", qid, exc,
+                          exc.hint)
+                self._retry_later(msg)
+                return
 
             async def one(upstream: str, rcpts: list[str]) -> dict[str, RcptResult]:
                 try:
@@ -249,14 +254,23 @@ class Scheduler:
                 r: ("", res) for r, res in unrouted.items()}
             for upstream, outcome in zip(groups, outcomes, strict=True):
                 results.update({r: (upstream, res) for r, res in outcome.items()})
-            await self._apply(msg, data, results, deliverer)
+            await self._apply(msg, data, results)
+        except Exception:
+            # Never lose track of a message: log, and try again after the longest backoff.
+            log.exception("%s: delivery attempt failed unexpectedly", qid)
+            self._retry_later(msg)
         finally:
             for upstream in groups:
                 if upstream not in released:
                     self._release(upstream)
 
+    def _retry_later(self, msg: QueuedMessage) -> None:
+        if msg.queue_id in self._msgs and not self._stopping:
+            self._schedule(msg, self._clock() + self._retry.max)
+
     async def _apply(self, msg: QueuedMessage, data: bytes,
-                     results: dict[str, tuple[str, RcptResult]], deliverer: Deliverer) -> None:
+                     results: dict[str, tuple[str, RcptResult]]) -> None:
+        """Record verdicts, log them, bounce what failed, then save state or remove."""
         qid, state, now = msg.queue_id, msg.state, self._clock()
         delay = f"{max(0.0, now - msg.envelope.received_at):.2f}"
         failures: list[tuple[Failure, str]] = []
