@@ -181,7 +181,9 @@ class RelaySMTP(SMTP):
         await super()._handle_client()
 
     def _timeout_cb(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is None:               # already gone (timer re-armed late)
+            return
+        if not self.transport.is_closing():
             log.info("%s: %s timed out", self.ctx.cfg.name, self._client_ip)
             self._write_now(replies.timeout_reply(self.hostname))
         super()._timeout_cb()  # type: ignore[no-untyped-call]
@@ -207,7 +209,7 @@ class RelaySMTP(SMTP):
 
     @property
     def _s(self) -> Session:
-        if self.session is None:     # AttributeError: inspect.getmembers() in __init__ skips it
+        if self.session is None:
             raise AttributeError("no SMTP session before connection_made")
         return self.session
 
