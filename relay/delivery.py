@@ -70,6 +70,7 @@ class _Pool:
         self.closing: set[asyncio.Task[None]] = set()
         self.opened = 0     # sessions opened so far (tests and debugging)
         self.alive = 0
+        self.closed = False  # after close(): sessions still in use are QUIT when returned
 
     def take(self, key: tuple[str, str, str]) -> SmtpSession | None:
         """The most recently used idle session for this identity, if any is usable."""
@@ -96,7 +97,7 @@ class _Pool:
     def put(self, session: SmtpSession) -> None:
         """Return a session after an attempt: keep it idle, or QUIT it."""
         per_conn = max(1, self.upstream.max_messages_per_connection)
-        if not session.usable or session.messages >= per_conn:
+        if self.closed or not session.usable or session.messages >= per_conn:
             self.discard(session)
             return
         handle = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, session)
@@ -120,6 +121,7 @@ class _Pool:
         task.add_done_callback(self.closing.discard)
 
     async def close(self) -> None:
+        self.closed = True
         for session, handle in self._idle:
             handle.cancel()
             self.discard(session)
@@ -160,7 +162,8 @@ class Deliverer:
                    fsync=config.relay.fsync)
 
     async def close(self) -> None:
-        """QUIT every idle session (sessions in use close when their attempt ends)."""
+        """QUIT every idle session; sessions still in use are QUIT when their attempt ends
+        (after a reload the old deliverer is closed while its last attempts finish)."""
         await asyncio.gather(*(pool.close() for pool in self._pools.values()))
 
     def concurrency(self, upstream: str) -> int:

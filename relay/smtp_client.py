@@ -329,6 +329,14 @@ class SmtpSession:
 
     # ---- transactions --------------------------------------------------------------------
 
+    @property
+    def ssl_object(self) -> ssl.SSLObject | None:
+        """The TLS object of the session (certificate, version), None without TLS."""
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+            obj = self._smtp.get_transport_info("ssl_object")
+            return obj if isinstance(obj, ssl.SSLObject) else None
+        return None
+
     def supports(self, extension: str) -> bool:
         return self._smtp.supports_extension(extension)
 

@@ -115,6 +115,17 @@ async def test_connection_reuse_and_rset(started: list[RecordingUpstream]) -> No
     assert bytes(peer.raw[1]).endswith(b"QUIT\r\n")
 
 
+async def test_close_quits_sessions_returned_later(started: list[RecordingUpstream]) -> None:
+    peer = await start(started, delays={"DATA": 0.3})
+    d = deliverer(upstream(peer.port))
+    attempt = asyncio.create_task(d.deliver("up", message(), BODY, ["bob@example.net"]))
+    await peer.wait_for(lambda p: p.open_now == 1)
+    await d.close()                                  # a reload retires this deliverer
+    assert (await attempt)["bob@example.net"].ok
+    await peer.wait_for(lambda p: p.open_now == 0, timeout=5)
+    assert bytes(peer.raw[0]).endswith(b"QUIT\r\n")
+
+
 async def test_idle_sessions_are_closed(started: list[RecordingUpstream]) -> None:
     peer = await start(started)
     d = deliverer(upstream(peer.port), idle_timeout=0.2)
@@ -189,6 +200,7 @@ async def test_starttls_verified(started: list[RecordingUpstream], ca: trustme.C
     assert res["bob@example.net"].ok, res
     raw = bytes(peer.raw[0])
     assert raw.count(b"EHLO relay.test\r\n") == 2 and b"STARTTLS\r\n" in raw
+    assert b"MAIL FROM" not in raw.split(b"STARTTLS\r\n")[0]   # nothing sent in clear
     assert peer.received[0].data == BODY
     await d.close()
 

@@ -102,6 +102,7 @@ class _RecordingSMTP(SMTP):
             self._open = True
             self.owner.open_now += 1
             self.owner.max_open = max(self.owner.max_open, self.owner.open_now)
+            self.owner._changed()
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
