@@ -1,0 +1,61 @@
+"""The listener with the real spool behind it: 250 means on disk; refused means nothing is."""
+
+from __future__ import annotations
+
+import ipaddress
+import smtplib
+from pathlib import Path
+
+from relay.spool.store import Spool
+from tests.smtp.conftest import RawClient, StartRelay, run
+
+ALLOW = (ipaddress.ip_network("127.0.0.0/8"),)
+MSG = b"From: a@example.com\r\nTo: b@example.net\r\nSubject: spooled\r\n\r\nbody\r\n"
+
+
+async def test_250_only_once_the_message_is_in_the_spool(start_relay: StartRelay,
+                                                         tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    stored: list[str] = []
+    spool.add_listener(lambda msg: stored.append(msg.queue_id))
+    relay = await start_relay(allow=ALLOW, accept=spool.store)
+
+    def go() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as s:
+            s.ehlo("platform.test")
+            s.mail("a@example.com")
+            s.rcpt("b@example.net")
+            return s.data(MSG)
+
+    code, reply = await run(go)
+    assert code == 250 and reply.startswith(b"2.0.0 Ok: queued as ")
+    queue_id = reply.decode().rsplit(" ", 1)[1]
+    assert stored == [queue_id] and spool.queue_ids() == [queue_id]
+    data = await spool.read_message(queue_id)
+    assert data.startswith(b"Received: from platform.test ([127.0.0.1])") and data.endswith(MSG)
+    msg = spool.load(queue_id)
+    assert msg.envelope.sender == "a@example.com"
+    assert msg.envelope.recipients == ("b@example.net",)
+    assert msg.envelope.listener == "platform" and msg.envelope.trusted
+
+
+async def test_smuggling_leaves_the_spool_empty(start_relay: StartRelay, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    relay = await start_relay(allow=ALLOW, accept=spool.store)
+
+    def go() -> str:
+        c = RawClient(relay.port)
+        c.reply()
+        c.cmd("EHLO x")
+        c.cmd("MAIL FROM:<a@example.com>")
+        c.cmd("RCPT TO:<b@example.net>")
+        c.cmd("DATA")
+        c.send(b"Subject: x\r\n\r\na\n.\r\nMAIL FROM:<e@evil.example>\r\n.\r\n")
+        r = c.reply()
+        c.close()
+        return r
+
+    assert (await run(go)).startswith("550 5.5.2 ")
+    assert spool.queue_ids() == []
+    root = tmp_path / "spool"
+    assert not root.exists() or [p for p in root.rglob("*") if p.is_file()] == []
