@@ -59,13 +59,14 @@ async def serve(upstream_port: int, tls: str, ca_file: str, kernel_splice: bool)
     await asyncio.Event().wait()
 
 
-def raise_nofile(n: int) -> None:
+def raise_nofile(n: int) -> int:
+    """Raise RLIMIT_NOFILE to ``n`` (or as far as the hard limit allows); the new limit."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = max(hard, n)
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
-    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, n), max(hard, n)))
+    except (ValueError, OSError):             # no CAP_SYS_RESOURCE: the hard limit caps us
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def proc_cpu_ms(pid: int) -> float:
@@ -224,7 +225,7 @@ def main() -> int:
     ap.add_argument("--tls", default="none", help=argparse.SUPPRESS)
     ap.add_argument("--ca", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    raise_nofile(65536)
+    nofile = raise_nofile(65536)
     if args.serve:
         asyncio.run(serve(args.serve, args.tls, args.ca, not args.no_kernel_splice))
         return 0
@@ -235,7 +236,12 @@ def main() -> int:
     idle_n, total_n = (500, 2000) if args.quick else (2000, 10_000)
     rounds = args.rounds or rounds
     total_n = args.sessions or total_n
+    asked = total_n
+    total_n = min(total_n, (nofile - 200) // 2)    # relay needs two descriptors per session
     idle_n = min(idle_n, total_n)
+    if total_n < asked:
+        print(f"RLIMIT_NOFILE is {nofile} and cannot be raised here (no CAP_SYS_RESOURCE): "
+              f"holding {total_n} sessions instead of {asked} (two descriptors each)")
     body = base64.encodebytes(os.urandom(38 * 1024 * 1024)).replace(b"\n", b"\r\n")
     msg = b"From: a@example.com\r\nSubject: big\r\n\r\n" + body
     with dovecot(users={USER: PASSWORD}, max_sessions=total_n + 500) as dc:
@@ -301,8 +307,10 @@ def main() -> int:
           f"{held['rss_idle']:12.1f} {'':12}   (target < 60) "
           f"{'PASS' if float(held['rss_idle']) < 60 and held['n_idle'] == idle_n else 'FAIL'}")
     print(f"{'  per idle session, KB':44} {per_session_kb:12.1f}")
-    print(f"{'sessions held (answered NOOP) / asked':44} {held['alive']:>12} {total_n:>12}   "
-          f"{'PASS' if held['alive'] == total_n else 'FAIL'}")
+    verdict = ("PASS" if held["alive"] == asked else
+               "all opened held; see the RLIMIT note" if held["alive"] == total_n else "FAIL")
+    print(f"{'sessions held (answered NOOP) / opened':44} {held['alive']:>12} {total_n:>12}   "
+          f"target {asked}: {verdict}")
     print(f"{'  relay RSS with all held, MB':44} {held['rss_total']:12.1f}")
     print(f"{'  time to open and log in the rest, s':44} {held['open_s']:12.1f}")
     print(f"{'  errors':44} {held['n_errors']:>12}   {held['errors']}")

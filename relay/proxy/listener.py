@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import socket
 import ssl
 from collections.abc import Callable
@@ -100,6 +101,12 @@ class ProxyListener:
                               line=cfg.line or None,
                               hint="another process may use the port, or binding below "
                                    "1024 needs CAP_NET_BIND_SERVICE") from exc
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if cfg.max_connections and soft < 2 * cfg.max_connections + 64:
+            log.warning("listener %s: max_connections = %d needs about %d file descriptors "
+                        "(two per session) but the limit is %d\n  hint: raise LimitNOFILE "
+                        "(systemd) or ulimit -n, or lower max_connections", cfg.name,
+                        cfg.max_connections, 2 * cfg.max_connections + 64, soft)
         if self._ctx.metrics is not None:
             self._ctx.metrics.proxy_sessions.labels(cfg.name).set(0)
             self._ctx.metrics.proxy_sessions_total.labels(cfg.name)

@@ -10,6 +10,7 @@ log line when it ends and never logs a password or token.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import ssl
 import time
@@ -231,6 +232,14 @@ class ProxySession:
                         exc.explain())
             self._count_failure(exc.reason)
             return "unavailable"
+        except OSError as exc:           # below the transport: usually out of descriptors
+            log.error("proxy login for %s on %s: cannot open an upstream connection: %s\n"
+                      "  hint: %s", _fmt(ev.user), ctx.listener.name, exc,
+                      "relay may be out of file descriptors (each session needs two): raise "
+                      "LimitNOFILE or lower max_connections" if exc.errno == errno.EMFILE
+                      else "check the host's network and resources")
+            self._count_failure("resources" if exc.errno == errno.EMFILE else "connect_failed")
+            return "unavailable"
         except OAuthError as exc:
             log.warning("proxy login for %s on %s: token: %s", _fmt(ev.user),
                         ctx.listener.name, exc.explain())
@@ -242,9 +251,15 @@ class ProxySession:
         leftover = self.machine.leftover()
         self.to_upstream_extra = len(leftover)
         # Nothing but bytes from here on: the kernel moves them when neither side has TLS.
-        kind = (zerocopy.KernelSplice if ctx.kernel_splice and
-                zerocopy.available(self.client, result.channel) else TransportSplice)
-        self.spliced = kind(self.client, result.channel, to_upstream=leftover)
+        self.spliced = None
+        if ctx.kernel_splice and zerocopy.available(self.client, result.channel):
+            try:
+                self.spliced = zerocopy.KernelSplice(self.client, result.channel,
+                                                     to_upstream=leftover)
+            except OSError as exc:                    # out of fds for the dup: stay in Python
+                log.warning("kernel splice unavailable (%s); using the transport pump", exc)
+        if self.spliced is None:
+            self.spliced = TransportSplice(self.client, result.channel, to_upstream=leftover)
         return None
 
     async def _bad_credentials(self, reason: str) -> LoginFailure:

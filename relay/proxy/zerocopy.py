@@ -35,12 +35,25 @@ def available(client: Channel, upstream: Channel) -> bool:
     return True
 
 
-def _detach(ch: Channel) -> int:
-    """Take a duplicate of the channel's socket fd and let asyncio forget the original."""
-    assert ch.transport is not None
-    fd = os.dup(ch.transport.get_extra_info("socket").fileno())
-    ch.transport.abort()           # closes only asyncio's fd: the connection lives on in ours
-    return fd
+def detach(client: Channel, upstream: Channel) -> tuple[int, int]:
+    """Duplicate both sockets' fds, then let asyncio forget (and close) the originals.
+
+    Raises OSError (e.g. EMFILE) before touching either channel if a dup fails, so the
+    caller can fall back to the transport splice.
+    """
+    fds: list[int] = []
+    try:
+        for ch in (client, upstream):
+            assert ch.transport is not None
+            fds.append(os.dup(ch.transport.get_extra_info("socket").fileno()))
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    for ch in (client, upstream):
+        assert ch.transport is not None
+        ch.transport.abort()       # closes only asyncio's fd: the connection lives on in ours
+    return fds[0], fds[1]
 
 
 class _Direction:
@@ -147,9 +160,9 @@ class KernelSplice:
     def __init__(self, client: Channel, upstream: Channel, *, to_upstream: bytes = b"",
                  to_client: bytes = b"") -> None:
         self.loop = asyncio.get_running_loop()
+        cfd, ufd = detach(client, upstream)           # OSError: nothing changed
         to_upstream += client.take_buffer()
         to_client += upstream.take_buffer()
-        cfd, ufd = _detach(client), _detach(upstream)
         self._fds: tuple[int, int] | None = (cfd, ufd)
         self.done: asyncio.Future[str] = self.loop.create_future()
         self.last_activity = self.loop.time()
