@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -126,12 +127,26 @@ def read_users(path: Path) -> dict[str, str]:
 
 
 def write_users(path: Path, users: dict[str, str]) -> None:
-    """Atomically replace the users file (mode 0600, fsynced)."""
+    """Atomically replace the users file (fsynced; mode 0600, or 0640 if it was group-readable).
+
+    An existing file's owner and group are kept, so a file made readable by relay's
+    service user stays readable after root edits it.
+    """
+    mode, owner = 0o600, None
+    try:
+        st = path.stat()
+        mode |= st.st_mode & stat.S_IRGRP
+        owner = (st.st_uid, st.st_gid)
+    except FileNotFoundError:
+        pass
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     body = "".join(f"{name}:{hashed}\n" for name, hashed in users.items())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.fchmod(fd, 0o600)
+        if owner is not None and owner != (os.geteuid(), os.getegid()):
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, *owner)
+        os.fchmod(fd, mode)
         os.write(fd, body.encode("utf-8"))
         os.fsync(fd)
     finally:

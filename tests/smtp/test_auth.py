@@ -140,6 +140,9 @@ def test_users_file_format_and_mode(tmp_path: Path) -> None:
     assert not db.verify_sync("ghost", b"pw")
     line = path.read_text().strip()
     assert line.startswith("u1:$scrypt$n=16,r=8,p=1$")
+    os.chmod(path, 0o640)                      # group-readable (relay's group) is kept
+    write_users(path, {"u1": hash_password(b"pw", n=2**4)})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
     os.chmod(path, 0o644)
     with pytest.raises(ConfigError, match="readable or writable by every user"):
         UserDB.load(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import smtplib
 import ssl
+from pathlib import Path
 
 import aiosmtplib
 import pytest
@@ -179,3 +180,29 @@ async def test_spool_failures_map_to_replies(start_relay: StartRelay, error: Exc
     assert first == reply
     assert second == "250 2.0.0 Ok: queued as TESTQ0001"
     assert relay.refused(reason) == 1
+
+
+async def test_reload_swaps_the_implicit_tls_certificate(start_relay: StartRelay,
+                                                         tmp_path: Path) -> None:
+    import dataclasses
+
+    import trustme
+
+    relay = await start_relay(tls="implicit")
+    new_ca = trustme.CA()
+    leaf = new_ca.issue_cert("localhost", "127.0.0.1")
+    cert, key = tmp_path / "new.crt", tmp_path / "new.key"
+    cert.write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    relay.listener.reconfigure(dataclasses.replace(relay.listener.config, cert=cert, key=key),
+                               users=None)
+
+    def handshake(ca: trustme.CA) -> str:
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        with smtplib.SMTP_SSL("127.0.0.1", relay.port, context=ctx, timeout=10) as s:
+            return s.ehlo()[1].decode().splitlines()[0]
+
+    assert await run(handshake, new_ca) == "relay.test"
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await run(handshake, relay.ca)
