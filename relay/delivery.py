@@ -6,7 +6,10 @@ or anything unknown transient (retry). 552 at RCPT is treated as 452 (RFC 5321
 
 Sessions are pooled per upstream and identity (``relay.smtp_client.Credentials``): at
 most ``max_connections`` at once, each reused for up to ``max_messages_per_connection``
-messages (RSET before each reuse), closed after ``idle_timeout`` seconds unused. Stage
+messages, closed after ``idle_timeout`` seconds unused. A reused session gets an RSET
+first when its last transaction was left unfinished or it sat idle for over
+``probe_idle`` seconds (a liveness probe); if MAIL on a reused session finds it dead,
+the message is tried once more on a fresh session instead of being deferred. Stage
 times of session set-up (connect, tls, greeting, auth) count toward the message that
 opened the session only; later messages on it record envelope (RSET, MAIL, RCPT) and data.
 """
@@ -100,7 +103,9 @@ class _Pool:
         if self.closed or not session.usable or session.messages >= per_conn:
             self.discard(session)
             return
-        handle = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, session)
+        loop = asyncio.get_running_loop()
+        session.idle_since = loop.time()
+        handle = loop.call_later(self.idle_timeout, self._expire, session)
         self._idle.append((session, handle))
 
     def _expire(self, session: SmtpSession) -> None:
@@ -138,7 +143,7 @@ class Deliverer:
                  hostname: str, accounts: Sequence[AccountConfig] = (),
                  token_for: TokenFor | None = None, slow_threshold: float = 10.0,
                  metrics: Metrics | None = None, fsync: bool = True,
-                 idle_timeout: float = 30.0) -> None:
+                 idle_timeout: float = 30.0, probe_idle: float = 1.0) -> None:
         self._upstreams = {u.name: u for u in upstreams}
         self._accounts = tuple(accounts)
         self._transport_for = transport_for
@@ -147,6 +152,7 @@ class Deliverer:
         self._slow = slow_threshold
         self._metrics = metrics
         self._fsync = fsync
+        self._probe_idle = probe_idle      # RSET a session idle longer than this before reuse
         self._pools = {u.name: _Pool(u, idle_timeout) for u in upstreams}
 
     @classmethod
@@ -255,7 +261,18 @@ class Deliverer:
             session: SmtpSession | None = None
             try:
                 session = await self._session(pool, up, creds, timer)
-                return await self._transaction(session, msg, data, recipients, timer, results)
+                try:
+                    return await self._transaction(session, msg, data, recipients, timer,
+                                                   results)
+                except SessionError as exc:
+                    if exc.stage != "mail" or session.messages <= 1:
+                        raise
+                    # The reused session was dead before MAIL: once more on a fresh one.
+                    stale, session = session, None
+                    pool.put(stale)
+                    session = await self._session(pool, up, creds, timer)
+                    return await self._transaction(session, msg, data, recipients, timer,
+                                                   results)
             except (SessionError, TransportError) as exc:
                 reason = exc.reason
                 if self._metrics is not None:
@@ -283,9 +300,13 @@ class Deliverer:
 
     async def _session(self, pool: _Pool, up: UpstreamConfig, creds: Credentials,
                        timer: StageTimer) -> SmtpSession:
+        loop = asyncio.get_running_loop()
         while (session := pool.take(creds.key)) is not None:
+            if not session.dirty and loop.time() - session.idle_since < self._probe_idle:
+                return session
             with timer.stage("envelope"):
                 if await session.rset():
+                    session.dirty = False
                     return session
             pool.discard(session)
         await pool.make_room()
@@ -319,6 +340,7 @@ class Deliverer:
             options.append(b"BODY=8BITMIME")
         if env.smtputf8:
             options.append(b"SMTPUTF8")
+        session.dirty = True
         try:
             with timer.stage("envelope"):
                 mail = await session.command(b"MAIL", b"FROM:<" + env.sender.encode() + b">",
@@ -347,6 +369,7 @@ class Deliverer:
             res = RcptResult(501, f"501 5.1.3 cannot send this address: {exc}", True,
                              "bad_address")
             return {r: results.get(r, res) for r in recipients}
+        session.dirty = not 200 <= final.code < 300    # a refused DATA: RSET to be sure
         verdict = _verdict(final.code, final.text, remote, stage="data")
         for rcpt in accepted:
             results[rcpt] = verdict

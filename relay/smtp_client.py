@@ -149,6 +149,8 @@ class SmtpSession:
         self.ehlo_reply = ""
         self.tls_info: dict[str, Any] = {}
         self.messages = 0          # transactions started on this session
+        self.dirty = False         # a transaction was begun and not finished: RSET first
+        self.idle_since = 0.0      # loop time it was last returned to the pool
         self.broken = False        # set on any protocol-level failure: never reuse
         self.discarded = False     # set by the delivery pool once it let go of the session
 

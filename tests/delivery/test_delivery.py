@@ -101,18 +101,41 @@ async def test_421_at_rcpt_defers_the_rest(started: list[RecordingUpstream]) -> 
 
 
 async def test_connection_reuse_and_rset(started: list[RecordingUpstream]) -> None:
-    peer = await start(started)
+    peer = await start(started, rcpt_script={"nobody@example.net": ["550 5.1.1 unknown"]})
     d = deliverer(upstream(peer.port, max_messages_per_connection=3))
-    for i in range(5):
+    for i in range(4):
         res = await d.deliver("up", message(f"Q{i}"), BODY, ["bob@example.net"])
         assert res["bob@example.net"].ok
-    assert len(peer.received) == 5
-    assert peer.connections == 2                      # 3 + 2 messages
-    assert bytes(peer.raw[0]).count(b"RSET\r\n") == 2  # before the 2nd and 3rd message
+    assert len(peer.received) == 4
+    assert peer.connections == 2                      # 3 + 1 messages
     assert bytes(peer.raw[0]).count(b"EHLO relay.test\r\n") == 1
+    assert bytes(peer.raw[0]).endswith(b"QUIT\r\n")
+    assert b"RSET" not in b"".join(peer.raw)          # clean transactions need no RSET
+    # A transaction left unfinished (every RCPT refused) is reset before the next one.
+    await d.deliver("up", message("Q5"), BODY, ["nobody@example.net"])
+    await d.deliver("up", message("Q6"), BODY, ["bob@example.net"])
+    assert bytes(peer.raw[1]).count(b"RSET\r\n") == 1 and peer.connections == 2
+    assert len(peer.received) == 5
+
+
+async def test_idle_session_is_probed_with_rset(started: list[RecordingUpstream]) -> None:
+    peer = await start(started)
+    d = deliverer(upstream(peer.port), probe_idle=0.0)
+    for qid in ("Q1", "Q2", "Q3"):
+        assert (await d.deliver("up", message(qid), BODY, ["b@example.net"]))["b@example.net"].ok
+    assert bytes(peer.raw[0]).count(b"RSET\r\n") == 2 and peer.connections == 1
     await d.close()
-    await peer.wait_for(lambda p: p.open_now == 0)
-    assert bytes(peer.raw[1]).endswith(b"QUIT\r\n")
+
+
+async def test_dead_reused_session_is_replaced_not_deferred(
+        started: list[RecordingUpstream]) -> None:
+    peer = await start(started, script={"MAIL": [None, "HANGUP"]})
+    d = deliverer(upstream(peer.port))
+    for qid in ("Q1", "Q2"):
+        v = (await d.deliver("up", message(qid), BODY, ["bob@example.net"]))["bob@example.net"]
+        assert v.ok, v
+    assert len(peer.received) == 2 and peer.connections == 2
+    await d.close()
 
 
 async def test_close_quits_sessions_returned_later(started: list[RecordingUpstream]) -> None:

@@ -2,7 +2,8 @@
 
 Scripts are lists of replies consumed in order, one per occurrence of the command
 (``None`` or running out means the normal behaviour), so "4xx on the first attempt,
-2xx on the second" is ``script={"DATA": ["451 4.3.0 try later"]}``. RCPT can also be
+2xx on the second" is ``script={"DATA": ["451 4.3.0 try later"]}``; ``"HANGUP"`` for
+MAIL drops the connection without a reply. RCPT can also be
 scripted per address. Everything the client sends is recorded byte for byte, per
 connection. STARTTLS or implicit TLS (trustme contexts), AUTH PLAIN/LOGIN checking,
 and XOAUTH2 checking (with the provider's 334 JSON challenge on failure).
@@ -38,6 +39,9 @@ class _Handler:
                           mail_options: list[str]) -> str:
         reply = self.owner._next("MAIL")
         await self.owner._delay("MAIL")
+        if reply == "HANGUP":                 # vanish without a reply (a dead idle session)
+            server.transport.abort()
+            return "421 4.4.2 gone"
         if reply and not reply.startswith("2"):
             return reply
         envelope.mail_from = address
