@@ -14,7 +14,13 @@ from typing import Literal, cast
 
 from relay.config.reader import Table, show
 from relay.config.schema import AccountConfig, ProxyConfig, TokenSourceConfig, UpstreamConfig
-from relay.config.sections import TLS_MODES, default, duration, read_header_rules
+from relay.config.sections import (
+    SMTP_UPSTREAM_ONLY,
+    TLS_MODES,
+    default,
+    duration,
+    read_header_rules,
+)
 from relay.config.values import BadValue, is_address, is_domain, is_name, parse_host
 
 log = logging.getLogger("relay.config")
@@ -95,8 +101,7 @@ def read_upstream(t: Table) -> UpstreamConfig:
     )
     t.finish()
     if protocol != "smtp":
-        for key in ("helo_name", "max_messages_per_connection", "data_timeout", "profile",
-                    "header_rule"):
+        for key in SMTP_UPSTREAM_ONLY:
             if key in t.raw:
                 raise t.error(key, "only applies to smtp upstreams",
                               hint=f"remove it from this {protocol} upstream")

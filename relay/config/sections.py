@@ -237,6 +237,8 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
 SMTP_ONLY = ("relay_domains", "max_message_size", "max_recipients", "command_timeout",
              "data_timeout", "spf", "dkim_verify", "profile", "header_rule")
 PROXY_ONLY = ("upstream", "login_timeout", "idle_timeout", "max_line")
+SMTP_UPSTREAM_ONLY = ("helo_name", "max_messages_per_connection", "data_timeout", "profile",
+                      "header_rule")
 
 
 def _listener_rules(t: Table, cfg: ListenerConfig) -> None:

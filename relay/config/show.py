@@ -11,7 +11,15 @@ import ipaddress
 import json
 from pathlib import Path
 
-from relay.config.schema import Config, HostPort, ProxyConfig, Secret, UpstreamConfig
+from relay.config.schema import (
+    Config,
+    HostPort,
+    ListenerConfig,
+    ProxyConfig,
+    Secret,
+    UpstreamConfig,
+)
+from relay.config.sections import PROXY_ONLY, SMTP_ONLY, SMTP_UPSTREAM_ONLY
 
 # Config field → (TOML section name, array of tables?)
 _SECTIONS = (("relay", "relay", False), ("metrics", "metrics", False),
@@ -21,6 +29,21 @@ _SECTIONS = (("relay", "relay", False), ("metrics", "metrics", False),
              ("profiles", "profile", True))
 _SKIP = frozenset({"line"})
 _OUTBOX = frozenset({"name", "protocol", "path", "max_connections", "profile", "header_rules"})
+
+
+def _not_applicable(obj: object) -> frozenset[str]:
+    """Fields the loader refuses for this entry's protocol (so they are not shown)."""
+    def fields(keys: tuple[str, ...]) -> frozenset[str]:
+        return frozenset("header_rules" if k == "header_rule" else k for k in keys)
+    if isinstance(obj, ListenerConfig):
+        return fields(PROXY_ONLY if obj.protocol == "smtp" else SMTP_ONLY)
+    if isinstance(obj, UpstreamConfig) and obj.protocol in ("imap", "pop3"):
+        return fields(SMTP_UPSTREAM_ONLY)
+    if isinstance(obj, ProxyConfig) and obj.kind == "ssh":
+        return frozenset({"remote_dns"})
+    if isinstance(obj, UpstreamConfig) and obj.protocol == "outbox":
+        return frozenset(f.name for f in dataclasses.fields(obj)) - _OUTBOX
+    return frozenset()
 
 
 def render(config: Config) -> str:
@@ -44,13 +67,13 @@ def _table(header: str, obj: object, many: bool) -> list[str]:
         host = f"[{obj.host}]" if ":" in obj.host else obj.host
         out.append(f'url = "{obj.kind}://{user}{host}:{obj.port}"')
     later: list[str] = []
+    skip = _SKIP | _not_applicable(obj)
     for f in dataclasses.fields(obj):  # type: ignore[arg-type]
-        if f.name in _SKIP or (header == "proxy" and f.name in ("kind", "host", "port",
-                                                                  "username")):
+        if f.name in skip or (header == "proxy" and f.name in ("kind", "host", "port",
+                                                                 "username")):
             continue
         value = getattr(obj, f.name)
-        if value is None or (isinstance(obj, UpstreamConfig) and obj.protocol == "outbox"
-                             and f.name not in _OUTBOX):
+        if value is None or value == "":               # unset
             continue
         if isinstance(value, Secret):
             out.append(_secret(f.name, value))
