@@ -6,7 +6,10 @@ provider's reply (``Diagnostic-Code: smtp; 550 5.1.1 ...``) and the original mes
 headers (``text/rfc822-headers``), never its body.
 
 No DSN is made for a message with the null sender, one that is itself a DSN
-(``dsn_of`` set), or one whose top-level Content-Type is a delivery-status report.
+(``dsn_of`` set), one whose top-level Content-Type is a delivery-status report, or an
+automatic reply (``Auto-Submitted: auto-replied``, as DSNs and vacation replies carry).
+``Auto-Submitted: auto-generated`` mail still gets DSNs: contact-center platforms send
+their notifications that way and need to learn about dead addresses.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from relay.spool.records import Envelope, QueuedMessage
 
 MAX_HEADER_BYTES = 64 * 1024
 _ENHANCED = re.compile(r"^\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b")
+_AUTO_REPLIED = re.compile(rb"(?im)^auto-submitted:[ \t]*auto-replied\b")
 _REPORT = re.compile(rb"(?im)^content-type:\s*multipart/report\s*;[^\r\n]*"
                      rb"(?:\r\n[ \t][^\r\n]*)*report-type=\"?delivery-status")
 
@@ -77,7 +81,8 @@ def is_bounce(envelope: Envelope, data: bytes) -> bool:
     """True for messages that must never be bounced (null sender, DSNs)."""
     if not envelope.sender or envelope.dsn_of:
         return True
-    return _REPORT.search(headers_of(data)) is not None
+    head = headers_of(data)
+    return _REPORT.search(head) is not None or _AUTO_REPLIED.search(head) is not None
 
 
 def build_dsn(*, msg: QueuedMessage, failures: Sequence[Failure], data: bytes,

@@ -74,6 +74,9 @@ def test_is_bounce() -> None:
     report = (b"From: x@example.com\r\nContent-Type: multipart/report;\r\n"
               b" report-type=delivery-status; boundary=b\r\n\r\n--b--\r\n")
     assert is_bounce(plain, report)
+    assert is_bounce(plain, b"Auto-Submitted: auto-replied (vacation)\r\n\r\nx\r\n")
+    assert not is_bounce(plain, b"Auto-Submitted: auto-generated\r\n\r\nx\r\n")
+    assert not is_bounce(plain, b"Subject: x\r\n\r\nAuto-Submitted: auto-replied\r\n")
 
 
 async def test_bouncer_queues_to_sender_once() -> None:
