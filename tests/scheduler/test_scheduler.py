@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import shutil
+import ssl
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -12,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import trustme
 
 from relay.config.schema import RetryConfig, RouteConfig
 from relay.delivery import Deliverer
@@ -329,3 +331,27 @@ async def test_recipients_split_across_upstreams(rigs: list[Rig],
     assert r.scheduler.scheduled()[qid] == state.next_attempt
     assert [m.rcpt_tos for m in a.received] == [["bob@example.net"]]
     assert b.received == []
+
+
+async def test_certificate_failure_defers_never_bounces(rigs: list[Rig],
+                                                        peers: list[RecordingUpstream],
+                                                        tmp_path: Path) -> None:
+    ca, other = trustme.CA(), trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("upstream.test").configure_cert(ctx)
+    p = await peer(peers, starttls=ctx)
+    wrong = tmp_path / "wrong-ca.pem"
+    other.cert_pem.write_to_path(str(wrong))
+    r = await rig(rigs, tmp_path, upstream(p.port, tls="starttls", ca_file=wrong,
+                                           tls_server_name="upstream.test"),
+                  retry=RetryConfig(first=60, max=60, jitter=0.0, lifetime=3600))
+    qid = await r.send(BODY)
+    await until(lambda: r.spool.load(qid).state.attempts == 1)
+    [deferred] = r.lines("deferred")
+    assert "TLS certificate of up" in deferred and "upstream.test" in deferred
+    assert r.lines("bounced") == [] and p.received == []
+    assert r.metrics.registry.get_sample_value(
+        "relay_upstream_connection_failures_total",
+        {"upstream": "up", "reason": "tls_certificate"}) == 1
+    assert r.metrics.registry.get_sample_value(
+        "relay_messages_deferred_total", {"upstream": "up", "reply_class": "tls_certificate"}) == 1
