@@ -331,3 +331,25 @@ auth = "passthrough"
     assert c.listeners[1].users_file is None
     assert c.listeners[1].listen == HostPort("127.0.0.1", 1143)
     assert c.upstream("provider").port == 993
+
+
+@pytest.mark.parametrize(("extra", "key", "dotted"), [
+    ('[metrics]\nlisten = "127,0,0,1:9325"\n', "metrics.listen", '"127.0.0.1:9325"'),
+    ('[[upstream]]\nname = "x"\nprotocol = "smtp"\nhost = "69,169,228,209"\n',
+     "upstream[1].host", '"69.169.228.209"'),
+    ('[[proxy]]\nname = "p"\nurl = "socks5://relay@23,251,235,248:1080"\n', "proxy[0].url",
+     '"socks5://relay@23.251.235.248:1080"'),
+    ('[[address_set]]\nname = "s"\nnetworks = ["35,183,152,216/32"]\n',
+     "address_set[0].networks[0]", '"35.183.152.216/32"'),
+    ('[relay]\n', "listener[0].allow[0]", '"69.169.235.171"'),
+])
+def test_comma_ipv4_in_every_address_field(tmp_path: Path, extra: str, key: str,
+                                           dotted: str) -> None:
+    text = BASE + "\n" + extra if not extra.startswith("[relay]") else BASE.replace(
+        '"127.0.0.0/8"', '"69,169,235,171"')
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, text))
+    assert exc.value.key == key
+    assert exc.value.detail == "IPv4 address written with commas"
+    assert exc.value.expected == dotted
+    assert exc.value.line is not None
