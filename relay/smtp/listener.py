@@ -157,7 +157,8 @@ class SmtpListener:
     async def wait_closed(self, timeout: float) -> None:
         """Wait up to ``timeout`` s for sessions to end, then close the rest with 421."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            if not self._idle.is_set():
+                await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
             for session in list(self._sessions):
                 session.shutdown()

@@ -78,6 +78,8 @@ class RelaySMTP(SMTP):
         self._implicit_tls = False
         self._refused_reply: str | None = None
         self._counted = False
+        self._finishing = False                 # storing a message: shutdown waits for it
+        self._closing = False
         self._deadline = 0.0
         self._timer_at = 0.0
         loop = asyncio.get_running_loop()
@@ -189,8 +191,14 @@ class RelaySMTP(SMTP):
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def shutdown(self) -> None:
-        """Tell the client the service is going away and close (used after drain timeout)."""
-        if self.transport is not None and not self.transport.is_closing():
+        """Tell the client the service is going away and close (used after drain timeout).
+
+        A session that is storing a message first sends that message's reply, so a
+        message on disk is never also answered with 421 (which would make it sent twice).
+        """
+        if self._finishing:
+            self._closing = True
+        elif self.transport is not None and not self.transport.is_closing():
             self._write_now(replies.SHUTTING_DOWN)
             self.close()
 
@@ -366,12 +374,18 @@ class RelaySMTP(SMTP):
         if self.tls:
             ssl_obj = self.transport.get_extra_info("ssl_object") if self.transport else None
             tls_version = ssl_obj.version() if ssl_obj is not None else None
-        reply = await finish_message(self.ctx, self.info(), txn, event,
-                                     extended=bool(self._s.extended_smtp),
-                                     tls_version=tls_version)
+        self._finishing = True
+        try:
+            reply = await finish_message(self.ctx, self.info(), txn, event,
+                                         extended=bool(self._s.extended_smtp),
+                                         tls_version=tls_version)
+        finally:
+            self._finishing = False
         self._set_post_data_state()
         self._reset_timeout()
         await self.push(reply)
+        if self._closing:
+            self.shutdown()
 
     async def _read_data(self) -> Event | None:
         reader = DataReader(self.ctx.cfg.max_message_size)

@@ -166,3 +166,39 @@ async def test_swaks_starttls_auth_submission(start_relay: StartRelay, tmp_path:
     env, data = relay.recorder.messages[0]
     assert env.auth_user == "alice" and b"Subject: via swaks" in data
     assert UserDB.load(users_file).names() == ["alice", "bob"]
+
+
+async def test_drain_waits_for_a_message_being_stored(start_relay: StartRelay) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_accept(envelope: object, data: bytes) -> str:
+        started.set()
+        await release.wait()
+        return "SLOWQ1"
+
+    relay = await start_relay(allow=ALLOW, accept=slow_accept)
+
+    def client() -> list[str]:
+        c = RawClient(relay.port)
+        c.reply()
+        c.cmd("EHLO x")
+        c.cmd("MAIL FROM:<a@example.com>")
+        c.cmd("RCPT TO:<b@example.net>")
+        c.cmd("DATA")
+        out = [c.cmd("Subject: x\r\n\r\nbody\r\n."), c.reply()]
+        c.close()
+        return out
+
+    replies = asyncio.ensure_future(run(client))
+    await asyncio.wait_for(started.wait(), 10)
+    await relay.listener.stop_accepting()
+    drained = asyncio.ensure_future(relay.listener.wait_closed(0.05))
+    # the drain timeout passes while the message is being stored: that session is
+    # asked to close after its reply instead of at once
+    await run(lambda: wait_until(
+        lambda: any(s._closing for s in relay.listener._sessions), timeout=10))
+    assert not drained.done()
+    release.set()
+    await asyncio.wait_for(drained, 10)
+    assert await replies == ["250 2.0.0 Ok: queued as SLOWQ1",
+                             "421 4.3.2 Service shutting down; try again later"]
