@@ -40,9 +40,10 @@ class Dovecot:
     def deliver(self, user: str, message: bytes) -> Path:
         """Drop a message into the user's INBOX the way an MDA does (tmp/ then new/)."""
         md = self.maildir(user)
-        for sub in ("tmp", "new", "cur"):
-            (md / sub).mkdir(parents=True, exist_ok=True)
-            os.chown(md / sub, MAIL_UID, MAIL_GID)
+        for path in (md.parent, md, md / "tmp", md / "new", md / "cur"):
+            if not path.exists():
+                path.mkdir()
+                os.chown(path, MAIL_UID, MAIL_GID)
         name = f"{time.time():.6f}.{uuid.uuid4().hex}.relaytest"
         tmp = md / "tmp" / name
         tmp.write_bytes(message)
@@ -55,10 +56,31 @@ class Dovecot:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def _config(root: Path, ports: dict[str, int], cert: Path, key: Path, max_sessions: int) -> str:
+def _oauth2(root: Path, introspection_url: str | None) -> str:
+    """An ``oauth2`` passdb asking ``introspection_url`` (RFC 7662 POST) about each token."""
+    if introspection_url is None:
+        return ""
+    (root / "dovecot-oauth2.conf.ext").write_text(f"""\
+introspection_mode = post
+introspection_url = {introspection_url}
+username_attribute = username
+active_attribute = active
+active_value = true
+""")
+    return f"""\
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {root}/dovecot-oauth2.conf.ext
+}}
+"""
+
+
+def _config(root: Path, ports: dict[str, int], cert: Path, key: Path, max_sessions: int,
+            introspection_url: str | None = None) -> str:
     procs = max(4, max_sessions // 500 + 2)
     per_proc = max(10, max_sessions // (procs - 2) + 10)
-    return f"""\
+    return _oauth2(root, introspection_url) + f"""\
 base_dir = {root}/run
 state_dir = {root}/state
 log_path = {root}/dovecot.log
@@ -133,13 +155,15 @@ protocol pop3 {{
 
 
 @contextlib.contextmanager
-def dovecot(*, users: dict[str, str] | None = None,
-            max_sessions: int = 200) -> Iterator[Dovecot]:
+def dovecot(*, users: dict[str, str] | None = None, max_sessions: int = 200,
+            introspection_url: str | None = None) -> Iterator[Dovecot]:
     """Run Dovecot until the block ends, from a private directory under /tmp.
 
     ``users`` maps user names to passwords (XOAUTH2 bearer tokens are checked like
-    passwords). The directory is world-traversable because Dovecot's mail processes run
-    as ``nobody``; pytest's own temporary directories are not.
+    passwords). With ``introspection_url`` an ``oauth2`` passdb validates XOAUTH2 and
+    OAUTHBEARER tokens against that endpoint first. The directory is world-traversable
+    because Dovecot's mail processes run as ``nobody``; pytest's temporary directories
+    are not.
     """
     binary = need("dovecot")
     users = users or {"alice": "alice-pw"}
@@ -167,7 +191,7 @@ def dovecot(*, users: dict[str, str] | None = None,
                 os.chown(path, MAIL_UID, MAIL_GID)
         ports = {name: free_port() for name in ("imap", "imaps", "pop3", "pop3s")}
         conf = root / "dovecot.conf"
-        conf.write_text(_config(root, ports, cert, key, max_sessions))
+        conf.write_text(_config(root, ports, cert, key, max_sessions, introspection_url))
         log = root / "dovecot.log"
         with running([binary, "-F", "-c", str(conf)], log=root / "dovecot.out") as proc:
             for port in ports.values():
@@ -175,6 +199,58 @@ def dovecot(*, users: dict[str, str] | None = None,
             yield Dovecot(root=root, ca=ca, ca_file=ca_file, users=users, log=log, **ports)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class Introspection:
+    """A local RFC 7662 token introspection endpoint: ``tokens`` maps token → user."""
+
+    port: int
+    tokens: dict[str, str]
+    requests: list[str]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/introspect"
+
+
+@contextlib.contextmanager
+def introspection_server(tokens: dict[str, str]) -> Iterator[Introspection]:
+    """Answer ``{"active": true, "username": U}`` for known tokens, ``active: false`` else."""
+    import http.server
+    import json
+    import threading
+    import urllib.parse
+
+    state = Introspection(port=0, tokens=tokens, requests=[])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            token = urllib.parse.parse_qs(body.decode()).get("token", [""])[0]
+            state.requests.append(token)
+            user = state.tokens.get(token)
+            answer = {"active": True, "username": user} if user else {"active": False}
+            data = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
 
 
 def imap_greets(port: int) -> bool:
