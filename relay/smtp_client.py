@@ -15,9 +15,10 @@ import contextlib
 import logging
 import re
 import ssl
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import aiosmtplib
 
@@ -137,6 +138,38 @@ async def tls_context_for(upstream: UpstreamConfig) -> ssl.SSLContext:
     return await asyncio.to_thread(build)
 
 
+class _TimedSSLObject(ssl.SSLObject):
+    """Stamps when its TLS handshake completed (via ``SSLContext.sslobject_class``)."""
+
+    stamps: ClassVar[list[float]] = []   # a fresh subclass per connection owns its own
+
+    def do_handshake(self) -> None:
+        super().do_handshake()
+        type(self).stamps.append(time.monotonic())
+
+
+@contextlib.contextmanager
+def _split_handshake(timer: StageTimer, ctx: ssl.SSLContext | None) -> Iterator[None]:
+    """Time a connect call as greeting, or, for implicit TLS, as tls then greeting."""
+    if ctx is None:
+        with timer.stage("greeting"):
+            yield
+        return
+    stamps: list[float] = []
+    ctx.sslobject_class = type("_Timed", (_TimedSSLObject,), {"stamps": stamps})
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        end = time.monotonic()
+        done = stamps[0] if stamps else 0.0
+        if start < done <= end:
+            timer.add("tls", done - start)
+            timer.add("greeting", end - done)
+        else:
+            timer.add("tls", end - start)
+
+
 class SmtpSession:
     """A set-up SMTP session to one upstream, ready for MAIL transactions."""
 
@@ -164,8 +197,8 @@ class SmtpSession:
         """Connect through ``transport`` and take the session through TLS, EHLO and AUTH.
 
         Stages land in ``timer``: connect, tls, greeting (with EHLO), auth (token fetch
-        included). With implicit TLS the 220 greeting arrives inside the handshake call
-        and is counted under ``tls``.
+        included). With implicit TLS the handshake's end is stamped by the context's
+        ``sslobject_class``, which splits the one connect call into tls and greeting.
         """
         log = log or logging.getLogger("relay.delivery")
         server_name = upstream.tls_server_name or upstream.host
@@ -193,7 +226,7 @@ class SmtpSession:
         up = self.upstream
         implicit = up.tls == "implicit"
         try:
-            with timer.stage("tls" if implicit else "greeting"):
+            with _split_handshake(timer, ctx if implicit else None):
                 resp = await self._smtp.connect(
                     sock=sock, use_tls=implicit, start_tls=False, tls_context=ctx,
                     timeout=up.connect_timeout)

@@ -14,6 +14,9 @@ import trustme
 from relay.config.schema import AccountConfig, Secret
 from relay.metrics import Metrics
 from relay.outbox import outbox_name
+from relay.smtp_client import Credentials, SmtpSession
+from relay.timing import StageTimer
+from relay.transports.direct import DirectTransport
 from tests.delivery.helpers import BODY, deliverer, message, upstream
 from tests.fakes.recording_upstream import RecordingUpstream
 from tests.peers import free_port
@@ -449,3 +452,29 @@ async def test_message_over_the_providers_size_bounces_without_sending(
     assert v.permanent and v.reply.startswith("552 5.3.4") and "100" in v.reply
     assert b"MAIL" not in bytes(peer.raw[0])
     await d.close()
+
+
+async def test_implicit_tls_splits_handshake_and_greeting(ca: trustme.CA,
+                                                          tmp_path: Path) -> None:
+    """A provider slow to greet after a quick handshake: the wait is greeting, not tls."""
+    async def slow_greeter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.4)                     # the behaviour under test
+        writer.write(b"220 upstream.test ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250 upstream.test\r\n")
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(slow_greeter, "127.0.0.1", 0, ssl=server_ctx(ca))
+    port = server.sockets[0].getsockname()[1]
+    timer = StageTimer()
+    up = upstream(port, tls="implicit", ca_file=ca_file(ca, tmp_path),
+                  tls_server_name="upstream.test")
+    session = await SmtpSession.open(up, transport=DirectTransport(), helo_name="relay.test",
+                                     credentials=Credentials(), timer=timer)
+    assert timer.stages["greeting"] >= 0.4 > timer.stages["tls"]
+    assert session.ssl_object is not None and session.tls_info["names"] == ["upstream.test"]
+    assert session.greeting.startswith("220 ")
+    session.close()
+    server.close()
+    await server.wait_closed()
