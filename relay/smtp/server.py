@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections import defaultdict
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Session
 
 from relay.smtp import replies
+from relay.smtp.compat import init_aiosmtpd_state, unread
 from relay.smtp.data import DataReader, Event
 from relay.smtp.handler import Context, Transaction, finish_message
 from relay.smtp.hooks import SessionInfo
@@ -35,31 +35,6 @@ log = logging.getLogger("relay.smtp")
 
 READ_CHUNK = 65536
 _RAW = ("220 ", "220-", "334 ", "354 ")     # no enhanced code (greeting, challenges, 354)
-
-
-class _Hooks:
-    """aiosmtpd's handler object: relay overrides the commands, so only errors land here."""
-
-    async def handle_exception(self, error: Exception) -> str:
-        log.error("SMTP session error: %r", error, exc_info=error)
-        return replies.LOCAL_ERROR
-
-
-_HOOKS = _Hooks()
-_COMMANDS: dict[type, tuple[str, ...]] = {}
-
-
-def _commands(cls: type) -> tuple[str, ...]:
-    """The SMTP verbs a session class implements (its smtp_* methods), computed once."""
-    names = _COMMANDS.get(cls)
-    if names is None:
-        names = _COMMANDS[cls] = tuple(m[5:] for m in dir(cls) if m.startswith("smtp_"))
-    return names
-
-
-def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
-    """Give bytes read past the end of DATA (pipelined commands) back to the reader."""
-    reader._buffer[:0] = data  # type: ignore[attr-defined]  # no public unread in asyncio
 
 
 class RelaySMTP(SMTP):
@@ -82,43 +57,11 @@ class RelaySMTP(SMTP):
         self._closing = False
         self._deadline = 0.0
         self._timer_at = 0.0
-        loop = asyncio.get_running_loop()
-        # The state SMTP.__init__ sets up, without its per-connection introspection
-        # (inspect.getmembers over session and handler: ~0.3 ms of CPU per connection).
-        # tests/smtp/test_server_init.py keeps this in step with aiosmtpd's own __init__.
-        asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
-            client_connected_cb=self._cb_client_connected, loop=loop)
-        self.__ident__ = "ESMTP"
-        self.loop = loop
-        self.event_handler = _HOOKS
-        self.data_size_limit = cfg.max_message_size
-        self.enable_SMTPUTF8 = True
-        self._decode_data = False
-        # aiosmtpd keeps these limits in a class-wide dict; each session gets its own.
-        self.command_size_limits = defaultdict(lambda: 512, MAIL=1024, RCPT=1024, AUTH=12288)
-        self.hostname = ctx.hostname
-        self.tls_context = ctx.tls_context if cfg.tls == "starttls" else None
-        self.require_starttls = False
-        self._timeout_duration = cfg.command_timeout
-        self._timeout_handle = None
-        self._tls_handshake_okay = True
-        self._tls_protocol = None
-        self._original_transport = None
-        self.session = None
-        self.envelope = None
-        self.transport = None
-        self._handler_coroutine = None
-        self._auth_require_tls = not cfg.allow_plaintext_auth
-        self._proxy_timeout = None
-        self._authenticator = None
-        self._auth_callback = None
-        self._auth_required = False
-        self._auth_methods = {}
-        self._handle_hooks = {}
-        self._ehlo_hook_ver = None
-        self._smtp_methods = {name: getattr(self, f"smtp_{name}") for name in _commands(type(self))}
-        self._enforce_call_limit = False
+        init_aiosmtpd_state(
+            self, loop=asyncio.get_running_loop(), hostname=ctx.hostname,
+            data_size_limit=cfg.max_message_size, timeout=cfg.command_timeout,
+            tls_context=ctx.tls_context if cfg.tls == "starttls" else None,
+            auth_require_tls=not cfg.allow_plaintext_auth)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         # One timer per session, re-armed only when it fires early: commands push the
@@ -398,7 +341,7 @@ class RelaySMTP(SMTP):
             event = reader.feed(chunk)
             if event is not None:
                 if event.leftover:
-                    _unread(self._reader, event.leftover)
+                    unread(self._reader, event.leftover)
                 return event
 
     async def smtp_AUTH(self, arg: str | None) -> None:
