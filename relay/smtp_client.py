@@ -9,16 +9,14 @@ recipient. Secrets (passwords, tokens, AUTH payloads) are never logged.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import logging
 import re
 import ssl
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import aiosmtplib
 
@@ -26,6 +24,7 @@ from relay.config.schema import Secret, UpstreamConfig
 from relay.errors import DeliveryError, OAuthError
 from relay.timing import StageTimer
 from relay.transports.base import Transport
+from relay.upstream_tls import client_context, describe_tls_failure, split_handshake, ssl_cause
 
 TokenFor = Callable[[str], Awaitable[str]]
 
@@ -97,77 +96,9 @@ def has_bare_cr_or_lf(data: bytes) -> bool:
     return data.count(b"\r") != pairs or data.count(b"\n") != pairs
 
 
-def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
-    seen: BaseException | None = exc
-    for _ in range(6):
-        if seen is None:
-            return None
-        if isinstance(seen, ssl.SSLError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
 def _tls_error(upstream: UpstreamConfig, exc: BaseException, server_name: str) -> SessionError:
-    cause = _ssl_cause(exc)
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        detail = cause.verify_message or str(cause)
-        return SessionError(
-            f"TLS certificate of {upstream.name} ({upstream.host}:{upstream.port}) not "
-            f"accepted: {detail}; expected name {server_name!r}",
-            reason="tls_certificate", stage="tls",
-            hint="check ca_file (the CA that signed the provider's certificate) and "
-                 "tls_server_name; verify_tls = false is a last resort, per upstream")
-    return SessionError(
-        f"TLS handshake with {upstream.name} ({upstream.host}:{upstream.port}) failed: "
-        f"{cause or exc}", reason="tls_failed", stage="tls",
-        hint="the provider may require another TLS version, or a middlebox interferes; "
-             "check tls = starttls|implicit matches the port (587 starttls, 465 implicit)")
-
-
-async def tls_context_for(upstream: UpstreamConfig) -> ssl.SSLContext:
-    """A client TLS context for ``upstream`` (CA file loaded off the loop)."""
-    def build() -> ssl.SSLContext:
-        ctx = ssl.create_default_context(
-            cafile=str(upstream.ca_file) if upstream.ca_file else None)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if not upstream.verify_tls:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-    return await asyncio.to_thread(build)
-
-
-class _TimedSSLObject(ssl.SSLObject):
-    """Stamps when its TLS handshake completed (via ``SSLContext.sslobject_class``)."""
-
-    stamps: ClassVar[list[float]] = []   # a fresh subclass per connection owns its own
-
-    def do_handshake(self) -> None:
-        super().do_handshake()
-        type(self).stamps.append(time.monotonic())
-
-
-@contextlib.contextmanager
-def _split_handshake(timer: StageTimer, ctx: ssl.SSLContext | None) -> Iterator[None]:
-    """Time a connect call as greeting, or, for implicit TLS, as tls then greeting."""
-    if ctx is None:
-        with timer.stage("greeting"):
-            yield
-        return
-    stamps: list[float] = []
-    ctx.sslobject_class = type("_Timed", (_TimedSSLObject,), {"stamps": stamps})
-    start = time.monotonic()
-    try:
-        yield
-    finally:
-        end = time.monotonic()
-        done = stamps[0] if stamps else 0.0
-        if start < done <= end:
-            timer.add("tls", done - start)
-            timer.add("greeting", end - done)
-        else:
-            timer.add("tls", end - start)
+    message, reason, hint = describe_tls_failure(upstream, exc, server_name)
+    return SessionError(message, reason=reason, stage="tls", hint=hint)
 
 
 class SmtpSession:
@@ -204,7 +135,7 @@ class SmtpSession:
         server_name = upstream.tls_server_name or upstream.host
         ctx: ssl.SSLContext | None = None
         if upstream.tls != "none":
-            ctx = await tls_context_for(upstream)
+            ctx = await client_context(upstream)
             if not upstream.verify_tls:
                 log.warning("upstream %s: TLS certificate verification is OFF (verify_tls = "
                             "false); this connection can be intercepted", upstream.name)
@@ -226,7 +157,7 @@ class SmtpSession:
         up = self.upstream
         implicit = up.tls == "implicit"
         try:
-            with _split_handshake(timer, ctx if implicit else None):
+            with split_handshake(timer, ctx if implicit else None):
                 resp = await self._smtp.connect(
                     sock=sock, use_tls=implicit, start_tls=False, tls_context=ctx,
                     timeout=up.connect_timeout)
@@ -237,7 +168,7 @@ class SmtpSession:
                 hint="the provider is busy or refuses this relay's address; mail is "
                      "deferred and retried") from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
-            if implicit and _ssl_cause(exc) is not None:
+            if implicit and ssl_cause(exc) is not None:
                 raise _tls_error(up, exc, server_name) from exc
             raise self._broken("greeting", exc) from exc
         self.greeting = f"{resp.code} {resp.message}"
@@ -258,7 +189,7 @@ class SmtpSession:
                                    reason="tls_failed", stage="tls",
                                    reply=f"{exc.code} {exc.message}") from exc
             except (aiosmtplib.SMTPException, OSError) as exc:
-                if _ssl_cause(exc) is not None:
+                if ssl_cause(exc) is not None:
                     raise _tls_error(up, exc, server_name) from exc
                 raise self._broken("tls", exc) from exc
             await self._ehlo(timer)

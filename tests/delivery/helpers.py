@@ -8,8 +8,10 @@ from typing import Any
 
 from relay.config.schema import UpstreamConfig
 from relay.delivery import Deliverer
+from relay.metrics import Metrics
 from relay.spool.records import Envelope, QueuedMessage, QueueState, Recipient
 from relay.transports.direct import DirectTransport
+from tests.fakes.recording_upstream import RecordingUpstream
 
 BODY = (b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\n"
         b"Subject: hello\r\nMessage-ID: <m1@example.com>\r\n\r\n"
@@ -33,3 +35,16 @@ def message(qid: str = "Q1", sender: str = "alice@example.com",
 def deliverer(*ups: UpstreamConfig, **kw: Any) -> Deliverer:
     kw.setdefault("hostname", "relay.test")
     return Deliverer(upstreams=ups, transport_for=lambda _u: DirectTransport(), **kw)
+
+
+async def start(started: list[RecordingUpstream], **kw: Any) -> RecordingUpstream:
+    """Start a recording upstream that the ``started`` fixture stops after the test."""
+    up = RecordingUpstream(**kw)
+    await up.start()
+    started.append(up)
+    return up
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return value or 0.0

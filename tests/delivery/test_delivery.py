@@ -4,42 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import trustme
 
-from relay.config.schema import AccountConfig, Secret
 from relay.metrics import Metrics
 from relay.outbox import outbox_name
-from relay.smtp_client import Credentials, SmtpSession
-from relay.timing import StageTimer
-from relay.transports.direct import DirectTransport
-from tests.delivery.helpers import BODY, deliverer, message, upstream
+from tests.delivery.helpers import BODY, deliverer, message, sample, start, upstream
 from tests.fakes.recording_upstream import RecordingUpstream
 from tests.peers import free_port
-
-
-@pytest.fixture
-async def started() -> AsyncIterator[list[RecordingUpstream]]:
-    servers: list[RecordingUpstream] = []
-    yield servers
-    for s in servers:
-        await s.stop()
-
-
-async def start(started: list[RecordingUpstream], **kw: object) -> RecordingUpstream:
-    up = RecordingUpstream(**kw)  # type: ignore[arg-type]
-    await up.start()
-    started.append(up)
-    return up
-
-
-def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(name, labels)
-    return value or 0.0
 
 
 async def test_delivered_byte_for_byte(started: list[RecordingUpstream]) -> None:
@@ -197,192 +170,6 @@ async def test_bare_cr_is_never_sent(started: list[RecordingUpstream]) -> None:
     await d.close()
 
 
-# ---- TLS ------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-def server_ctx(ca: trustme.CA) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("upstream.test").configure_cert(ctx)
-    return ctx
-
-
-def ca_file(ca: trustme.CA, tmp_path: Path) -> Path:
-    path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return path
-
-
-async def test_starttls_verified(started: list[RecordingUpstream], ca: trustme.CA,
-                                 tmp_path: Path) -> None:
-    peer = await start(started, starttls=server_ctx(ca))
-    up = upstream(peer.port, tls="starttls", ca_file=ca_file(ca, tmp_path),
-                  tls_server_name="upstream.test")
-    d = deliverer(up)
-    res = await d.deliver("up", message(), BODY, ["bob@example.net"])
-    assert res["bob@example.net"].ok, res
-    raw = bytes(peer.raw[0])
-    assert raw.count(b"EHLO relay.test\r\n") == 2 and b"STARTTLS\r\n" in raw
-    assert b"MAIL FROM" not in raw.split(b"STARTTLS\r\n")[0]   # nothing sent in clear
-    assert peer.received[0].data == BODY
-    await d.close()
-
-
-async def test_starttls_wrong_ca_defers(started: list[RecordingUpstream], ca: trustme.CA,
-                                        tmp_path: Path) -> None:
-    peer = await start(started, starttls=server_ctx(ca))
-    other = trustme.CA()
-    metrics = Metrics()
-    up = upstream(peer.port, tls="starttls", ca_file=ca_file(other, tmp_path),
-                  tls_server_name="upstream.test")
-    d = deliverer(up, metrics=metrics)
-    res = await d.deliver("up", message(), BODY, ["bob@example.net"])
-    v = res["bob@example.net"]
-    assert not v.ok and not v.permanent and v.reason == "tls_certificate"
-    assert "certificate" in v.reply and "upstream.test" in v.reply
-    assert sample(metrics, "relay_upstream_connection_failures_total", upstream="up",
-                  reason="tls_certificate") == 1
-    assert peer.received == []
-    await d.close()
-
-
-async def test_starttls_wrong_name_defers(started: list[RecordingUpstream], ca: trustme.CA,
-                                          tmp_path: Path) -> None:
-    peer = await start(started, starttls=server_ctx(ca))
-    d = deliverer(upstream(peer.port, tls="starttls", ca_file=ca_file(ca, tmp_path),
-                           tls_server_name="smtp.office365.com"))
-    v = (await d.deliver("up", message(), BODY, ["bob@example.net"]))["bob@example.net"]
-    assert v.reason == "tls_certificate" and not v.permanent
-    assert "smtp.office365.com" in v.reply
-    await d.close()
-
-
-async def test_starttls_not_offered_defers(started: list[RecordingUpstream]) -> None:
-    peer = await start(started)
-    d = deliverer(upstream(peer.port, tls="starttls"))
-    v = (await d.deliver("up", message(), BODY, ["bob@example.net"]))["bob@example.net"]
-    assert v.reason == "starttls_unavailable" and not v.permanent
-    assert b"MAIL" not in bytes(peer.raw[0])
-    await d.close()
-
-
-async def test_verify_off_is_loud(started: list[RecordingUpstream], ca: trustme.CA,
-                                  caplog: pytest.LogCaptureFixture) -> None:
-    peer = await start(started, starttls=server_ctx(ca))
-    d = deliverer(upstream(peer.port, tls="starttls", verify_tls=False))
-    with caplog.at_level(logging.WARNING, logger="relay.delivery"):
-        v = (await d.deliver("up", message(), BODY, ["bob@example.net"]))["bob@example.net"]
-    assert v.ok
-    assert "verification is OFF" in caplog.text
-    await d.close()
-
-
-async def test_implicit_tls(started: list[RecordingUpstream], ca: trustme.CA,
-                            tmp_path: Path) -> None:
-    peer = await start(started, implicit_tls=server_ctx(ca))
-    d = deliverer(upstream(peer.port, tls="implicit", ca_file=ca_file(ca, tmp_path),
-                           tls_server_name="upstream.test"))
-    v = (await d.deliver("up", message(), BODY, ["bob@example.net"]))["bob@example.net"]
-    assert v.ok, v
-    assert b"STARTTLS" not in bytes(peer.raw[0])
-    await d.close()
-
-
-# ---- AUTH -----------------------------------------------------------------------------------
-
-async def test_auth_plain_and_account_mapping(started: list[RecordingUpstream],
-                                              caplog: pytest.LogCaptureFixture) -> None:
-    peer = await start(started, users={"cc@example.com": "s3cret-pw",
-                                       "sales@example.com": "other-pw"}, auth_required=True)
-    up = upstream(peer.port, auth="password", username="cc@example.com",
-                  password=Secret("s3cret-pw"))
-    accounts = [AccountConfig(upstream="up", sender="sales@example.com",
-                              username="sales@example.com", password=Secret("other-pw"))]
-    d = deliverer(up, accounts=accounts)
-    with caplog.at_level(logging.DEBUG):
-        r1 = await d.deliver("up", message("Q1"), BODY, ["bob@example.net"])
-        r2 = await d.deliver("up", message("Q2", sender="sales@example.com"), BODY,
-                             ["bob@example.net"])
-    assert r1["bob@example.net"].ok and r2["bob@example.net"].ok
-    assert [m.auth_user for m in peer.received] == ["cc@example.com", "sales@example.com"]
-    assert peer.connections == 2                      # sessions are per identity
-    assert "s3cret-pw" not in caplog.text and "other-pw" not in caplog.text
-    await d.close()
-
-
-async def test_idle_session_of_another_identity_yields_its_slot(
-        started: list[RecordingUpstream]) -> None:
-    peer = await start(started, users={"cc@example.com": "pw1", "sales@example.com": "pw2"})
-    up = upstream(peer.port, auth="password", username="cc@example.com", password=Secret("pw1"),
-                  max_connections=1)
-    accounts = [AccountConfig(upstream="up", user="sales", username="sales@example.com",
-                              password=Secret("pw2"))]
-    d = deliverer(up, accounts=accounts)
-    for qid, user in (("Q1", ""), ("Q2", "sales"), ("Q3", "sales"), ("Q4", "")):
-        v = (await d.deliver("up", message(qid, auth_user=user), BODY, ["b@example.net"]))
-        assert v["b@example.net"].ok
-    assert [m.auth_user for m in peer.received] == [
-        "cc@example.com", "sales@example.com", "sales@example.com", "cc@example.com"]
-    assert peer.connections == 3 and peer.max_open == 1
-    await d.close()
-
-
-async def test_auth_refused_defers_with_hint(started: list[RecordingUpstream],
-                                             caplog: pytest.LogCaptureFixture) -> None:
-    peer = await start(started, users={"cc@example.com": "right"}, auth_required=True)
-    d = deliverer(upstream(peer.port, auth="password", username="cc@example.com",
-                           password=Secret("wrong-password")))
-    with caplog.at_level(logging.DEBUG):
-        v = (await d.deliver("up", message(), BODY, ["bob@example.net"]))["bob@example.net"]
-    assert not v.ok and not v.permanent and v.reason == "auth_failed"
-    assert v.reply.startswith("535")
-    assert "SMTP AUTH" in caplog.text                  # the Exchange Online hint
-    assert "wrong-password" not in caplog.text
-    await d.close()
-
-
-async def test_xoauth2(started: list[RecordingUpstream],
-                       caplog: pytest.LogCaptureFixture) -> None:
-    peer = await start(started, tokens={"cc@example.com": "ya29.good-token"},
-                       auth_required=True)
-    asked: list[str] = []
-
-    async def token_for(source: str) -> str:
-        asked.append(source)
-        return "ya29.good-token"
-
-    d = deliverer(upstream(peer.port, auth="xoauth2", username="cc@example.com",
-                           token_source="o365"), token_for=token_for)
-    with caplog.at_level(logging.DEBUG):
-        v = (await d.deliver("up", message(), BODY, ["bob@example.net"]))["bob@example.net"]
-    assert v.ok, v
-    assert asked == ["o365"]
-    assert peer.xoauth2_seen == ["user=cc@example.com\x01auth=Bearer ya29.good-token\x01\x01"]
-    assert "ya29.good-token" not in caplog.text
-    await d.close()
-
-
-async def test_xoauth2_refused_answers_challenge(started: list[RecordingUpstream]) -> None:
-    peer = await start(started, tokens={"cc@example.com": "good"}, auth_required=True)
-
-    async def token_for(source: str) -> str:
-        return "expired-token"
-
-    d = deliverer(upstream(peer.port, auth="xoauth2", username="cc@example.com",
-                           token_source="o365"), token_for=token_for)
-    v = (await d.deliver("up", message(), BODY, ["bob@example.net"]))["bob@example.net"]
-    assert not v.ok and not v.permanent and v.reason == "auth_failed"
-    assert v.reply.startswith("535")
-    # After the 334 JSON challenge relay sent one empty line, then got the final 535.
-    assert peer.xoauth2_seen[-1] == "after-challenge:b''"
-    raw = bytes(peer.raw[0])
-    assert b"AUTH XOAUTH2 " in raw and raw.split(b"AUTH XOAUTH2 ", 1)[1].split(b"\r\n")[1] == b""
-    await d.close()
-
-
 # ---- where the time goes --------------------------------------------------------------------
 
 async def test_stage_timing_and_slow_delivery(started: list[RecordingUpstream],
@@ -452,29 +239,3 @@ async def test_message_over_the_providers_size_bounces_without_sending(
     assert v.permanent and v.reply.startswith("552 5.3.4") and "100" in v.reply
     assert b"MAIL" not in bytes(peer.raw[0])
     await d.close()
-
-
-async def test_implicit_tls_splits_handshake_and_greeting(ca: trustme.CA,
-                                                          tmp_path: Path) -> None:
-    """A provider slow to greet after a quick handshake: the wait is greeting, not tls."""
-    async def slow_greeter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await asyncio.sleep(0.4)                     # the behaviour under test
-        writer.write(b"220 upstream.test ESMTP\r\n")
-        await reader.readline()
-        writer.write(b"250 upstream.test\r\n")
-        await reader.read()
-        writer.close()
-
-    server = await asyncio.start_server(slow_greeter, "127.0.0.1", 0, ssl=server_ctx(ca))
-    port = server.sockets[0].getsockname()[1]
-    timer = StageTimer()
-    up = upstream(port, tls="implicit", ca_file=ca_file(ca, tmp_path),
-                  tls_server_name="upstream.test")
-    session = await SmtpSession.open(up, transport=DirectTransport(), helo_name="relay.test",
-                                     credentials=Credentials(), timer=timer)
-    assert timer.stages["greeting"] >= 0.4 > timer.stages["tls"]
-    assert session.ssl_object is not None and session.tls_info["names"] == ["upstream.test"]
-    assert session.greeting.startswith("220 ")
-    session.close()
-    server.close()
-    await server.wait_closed()
