@@ -4,7 +4,8 @@ The users file holds one ``name:hash`` per line (``#`` comments and blank lines 
 where hash is ``$scrypt$n=16384,r=8,p=1$<salt>$<key>`` (standard base64), made by
 ``relay user add``. Passwords are checked off the event loop with a constant-time compare;
 an unknown user costs the same scrypt as a known one. The file is re-read when it changes,
-so ``relay user add`` takes effect without a reload. A file that others may read is refused.
+so ``relay user add`` takes effect without a reload (a missing file means no users yet).
+A file that every user may read is refused.
 """
 
 from __future__ import annotations
@@ -183,6 +184,9 @@ class UserDB:
     def _reload_if_changed(self, *, force: bool = False) -> None:
         try:
             st = self.path.stat()
+        except FileNotFoundError:              # nobody can log in until `relay user add`
+            self._users, self._stamp = {}, None
+            return
         except OSError:
             if force:
                 read_users(self.path)          # raises the operator-facing error

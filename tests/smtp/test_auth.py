@@ -132,8 +132,11 @@ async def test_users_file_change_is_picked_up(start_relay: StartRelay, users_fil
 
 def test_users_file_format_and_mode(tmp_path: Path) -> None:
     path = tmp_path / "users"
+    empty = UserDB.load(path)                  # not created yet: nobody can log in
+    assert empty.names() == [] and not empty.verify_sync("u1", b"pw")
     write_users(path, {"u1": hash_password(b"pw", n=2**4)})
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert empty.verify_sync("u1", b"pw")     # created later: picked up at the next login
     db = UserDB.load(path)
     assert db.names() == ["u1"]
     assert db.verify_sync("u1", b"pw") and not db.verify_sync("u1", b"pW")
