@@ -190,3 +190,25 @@ def test_throttle_schedule_and_expiry() -> None:
     assert t.failure("5.6.7.8") == (0.0, False)
     t.success("5.6.7.8")
     assert t.failure("5.6.7.8") == (0.0, False)
+
+
+async def test_no_log_line_carries_credentials(start_relay: StartRelay,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    caplog.set_level(logging.DEBUG)
+    relay = await start_relay()
+    secret_user = base64.b64encode(b"alice").decode()
+    secret_pw = base64.b64encode(PASSWORD.encode()).decode()
+
+    def go() -> list[str]:
+        c = tls_client(relay)
+        out = [c.cmd(f"AUTH PLAIN {plain('alice', 'wrong-pw')}"), c.cmd("AUTH LOGIN"),
+               c.cmd(secret_user), c.cmd(secret_pw)]
+        c.close()
+        return out
+
+    out = await run(go)
+    assert out[0].startswith("535 ") and out[3].startswith("235 ")
+    text = caplog.text + "\n".join(relay.maillog_records)
+    for secret in ("wrong-pw", plain("alice", "wrong-pw"), secret_pw, PASSWORD):
+        assert secret not in text
