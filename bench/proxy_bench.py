@@ -23,6 +23,7 @@ import logging
 import os
 import resource
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -36,7 +37,8 @@ TAG_CLK = os.sysconf("SC_CLK_TCK")
 
 
 # -- relay in its own process --------------------------------------------------------------
-async def serve(upstream_port: int, tls: str, ca_file: str, kernel_splice: bool) -> None:
+async def serve(upstream_port: int, tls: str, ca_file: str, kernel_splice: bool,
+                cert: str) -> None:
     from relay.config.schema import HostPort, ListenerConfig, UpstreamConfig
     from relay.metrics import Metrics
     from relay.proxy.accounts import PassthroughAuthenticator
@@ -48,6 +50,8 @@ async def serve(upstream_port: int, tls: str, ca_file: str, kernel_splice: bool)
                         tls=tls, ca_file=Path(ca_file) if ca_file else None,  # type: ignore[arg-type]
                         auth="passthrough")
     cfg = ListenerConfig(name="imap", protocol="imap", listen=HostPort("127.0.0.1", 0),
+                         tls="implicit" if cert else "none",
+                         cert=Path(cert) if cert else None, key=Path(cert) if cert else None,
                          upstream="dovecot", max_connections=50_000,
                          max_connections_per_client=50_000, login_timeout=300)
     transport = DirectTransport()
@@ -83,9 +87,10 @@ def proc_rss_mb(pid: int) -> float:
 
 # -- a minimal blocking IMAP client --------------------------------------------------------
 class Imap:
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def __init__(self, port: int, ctx: ssl.SSLContext | None = None) -> None:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = ctx.wrap_socket(sock, server_hostname="localhost") if ctx else sock
         self.buf = bytearray()
         self.until(b"\r\n")
 
@@ -133,6 +138,34 @@ class Imap:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def fetch_rounds(direct: int, relay: int, pid: int, rounds: int, size: int,
+                 ctx: ssl.SSLContext | None = None) -> tuple[dict[str, list[float]],
+                                                             list[float]]:
+    """Alternate FETCHes direct and through relay; MB/s per side and relay CPU ms each."""
+    clients = {}
+    for name, p in (("direct", direct), ("relay", relay)):
+        c = Imap(p, ctx)
+        c.command(b"L", f"LOGIN {USER} {PASSWORD}".encode())
+        reply = c.command(b"S", b"SELECT INBOX")
+        assert b"1 EXISTS" in reply, reply
+        clients[name] = c
+    speeds: dict[str, list[float]] = {"direct": [], "relay": []}
+    cpu: list[float] = []
+    for _ in range(rounds):
+        for name in ("direct", "relay"):
+            before = proc_cpu_ms(pid)
+            start = time.perf_counter()
+            got = clients[name].fetch_big(b"1")
+            took = time.perf_counter() - start
+            assert got == size, (got, size)
+            speeds[name].append(got / took / 1e6)
+            if name == "relay":
+                cpu.append(proc_cpu_ms(pid) - before)
+    for c in clients.values():
+        c.close()
+    return speeds, cpu
 
 
 def login_select(port: int) -> float:
@@ -224,10 +257,11 @@ def main() -> int:
     ap.add_argument("--serve", type=int, metavar="UPSTREAM_PORT", help=argparse.SUPPRESS)
     ap.add_argument("--tls", default="none", help=argparse.SUPPRESS)
     ap.add_argument("--ca", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--cert", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     nofile = raise_nofile(65536)
     if args.serve:
-        asyncio.run(serve(args.serve, args.tls, args.ca, not args.no_kernel_splice))
+        asyncio.run(serve(args.serve, args.tls, args.ca, not args.no_kernel_splice, args.cert))
         return 0
 
     from tests.peers.dovecot import dovecot
@@ -250,42 +284,32 @@ def main() -> int:
         if args.no_kernel_splice:
             argv.append("--no-kernel-splice")
         relay = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        cert = dc.root / "relay-cert.pem"
+        dc.ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(cert))
+        tls_relay = subprocess.Popen([sys.executable, __file__, "--serve", str(dc.imaps),
+                                      "--tls", "implicit", "--ca", str(dc.ca_file),
+                                      "--cert", str(cert)], stdout=subprocess.PIPE, text=True)
         try:
-            assert relay.stdout is not None
+            assert relay.stdout is not None and tls_relay.stdout is not None
             port = int(relay.stdout.readline().split()[1])
+            tls_port = int(tls_relay.stdout.readline().split()[1])
             print(f"message {len(msg) / 1e6:.1f} MB; Dovecot {dc.imap}, relay {port} "
                   f"(pid {relay.pid}); {rounds} FETCH rounds, {lat_rounds} login rounds; "
                   f"kernel splice {'off' if args.no_kernel_splice else 'on'}; "
                   f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-            clients = {}
-            for name, p in (("direct", dc.imap), ("relay", port)):
-                c = Imap(p)
-                c.command(b"L", f"LOGIN {USER} {PASSWORD}".encode())
-                reply = c.command(b"S", b"SELECT INBOX")
-                assert b"1 EXISTS" in reply, reply
-                clients[name] = c
-            speeds: dict[str, list[float]] = {"direct": [], "relay": []}
-            cpu: list[float] = []
-            for _ in range(rounds):
-                for name in ("direct", "relay"):
-                    before = proc_cpu_ms(relay.pid)
-                    start = time.perf_counter()
-                    size = clients[name].fetch_big(b"1")
-                    took = time.perf_counter() - start
-                    assert size == len(msg), (size, len(msg))
-                    speeds[name].append(size / took / 1e6)
-                    if name == "relay":
-                        cpu.append(proc_cpu_ms(relay.pid) - before)
-            for c in clients.values():
-                c.close()
+            speeds, cpu = fetch_rounds(dc.imap, port, relay.pid, rounds, len(msg))
+            tls_speeds, tls_cpu = fetch_rounds(dc.imaps, tls_port, tls_relay.pid, rounds,
+                                               len(msg), ssl.create_default_context(
+                                                   cafile=str(dc.ca_file)))
             lat = {"direct": [], "relay": []}
             for _ in range(lat_rounds):
                 for name, p in (("direct", dc.imap), ("relay", port)):
                     lat[name].append(login_select(p) * 1000)
             held = asyncio.run(hold(port, relay.pid, idle_n, total_n))
         finally:
-            relay.terminate()
-            relay.wait(10)
+            for child in (relay, tls_relay):
+                child.terminate()
+                child.wait(10)
 
     d, r = statistics.median(speeds["direct"]), statistics.median(speeds["relay"])
     ld, lr = statistics.median(lat["direct"]), statistics.median(lat["relay"])
@@ -297,6 +321,10 @@ def main() -> int:
           f"(target >= 0.90) {'PASS' if r / d >= 0.9 else 'FAIL'}")
     print(f"{'  relay CPU ms per FETCH (mean)':44} {sum(cpu) / len(cpu):12.1f} "
           f"{'':12}   (nginx ~20 ms)")
+    td, tr = statistics.median(tls_speeds["direct"]), statistics.median(tls_speeds["relay"])
+    print(f"{'FETCH 50 MB over TLS both ways, median MB/s':44} {tr:12.0f} {td:12.0f}   "
+          f"ratio {tr / td:.2f}")
+    print(f"{'  relay CPU ms per TLS FETCH (mean)':44} {sum(tls_cpu) / len(tls_cpu):12.1f}")
     print(f"{'login+SELECT, median ms':44} {lr:12.2f} {ld:12.2f}   +{lr - ld:.2f} ms "
           f"(target <= +2 ms) {'PASS' if lr - ld <= 2 else 'FAIL'}")
     print(f"{'  p90 ms':44} {statistics.quantiles(lat['relay'], n=10)[-1]:12.2f} "

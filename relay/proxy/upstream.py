@@ -54,8 +54,22 @@ class UpstreamLogin:
     stages: dict[str, float] = field(default_factory=dict)
 
 
+# Refusals that are not about the credentials (RFC 5530, RFC 3206): never the client's fault.
+_NOT_CREDENTIALS = (b"[PRIVACYREQUIRED]", b"[UNAVAILABLE]", b"[SYS/TEMP]", b"[SYS/PERM]",
+                    b"[IN-USE]", b"[LIMIT]", b"[SERVERBUG]", b"[CONTACTADMIN]")
+
+
 def _refused(cfg: UpstreamConfig, reply: bytes, *, credentials: bool) -> ProxyUpstreamError:
     text = censor(reply.decode("utf-8", "replace").strip())
+    upper = reply.upper()
+    if credentials and any(code in upper for code in _NOT_CREDENTIALS):
+        why = "privacy_required" if b"[PRIVACYREQUIRED]" in upper else "provider_unavailable"
+        hint = ("the provider wants TLS before login: set tls = \"starttls\" or "
+                "\"implicit\" on the upstream" if why == "privacy_required" else
+                "the provider refused for a reason other than the credentials (busy, "
+                "in use, limits); see its reply")
+        return ProxyUpstreamError(f"upstream {cfg.name} refused the login: {text}",
+                                  reason=why, reply=text, credentials=False, hint=hint)
     hint = ("check the mapped account's password or token source; for Exchange Online, "
             "IMAP/POP3 must be enabled for the mailbox and the app must hold "
             "IMAP.AccessAsApp/POP.AccessAsApp" if credentials else
