@@ -20,6 +20,7 @@ from relay.metrics import Metrics
 from relay.smtp.auth import AuthThrottle, UserDB
 from relay.smtp.handler import ConnectionTracker, Context
 from relay.smtp.hooks import AcceptFn, Checks
+from relay.smtp.replies import REASONS
 from relay.smtp.server import RelaySMTP
 
 log = logging.getLogger("relay.smtp")
@@ -69,6 +70,9 @@ class SmtpListener:
                                   checks=checks, users=users, metrics=metrics)
         if metrics is not None:
             metrics.smtp_sessions.labels(cfg.name).set(0)
+            metrics.auth_failures.labels(cfg.name, "smtp")
+            for reason in REASONS:
+                metrics.messages_refused.labels(cfg.name, reason)
 
     def _context(self, cfg: ListenerConfig, *, hostname: str, accept: AcceptFn,
                  maillog: MailLog, checks: Checks | None, users: UserDB | None,
