@@ -288,6 +288,10 @@ class Deliverer:
                 if session is not None:
                     session.close()
                 return {r: _transient(str(exc), "error") for r in recipients}
+            except asyncio.CancelledError:     # stop() after its grace: never reuse mid-way
+                if session is not None:
+                    session.close()
+                raise
             except Exception as exc:   # unknown means transient, and never kills the scheduler
                 log.exception("%s: unexpected error delivering to %s", msg.queue_id, up.name)
                 if session is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import shutil
@@ -355,3 +356,24 @@ async def test_certificate_failure_defers_never_bounces(rigs: list[Rig],
         {"upstream": "up", "reason": "tls_certificate"}) == 1
     assert r.metrics.registry.get_sample_value(
         "relay_messages_deferred_total", {"upstream": "up", "reply_class": "tls_certificate"}) == 1
+
+
+async def test_attempt_past_grace_is_cancelled_and_kept(rigs: list[Rig],
+                                                        peers: list[RecordingUpstream],
+                                                        tmp_path: Path) -> None:
+    slow = await peer(peers, delays={"DATA": 30.0})
+    first = Rig(tmp_path, upstream(slow.port))
+    await first.start()
+    qid = await first.send(BODY)
+    await until(lambda: first.scheduler.in_flight(qid))
+    await first.scheduler.stop(grace=0.2)
+    assert not first.scheduler.in_flight(qid)
+    assert first.spool.load(qid).state.attempts == 0       # nothing recorded: tried again
+    async with asyncio.timeout(3):     # the interrupted session was dropped, not kept idle
+        await first.deliverer.close()
+    await slow.wait_for(lambda p: p.open_now == 0, timeout=3)
+    first.spool.close()
+    fast = await peer(peers)
+    r = await rig(rigs, tmp_path, upstream(fast.port))     # the restart
+    await r.drained()
+    assert [m.rcpt_tos for m in fast.received] == [["bob@example.net"]]
