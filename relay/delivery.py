@@ -177,13 +177,6 @@ class Deliverer:
         up = self._upstreams.get(upstream)
         return max(1, up.max_connections) if up else 1
 
-    def sessions_opened(self, upstream: str) -> int:
-        return self._pools[upstream].opened if upstream in self._pools else 0
-
-    def remote(self, upstream: str) -> str:
-        up = self._upstreams.get(upstream)
-        return up.host if up and up.protocol == "smtp" else ""
-
     def credentials_for(self, up: UpstreamConfig, sender: str, auth_user: str) -> Credentials:
         """Auth translation: an [[account]] for this sender (first) or relay user, else the
         upstream's own credentials."""
@@ -308,10 +301,16 @@ class Deliverer:
         while (session := pool.take(creds.key)) is not None:
             if not session.dirty and loop.time() - session.idle_since < self._probe_idle:
                 return session
-            with timer.stage("envelope"):
-                if await session.rset():
-                    session.dirty = False
-                    return session
+            try:
+                with timer.stage("envelope"):
+                    alive = await session.rset()
+            except BaseException:
+                session.close()
+                pool.discard(session)
+                raise
+            if alive:
+                session.dirty = False
+                return session
             pool.discard(session)
         await pool.make_room()
         session = await SmtpSession.open(up, transport=self._transport_for(up),
