@@ -100,10 +100,14 @@ class SmtpListener:
 
     def _factory(self) -> RelaySMTP:
         session = _TrackedSMTP(self._ctx)
-        session.on_close = self._forget
+        session.on_open, session.on_close = self._track, self._forget
+        return session
+
+    def _track(self, session: RelaySMTP) -> None:
+        # On connection_made, not in the factory: an implicit-TLS client whose handshake
+        # fails never gets there (nor to connection_lost), and must not be waited for.
         self._sessions.add(session)
         self._idle.clear()
-        return session
 
     def _forget(self, session: RelaySMTP) -> None:
         self._sessions.discard(session)
@@ -179,9 +183,16 @@ class SmtpListener:
 
 
 class _TrackedSMTP(RelaySMTP):
-    """A session that tells its listener when it is gone."""
+    """A session that tells its listener when it starts and when it is gone."""
 
+    on_open: Any = None
     on_close: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first and self.on_open is not None:
+            self.on_open(self)
 
     def connection_lost(self, error: Exception | None) -> None:
         try:

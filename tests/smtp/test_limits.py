@@ -202,3 +202,23 @@ async def test_drain_waits_for_a_message_being_stored(start_relay: StartRelay) -
     await asyncio.wait_for(drained, 10)
     assert await replies == ["250 2.0.0 Ok: queued as SLOWQ1",
                              "421 4.3.2 Service shutting down; try again later"]
+
+
+async def test_failed_implicit_tls_handshake_leaves_no_session(start_relay: StartRelay) -> None:
+    relay = await start_relay(tls="implicit")
+
+    def go() -> bool:
+        c = RawClient(relay.port)
+        c.send(b"EHLO plaintext-client\r\n")       # not a TLS ClientHello
+        closed = c.closed()
+        c.close()
+        return closed
+
+    assert await run(go)
+    ok = RawClient(relay.port)                     # the listener still serves
+    await run(ok.close)
+    assert relay.listener.sessions == 0
+    started = time.monotonic()
+    await relay.listener.stop_accepting()
+    await relay.listener.wait_closed(5)
+    assert time.monotonic() - started < 1
