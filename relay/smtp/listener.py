@@ -131,7 +131,7 @@ class SmtpListener:
             self._server = await loop.create_server(
                 self._factory, cfg.listen.host, cfg.listen.port, ssl=server_ssl,
                 reuse_address=True, backlog=max(100, min(cfg.max_connections, 4096)),
-                ssl_handshake_timeout=cfg.command_timeout if server_ssl else None)
+                ssl_handshake_timeout=min(cfg.command_timeout, 60.0) if server_ssl else None)
         except OSError as exc:
             raise RelayError(
                 f"listener {cfg.name}: cannot listen on {cfg.listen} ({exc.strerror})",
