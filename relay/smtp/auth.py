@@ -15,6 +15,7 @@ import binascii
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import secrets
@@ -215,7 +216,8 @@ class AuthThrottle:
 
     The first failure is answered at once; each further failure within ``window`` seconds
     waits ``base_delay * 2**(k-2)`` (capped at ``max_delay``) before its 535. At ``limit``
-    failures the address is refused AUTH for ``window`` seconds. Memory is bounded.
+    failures the address is refused AUTH for ``window`` seconds. Memory is bounded;
+    IPv6 clients are counted per /64.
     """
 
     def __init__(self, *, limit: int, window: float, base_delay: float = 1.0,
@@ -233,7 +235,16 @@ class AuthThrottle:
     def configure(self, *, limit: int, window: float) -> None:
         self.limit, self.window = limit, window
 
+    @staticmethod
+    def _key(ip: str) -> str:
+        # An IPv6 client usually holds a whole /64: count its failures together.
+        if ":" in ip:
+            with contextlib.suppress(ValueError):
+                return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return ip
+
     def blocked(self, ip: str) -> bool:
+        ip = self._key(ip)
         until = self._blocked.get(ip)
         if until is None:
             return False
@@ -244,6 +255,7 @@ class AuthThrottle:
 
     def failure(self, ip: str) -> tuple[float, bool]:
         """Record a failure: (seconds to wait before replying, now blocked?)."""
+        ip = self._key(ip)
         now = self._clock()
         times = self._failures.pop(ip, None) or deque()
         while times and now - times[0] > self.window:
@@ -265,4 +277,4 @@ class AuthThrottle:
         return min(self.base_delay * 2 ** (count - 2), self.max_delay), False
 
     def success(self, ip: str) -> None:
-        self._failures.pop(ip, None)
+        self._failures.pop(self._key(ip), None)

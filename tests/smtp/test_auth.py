@@ -186,6 +186,11 @@ def test_throttle_schedule_and_expiry() -> None:
     assert t.blocked("1.2.3.4") and not t.blocked("5.6.7.8")
     now[0] = 101.0
     assert not t.blocked("1.2.3.4")
+    # an IPv6 client counts per /64
+    for host in ("2001:db8::1", "2001:db8::2", "2001:db8::3:4"):
+        t.failure(host)
+    assert t.failure("2001:db8::ffff") == (0.0, True)
+    assert t.blocked("2001:db8::9") and not t.blocked("2001:db8:0:1::1")
     # failures outside the window are forgotten; success clears
     assert t.failure("5.6.7.8") == (0.0, False)
     t.success("5.6.7.8")
