@@ -96,6 +96,15 @@ def has_bare_cr_or_lf(data: bytes) -> bool:
     return data.count(b"\r") != pairs or data.count(b"\n") != pairs
 
 
+def dot_stuff(data: bytes) -> bytes:
+    """The DATA payload: lines starting with "." get another, CRLF-terminated, then ".CRLF"."""
+    payload = b"." + data if data.startswith(b".") else data
+    payload = payload.replace(b"\r\n.", b"\r\n..")
+    if not payload.endswith(b"\r\n"):
+        payload += b"\r\n"
+    return payload + b".\r\n"
+
+
 def _tls_error(upstream: UpstreamConfig, exc: BaseException, server_name: str) -> SessionError:
     message, reason, hint = describe_tls_failure(upstream, exc, server_name)
     return SessionError(message, reason=reason, stage="tls", hint=hint)
@@ -322,18 +331,28 @@ class SmtpSession:
         return Reply(resp.code, resp.message)
 
     async def data(self, data: bytes) -> Reply:
-        """DATA with the message; returns the 354-stage refusal or the final reply."""
+        """DATA with the message; returns the 354-stage refusal or the final reply.
+
+        The message is dot-stuffed here with ``bytes.replace`` rather than by aiosmtplib,
+        whose line-ending rewrite and stuffing regexes cost ~1.5 ms per 100 KB and would
+        turn a bare CR into a line break (a smuggling vector); bare CR/LF is refused.
+        """
         if has_bare_cr_or_lf(data):
-            # aiosmtplib would turn it into a line break: a smuggling vector. Never send.
             raise ValueError("message contains a bare CR or LF")
+        start = await self.command(b"DATA")
+        if start.code != 354:
+            return start
+        protocol = self._smtp.protocol
         try:
-            resp = await self._smtp.data(data, timeout=self.upstream.data_timeout)
-        except aiosmtplib.SMTPDataError as exc:
-            if exc.code == 421:
-                self.broken = True
-            return Reply(exc.code, exc.message)
+            if protocol is None:
+                raise aiosmtplib.SMTPServerDisconnected("connection lost before the message")
+            protocol.write(dot_stuff(data))
+            # No await between write and read_response: the reply cannot slip past it.
+            resp = await protocol.read_response(timeout=self.upstream.data_timeout)
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise self._broken("data", exc) from exc
+        if resp.code == 421:
+            self.broken = True
         return Reply(resp.code, resp.message)
 
     async def rset(self) -> bool:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.smtp_client import has_bare_cr_or_lf, xoauth2_string
-from tests.delivery.helpers import BODY, deliverer, message, upstream
+from relay.smtp_client import dot_stuff, has_bare_cr_or_lf, xoauth2_string
+from tests.delivery.helpers import BODY, deliverer, message, start, upstream
+from tests.fakes.recording_upstream import RecordingUpstream
 from tests.peers import free_port, running, wait_for_port
 from tests.scheduler.rig import sink_argv
 
@@ -38,6 +39,19 @@ def test_bare_cr_lf(data: bytes, bare: bool) -> None:
     assert has_bare_cr_or_lf(data) is bare
 
 
+@pytest.mark.parametrize(("data", "wire"), [
+    (b"a\r\nb\r\n", b"a\r\nb\r\n.\r\n"),
+    (b".start\r\n", b"..start\r\n.\r\n"),
+    (b"a\r\n.\r\n.\r\nb\r\n", b"a\r\n..\r\n..\r\nb\r\n.\r\n"),
+    (b"a\r\n..two\r\n", b"a\r\n...two\r\n.\r\n"),
+    (b"no final crlf", b"no final crlf\r\n.\r\n"),
+    (b"", b"\r\n.\r\n"),
+    (b"x.\r\n", b"x.\r\n.\r\n"),
+])
+def test_dot_stuff(data: bytes, wire: bytes) -> None:
+    assert dot_stuff(data) == wire
+
+
 @pytest.mark.parametrize(("options", "reason", "code"), [
     (("-r", "CONNECT"), "greeting_refused", 4),
     (("-f", "CONNECT"), "greeting_refused", 5),     # 5xx greeting: still a deferral
@@ -60,12 +74,31 @@ async def test_session_refusals_defer(tmp_path: Path, options: tuple[str, ...],
         assert v.reply.startswith(str(code)), v
 
 
-async def test_smtp_sink_rcpt_and_data_faults(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("options", "permanent"), [
+    (("-r", "."), False), (("-f", "."), True),          # the reply to the message
+    (("-r", "DATA"), False), (("-f", "DATA"), True),    # the reply to DATA itself
+    (("-f", "MAIL"), True), (("-r", "RCPT"), False),
+])
+async def test_smtp_sink_transaction_faults(tmp_path: Path, options: tuple[str, ...],
+                                            permanent: bool) -> None:
     port = free_port()
     log = tmp_path / "sink.log"
-    with running(sink_argv(port, "-r", "."), log=log) as proc:
+    with running(sink_argv(port, *options), log=log) as proc:
         wait_for_port("127.0.0.1", port, proc=proc, log=log)
         d = deliverer(upstream(port))
-        v = (await d.deliver("up", message(), BODY, ["b@example.net"]))["b@example.net"]
+        rcpts = ["a@example.net", "b@example.net"]
+        res = await d.deliver("up", message(rcpts=tuple(rcpts)), BODY, rcpts)
         await d.close()
-    assert not v.ok and not v.permanent and v.reply.startswith("4")
+    for v in res.values():
+        assert not v.ok and v.permanent is permanent, v
+        assert v.code // 100 == (5 if permanent else 4)
+
+
+async def test_dots_survive_the_trip(started: list[RecordingUpstream]) -> None:
+    peer = await start(started)
+    d = deliverer(upstream(peer.port))
+    body = b".first\r\n\r\n.\r\n..\r\nend.\r\n.x"
+    v = (await d.deliver("up", message(), body, ["b@example.net"]))["b@example.net"]
+    assert v.ok
+    assert peer.received[0].data == body + b"\r\n"      # only the final CRLF is added
+    await d.close()
