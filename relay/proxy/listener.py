@@ -28,16 +28,21 @@ def server_context(cfg: ListenerConfig, into: ssl.SSLContext | None = None) -> s
         raise ConfigError(f"listener {cfg.name}: tls = \"{cfg.tls}\" needs cert and key",
                           key="listener.cert", line=cfg.line or None,
                           hint="set cert and key to PEM files, or tls = \"none\"")
-    ctx = into or ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    fresh = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    fresh.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        ctx.load_cert_chain(str(cfg.cert), str(cfg.key))
+        fresh.load_cert_chain(str(cfg.cert), str(cfg.key))
+        if into is None:
+            return fresh
+        # Proven loadable: now swap it into the context the running server holds (a bad
+        # pair never half-replaces a working one).
+        into.load_cert_chain(str(cfg.cert), str(cfg.key))
+        return into
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"listener {cfg.name}: cannot load cert {cfg.cert} / key {cfg.key}: "
                           f"{exc}", key="listener.cert", line=cfg.line or None,
                           hint="cert must be a PEM chain and key its PEM private key, "
                                "readable by relay") from exc
-    return ctx
 
 
 class ProxyListener:
@@ -164,9 +169,7 @@ class ProxyListener:
                 raise
             previous.close()
         else:
-            if new.server_tls is not None and old.server_tls is not None:
-                # same mode: reload the certificate into the context the server holds
-                new.server_tls = server_context(cfg, old.server_tls)
+            # _context reloaded the certificate into the SSLContext the server already holds
             self._ctx = new
 
     # -- accepting -------------------------------------------------------------------------

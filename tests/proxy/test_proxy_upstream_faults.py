@@ -1,4 +1,4 @@
-"""Upstream faults explained (refused, TLS name), and reconfigure while sessions are open."""
+"""Upstream faults explained (refused, TLS name); reconfigure with sessions open, new certs."""
 
 from __future__ import annotations
 
@@ -6,10 +6,15 @@ import asyncio
 import dataclasses
 import imaplib
 import logging
+import socket
+import ssl
+from pathlib import Path
 
 import pytest
+import trustme
 
 from relay.config.schema import HostPort, ListenerConfig, UpstreamConfig
+from relay.errors import ConfigError
 from relay.metrics import Metrics
 from relay.proxy.accounts import PassthroughAuthenticator
 from relay.proxy.listener import ProxyListener
@@ -100,6 +105,51 @@ async def test_reconfigure_rebinds_and_moves_new_sessions(dc: Dovecot) -> None:
         w.close()
         with pytest.raises(OSError):
             await asyncio.open_connection("127.0.0.1", old_port)
+    finally:
+        await listener.stop_accepting()
+        await listener.wait_closed(5)
+
+
+async def test_reconfigure_reloads_the_listener_certificate(dc: Dovecot, tmp_path: Path) -> None:
+    def cert_of(ca: trustme.CA, name: str) -> tuple[Path, Path]:
+        issued = ca.issue_cert("localhost")
+        cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+        issued.private_key_and_cert_chain_pem.write_to_path(str(cert))
+        issued.private_key_pem.write_to_path(str(key))
+        return cert, key
+
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    lcfg, ucfg = configs(dc)
+    first = dataclasses.replace(lcfg, tls="implicit", cert=cert_of(old_ca, "old")[0],
+                                key=cert_of(old_ca, "old")[1])
+    transport = DirectTransport()
+    listener = ProxyListener(first, upstream=ucfg, authenticator=PassthroughAuthenticator(),
+                             transport_for=lambda _u: transport)
+    await listener.start()
+
+    def handshake(ca: trustme.CA) -> bool:
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        try:
+            with socket.create_connection(("127.0.0.1", listener.address[1]), timeout=5) as s, \
+                    ctx.wrap_socket(s, server_hostname="localhost") as t:
+                return t.recv(5) == b"* OK "
+        except ssl.SSLCertVerificationError:
+            return False
+
+    try:
+        assert await asyncio.to_thread(handshake, old_ca)
+        cert, key = cert_of(new_ca, "new")
+        await listener.reconfigure(dataclasses.replace(first, cert=cert, key=key), upstream=ucfg,
+                                   authenticator=PassthroughAuthenticator(),
+                                   transport_for=lambda _u: transport)
+        assert await asyncio.to_thread(handshake, new_ca)
+        assert not await asyncio.to_thread(handshake, old_ca)
+        with pytest.raises(ConfigError, match="cannot load cert"):
+            await listener.reconfigure(dataclasses.replace(first, cert=tmp_path / "missing"),
+                                       upstream=ucfg, authenticator=PassthroughAuthenticator(),
+                                       transport_for=lambda _u: transport)
+        assert await asyncio.to_thread(handshake, new_ca)        # the old config stays
     finally:
         await listener.stop_accepting()
         await listener.wait_closed(5)
