@@ -366,7 +366,7 @@ class Deliverer:
                                                         "disconnected"))
                 return results
             with timer.stage("data"):
-                final = await session.data(data)
+                final = await session.data(data, checked=True)   # deliver() did
         except ValueError as exc:      # control characters in an address: cannot be sent
             session.close()
             res = RcptResult(501, f"501 5.1.3 cannot send this address: {exc}", True,
