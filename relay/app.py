@@ -315,4 +315,6 @@ class App:
             raise
         await self._stop.wait()
         await self.drain()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
         return 0
