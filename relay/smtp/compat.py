@@ -5,7 +5,7 @@
   ~0.3 ms of CPU per connection, a third of a small message's budget).
   ``tests/smtp/test_server_init.py`` fails when an aiosmtpd upgrade adds state.
 - ``unread`` gives bytes read past the end of DATA back to the stream reader, which has
-  no public way to do so.
+  no public way to do so; ``has_line`` peeks whether the next command is already there.
 """
 
 from __future__ import annotations
@@ -85,3 +85,8 @@ def init_aiosmtpd_state(session: Any, *, loop: asyncio.AbstractEventLoop, hostna
 def unread(reader: asyncio.StreamReader, data: bytes) -> None:
     """Put ``data`` back at the front of ``reader`` (pipelined commands after DATA)."""
     reader._buffer[:0] = data  # type: ignore[attr-defined]  # no public unread in asyncio
+
+
+def has_line(reader: asyncio.StreamReader) -> bool:
+    """True when a whole command line is already buffered (the client is pipelining)."""
+    return b"\n" in reader._buffer  # type: ignore[attr-defined]

@@ -17,7 +17,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Session
 
 from relay.smtp import replies
-from relay.smtp.compat import init_aiosmtpd_state, unread
+from relay.smtp.compat import has_line, init_aiosmtpd_state, unread
 from relay.smtp.data import DataReader, Event
 from relay.smtp.handler import Context, Transaction, finish_message
 from relay.smtp.hooks import SessionInfo
@@ -54,6 +54,8 @@ class RelaySMTP(SMTP):
         self._refused_reply: str | None = None
         self._counted = False
         self._finishing = False                 # storing a message: shutdown waits for it
+        self._pipelinable = False               # the reply being made may wait (PIPELINING)
+        self._held: list[bytes] = []
         self._closing = False
         self._deadline = 0.0
         self._timer_at = 0.0
@@ -146,13 +148,30 @@ class RelaySMTP(SMTP):
             self.close()
 
     async def push(self, status: Any) -> None:
-        if isinstance(status, str) and not status.startswith(_RAW):
-            status = with_enhanced(status)
-        await super().push(status)
+        if isinstance(status, str):
+            if not status.startswith(_RAW):
+                status = with_enhanced(status)
+            status = status.encode()
+        data = bytes(status) + b"\r\n"
+        # PIPELINING (RFC 2920): the replies to MAIL, RCPT and RSET wait while the client's
+        # next command is already here, and leave together with the next reply (as
+        # Postfix does), instead of one send() each.
+        if self._pipelinable:
+            self._pipelinable = False
+            if has_line(self._reader):
+                self._held.append(data)
+                return
+        await self._send(data)
+
+    async def _send(self, data: bytes) -> None:
+        if self._held:
+            data = b"".join(self._held) + data
+            self._held.clear()
+        self._writer.write(data)
+        await self._writer.drain()
 
     async def _raw(self, lines: list[str]) -> None:
-        self._writer.write("".join(f"{line}\r\n" for line in lines).encode())
-        await self._writer.drain()
+        await self._send("".join(f"{line}\r\n" for line in lines).encode())
 
     def _set_post_data_state(self) -> None:
         super()._set_post_data_state()  # type: ignore[no-untyped-call]
@@ -171,7 +190,8 @@ class RelaySMTP(SMTP):
     def _write_now(self, line: str) -> None:
         transport = self.transport
         if isinstance(transport, asyncio.WriteTransport):
-            transport.write(line.encode() + b"\r\n")
+            transport.write(b"".join(self._held) + line.encode() + b"\r\n")
+            self._held.clear()
 
     # --- session facts ------------------------------------------------------------------
 
@@ -234,7 +254,12 @@ class RelaySMTP(SMTP):
             return
         await super().smtp_STARTTLS(arg)
 
+    async def smtp_RSET(self, arg: str) -> None:
+        self._pipelinable = True
+        await super().smtp_RSET(arg)
+
     async def smtp_MAIL(self, arg: str | None) -> None:
+        self._pipelinable = True
         if not self._s.host_name:
             await self.push(replies.NEED_EHLO)
             return
@@ -263,6 +288,7 @@ class RelaySMTP(SMTP):
         return self.ctx.cfg.auth == "required" and self.ctx.users is not None
 
     async def smtp_RCPT(self, arg: str | None) -> None:
+        self._pipelinable = True
         if not self._s.host_name:
             await self.push(replies.NEED_EHLO)
             return

@@ -125,3 +125,36 @@ async def test_large_message_and_size_limits(start_relay: StartRelay) -> None:
                    "250 2.0.0 OK"]
     assert relay.recorder.messages[0][1].endswith(body)
     assert relay.refused("too_big") == 2
+
+
+async def test_pipelined_replies_leave_in_one_write(start_relay: StartRelay) -> None:
+    relay = await start_relay(allow=ALLOW)
+    c = await run(RawClient, relay.port)
+    await run(c.reply)
+    assert (await run(c.cmd, "EHLO x")).splitlines()[1] == "250-PIPELINING"
+    [session] = relay.listener._sessions
+    writes: list[bytes] = []
+    write = session._writer.write
+
+    def spy(data: bytes) -> None:
+        writes.append(data)
+        write(data)
+
+    session._writer.write = spy  # type: ignore[method-assign]
+
+    def go() -> list[str]:
+        c.send(b"RSET\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n"
+               b"RCPT TO:<b%c@example.net>\r\nDATA\r\n")
+        out = [c.reply() for _ in range(5)]
+        out.append(c.cmd("Subject: p\r\n\r\nx\r\n."))
+        out.append(c.cmd("MAIL FROM:<a@example.com>"))      # alone: answered at once
+        c.close()
+        return out
+
+    out = await run(go)
+    assert out[:5] == ["250 2.0.0 OK", "250 2.1.0 Ok", "250 2.1.5 Ok", out[3],
+                       "354 End data with <CR><LF>.<CR><LF>"]
+    assert out[3].startswith("553 5.1.3 ")
+    assert out[5] == "250 2.0.0 Ok: queued as TESTQ0001" and out[6] == "250 2.1.0 Ok"
+    assert writes[0].count(b"\r\n") == 5, writes        # five replies, one write
+    assert len(writes) == 3
