@@ -1,8 +1,10 @@
-"""Bad input and limits through a running proxy: the protocol's own answer, nothing upstream."""
+"""Input through a running proxy: every login form works; bad input gets the protocol's own
+answer and nothing reaches the provider; limits and timeouts."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import time
 
@@ -168,3 +170,47 @@ async def test_pre_login_and_post_login_idle_timeouts(dc: Dovecot) -> None:
         await c.closed()                                     # relay hangs up when idle
         assert 0.9 < time.monotonic() - start < 5
         assert r.transport.connects == 1
+
+
+@pytest.mark.parametrize("login", [
+    [b"a LOGIN {5}\r\n", b"alice {8}\r\n", b"alice-pw\r\n"],             # synchronising
+    [b"a LOGIN {5+}\r\nalice {8+}\r\nalice-pw\r\n"],                     # LITERAL+
+    [b"a AUTHENTICATE PLAIN " + base64.b64encode(b"\0alice\0alice-pw") + b"\r\n"],
+    [b"a AUTHENTICATE PLAIN\r\n", base64.b64encode(b"alice\0alice\0alice-pw") + b"\r\n"],
+    [b"a AUTHENTICATE LOGIN\r\n", base64.b64encode(b"alice") + b"\r\n",
+     base64.b64encode(b"alice-pw") + b"\r\n"],
+])
+async def test_every_imap_login_form_reaches_dovecot(dc: Dovecot, login: list[bytes]) -> None:
+    async with run_proxy(dc) as r:
+        c = await Client.open(r.port)
+        await c.line()
+        for part in login:
+            await c.send(part)
+            if part is not login[-1]:
+                assert (await c.line()).startswith(b"+")
+        reply = await c.line()
+        while not reply.startswith(b"a "):
+            reply = await c.line()
+        assert reply.startswith(b"a OK [CAPABILITY IMAP4rev1")
+        await c.send(b"b LOGOUT\r\n")
+        assert b"\r\nb OK Logout completed" in await c.closed()
+
+
+@pytest.mark.parametrize("login", [
+    [b"USER alice\r\n", b"PASS alice-pw\r\n"],
+    [b"AUTH PLAIN " + base64.b64encode(b"\0alice\0alice-pw") + b"\r\n"],
+    [b"AUTH LOGIN\r\n", base64.b64encode(b"alice") + b"\r\n",
+     base64.b64encode(b"alice-pw") + b"\r\n"],
+])
+async def test_every_pop3_login_form_reaches_dovecot(dc: Dovecot, login: list[bytes]) -> None:
+    async with run_proxy(dc, protocol="pop3") as r:
+        c = await Client.open(r.port)
+        await c.line()
+        for part in login[:-1]:
+            await c.send(part)
+            assert (await c.line()).startswith(b"+")
+        await c.send(login[-1] + b"STAT\r\n")                # pipelined after the login
+        assert await c.line() == b"+OK Logged in.\r\n"
+        assert (await c.line()).startswith(b"+OK ")          # Dovecot answers the STAT
+        await c.send(b"QUIT\r\n")
+        assert (await c.closed()).startswith(b"+OK")
