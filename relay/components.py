@@ -7,13 +7,11 @@ running is touched, so a reload either swaps in a whole new set or keeps the old
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.checks.spf import SpfChecker
-from relay.config.schema import Config, ListenerConfig, ProfileConfig, Secret
+from relay.config.schema import Config, ListenerConfig, ProfileConfig
 from relay.delivery import Deliverer
 from relay.dkim import Signer
 from relay.dkim_keys import load_keys
@@ -23,7 +21,7 @@ from relay.headers import HeaderGuard, protected_patterns
 from relay.metrics import Metrics
 from relay.oauth import TokenSources
 from relay.pipeline import AcceptPipeline, RoutedChecks
-from relay.proxy.accounts import build_authenticator
+from relay.proxy.accounts import build_authenticator, users_file_verify
 from relay.proxy.session import Authenticator
 from relay.routing import Router
 from relay.smtp.auth import UserDB
@@ -50,12 +48,6 @@ class Components:
     signer: Signer | None
     resolver: Resolver
     listeners: dict[str, ListenerParts] = field(default_factory=dict)
-
-
-def _verifier(db: UserDB) -> Callable[[str, Secret], Awaitable[bool]]:
-    async def verify(user: str, password: Secret) -> bool:
-        return await asyncio.to_thread(db.verify_sync, user, password.reveal().encode())
-    return verify
 
 
 def _users(cfg: ListenerConfig, cache: dict[Path, UserDB]) -> UserDB | None:
@@ -104,7 +96,7 @@ def build(config: Config, *, spool: Spool, transports: Transports, tokens: Token
         else:
             assert lc.upstream is not None
             up = config.upstream(lc.upstream)
-            verify = _verifier(users) if users is not None else None
+            verify = users_file_verify(users) if users is not None else None
             parts.listeners[lc.name] = ListenerParts(
                 cfg=lc, users=users,
                 authenticator=build_authenticator(up, config.accounts, verify))

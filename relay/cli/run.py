@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from relay.config import load_config
-from relay.errors import RelayError
+from relay.config.schema import Config
+from relay.errors import ConfigError, RelayError
 
 DEFAULT_CONFIG = os.environ.get("RELAY_CONFIG", "conf/relay.toml")
 LOG_FORMAT = "%(asctime)s relay[%(process)d]: %(name)s: %(levelname)s: %(message)s"
@@ -55,22 +56,27 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
 
-def _control(args: argparse.Namespace, command: str) -> dict[str, Any]:
+def _control(config: Config, command: str) -> dict[str, Any]:
     from relay.app import control_path
     from relay.control import request
 
-    config = load_config(args.config)
     return asyncio.run(request(control_path(config), command, timeout=120))
 
 
 def _reload(args: argparse.Namespace) -> int:
     try:
-        reply = _control(args, "reload")
+        config = load_config(args.config)
+    except ConfigError as exc:
+        # Checked here first: a broken file never reaches the running relay.
+        print(f"relay: {exc.explain()}\nrelay: not reloaded; the running relay keeps its "
+              "current config. Fix the file and run `relay reload` again.", file=sys.stderr)
+        return 1
+    try:
+        reply = _control(config, "reload")
     except RelayError as exc:
         # No control socket: fall back to SIGHUP through the pid file.
         from relay.app import pid_file
 
-        config = load_config(args.config)
         try:
             pid = int(pid_file(config).read_text().strip())
             os.kill(pid, signal.SIGHUP)
@@ -83,7 +89,7 @@ def _reload(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    reply = _control(args, "status")
+    reply = _control(load_config(args.config), "status")
     if args.json:
         print(json.dumps(reply, indent=2, sort_keys=True))
         return 0

@@ -1,0 +1,173 @@
+"""SIGHUP reload, SIGTERM drain and a real Prometheus scrape, against the real relay process."""
+
+from __future__ import annotations
+
+import re
+import signal
+import smtplib
+import socket
+import threading
+from pathlib import Path
+
+from tests.peers import free_port, wait_until
+from tests.peers.prometheus import check_metrics, prometheus_server
+from tests.peers.relayproc import Relay, Sink, config, sample, scrape, send
+
+SECOND_LISTENER = """
+[[listener]]
+name = "{name}"
+protocol = "smtp"
+listen = "127.0.0.1:{port}"
+tls = "none"
+auth = "none"
+allow = ["127.0.0.0/8"]
+"""
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return True
+    return False
+
+
+def test_sighup_adds_a_listener_and_retires_one_whose_open_session_completes(
+        tmp_path: Path) -> None:
+    sink = Sink(tmp_path).start()
+    p1, p2, p3, mport = free_port(), free_port(), free_port(), free_port()
+    base = config(spool=tmp_path / "spool", listen=p1, sink=sink.port, metrics=mport)
+    relay = Relay(tmp_path, base + SECOND_LISTENER.format(name="old", port=p2)).start(p1, p2)
+    try:
+        with smtplib.SMTP("127.0.0.1", p2, timeout=30) as open_session:
+            open_session.ehlo("platform.example")
+            open_session.mail("agent@example.com")
+            open_session.rcpt("customer@example.net")
+            relay.config.write_text(base + SECOND_LISTENER.format(name="new", port=p3))
+            relay.signal(signal.SIGHUP)
+            relay.wait_log(r"reload: config .* applied: 1 listeners added, 1 removed")
+            wait_until(lambda: refuses_connections(p2))
+            send(p3, subject="via new listener")
+            code, reply = open_session.data(b"Subject: finished after reload\r\n\r\nok\r\n")
+            assert code == 250, reply
+        wait_until(lambda: len(sink.messages()) == 2)
+        metrics = scrape(mport)
+        assert sample(metrics, "relay_config_reloads_total", result="success") >= 2
+        assert sample(metrics, "relay_messages_received_total", listener="old") == 1
+        assert sample(metrics, "relay_messages_received_total", listener="new") == 1
+        assert relay.stop() == 0
+    finally:
+        relay.stop()
+        sink.stop()
+
+
+def test_invalid_reload_keeps_the_old_config_and_counts_the_failure(tmp_path: Path) -> None:
+    sink = Sink(tmp_path).start()
+    port, mport = free_port(), free_port()
+    good = config(spool=tmp_path / "spool", listen=port, sink=sink.port, metrics=mport)
+    relay = Relay(tmp_path, good).start(port)
+    try:
+        relay.config.write_text(good.replace("[[upstream]]", "[[upstream]]\nhots = \"x\""))
+        out = relay.cli("reload")
+        assert out.returncode == 1
+        assert re.search(r"relay\.toml:\d+: upstream\[0\]\.hots: unknown key", out.stderr)
+        assert 'did you mean "host"' in out.stderr
+        assert "not reloaded; the running relay keeps its current config" in out.stderr
+        relay.signal(signal.SIGHUP)
+        relay.wait_log(r"reload failed, still running the previous config: .*relay\.toml:\d+")
+        metrics = scrape(mport)
+        assert sample(metrics, "relay_config_reloads_total", result="failure") == 1
+        send(port)                               # the old config still serves
+        wait_until(lambda: len(sink.messages()) == 1)
+    finally:
+        relay.stop()
+        sink.stop()
+
+
+def test_reload_during_a_stream_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    sink = Sink(tmp_path).start()
+    port = free_port()
+    base = config(spool=tmp_path / "spool", listen=port, sink=sink.port)
+    relay = Relay(tmp_path, base).start(port)
+    total, senders = 120, 4
+    errors: list[BaseException] = []
+
+    def submit(k: int) -> None:
+        try:
+            for i in range(total // senders):
+                send(port, subject=f"s{k}-{i}")
+        except BaseException as exc:          # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit, args=(k,)) for k in range(senders)]
+    try:
+        for t in threads:
+            t.start()
+        for n in range(6):                    # bounded: six reloads while mail flows
+            variant = base.replace("max_connections = ", f"max_connections = {n + 2}#")
+            relay.config.write_text(variant if n % 2 else base)
+            relay.signal(signal.SIGHUP)
+            relay.wait_log(r"reload: config", count=n + 1, timeout=60)
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        wait_until(lambda: len(sink.messages()) >= total, timeout=120)
+        subjects = [m.split(b"Subject: ")[1].split(b"\n")[0] for m in sink.messages()]
+        assert len(subjects) == total
+        assert len(set(subjects)) == total
+    finally:
+        relay.stop()
+        sink.stop()
+
+
+def test_sigterm_drains_open_sessions_and_exits_zero(tmp_path: Path) -> None:
+    sink = Sink(tmp_path).start()
+    port = free_port()
+    relay = Relay(tmp_path, config(spool=tmp_path / "spool", listen=port,
+                                   sink=sink.port)).start(port)
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            s.ehlo("platform.example")
+            s.mail("agent@example.com")
+            s.rcpt("customer@example.net")
+            relay.signal(signal.SIGTERM)
+            relay.wait_log(r"stopping: no new sessions")
+            wait_until(lambda: refuses_connections(port))
+            code, reply = s.data(b"Subject: in flight at SIGTERM\r\n\r\nok\r\n")
+            assert code == 250, reply
+        assert relay.proc is not None
+        assert relay.proc.wait(60) == 0
+        assert "relay stopped" in relay.log_text()
+        queue = tmp_path / "spool" / "queue"
+        delivered = len(sink.messages())
+        spooled = len([p for p in queue.iterdir() if not p.name.endswith(".state")])
+        assert delivered + spooled == 1        # acknowledged: delivered or safely spooled
+        assert not list((tmp_path / "spool" / "tmp").iterdir())
+    finally:
+        relay.stop()
+        sink.stop()
+
+
+def test_prometheus_scrapes_the_running_relay(tmp_path: Path) -> None:
+    sink = Sink(tmp_path).start()
+    port, mport = free_port(), free_port()
+    relay = Relay(tmp_path, config(spool=tmp_path / "spool", listen=port, sink=sink.port,
+                                   metrics=mport)).start(port)
+    try:
+        send(port)
+        wait_until(lambda: len(sink.messages()) == 1)
+        lint = check_metrics(scrape(mport).encode())
+        assert lint.returncode == 0, lint.stdout + lint.stderr
+        with prometheus_server(tmp_path / "prom", [f"127.0.0.1:{mport}"]) as prom:
+            prom.wait_for("target up", lambda: any(
+                t["health"] == "up" for t in prom.targets()), timeout=60)
+            got = prom.wait_for("delivered series", lambda: prom.query(
+                'relay_messages_delivered_total{upstream="sink"}'), timeout=60)
+            assert float(got[0]["value"][1]) == 1
+            for expr in ('relay_delivery_stage_seconds_bucket{le="10.0"}',
+                         "relay_queue_messages", "relay_build_info",
+                         "relay_config_last_reload_success_timestamp_seconds"):
+                assert prom.wait_for(expr, lambda e=expr: prom.query(e), timeout=30)
+    finally:
+        relay.stop()
+        sink.stop()
