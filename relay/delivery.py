@@ -12,16 +12,22 @@ first when its last transaction was left unfinished or it sat idle for over
 the message is tried once more on a fresh session instead of being deferred. Stage
 times of session set-up (connect, tls, greeting, auth) count toward the message that
 opened the session only; later messages on it record envelope (RSET, MAIL, RCPT) and data.
+
+Rate limits of an upstream's profile (messages per minute, bytes per 5 minutes,
+recipients per day, per mailbox: the provider username, else the envelope sender) only
+delay: the scheduler asks ``pace()`` before an attempt and waits instead of trying.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from relay.config.schema import AccountConfig, Config, UpstreamConfig
+from relay.checks.limits import RateLimiter
+from relay.config.schema import AccountConfig, Config, ProfileConfig, UpstreamConfig
 from relay.errors import DeliveryError, RelayError, TransportError
 from relay.metrics import Metrics
 from relay.outbox import write_outbox
@@ -65,7 +71,8 @@ class Deliverer:
                  hostname: str, accounts: Sequence[AccountConfig] = (),
                  token_for: TokenFor | None = None, slow_threshold: float = 10.0,
                  metrics: Metrics | None = None, fsync: bool = True,
-                 idle_timeout: float = 30.0, probe_idle: float = 1.0) -> None:
+                 idle_timeout: float = 30.0, probe_idle: float = 1.0,
+                 profiles: Mapping[str, ProfileConfig] | None = None) -> None:
         self._upstreams = {u.name: u for u in upstreams}
         self._accounts = tuple(accounts)
         self._transport_for = transport_for
@@ -76,6 +83,10 @@ class Deliverer:
         self._fsync = fsync
         self._probe_idle = probe_idle      # RSET a session idle longer than this before reuse
         self._pools = {u.name: SessionPool(u, idle_timeout) for u in upstreams}
+        # upstream name -> its profile's rate limiter (profiles: upstream name -> profile)
+        self._limiters = {name: RateLimiter(p) for name, p in (profiles or {}).items()
+                          if name in self._upstreams}
+        self._tidied = time.monotonic()
 
     @classmethod
     def from_config(cls, config: Config, *,
@@ -83,11 +94,14 @@ class Deliverer:
                     token_for: Callable[[str], Awaitable[str]] | None = None,
                     metrics: Metrics | None = None) -> Deliverer:
         """The deliverer for a whole config (SMTP and outbox upstreams)."""
-        return cls(upstreams=[u for u in config.upstreams if u.protocol in ("smtp", "outbox")],
-                   accounts=config.accounts, transport_for=transport_for, token_for=token_for,
-                   hostname=config.relay.hostname,
+        by_name = {p.name: p for p in config.profiles}
+        ups = [u for u in config.upstreams if u.protocol in ("smtp", "outbox")]
+        return cls(upstreams=ups, accounts=config.accounts, transport_for=transport_for,
+                   token_for=token_for, hostname=config.relay.hostname,
                    slow_threshold=config.relay.slow_delivery_threshold, metrics=metrics,
-                   fsync=config.relay.fsync)
+                   fsync=config.relay.fsync,
+                   profiles={u.name: by_name[u.profile] for u in ups
+                             if u.profile is not None and u.profile in by_name})
 
     async def close(self) -> None:
         """QUIT every idle session; sessions still in use are QUIT when their attempt ends
@@ -98,6 +112,22 @@ class Deliverer:
         """How many attempts may run at once toward ``upstream`` (the scheduler's cap)."""
         up = self._upstreams.get(upstream)
         return max(1, up.max_connections) if up else 1
+
+    def mailbox(self, up: UpstreamConfig, msg: QueuedMessage) -> str:
+        """Whose sending a provider meters: the mailbox relay logs in as, else the sender."""
+        creds = self.credentials_for(up, msg.envelope.sender, msg.envelope.auth_user)
+        return (creds.username or msg.envelope.sender).lower()
+
+    def pace(self, upstream: str, msg: QueuedMessage, recipients: int) -> float:
+        """Seconds until the upstream's rate limits let this message go (0: now)."""
+        limiter, up = self._limiters.get(upstream), self._upstreams.get(upstream)
+        if limiter is None or up is None:
+            return 0.0
+        if time.monotonic() - self._tidied > 300:
+            self._tidied = time.monotonic()
+            for lim in self._limiters.values():
+                lim.forget_idle()
+        return limiter.delay(self.mailbox(up, msg), recipients=recipients, size=msg.size)
 
     def credentials_for(self, up: UpstreamConfig, sender: str, auth_user: str) -> Credentials:
         """Auth translation: an [[account]] for this sender (first) or relay user, else the
@@ -117,7 +147,11 @@ class Deliverer:
 
     async def deliver(self, upstream: str, msg: QueuedMessage, data: bytes,
                       recipients: list[str]) -> dict[str, RcptResult]:
-        """One attempt to ``upstream`` for ``recipients``; a verdict for each of them."""
+        """One attempt to ``upstream`` for ``recipients``; a verdict for each of them.
+
+        Nothing before the rate limiter records this message awaits, so ``pace()``
+        returning 0 followed at once by ``deliver()`` reserves the window atomically.
+        """
         up = self._upstreams.get(upstream)
         if up is None:
             return {r: _transient(f"upstream {upstream!r} is not configured (or not SMTP)",
@@ -127,6 +161,10 @@ class Deliverer:
                                   "to send it (it could smuggle headers or messages)", True,
                              "bare_cr_lf")
             return dict.fromkeys(recipients, res)
+        limiter = self._limiters.get(upstream)
+        if limiter is not None:        # the scheduler paced; this only waits after a race
+            await limiter.acquire(self.mailbox(up, msg), recipients=len(recipients),
+                                  size=len(data))
         if up.protocol == "outbox":
             return await self._outbox(up, msg, data, recipients)
         timer = StageTimer()

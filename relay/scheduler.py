@@ -5,7 +5,9 @@ New messages (the spool's listener callback) are attempted at once; failed ones 
 message's lifetime, after which the remaining recipients are bounced. After each
 attempt the state is saved atomically, or the message removed when every recipient is
 delivered or bounced. A message whose upstream is at its concurrency cap waits in a
-FIFO for a free slot instead of holding a task. Held messages are never attempted.
+FIFO for a free slot instead of holding a task; one that an upstream profile's rate
+limit (per mailbox) does not allow yet is scheduled for when it will be, without
+spending an attempt. Held messages are never attempted.
 """
 
 from __future__ import annotations
@@ -187,6 +189,12 @@ class Scheduler:
             except DeliveryError as exc:
                 unrouted[rcpt] = RcptResult(0, str(exc), False, exc.reason)
         deliverer = self._deliverer
+        wait = max((deliverer.pace(u, msg, len(r)) for u, r in groups.items()), default=0.0)
+        if wait > 0:           # a provider rate limit: wait, without spending an attempt
+            log.debug("%s: paced for %.1f s by the upstream's rate limits", qid, wait)
+            self._due.pop(qid, None)
+            self._schedule(msg, self._clock() + wait)
+            return
         for upstream in groups:
             if self._busy[upstream] >= deliverer.concurrency(upstream):
                 self._parked.setdefault(upstream, collections.deque()).append(qid)
@@ -242,8 +250,16 @@ class Scheduler:
                 self._retry_later(msg)
                 return
 
+            paced: list[float] = []
+
             async def one(upstream: str, rcpts: list[str]) -> dict[str, RcptResult]:
                 try:
+                    # Checked again here: an attempt started since dispatch may have used
+                    # the window. pace() then deliver() records with no await in between.
+                    wait = deliverer.pace(upstream, msg, len(rcpts))
+                    if wait > 0:
+                        paced.append(wait)
+                        return {}
                     return await deliverer.deliver(upstream, msg, data, rcpts)
                 finally:
                     released.add(upstream)
@@ -254,7 +270,10 @@ class Scheduler:
                 r: ("", res) for r, res in unrouted.items()}
             for upstream, outcome in zip(groups, outcomes, strict=True):
                 results.update({r: (upstream, res) for r, res in outcome.items()})
-            await self._apply(msg, data, results)
+            if paced and not results:     # only waited for a rate limit: not an attempt
+                self._schedule(msg, self._clock() + max(paced))
+                return
+            await self._apply(msg, data, results, paced=max(paced, default=0.0))
         except Exception:
             # Never lose track of a message: log, and try again after the longest backoff.
             log.exception("%s: delivery attempt failed unexpectedly", qid)
@@ -269,7 +288,7 @@ class Scheduler:
             self._schedule(msg, self._clock() + self._retry.max)
 
     async def _apply(self, msg: QueuedMessage, data: bytes,
-                     results: dict[str, tuple[str, RcptResult]]) -> None:
+                     results: dict[str, tuple[str, RcptResult]], *, paced: float = 0.0) -> None:
         """Record verdicts, log them, bounce what failed, then save state or remove."""
         qid, state, now = msg.queue_id, msg.state, self._clock()
         delay = f"{max(0.0, now - msg.envelope.received_at):.2f}"
@@ -311,6 +330,8 @@ class Scheduler:
             await self._bounce(msg, data, failures)
         if any(r.status is RcptStatus.PENDING for r in state.recipients):
             due = now + backoff(retry, state.attempts, self._rng)
+            if paced:                  # recipients held back by a rate limit go when it allows
+                due = min(due, now + paced)
             due = min(due, max(msg.envelope.received_at + retry.lifetime, now + 1.0))
             state.next_attempt = due
             try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from relay.config.schema import RetryConfig, RouteConfig
+from relay.config.schema import ProfileConfig, RetryConfig, RouteConfig
 from relay.delivery import Deliverer
 from relay.scheduler import backoff
 from relay.spool import RcptStatus
@@ -377,3 +377,40 @@ async def test_attempt_past_grace_is_cancelled_and_kept(rigs: list[Rig],
     r = await rig(rigs, tmp_path, upstream(fast.port))     # the restart
     await r.drained()
     assert [m.rcpt_tos for m in fast.received] == [["bob@example.net"]]
+
+
+async def test_rate_limits_delay_per_mailbox(rigs: list[Rig], peers: list[RecordingUpstream],
+                                             tmp_path: Path) -> None:
+    p = await peer(peers)
+    profile = ProfileConfig(name="tight", messages_per_minute=2)
+    r = await rig(rigs, tmp_path, upstream(p.port, profile="tight"),
+                  profiles={"up": profile})
+    ids = [await r.send(BODY, rcpts=(f"r{i}@example.net",)) for i in range(3)]
+    other = await r.send(BODY, sender="bob@example.com")
+    await until(lambda: len(r.spool.queue_ids()) == 1)       # the 3rd of alice's waits
+    assert sorted(m.mail_from for m in p.received) == [
+        "alice@example.com", "alice@example.com", "bob@example.com"]
+    assert other not in r.spool.queue_ids()
+    [paced] = [q for q in ids if q in r.spool.queue_ids()]
+    assert r.spool.load(paced).state.attempts == 0          # waiting is not failing
+    assert 50 < r.scheduler.scheduled()[paced] - time.time() <= 60
+    assert r.lines("deferred") == []
+
+
+async def test_rate_limits_hold_for_a_recovered_burst(rigs: list[Rig],
+                                                      peers: list[RecordingUpstream],
+                                                      tmp_path: Path) -> None:
+    """All due at once after a restart: dispatched together, still only 2 per minute."""
+    p = await peer(peers)
+    profile = ProfileConfig(name="tight", messages_per_minute=2)
+    before = Rig(tmp_path, upstream(p.port))
+    before.spool.recover()
+    for i in range(4):
+        await before.send(BODY, rcpts=(f"r{i}@example.net",))
+    before.spool.close()
+    r = await rig(rigs, tmp_path, upstream(p.port, profile="tight"), profiles={"up": profile})
+    await until(lambda: len(p.received) == 2 and len(r.scheduler.scheduled()) == 2)
+    waiting = r.scheduler.scheduled()
+    assert all(50 < due - time.time() <= 60 for due in waiting.values())
+    assert all(r.spool.load(q).state.attempts == 0 for q in waiting)
+    assert r.lines("deferred") == []
