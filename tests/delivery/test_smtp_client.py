@@ -6,6 +6,8 @@ import base64
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relay.smtp_client import dot_stuff, has_bare_cr_or_lf, xoauth2_string
 from tests.delivery.helpers import BODY, deliverer, message, start, upstream
@@ -102,3 +104,16 @@ async def test_dots_survive_the_trip(started: list[RecordingUpstream]) -> None:
     assert v.ok
     assert peer.received[0].data == body + b"\r\n"      # only the final CRLF is added
     await d.close()
+
+
+@given(st.lists(st.text(alphabet=".ab \t\x00é", max_size=6), max_size=8))
+def test_dot_stuff_round_trip(lines: list[str]) -> None:
+    """What a receiver un-stuffs (RFC 5321 4.5.2) is exactly the message, CRLF-ended."""
+    data = "".join(f"{line}\r\n" for line in lines).encode()
+    wire = dot_stuff(data)
+    assert wire.endswith(b"\r\n.\r\n") or wire == b"\r\n.\r\n"
+    body = wire[: -len(b".\r\n")]
+    got = [line[1:] if line.startswith(b".") else line for line in body.split(b"\r\n")[:-1]]
+    assert all(not line.startswith(b".") or line.startswith(b"..")
+               for line in body.split(b"\r\n"))
+    assert b"".join(line + b"\r\n" for line in got) == (data or b"\r\n")
