@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
+import time
 from pathlib import Path
 
 import pytest
 import trustme
 
-from relay.config.schema import AccountConfig, Secret
+from relay.config.schema import AccountConfig, Secret, TokenSourceConfig
+from relay.delivery import Deliverer
 from relay.metrics import Metrics
+from relay.oauth import TokenSources
 from relay.smtp_client import Credentials, SmtpSession
 from relay.timing import StageTimer
 from relay.transports.direct import DirectTransport
+from relay.transports.factory import Transports
 from tests.delivery.helpers import BODY, deliverer, message, sample, start, upstream
 from tests.fakes.recording_upstream import RecordingUpstream
 
@@ -228,3 +233,26 @@ async def test_implicit_tls_splits_handshake_and_greeting(ca: trustme.CA,
     session.close()
     server.close()
     await server.wait_closed()
+
+
+async def test_xoauth2_through_real_token_sources_and_transports(
+        started: list[RecordingUpstream], tmp_path: Path) -> None:
+    """The app's wiring: relay.oauth.TokenSources and relay.transports.factory.Transports."""
+    token_file = tmp_path / "token"
+    token_file.write_text("static-token-abc\n")
+    sources = TokenSources([TokenSourceConfig(name="o365", kind="static", token_file=token_file)],
+                           transports=Transports())
+    peer = await start(started, tokens={"cc@example.com": "static-token-abc"},
+                       auth_required=True)
+    transports = Transports()
+    up = upstream(peer.port, auth="xoauth2", username="cc@example.com", token_source="o365")
+    d = Deliverer(upstreams=[up], transport_for=transports.for_upstream,
+                  token_for=sources.token, hostname="relay.test")
+    v = (await d.deliver("up", message(), BODY, ["bob@example.net"]))["bob@example.net"]
+    assert v.ok, v
+    # An expired static token: a classified, transient failure (never a bounce).
+    token_file.write_text(json.dumps({"access_token": "old", "expires_at": time.time() - 5}))
+    await d.close()                     # so the next attempt opens (and authenticates) anew
+    v = (await d.deliver("up", message("Q2"), BODY, ["bob@example.net"]))["bob@example.net"]
+    assert not v.ok and not v.permanent and v.reason == "oauth_failed", v
+    await transports.close()
