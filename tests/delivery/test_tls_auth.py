@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from relay.config.schema import AccountConfig, Secret, TokenSourceConfig
+from relay.config.schema import AccountConfig, ProxyConfig, Secret, TokenSourceConfig
 from relay.delivery import Deliverer
 from relay.metrics import Metrics
 from relay.oauth import TokenSources
@@ -22,6 +22,7 @@ from relay.transports.direct import DirectTransport
 from relay.transports.factory import Transports
 from tests.delivery.helpers import BODY, deliverer, message, sample, start, upstream
 from tests.fakes.recording_upstream import RecordingUpstream
+from tests.peers.dante import dante
 
 # ---- TLS ------------------------------------------------------------------------------------
 
@@ -256,3 +257,29 @@ async def test_xoauth2_through_real_token_sources_and_transports(
     v = (await d.deliver("up", message("Q2"), BODY, ["bob@example.net"]))["bob@example.net"]
     assert not v.ok and not v.permanent and v.reason == "oauth_failed", v
     await transports.close()
+
+
+async def test_starttls_through_dante(started: list[RecordingUpstream], ca: trustme.CA,
+                                      tmp_path: Path) -> None:
+    """TLS to the provider over a SOCKS5 tunnel; a proxy refusal defers with its reason."""
+    peer = await start(started, starttls=server_ctx(ca))
+    with dante(tmp_path / "dante") as proxy:
+        transports = Transports([ProxyConfig(
+            name="corp", kind="socks5", host=proxy.host, port=proxy.port, username=proxy.user,
+            password=Secret(proxy.password), remote_dns=False, connect_timeout=5.0)])
+        metrics = Metrics()
+        up = upstream(peer.port, tls="starttls", ca_file=ca_file(ca, tmp_path),
+                      tls_server_name="upstream.test", via="corp")
+        blocked = upstream(proxy.blocked_port, name="blocked", via="corp")
+        d = Deliverer(upstreams=[up, blocked], transport_for=transports.for_upstream,
+                      hostname="relay.test", metrics=metrics)
+        v = (await d.deliver("up", message(), BODY, ["bob@example.net"]))["bob@example.net"]
+        assert v.ok, v
+        assert peer.received[0].data == BODY
+        v = (await d.deliver("blocked", message(), BODY, ["bob@example.net"]))[
+            "bob@example.net"]
+        assert not v.ok and not v.permanent and v.reason.startswith("proxy_"), v
+        assert sample(metrics, "relay_upstream_connection_failures_total", upstream="blocked",
+                      reason=v.reason) == 1
+        await d.close()
+        await transports.close()
