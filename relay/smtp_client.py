@@ -70,7 +70,8 @@ class Reply:
 
     @property
     def text(self) -> str:
-        return f"{self.code} {self.message}".strip()
+        """``550 5.1.1 ...`` on one line (a multi-line reply's lines joined by spaces)."""
+        return " ".join(f"{self.code} {self.message}".split())
 
     def __str__(self) -> str:
         return self.text

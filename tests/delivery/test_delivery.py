@@ -66,6 +66,16 @@ async def test_transaction_replies(started: list[RecordingUpstream], command: st
     await d.close()
 
 
+async def test_multiline_reply_is_kept_on_one_line(started: list[RecordingUpstream]) -> None:
+    peer = await start(started, script={"DATA": ["550-5.7.1 Message rejected as spam\r\n"
+                                                 "550 5.7.1 see https://example.net/why"]})
+    d = deliverer(upstream(peer.port))
+    v = (await d.deliver("up", message(), BODY, ["b@example.net"]))["b@example.net"]
+    assert v.permanent
+    assert v.reply == "550 5.7.1 Message rejected as spam 5.7.1 see https://example.net/why"
+    await d.close()
+
+
 async def test_421_at_rcpt_defers_the_rest(started: list[RecordingUpstream]) -> None:
     peer = await start(started, rcpt_script={"b@example.net": ["421 4.3.2 shutting down"]})
     rcpts = ["a@example.net", "b@example.net", "c@example.net"]
