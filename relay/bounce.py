@@ -136,7 +136,8 @@ def build_dsn(*, msg: QueuedMessage, failures: Sequence[Failure], data: bytes,
                   f"Status: {f.status}"]
         if f.remote_mta:
             lines.append(f"Remote-MTA: dns; {f.remote_mta}")
-        lines += [f"Diagnostic-Code: smtp; {_one_line(f.reply)}",
+        kind = "smtp" if re.match(r"\d{3}\b", f.reply) else "X-Relay"   # local reasons
+        lines += [f"Diagnostic-Code: {kind}; {_one_line(f.reply)}",
                   f"Last-Attempt-Date: {date}", ""]
     head = headers_of(data)
     encoding = "7bit" if head.isascii() else "8bit"

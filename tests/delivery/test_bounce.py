@@ -100,3 +100,12 @@ def test_eight_bit_headers_are_marked() -> None:
     dsn = build_dsn(msg=message(), failures=[Failure("bob@example.net", "550 5.1.1 x")],
                     data=body, hostname="relay.test", bounce_from="m@relay.test")
     assert b"Content-Transfer-Encoding: 8bit" in dsn and "Grüße".encode() in dsn
+
+
+def test_local_reasons_are_not_labelled_smtp() -> None:
+    dsn = build_dsn(msg=message(), failures=[Failure(
+        "bob@example.net", "connect to smtp.example.net:587 failed: refused (gave up after "
+        "120 h in the queue)", expired=True)], data=BODY, hostname="relay.test",
+        bounce_from="m@relay.test").decode()
+    assert "Diagnostic-Code: X-Relay; connect to smtp.example.net:587 failed" in dsn
+    assert "Status: 4.4.7" in dsn and "Action: failed" in dsn
