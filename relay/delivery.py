@@ -9,7 +9,9 @@ most ``max_connections`` at once, each reused for up to ``max_messages_per_conne
 messages, closed after ``idle_timeout`` seconds unused. A reused session gets an RSET
 first when its last transaction was left unfinished or it sat idle for over
 ``probe_idle`` seconds (a liveness probe); if MAIL on a reused session finds it dead,
-the message is tried once more on a fresh session instead of being deferred. Stage
+the message is tried once more on a fresh session instead of being deferred. After a
+failure to set a session up, further attempts fail fast for ``suspend_for`` seconds
+(like Postfix's dead-host cache): per upstream, or per identity for AUTH. Stage
 times of session set-up (connect, tls, greeting, auth) count toward the message that
 opened the session only; later messages on it record envelope (RSET, MAIL, RCPT) and data.
 
@@ -59,6 +61,9 @@ class RcptResult:
         return f"{self.code // 100}xx" if self.code else (self.reason or "local")
 
 
+_Identity = tuple[str, str, str] | None     # Credentials.key; None: the whole upstream
+
+
 def _transient(reply: str, reason: str) -> RcptResult:
     return RcptResult(0, reply, False, reason)
 
@@ -72,7 +77,8 @@ class Deliverer:
                  token_for: TokenFor | None = None, slow_threshold: float = 10.0,
                  metrics: Metrics | None = None, fsync: bool = True,
                  idle_timeout: float = 30.0, probe_idle: float = 1.0,
-                 profiles: Mapping[str, ProfileConfig] | None = None) -> None:
+                 profiles: Mapping[str, ProfileConfig] | None = None,
+                 suspend_for: float = 30.0) -> None:
         self._upstreams = {u.name: u for u in upstreams}
         self._accounts = tuple(accounts)
         self._transport_for = transport_for
@@ -87,6 +93,11 @@ class Deliverer:
         self._limiters = {name: RateLimiter(p) for name, p in (profiles or {}).items()
                           if name in self._upstreams}
         self._tidied = time.monotonic()
+        # After a session set-up failure, attempts fail fast for ``suspend_for`` seconds:
+        # per upstream (connect, TLS, greeting) or per identity (AUTH, token), so a queue
+        # of mail neither hammers a provider that is down nor locks a mailbox out.
+        self._suspend_for = suspend_for
+        self._suspended: dict[tuple[str, _Identity], tuple[float, str, str]] = {}
 
     @classmethod
     def from_config(cls, config: Config, *,
@@ -112,6 +123,16 @@ class Deliverer:
         """How many attempts may run at once toward ``upstream`` (the scheduler's cap)."""
         up = self._upstreams.get(upstream)
         return max(1, up.max_connections) if up else 1
+
+    def _suspension(self, upstream: str, identity: _Identity) -> tuple[str, str] | None:
+        now = time.monotonic()
+        for key in ((upstream, None), (upstream, identity)):
+            entry = self._suspended.get(key)
+            if entry is not None:
+                if entry[0] > now:
+                    return entry[1], entry[2]
+                del self._suspended[key]
+        return None
 
     def mailbox(self, up: UpstreamConfig, msg: QueuedMessage) -> str:
         """Whose sending a provider meters: the mailbox relay logs in as, else the sender."""
@@ -210,6 +231,11 @@ class Deliverer:
         pool = self._pools[up.name]
         creds = self.credentials_for(up, msg.envelope.sender, msg.envelope.auth_user)
         results: dict[str, RcptResult] = {}
+        suspended = self._suspension(up.name, creds.key)
+        if suspended is not None:
+            reply, reason = suspended
+            return {r: _transient(f"delivery temporarily suspended: {reply}", reason)
+                    for r in recipients}
         async with pool.sem:
             session: SmtpSession | None = None
             try:
@@ -273,10 +299,21 @@ class Deliverer:
                 return session
             pool.discard(session)
         await pool.make_room()
-        session = await SmtpSession.open(up, transport=self._transport_for(up),
-                                         helo_name=up.helo_name or self._hostname,
-                                         credentials=creds, timer=timer,
-                                         token_for=self._token_for, log=log)
+        try:
+            session = await SmtpSession.open(up, transport=self._transport_for(up),
+                                             helo_name=up.helo_name or self._hostname,
+                                             credentials=creds, timer=timer,
+                                             token_for=self._token_for, log=log)
+        except (SessionError, TransportError) as exc:
+            if self._suspend_for > 0:
+                scope = creds.key if isinstance(exc, SessionError) and exc.stage == "auth" \
+                    else None
+                reply = exc.reply if isinstance(exc, SessionError) and exc.reply else str(exc)
+                self._suspended[(up.name, scope)] = (
+                    time.monotonic() + self._suspend_for, reply, exc.reason)
+            raise
+        self._suspended.pop((up.name, None), None)
+        self._suspended.pop((up.name, creds.key), None)
         pool.opened += 1
         pool.alive += 1
         return session

@@ -34,6 +34,7 @@ def message(qid: str = "Q1", sender: str = "alice@example.com",
 
 def deliverer(*ups: UpstreamConfig, **kw: Any) -> Deliverer:
     kw.setdefault("hostname", "relay.test")
+    kw.setdefault("suspend_for", 0.0)      # tests of the fail-fast window set their own
     return Deliverer(upstreams=ups, transport_for=lambda _u: DirectTransport(), **kw)
 
 

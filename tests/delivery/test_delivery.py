@@ -170,6 +170,33 @@ async def test_connection_refused_is_transient() -> None:
     await d.close()
 
 
+async def test_failed_setup_suspends_the_upstream_briefly(
+        started: list[RecordingUpstream]) -> None:
+    port = free_port()
+    metrics = Metrics()
+    d = deliverer(upstream(port), metrics=metrics, suspend_for=0.5)
+    for qid in ("Q1", "Q2", "Q3"):
+        v = (await d.deliver("up", message(qid), BODY, ["b@example.net"]))["b@example.net"]
+        assert not v.permanent and v.reason == "connect_refused"
+    assert v.reply.startswith("delivery temporarily suspended: connect to 127.0.0.1")
+    assert sample(metrics, "relay_upstream_connection_failures_total", upstream="up",
+                  reason="connect_refused") == 1          # one connection tried, not three
+    peer = RecordingUpstream()
+    await peer.start(port)
+    started.append(peer)
+    async with asyncio.timeout(5):                        # the window ends; mail flows again
+        while True:
+            v = (await d.deliver("up", message("Q4"), BODY, ["b@example.net"]))["b@example.net"]
+            if v.ok:
+                break
+            assert v.reply.startswith("delivery temporarily suspended"), v
+            await asyncio.sleep(0.05)                     # polling the condition, bounded
+    assert len(peer.received) == 1
+    assert sample(metrics, "relay_upstream_connection_failures_total", upstream="up",
+                  reason="connect_refused") == 1
+    await d.close()
+
+
 async def test_bare_cr_is_never_sent(started: list[RecordingUpstream]) -> None:
     peer = await start(started)
     d = deliverer(upstream(peer.port))

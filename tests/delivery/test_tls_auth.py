@@ -171,6 +171,26 @@ async def test_auth_refused_defers_with_hint(started: list[RecordingUpstream],
     await d.close()
 
 
+async def test_auth_failure_suspends_only_that_identity(started: list[RecordingUpstream]
+                                                         ) -> None:
+    """Repeated wrong passwords could lock the mailbox out: one AUTH, then fail fast."""
+    peer = await start(started, users={"cc@example.com": "right", "sales@example.com": "pw2"},
+                       auth_required=True)
+    up = upstream(peer.port, auth="password", username="cc@example.com",
+                  password=Secret("wrong"))
+    accounts = [AccountConfig(upstream="up", sender="sales@example.com",
+                              username="sales@example.com", password=Secret("pw2"))]
+    d = deliverer(up, accounts=accounts, suspend_for=60.0)
+    for qid in ("Q1", "Q2", "Q3"):
+        v = (await d.deliver("up", message(qid), BODY, ["b@example.net"]))["b@example.net"]
+        assert v.reason == "auth_failed" and v.reply.split(": ")[-1].startswith("535"), v
+    assert peer.auth_attempts == [("PLAIN", "cc@example.com")]
+    other = await d.deliver("up", message("Q4", sender="sales@example.com"), BODY,
+                            ["b@example.net"])
+    assert other["b@example.net"].ok                    # another mailbox is not suspended
+    await d.close()
+
+
 async def test_xoauth2(started: list[RecordingUpstream],
                        caplog: pytest.LogCaptureFixture) -> None:
     peer = await start(started, tokens={"cc@example.com": "ya29.good-token"},
