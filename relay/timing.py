@@ -26,7 +26,6 @@ class StageTimer:
 
     def __init__(self) -> None:
         self.stages: dict[str, float] = {}
-        self._started = time.monotonic()
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -40,20 +39,10 @@ class StageTimer:
     def add(self, name: str, seconds: float) -> None:
         self.stages[name] = self.stages.get(name, 0.0) + max(0.0, seconds)
 
-    def merge(self, other: StageTimer) -> None:
-        """Add another timer's stages to this one (session setup into a message's timer)."""
-        for name, seconds in other.stages.items():
-            self.add(name, seconds)
-
     @property
     def total(self) -> float:
         """Sum of the recorded stages."""
         return sum(self.stages.values())
-
-    @property
-    def elapsed(self) -> float:
-        """Wall-clock seconds since the timer was created."""
-        return time.monotonic() - self._started
 
     def longest(self) -> tuple[str, float]:
         """The stage that took longest, and its seconds (``("none", 0.0)`` if empty)."""
