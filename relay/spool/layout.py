@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import re
 import secrets
 import threading
@@ -66,13 +67,19 @@ class IdGenerator:
     def __init__(self) -> None:
         self._last = 0
         self._lock = threading.Lock()
+        self._pid = -1
+        self._rng = random.Random()
 
     def new(self) -> str:
         with self._lock:
             now = time.time_ns() // 1000
             self._last = now if now > self._last else self._last + 1
             stamp = self._last
-        return _b32(stamp, TIME_CHARS) + _b32(secrets.randbits(5 * RANDOM_CHARS), RANDOM_CHARS)
+            if self._pid != os.getpid():     # first use, or a forked child: fresh seed
+                self._pid = os.getpid()
+                self._rng.seed(secrets.token_bytes(16))
+            rand = self._rng.getrandbits(5 * RANDOM_CHARS)
+        return _b32(stamp, TIME_CHARS) + _b32(rand, RANDOM_CHARS)
 
 
 def is_queue_id(text: str) -> bool:
@@ -90,8 +97,12 @@ def id_time(queue_id: str) -> float:
 
 # --- message file ------------------------------------------------------------------------
 
+_ENVELOPE_FIELDS = tuple(f.name for f in dataclasses.fields(Envelope))
+
+
 def encode_envelope(envelope: Envelope) -> bytes:
-    record = dataclasses.asdict(envelope)
+    # Per message on the accept path: a plain dict, not dataclasses.asdict (deep-copies).
+    record = {name: getattr(envelope, name) for name in _ENVELOPE_FIELDS}
     record["recipients"] = list(envelope.recipients)
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
 

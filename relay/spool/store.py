@@ -21,6 +21,11 @@ Crash safety, by the state a crash can leave:
   fresh message that is delivered again (at least once, as after a crash between the
   upstream's 250 and removal), never an orphan state file, which recovery treats as
   damage. The other order would turn every such crash into a spurious ``corrupt/`` entry.
+  Removal does not fsync the directory: an unlink is final for any process crash, and
+  only a power loss could bring a delivered message back, to be delivered again.
+
+The bytes of a freshly stored message are kept in memory (bounded) for its first delivery
+attempt, so the happy path never reads a message back from disk.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import errno
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +61,7 @@ from relay.spool.records import Envelope, QueuedMessage
 log = logging.getLogger("relay.spool")
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+FRESH_CACHE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +100,10 @@ class Spool:
         self._dirfd: int | None = None
         self._busy: dict[str, tuple[asyncio.Lock, int]] = {}
         self._pending: set[asyncio.Task[str]] = set()
+        # Bytes of freshly stored messages, handed to their first delivery attempt without
+        # a re-read from disk (bounded; the disk copy stays the truth).
+        self._fresh: OrderedDict[str, bytes] = OrderedDict()
+        self._fresh_bytes = 0
 
     # --- set-up ----------------------------------------------------------------------------
 
@@ -193,6 +204,7 @@ class Spool:
         msg = QueuedMessage(queue_id=queue_id, envelope=envelope, state=fresh_state(envelope),
                             size=len(data))
         self._index[queue_id] = _Entry(envelope.received_at, False, 0.0)
+        self._remember(queue_id, data)
         for callback in self._listeners:
             try:
                 callback(msg)
@@ -200,6 +212,21 @@ class Spool:
                 log.exception("spool: listener failed for %s; it is delivered after a restart",
                               queue_id)
         return queue_id
+
+    def _remember(self, queue_id: str, data: bytes) -> None:
+        if len(data) > FRESH_CACHE_BYTES // 4:
+            return
+        self._fresh[queue_id] = data
+        self._fresh_bytes += len(data)
+        while self._fresh_bytes > FRESH_CACHE_BYTES:
+            _, old = self._fresh.popitem(last=False)
+            self._fresh_bytes -= len(old)
+
+    def _forget_fresh(self, queue_id: str) -> bytes | None:
+        data = self._fresh.pop(queue_id, None)
+        if data is not None:
+            self._fresh_bytes -= len(data)
+        return data
 
     def _write_message(self, queue_id: str, head: bytes, data: bytes) -> None:
         tmp = self.tmp / queue_id
@@ -265,11 +292,15 @@ class Spool:
         """Delete a message (delivered, bounced or deleted): state file first, then message."""
         self._check_id(queue_id)
         self._prepare()
+        self._forget_fresh(queue_id)
         async with self._exclusive(queue_id):
             await asyncio.to_thread(self._unlink, queue_id)
             self._index.pop(queue_id, None)
 
     def _unlink(self, queue_id: str) -> None:
+        # No directory fsync: an unlink survives any process crash (kill -9) as soon as it
+        # returns; only a power loss or kernel crash could undo it, and then the message
+        # is delivered again (at least once, never lost). Postfix makes the same trade.
         for name in (queue_id + STATE_SUFFIX, queue_id):
             try:
                 os.unlink(self.queue / name)
@@ -277,11 +308,6 @@ class Spool:
                 pass
             except OSError as exc:
                 raise self._error(f"remove {name}", exc) from exc
-        try:
-            self._sync_queue_dir()
-        except OSError as exc:
-            log.warning("spool: fsync after removing %s failed (%s); after a crash it may be "
-                        "delivered again", queue_id, exc.strerror)
 
     def _sync_queue_dir(self) -> None:
         """In the worker thread: make this thread's rename/unlink in queue/ durable."""
@@ -311,6 +337,10 @@ class Spool:
         KeyError if not queued, SpoolError if damaged.
         """
         self._check_id(queue_id)
+        if limit is None:
+            fresh = self._forget_fresh(queue_id)
+            if fresh is not None:
+                return fresh
         return await asyncio.to_thread(self._read_data, queue_id, limit)
 
     def _read_data(self, queue_id: str, limit: int | None) -> bytes:

@@ -254,4 +254,21 @@ async def test_store_returns_only_after_data_rename_and_directory_are_synced(
     assert calls == ["fdatasync", "rename tmp->queue", "fsync dir"]
     calls.clear()
     await spool.remove(qid)
-    assert calls == ["fsync dir"]
+    assert calls == []      # unlinks survive a process crash; no directory fsync needed
+
+
+async def test_first_read_of_a_fresh_message_comes_from_memory_then_from_disk(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    qid = await spool.store(envelope(), DATA)
+    opened: list[str] = []
+    real_open = os.open
+
+    def spy(path: Any, *args: Any) -> int:
+        opened.append(str(path))
+        return real_open(path, *args)
+
+    monkeypatch.setattr(os, "open", spy)
+    assert await spool.read_message(qid) == DATA      # handed over without a disk read
+    assert opened == []
+    assert await spool.read_message(qid) == DATA      # a retry reads the disk copy
+    assert any(p.endswith(qid) for p in opened)
