@@ -9,7 +9,9 @@ not touch a protected field (``check_rules`` refuses such a config at load time)
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -35,10 +37,16 @@ def protected_patterns(relay: RelaySection | None = None) -> tuple[str, ...]:
     return tuple(seen.values())
 
 
+@functools.lru_cache(maxsize=64)
+def _matcher(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    """One compiled, case-insensitive regex for a list of ``*`` globs."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(p.lower())})" for p in patterns)
+                      or r"(?!)")
+
+
 def is_protected(name: str | bytes, patterns: Iterable[str]) -> bool:
     text = name.decode("ascii", "replace") if isinstance(name, bytes) else name
-    low = text.strip().lower()
-    return any(fnmatch.fnmatchcase(low, p.lower()) for p in patterns)
+    return _matcher(tuple(patterns)).match(text.strip().lower()) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,8 +205,25 @@ class HeaderGuard:
         self._metrics = metrics
         self._log = logger or log
 
+    def unchanged_by_prefix(self, received: bytes, outgoing: bytes) -> bool:
+        """True when ``outgoing`` is ``received`` with only unprotected fields prepended.
+
+        The usual case (trace headers and DKIM-Signature prepended): every byte of what was
+        received is still there, in place, so only the prefix needs parsing.
+        """
+        if outgoing is received:
+            return True
+        cut = len(outgoing) - len(received)
+        if cut < 0 or received[:1] in (b" ", b"\t") or not outgoing.endswith(received):
+            return False
+        prefix = outgoing[:cut]
+        return not prefix or (prefix.endswith(b"\n") and
+                              not protected_lines(prefix + b"\r\n", self.patterns))
+
     def check(self, received: bytes, outgoing: bytes, *, queue_id: str = "") -> bool:
         """Compare what relay received with what it will store/send; False on a change."""
+        if self.unchanged_by_prefix(received, outgoing):
+            return True
         before = protected_lines(received, self.patterns)
         after = protected_lines(outgoing, self.patterns)
         if before == after:
