@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import ssl
 import urllib.parse
+from pathlib import Path
 from typing import Literal, cast
 
 from relay.config.reader import Table, show
@@ -64,13 +65,7 @@ def read_upstream(t: Table) -> UpstreamConfig:
                     required=True)
     port = t.integer("port", UPSTREAM_PORTS[protocol][tls], min=1, max=65535)
     verify = t.flag("verify_tls", default(D, "verify_tls"))
-    ca_file = t.file("ca_file", exists=True, readable=True)
-    if ca_file is not None:
-        try:
-            ssl.create_default_context(cafile=str(ca_file))
-        except (ssl.SSLError, ValueError) as exc:
-            raise t.error("ca_file", "cannot load CA certificates", got=show(t.raw["ca_file"]),
-                          expected="a PEM file of CA certificates", hint=str(exc)) from None
+    ca_file = _ca_file(t)
     username = t.text("username")
     password = t.secret("password")
     token_source = t.opt_text("token_source")
@@ -231,6 +226,18 @@ def read_proxy(t: Table) -> ProxyConfig:
     return cfg
 
 
+def _ca_file(t: Table) -> Path | None:
+    """An optional ``ca_file``: a readable PEM bundle that ssl can load."""
+    ca_file = t.file("ca_file", exists=True, readable=True)
+    if ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=str(ca_file))
+        except (ssl.SSLError, ValueError) as exc:
+            raise t.error("ca_file", "cannot load CA certificates", got=show(t.raw["ca_file"]),
+                          expected="a PEM file of CA certificates", hint=str(exc)) from None
+    return ca_file
+
+
 def read_token_source(t: Table) -> TokenSourceConfig:
     D = TokenSourceConfig
     name = t.text("name", required=True, expected='a name such as "o365"', check=is_name)
@@ -291,7 +298,7 @@ def read_token_source(t: Table) -> TokenSourceConfig:
         certificate_file=cert, certificate_key_file=cert_key,
         scope=t.text("scope", SCOPES[provider] or default(D, "scope")),
         refresh_token_file=refresh, token_file=token_file, via=t.opt_text("via"),
-        refresh_margin=duration(t, "refresh_margin", D),
+        ca_file=_ca_file(t), refresh_margin=duration(t, "refresh_margin", D),
         line=t.ctx.line(t.path) or 0)
     t.finish()
     return cfg

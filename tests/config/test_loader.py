@@ -353,3 +353,27 @@ def test_comma_ipv4_in_every_address_field(tmp_path: Path, extra: str, key: str,
     assert exc.value.detail == "IPv4 address written with commas"
     assert exc.value.expected == dotted
     assert exc.value.line is not None
+
+
+def test_token_source_ca_file_is_read_and_checked(tmp_path: Path) -> None:
+    import trustme
+
+    ca = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca))
+    source = '''
+[[token_source]]
+name = "local"
+kind = "client_credentials"
+provider = "custom"
+token_url = "https://127.0.0.1:8443/token"
+client_id = "id"
+client_secret_env = "SECRET"
+ca_file = "{ca}"
+'''
+    c = load_config(write(tmp_path, BASE + source.format(ca=ca)), environ={"SECRET": "s"})
+    assert c.token_sources[0].ca_file == ca
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, BASE + source.format(ca=garbage)), environ={"SECRET": "s"})
+    assert "token_source[0].ca_file: cannot load CA certificates" in str(exc.value)
