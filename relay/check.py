@@ -8,7 +8,6 @@ sent unless ``send_test`` names a recipient. Each failure is explained with a hi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import email.utils
 import os
@@ -67,11 +66,9 @@ def _ssl_cause(exc: BaseException | None) -> ssl.SSLError | None:
 
 def _session_tls(session: SmtpSession) -> str:
     """TLS version and certificate of a set-up session."""
-    smtp = getattr(session, "_smtp", None)      # SmtpSession keeps its aiosmtplib client
-    with contextlib.suppress(Exception):
-        obj = smtp.get_transport_info("ssl_object") if smtp is not None else None
-        if isinstance(obj, ssl.SSLObject):
-            return ssl_object_detail(obj)
+    obj = session.ssl_object
+    if obj is not None:
+        return ssl_object_detail(obj)
     info = session.tls_info
     names = info.get("names") or ["-"]
     until = info.get("not_after", "")

@@ -224,7 +224,7 @@ class SmtpSession:
     def _record_tls(self) -> None:
         with contextlib.suppress(aiosmtplib.SMTPException, OSError):
             cert = self._smtp.get_transport_info("peercert") or {}
-            obj = self._smtp.get_transport_info("sslobject")
+            obj = self.ssl_object
             names = [v for k, v in (x[0] for x in cert.get("subject", ())) if k == "commonName"]
             names += [v for k, v in cert.get("subjectAltName", ()) if k == "DNS"]
             self.tls_info = {

@@ -250,6 +250,7 @@ async def test_implicit_tls_splits_handshake_and_greeting(ca: trustme.CA,
                                      credentials=Credentials(), timer=timer)
     assert timer.stages["greeting"] >= 0.4 > timer.stages["tls"]
     assert session.ssl_object is not None and session.tls_info["names"] == ["upstream.test"]
+    assert session.tls_info["version"].startswith("TLSv1.")
     assert session.greeting.startswith("220 ")
     session.close()
     server.close()
