@@ -81,6 +81,7 @@ class RelaySection:
     bounce_from: str = ""                      # default MAILER-DAEMON@<hostname>
     fsync: bool = True                         # only for benchmarks/tests on tmpfs
     shutdown_grace: float = 30.0
+    smtp_processes: int = 1                    # 0: SMTP listeners in the main process
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,6 +116,8 @@ def read_relay(t: Table) -> RelaySection:
         bounce_from=bounce_from,
         fsync=t.flag("fsync", default(D, "fsync")),
         shutdown_grace=duration(t, "shutdown_grace", D),
+        smtp_processes=t.integer("smtp_processes", default(D, "smtp_processes"), min=0,
+                                 max=64) or 0,
     )
 
 
