@@ -9,9 +9,8 @@ import logging
 
 from relay.check import run_check
 from relay.check_steps import format_text, to_json
+from relay.cli.common import DEFAULT_CONFIG
 from relay.config import load_config
-
-DEFAULT_CONFIG = "conf/relay.toml"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -6,12 +6,11 @@ import argparse
 import logging
 import sys
 
+from relay.cli.common import DEFAULT_CONFIG
 from relay.config import load_config
 from relay.config.schema import Config
 from relay.config.show import render
 from relay.errors import ConfigError
-
-DEFAULT_CONFIG = "conf/relay.toml"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

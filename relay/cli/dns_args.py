@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from relay.cli.common import DEFAULT_CONFIG
 from relay.config.schema import Config, HostPort
 from relay.dns import Resolver
 from relay.errors import ConfigError
-
-DEFAULT_CONFIG = "conf/relay.toml"
 
 
 def add_dns_args(parser: argparse.ArgumentParser) -> None:

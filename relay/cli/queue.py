@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from relay.cli.common import DEFAULT_CONFIG
 from relay.control import request
 from relay.errors import ControlError, SpoolError
 from relay.queue import QueueManager, check_id
 from relay.spool import Spool
-
-DEFAULT_CONFIG = "conf/relay.toml"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from relay.cli.common import DEFAULT_CONFIG
 from relay.config import load_config
 from relay.config.schema import Config
 from relay.errors import ConfigError, RelayError
 
-DEFAULT_CONFIG = os.environ.get("RELAY_CONFIG", "conf/relay.toml")
 LOG_FORMAT = "%(asctime)s relay[%(process)d]: %(name)s: %(levelname)s: %(message)s"
 
 

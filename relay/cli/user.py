@@ -9,11 +9,10 @@ import stat
 import sys
 from pathlib import Path
 
+from relay.cli.common import DEFAULT_CONFIG
 from relay.config import load_config
 from relay.errors import ConfigError, RelayError
 from relay.smtp.auth import hash_password, read_users, valid_name, write_users
-
-DEFAULT_CONFIG = "conf/relay.toml"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
