@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.peers import free_port, wait_until
-from tests.peers.relayproc import Relay, Sink, config, running_relay, send
+from tests.peers.relayproc import Relay, Sink, config, running_relay, sample, scrape, send
 
 
 def queued(spool: Path) -> list[Path]:
@@ -203,3 +203,24 @@ def test_disk_full_answers_452_and_keeps_nothing(tmp_path: Path) -> None:
             assert s.data(b"Subject: small\r\n\r\nhi\r\n")[0] == 250
     finally:
         subprocess.run(["umount", "-l", str(spool)], check=False)
+
+
+def test_provider_slow_to_answer_data_is_counted_and_explained(tmp_path: Path) -> None:
+    """The Cisco document's complaint: a send over 10 s, and which hop caused it."""
+    sink = Sink(tmp_path, "-W", ".:11").start()      # 11 s before the reply to end of data
+    port, mport = free_port(), free_port()
+    try:
+        with running_relay(tmp_path, config(spool=tmp_path / "spool", listen=port,
+                                            sink=sink.port, metrics=mport), port) as relay:
+            send(port)
+            relay.wait_log(r"delivery to sink took 1\d\.\d s; 1\d\.\d s waiting for the "
+                           r"provider's reply to DATA", timeout=60)
+            metrics = scrape(mport)
+        assert sample(metrics, "relay_slow_deliveries_total", upstream="sink",
+                      stage="data") == 1
+        assert sample(metrics, "relay_delivery_stage_seconds_bucket", upstream="sink",
+                      stage="data", le="10.0") == 0
+        assert sample(metrics, "relay_delivery_stage_seconds_bucket", upstream="sink",
+                      stage="data", le="20.0") == 1
+    finally:
+        sink.stop()
