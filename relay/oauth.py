@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from relay.atomicfile import replace_file
 from relay.config.schema import TokenSourceConfig
 from relay.errors import OAuthError, RelayError, TransportError
 from relay.http_client import HttpProtocolError, post_form
@@ -84,19 +85,7 @@ def jwt_expiry(token: str) -> float | None:
 
 def write_private(path: Path, text: str) -> None:
     """Atomically replace ``path`` with ``text``, mode 0600 (tmp, fsync, rename, fsync dir)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    replace_file(path, text.encode("utf-8"), mode=0o600)
 
 
 def read_static(path: Path) -> Token:

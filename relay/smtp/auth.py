@@ -17,7 +17,6 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-import os
 import secrets
 import stat
 import threading
@@ -27,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from relay.atomicfile import replace_file
 from relay.errors import ConfigError
 
 log = logging.getLogger("relay.smtp")
@@ -141,24 +141,8 @@ def write_users(path: Path, users: dict[str, str]) -> None:
         owner = (st.st_uid, st.st_gid)
     except FileNotFoundError:
         pass
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     body = "".join(f"{name}:{hashed}\n" for name, hashed in users.items())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        if owner is not None and owner != (os.geteuid(), os.getegid()):
-            with contextlib.suppress(PermissionError):
-                os.fchown(fd, *owner)
-        os.fchmod(fd, mode)
-        os.write(fd, body.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    replace_file(path, body.encode("utf-8"), mode=mode, owner=owner)
 
 
 class UserDB:
