@@ -86,7 +86,11 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 class Spool:
     """The on-disk queue under ``root`` (see ``relay.spool.layout`` for the files)."""
 
-    def __init__(self, root: Path, *, fsync: bool = True, metrics: Metrics | None = None):
+    def __init__(self, root: Path, *, fsync: bool = True, metrics: Metrics | None = None,
+                 writer_only: bool = False):
+        # writer_only: an SMTP listener process's view, which only store()s; the main
+        # process (lock, recover, index, delivery) learns of each message via adopt().
+        self._writer_only = writer_only
         self.root = Path(root)
         self.tmp = self.root / "tmp"
         self.queue = self.root / "queue"
@@ -203,15 +207,29 @@ class Spool:
         await asyncio.to_thread(self._write_message, queue_id, head, data)
         msg = QueuedMessage(queue_id=queue_id, envelope=envelope, state=fresh_state(envelope),
                             size=len(data))
-        self._index[queue_id] = _Entry(envelope.received_at, False, 0.0)
-        self._remember(queue_id, data)
+        if self._writer_only:
+            self._announce(msg)
+        else:
+            self._remember(queue_id, data)
+            self.adopt(msg)
+        return queue_id
+
+    def adopt(self, msg: QueuedMessage) -> None:
+        """Index a message another process stored and hand it to the listeners."""
+        if msg.queue_id in self._index:
+            return                                  # already known (recovered)
+        self._index[msg.queue_id] = _Entry(msg.envelope.received_at, msg.state.held,
+                                           msg.state.next_attempt)
+        self._announce(msg)
+
+    def _announce(self, msg: QueuedMessage) -> None:
+        queue_id = msg.queue_id
         for callback in self._listeners:
             try:
                 callback(msg)
             except Exception:
                 log.exception("spool: listener failed for %s; it is delivered after a restart",
                               queue_id)
-        return queue_id
 
     def _remember(self, queue_id: str, data: bytes) -> None:
         if len(data) > FRESH_CACHE_BYTES // 4:
