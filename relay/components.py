@@ -65,9 +65,19 @@ def _users(cfg: ListenerConfig, cache: dict[Path, UserDB]) -> UserDB | None:
     return db
 
 
-def build(config: Config, *, spool: Spool, transports: Transports, tokens: TokenSources,
-          metrics: Metrics) -> Components:
-    """Validate and build everything a config implies; raises ConfigError on a mistake."""
+@dataclass
+class ListenerSide:
+    """What the SMTP listeners of a config need (a listener process builds only this)."""
+
+    router: Router
+    signer: Signer | None
+    resolver: Resolver
+    listeners: dict[str, ListenerParts] = field(default_factory=dict)
+
+
+def build_listeners(config: Config, *, spool: Spool, metrics: Metrics,
+                    smtp_only: bool = False) -> ListenerSide:
+    """DKIM keys, users, accept pipelines and checks per listener; ConfigError on a mistake."""
     keys = load_keys(config.dkim)
     signer = Signer(keys, metrics=metrics) if config.dkim else None
     router = Router(config.routes, config.relay.default_upstream)
@@ -77,15 +87,14 @@ def build(config: Config, *, spool: Spool, transports: Transports, tokens: Token
     upstream_profiles = {u.name: profiles[u.profile] for u in config.upstreams
                          if u.profile is not None}
     spf = SpfChecker(resolver=resolver, hostname=config.relay.hostname, metrics=metrics)
-    deliverer = Deliverer.from_config(config, transport_for=transports.for_upstream,
-                                      token_for=tokens.token, metrics=metrics)
-    parts = Components(config=config, router=router, deliverer=deliverer, signer=signer,
-                       resolver=resolver)
+    side = ListenerSide(router=router, signer=signer, resolver=resolver)
     users_cache: dict[Path, UserDB] = {}
     for lc in config.listeners:
+        if smtp_only and lc.protocol != "smtp":
+            continue
         users = _users(lc, users_cache)
         if lc.protocol == "smtp":
-            parts.listeners[lc.name] = ListenerParts(
+            side.listeners[lc.name] = ListenerParts(
                 cfg=lc, users=users,
                 accept=AcceptPipeline(listener=lc, config=config, spool=spool, router=router,
                                       signer=signer, guard=guard),
@@ -97,7 +106,17 @@ def build(config: Config, *, spool: Spool, transports: Transports, tokens: Token
             assert lc.upstream is not None
             up = config.upstream(lc.upstream)
             verify = users_file_verify(users) if users is not None else None
-            parts.listeners[lc.name] = ListenerParts(
+            side.listeners[lc.name] = ListenerParts(
                 cfg=lc, users=users,
                 authenticator=build_authenticator(up, config.accounts, verify))
-    return parts
+    return side
+
+
+def build(config: Config, *, spool: Spool, transports: Transports, tokens: TokenSources,
+          metrics: Metrics) -> Components:
+    """Validate and build everything a config implies; raises ConfigError on a mistake."""
+    side = build_listeners(config, spool=spool, metrics=metrics)
+    deliverer = Deliverer.from_config(config, transport_for=transports.for_upstream,
+                                      token_for=tokens.token, metrics=metrics)
+    return Components(config=config, router=side.router, deliverer=deliverer,
+                      signer=side.signer, resolver=side.resolver, listeners=side.listeners)

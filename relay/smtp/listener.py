@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from typing import Any
 
@@ -50,6 +51,36 @@ def build_tls_context(cfg: ListenerConfig) -> ssl.SSLContext:
     return ctx
 
 
+def listen_backlog(cfg: ListenerConfig) -> int:
+    return max(100, min(cfg.max_connections, 4096))
+
+
+def bind_listener_sockets(cfg: ListenerConfig) -> list[socket.socket]:
+    """Bind ``cfg.listen`` as ``start()`` would (every address of a name), for listener
+    processes to serve; RelayError with a hint when it cannot."""
+    socks: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(cfg.listen.host or None, cfg.listen.port,
+                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(listen_backlog(cfg))
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        raise RelayError(
+            f"listener {cfg.name}: cannot listen on {cfg.listen} ({exc.strerror or exc})",
+            hint="another process may hold the port (ss -ltnp), or ports below 1024 "
+                 "need root or CAP_NET_BIND_SERVICE") from None
+    return socks
+
+
 class SmtpListener:
     """Serves one SMTP listener; see the module docstring for the life cycle."""
 
@@ -65,7 +96,7 @@ class SmtpListener:
         self._sessions: set[RelaySMTP] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self._ctx = self._context(cfg, hostname=hostname, accept=accept, maillog=maillog,
                                   checks=checks, users=users, metrics=metrics)
         if metrics is not None:
@@ -93,10 +124,8 @@ class SmtpListener:
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """The bound (host, port) pairs; useful with port 0."""
-        if self._server is None:
-            return []
         return [(str(s.getsockname()[0]), int(s.getsockname()[1]))
-                for s in self._server.sockets]
+                for server in self._servers for s in server.sockets]
 
     def _factory(self) -> RelaySMTP:
         session = _TrackedSMTP(self._ctx)
@@ -120,19 +149,27 @@ class SmtpListener:
         if current is not None:
             sslobj.context = current
 
-    async def start(self) -> None:
+    async def start(self, socks: list[socket.socket] | None = None) -> None:
+        """Bind and serve; or serve ``socks``, listening sockets another process bound."""
         cfg = self._ctx.cfg
         server_ssl: ssl.SSLContext | None = None
         if cfg.tls == "implicit":
             server_ssl = build_tls_context(cfg)
             server_ssl.sni_callback = self._sni
         loop = asyncio.get_running_loop()
+        wheres: list[dict[str, Any]] = (
+            [{"sock": sock} for sock in socks] if socks is not None else
+            [{"host": cfg.listen.host, "port": cfg.listen.port, "reuse_address": True}])
         try:
-            self._server = await loop.create_server(
-                self._factory, cfg.listen.host, cfg.listen.port, ssl=server_ssl,
-                reuse_address=True, backlog=max(100, min(cfg.max_connections, 4096)),
-                ssl_handshake_timeout=min(cfg.command_timeout, 60.0) if server_ssl else None)
+            for where in wheres:
+                self._servers.append(await loop.create_server(
+                    self._factory, ssl=server_ssl, backlog=listen_backlog(cfg),
+                    ssl_handshake_timeout=(min(cfg.command_timeout, 60.0) if server_ssl
+                                           else None), **where))
         except OSError as exc:
+            for server in self._servers:
+                server.close()
+            self._servers.clear()
             raise RelayError(
                 f"listener {cfg.name}: cannot listen on {cfg.listen} ({exc.strerror})",
                 hint="another process may hold the port (ss -ltnp), or ports below 1024 "
@@ -159,8 +196,8 @@ class SmtpListener:
 
     async def stop_accepting(self) -> None:
         """Stop taking new connections (open sessions carry on)."""
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
 
     async def wait_closed(self, timeout: float) -> None:
         """Wait up to ``timeout`` s for sessions to end, then close the rest with 421."""
@@ -177,9 +214,9 @@ class SmtpListener:
                             len(self._sessions))
         if self._ctx.background:
             await asyncio.gather(*self._ctx.background, return_exceptions=True)
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        for server in self._servers:
+            server.close()
+            await server.wait_closed()
 
 
 class _TrackedSMTP(RelaySMTP):
