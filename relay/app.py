@@ -23,6 +23,7 @@ from relay.config import load_config
 from relay.config.schema import Config
 from relay.control import ControlServer
 from relay.errors import RelayError
+from relay.listenproc.supervisor import ListenerProcesses, wait_for_old_listeners
 from relay.maillog import MailLog
 from relay.metrics import Metrics
 from relay.metrics_server import MetricsServer
@@ -64,7 +65,10 @@ class App:
                                    metrics=self.metrics)
         self.parts: Components | None = None
         self.scheduler: Scheduler | None = None
-        self.listeners: dict[str, Listener] = {}
+        self.listeners: dict[str, Listener] = {}      # in this process
+        self.workers: ListenerProcesses | None = None  # SMTP listener processes
+        if config.relay.smtp_processes > 0:
+            self.workers = ListenerProcesses(config.relay.smtp_processes, spool=self.spool)
         self.metrics_server: MetricsServer | None = None
         self.control: ControlServer | None = None
         self._stop = asyncio.Event()
@@ -84,6 +88,10 @@ class App:
         if cfg.metrics.enabled:
             self.metrics_server = self._metrics_server(cfg)
             await self.metrics_server.start()
+        if not await asyncio.to_thread(wait_for_old_listeners, cfg.relay.spool,
+                                       cfg.relay.shutdown_grace + 10):
+            log.error("listener processes of a previous relay still hold the spool; "
+                      "recovering anyway (mail they acknowledge now waits for a restart)")
         recovered = await asyncio.to_thread(self.spool.recover)
         parts = build(cfg, spool=self.spool, transports=self.transports, tokens=self.tokens,
                       metrics=self.metrics)
@@ -96,10 +104,12 @@ class App:
                             bounce_from=cfg.relay.bounce_from))
         self.spool.add_listener(self.scheduler.enqueue)
         await self.scheduler.start(recovered)
-        for lp in parts.listeners.values():
+        for lp in self._local(parts).values():
             listener = self._listener(lp, parts)
             await listener.start()
             self.listeners[lp.cfg.name] = listener
+        if self.workers is not None:
+            await self.workers.start(cfg)
         self.control = ControlServer(
             QueueManager(self.spool, self.scheduler, maillog=self.maillog), control_path(cfg),
             commands={"reload": self._control_reload, "status": self._control_status})
@@ -108,14 +118,22 @@ class App:
         self._spawn(warn_failing_domains(cfg, parts.resolver))
         self._spawn(self.notifier.watchdog_loop())
         self.not_ready = None
-        status = f"{len(self.listeners)} listeners, {len(recovered)} messages queued"
+        status = f"{len(cfg.listeners)} listeners, {len(recovered)} messages queued"
         self.notifier.ready(status)
         log.info("relay started (%s; config %s)", status, self.config_path)
 
     def _metrics_server(self, cfg: Config) -> MetricsServer:
+        workers = self.workers
         return MetricsServer(metrics=self.metrics, listen=cfg.metrics.listen,
                              readiness=lambda: self.not_ready,
-                             before_scrape=self.spool.update_metrics)
+                             before_scrape=self.spool.update_metrics,
+                             refresh=workers.refresh_metrics if workers else None,
+                             view=workers.merged.view if workers else None)
+
+    def _local(self, parts: Components) -> dict[str, ListenerParts]:
+        """The listeners this process serves (all, or the non-SMTP ones)."""
+        return {name: lp for name, lp in parts.listeners.items()
+                if self.workers is None or lp.cfg.protocol != "smtp"}
 
     def _listener(self, lp: ListenerParts, parts: Components) -> Listener:
         cfg = parts.config
@@ -153,24 +171,34 @@ class App:
         async with self._reload_lock:
             self.notifier.reloading()
             try:
-                message = await self._reload()
+                message, refused = await self._reload()
             except RelayError as exc:
                 self.metrics.record_reload(success=False)
                 text = exc.explain()
                 log.error("reload failed, still running the previous config: %s", text)
                 self.notifier.ready("reload failed; previous config kept")
                 return False, text
+            if refused:
+                self.metrics.record_reload(success=False)
+                text = (f"{message}; but SMTP listener processes kept their previous config: "
+                        + "; ".join(refused))
+                log.error("reload: %s", text)
+                self.notifier.ready("reload partly failed")
+                return False, text
             self.metrics.record_reload(success=True)
             self.notifier.ready(message)
             log.info("reload: %s", message)
             return True, message
 
-    async def _reload(self) -> str:
+    async def _reload(self) -> tuple[str, list[str]]:
         new = await asyncio.to_thread(load_config, self.config_path)
         old = self.config
         if new.relay.spool != old.relay.spool:
             raise RelayError("relay.spool cannot change on reload",
                              hint="drain and restart relay to move the spool")
+        if new.relay.smtp_processes != old.relay.smtp_processes:
+            raise RelayError("relay.smtp_processes cannot change on reload",
+                             hint="restart relay (systemctl restart relay) to change it")
         # Validate everything first: nothing below this block may fail half-way.
         staged_transports = Transports(new.proxies)
         parts = build(new, spool=self.spool, transports=self.transports, tokens=self.tokens,
@@ -182,14 +210,20 @@ class App:
                                     or new.metrics.listen != old.metrics.listen):
             new_server = self._metrics_server(new)
             await new_server.start()
-        added = [n for n in parts.listeners if n not in self.listeners]
+        local = self._local(parts)
+        added = [n for n in local if n not in self.listeners]
         started: list[Listener] = []
+        plan = None
         try:
+            if self.workers is not None:
+                plan = self.workers.prepare(new)
             for name in added:
                 listener = self._listener(parts.listeners[name], parts)
                 await listener.start()
                 started.append(listener)
         except RelayError:
+            if plan is not None and self.workers is not None:
+                self.workers.abandon(plan)
             for listener in started:
                 await listener.stop_accepting()
                 await listener.wait_closed(0)
@@ -201,12 +235,18 @@ class App:
         self.tokens.reconfigure(new.token_sources)
         for name, listener in zip(added, started, strict=True):
             self.listeners[name] = listener
-        removed = [n for n in self.listeners if n not in parts.listeners]
+        removed = [n for n in self.listeners if n not in local]
         for name in removed:
             self._retire(self.listeners.pop(name), new.relay.shutdown_grace)
-        for name, lp in parts.listeners.items():
+        for name, lp in local.items():
             if name not in added:
                 await self._reconfigure_listener(name, lp, parts)
+        refused: list[str] = []
+        if plan is not None and self.workers is not None:
+            old_smtp = {lc.name for lc in old.listeners if lc.protocol == "smtp"}
+            added += [n for n in plan.bound if n not in old_smtp]
+            removed += [n for n in old_smtp if n not in plan.bound]
+            refused = await self.workers.commit(plan)
         old_parts = self.parts
         self.parts, self.config = parts, new
         assert self.scheduler is not None
@@ -221,8 +261,9 @@ class App:
                 await old_server.stop()
         self.metrics.declare(listeners=list(parts.listeners),
                              upstreams=[u.name for u in new.upstreams])
+        running = len(self.listeners) + (len(plan.bound) if plan is not None else 0)
         return (f"config {self.config_path} applied: {len(added)} listeners added, "
-                f"{len(removed)} removed, {len(self.listeners)} running")
+                f"{len(removed)} removed, {running} running"), refused
 
     async def _reconfigure_listener(self, name: str, lp: ListenerParts,
                                     parts: Components) -> None:
@@ -261,7 +302,9 @@ class App:
     async def _control_status(self, args: dict[str, Any]) -> dict[str, Any]:
         stats = self.spool.stats()
         return {"ok": True, "pid": os.getpid(), "config": str(self.config_path),
-                "listeners": sorted(self.listeners), "ready": self.not_ready is None,
+                "listeners": sorted(lc.name for lc in self.config.listeners),
+                "listener_processes": self.workers.pids if self.workers else [],
+                "ready": self.not_ready is None,
                 "queue": {"counts": dict(stats.counts), "oldest": stats.oldest_received}}
 
     # ---- stop -------------------------------------------------------------------------
@@ -270,6 +313,8 @@ class App:
         if self._stop.is_set():
             self._hard_stop = True
             log.warning("second stop signal: exiting now (the spool is consistent)")
+            if self.workers is not None:
+                self.workers.kill()
             for task in asyncio.all_tasks():
                 if task is not asyncio.current_task():
                     task.cancel()
@@ -285,6 +330,7 @@ class App:
         for listener in self.listeners.values():
             await listener.stop_accepting()
         await asyncio.gather(*(lst.wait_closed(grace) for lst in self.listeners.values()),
+                             *([self.workers.stop(grace)] if self.workers else []),
                              return_exceptions=True)
         if self.scheduler is not None:
             await self.scheduler.stop(grace=grace)

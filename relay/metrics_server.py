@@ -20,7 +20,7 @@ import errno
 import gzip
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -179,12 +179,17 @@ class MetricsServer:
     a reason while it is not (starting, draining); ``health`` likewise for liveness
     beyond "the loop answers" (default: always healthy). ``before_scrape`` runs on the
     loop before each /metrics render, to refresh gauges computed at scrape time (queue
-    age); an exception in it is logged and the scrape still served.
+    age); an exception in it is logged and the scrape still served. ``refresh`` is its
+    async twin, awaited before /metrics is rendered (it must bound its own wait: fetching
+    listener processes' samples), and ``view`` wraps the collector being rendered (the
+    sum over listener processes).
     """
 
     def __init__(self, *, metrics: Metrics, listen: HostPort, readiness: Probe | None = None,
                  health: Probe | None = None,
                  before_scrape: Callable[[], object] | None = None,
+                 refresh: Callable[[], Awaitable[object]] | None = None,
+                 view: Callable[[Any], Any] | None = None,
                  read_timeout: float = READ_TIMEOUT) -> None:
         self._metrics = metrics
         self._read_timeout = read_timeout
@@ -192,6 +197,8 @@ class MetricsServer:
         self._readiness = readiness
         self._health = health
         self._before_scrape = before_scrape
+        self._refresh = refresh
+        self._view = view
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -268,6 +275,11 @@ class MetricsServer:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._read_timeout)
             request = parse_request(head)
             head_only = request.method == "HEAD"
+            if request.path == "/metrics" and self._refresh is not None:
+                try:
+                    await self._refresh()
+                except Exception:
+                    log.exception("metrics endpoint: refreshing before a scrape failed")
             response = self.respond(request)
         except asyncio.IncompleteReadError as exc:
             if not exc.partial.strip():
@@ -323,7 +335,9 @@ class MetricsServer:
         registry = self._metrics.registry
         names = request.query.get("name[]")
         try:
-            source = registry.restricted_registry(names) if names else registry
+            source: Any = registry.restricted_registry(names) if names else registry
+            if self._view is not None:
+                source = self._view(source)
             body = encoder(_WithoutCreated(source))
         except Exception:
             log.exception("metrics endpoint: collecting metrics failed")

@@ -1,0 +1,1 @@
+"""SMTP listeners in their own processes; the main process keeps delivery (see supervisor)."""

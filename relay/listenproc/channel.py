@@ -1,0 +1,245 @@
+"""Length-prefixed pickle messages (with file descriptors) over a trusted Unix socketpair.
+
+The main relay process and its SMTP listener children talk over one
+``socketpair(AF_UNIX, SOCK_STREAM)`` each. A frame is a 4-byte big-endian length, a
+2-byte count of file descriptors, then a pickle; the descriptors (listening sockets)
+travel as SCM_RIGHTS ancillary data on the frame's first byte. Pickle is only safe
+because both ends are relay processes started by relay over a private socketpair.
+
+``Channel`` works on the event loop without threads: ``send()`` never blocks (it queues
+what the socket does not take at once), incoming frames are handed to ``on_message`` in
+order, and ``on_eof`` runs once when the peer is gone. ``Rpc`` adds numbered requests with
+awaited replies on top.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import socket
+import struct
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from relay.errors import RelayError
+
+log = logging.getLogger("relay.listenproc")
+
+_HEAD = struct.Struct(">IH")
+MAX_FDS = 64
+MAX_FRAME = 64 * 1024 * 1024
+
+OnMessage = Callable[[Any, list[socket.socket]], None]
+
+
+class ChannelClosed(ConnectionError):
+    """The other process is gone (EOF or a socket error)."""
+
+
+class Channel:
+    """One end of the socketpair; see the module docstring."""
+
+    def __init__(self, sock: socket.socket, *, on_message: OnMessage,
+                 on_eof: Callable[[], None]) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._on_message = on_message
+        self._on_eof = on_eof
+        self._loop = asyncio.get_running_loop()
+        self._inbuf = bytearray()
+        self._infds: deque[int] = deque()
+        self._out: deque[tuple[memoryview, list[int]]] = deque()
+        self._writing = False
+        self._closed = False
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def send(self, obj: object, fds: list[int] | None = None) -> None:
+        """Queue one message (and descriptors, duplicated by the kernel on sending)."""
+        if self._closed:
+            raise ChannelClosed("the other relay process is gone")
+        fds = list(fds or ())
+        if len(fds) > MAX_FDS:
+            raise ValueError(f"at most {MAX_FDS} descriptors per message")
+        body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        self._out.append((memoryview(_HEAD.pack(len(body), len(fds)) + body), fds))
+        if not self._writing:
+            self._flush()
+
+    def _flush(self) -> None:
+        while self._out:
+            view, fds = self._out[0]
+            try:
+                if fds:
+                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                    sent = self._sock.sendmsg([view], anc)
+                else:
+                    sent = self._sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._lost()
+                return
+            if sent >= len(view):
+                self._out.popleft()
+            else:
+                self._out[0] = (view[sent:], [])      # descriptors went with the first byte
+        want = bool(self._out)
+        if want != self._writing:
+            self._writing = want
+            if want:
+                self._loop.add_writer(self._sock.fileno(), self._flush)
+            else:
+                self._loop.remove_writer(self._sock.fileno())
+
+    def _readable(self) -> None:
+        try:
+            data, anc, _flags, _addr = self._sock.recvmsg(
+                256 * 1024, socket.CMSG_SPACE(MAX_FDS * 4))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, anc = b"", []
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+                self._infds.extend(fds)
+        if not data:
+            self._lost()
+            return
+        self._inbuf += data
+        while len(self._inbuf) >= _HEAD.size:
+            size, nfds = _HEAD.unpack_from(self._inbuf)
+            if size > MAX_FRAME:
+                log.error("listener channel: frame of %d bytes; closing", size)
+                self._lost()
+                return
+            if len(self._inbuf) < _HEAD.size + size:
+                break
+            body = bytes(self._inbuf[_HEAD.size:_HEAD.size + size])
+            del self._inbuf[:_HEAD.size + size]
+            socks = [socket.socket(fileno=self._infds.popleft())
+                     for _ in range(min(nfds, len(self._infds)))]
+            try:
+                obj = pickle.loads(body)
+            except Exception:
+                log.exception("listener channel: undecodable message; closing")
+                for s in socks:
+                    s.close()
+                self._lost()
+                return
+            try:
+                self._on_message(obj, socks)
+            except Exception:
+                log.exception("listener channel: handling a message failed")
+
+    def _lost(self) -> None:
+        if self._closed:
+            return
+        self.close()
+        self._on_eof()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(self._sock.fileno())
+        if self._writing:
+            with contextlib.suppress(Exception):
+                self._loop.remove_writer(self._sock.fileno())
+        self._sock.close()
+        while self._infds:
+            with contextlib.suppress(OSError):
+                os.close(self._infds.popleft())
+
+
+Handler = Callable[[Any, list[socket.socket]], Awaitable[Any]]
+
+
+class Rpc:
+    """Requests with replies, and one-way notices, over a ``Channel``.
+
+    Messages are ``("req", seq, kind, payload)``, ``("rep", seq, ok, payload)`` and
+    ``("note", kind, payload)``. A handler's exception is replied as ``ok=False`` with its
+    text; ``call()`` then raises ``RemoteError``.
+    """
+
+    def __init__(self, sock: socket.socket, *, handlers: dict[str, Handler],
+                 notices: dict[str, Callable[[Any], None]],
+                 on_eof: Callable[[], None]) -> None:
+        self._handlers = handlers
+        self._notices = notices
+        self._on_eof_cb = on_eof
+        self._seq = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.channel = Channel(sock, on_message=self._dispatch, on_eof=self._eof)
+
+    async def call(self, kind: str, payload: object = None, *, fds: list[int] | None = None,
+                   timeout: float = 30.0) -> Any:
+        seq = next(self._seq)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[seq] = fut
+        try:
+            self.channel.send(("req", seq, kind, payload), fds)
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._waiting.pop(seq, None)
+
+    def notify(self, kind: str, payload: object = None) -> None:
+        self.channel.send(("note", kind, payload))
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _eof(self) -> None:
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(ChannelClosed("the other relay process is gone"))
+        self._on_eof_cb()
+
+    def _dispatch(self, msg: Any, socks: list[socket.socket]) -> None:
+        tag = msg[0]
+        if tag == "rep":
+            _, seq, ok, payload = msg
+            fut = self._waiting.get(seq)
+            if fut is not None and not fut.done():
+                if ok:
+                    fut.set_result(payload)
+                else:
+                    fut.set_exception(RemoteError(str(payload)))
+        elif tag == "note":
+            _, kind, payload = msg
+            self._notices[kind](payload)
+        elif tag == "req":
+            _, seq, kind, payload = msg
+            task = asyncio.ensure_future(self._serve(seq, kind, payload, socks))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, seq: int, kind: str, payload: Any,
+                     socks: list[socket.socket]) -> None:
+        try:
+            result = await self._handlers[kind](payload, socks)
+            reply: tuple[object, ...] = ("rep", seq, True, result)
+        except Exception as exc:
+            log.debug("request %s failed", kind, exc_info=True)
+            text = exc.explain() if isinstance(exc, RelayError) else str(exc) or repr(exc)
+            reply = ("rep", seq, False, text)
+        with contextlib.suppress(ChannelClosed):
+            self.channel.send(reply)
+
+
+class RemoteError(Exception):
+    """The other process answered a request with an error (its text is the message)."""

@@ -1,0 +1,198 @@
+"""An SMTP listener process: serves the listening sockets the main process hands it.
+
+The main relay process binds every SMTP listener and passes the sockets over the
+socketpair with the Config. This process builds the listener side of that config
+(users, TLS, checks, DKIM, accept pipeline), serves the sockets, and stores accepted mail
+in the spool itself (fsync before the 250, so durability never depends on the main
+process), then tells the main process the queue id so delivery starts at once. A lost
+notice is harmless: the main process's start-up recovery finds the file.
+
+Requests from the main process: ``configure`` (start, reload), ``metrics`` (this
+process's listener-side samples), ``stop`` (drain). EOF on the socketpair means the main
+process is gone: stop accepting, let sessions finish, exit. SIGTERM/SIGINT drain too; a
+second one exits at once. SIGHUP is the main process's business and is ignored here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+from typing import Any
+
+from relay.components import build_listeners
+from relay.config.schema import Config
+from relay.listenproc.channel import ChannelClosed, Rpc
+from relay.listenproc.merge import snapshot
+from relay.maillog import MailLog
+from relay.metrics import Metrics
+from relay.smtp.listener import SmtpListener, build_tls_context
+from relay.spool import Spool
+from relay.spool.records import QueuedMessage
+
+log = logging.getLogger("relay.listenproc")
+
+# Held shared by every listener process; the main process takes it exclusively before
+# recovering the spool, so it never recovers under a listener of a previous instance.
+LOCK_NAME = "listeners.lock"
+
+Layout = list[tuple[str, int, int]]          # (listener name, socket token, socket count)
+
+
+class ListenerProcess:
+    """The state of one listener process; ``run()`` serves until told to stop."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.metrics = Metrics()
+        self.maillog = MailLog()
+        self.config: Config | None = None
+        self.spool: Spool | None = None
+        self.listeners: dict[str, tuple[int, SmtpListener]] = {}
+        self._lock_fd: int | None = None
+        self._configure_lock = asyncio.Lock()
+        self._done = asyncio.Event()
+        self._draining = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.rpc = Rpc(sock, handlers={"configure": self._configure, "metrics": self._metrics,
+                                       "stop": self._stop}, notices={}, on_eof=self._main_gone)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._signalled)
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+        await self._done.wait()
+        self.rpc.close()
+        if self.spool is not None:
+            self.spool.close()
+        return 0
+
+    # ---- configure ------------------------------------------------------------------------
+
+    async def _configure(self, payload: tuple[Config, Layout], socks: list[socket.socket]
+                         ) -> int:
+        config, layout = payload
+        given: dict[str, tuple[int, list[socket.socket]]] = {}
+        rest = list(socks)
+        for name, token, count in layout:
+            given[name], rest = (token, rest[:count]), rest[count:]
+        used: set[int] = set()
+        try:
+            async with self._configure_lock:
+                if self._draining:
+                    raise RuntimeError("draining; not reconfigured")
+                await self._apply(config, given, used)
+        finally:
+            for s in socks:
+                if id(s) not in used:
+                    s.close()
+        return os.getpid()
+
+    async def _apply(self, config: Config, given: dict[str, tuple[int, list[socket.socket]]],
+                     used: set[int]) -> None:
+        if self.spool is None:
+            self.spool = Spool(config.relay.spool, fsync=config.relay.fsync,
+                               metrics=self.metrics, writer_only=True)
+            self.spool.add_listener(self._stored)
+            self._hold_lock(config)
+        # Build and check everything first: an error leaves the running listeners alone.
+        side = build_listeners(config, spool=self.spool, metrics=self.metrics, smtp_only=True)
+        hostname = config.relay.hostname
+        for lp in side.listeners.values():
+            if lp.cfg.tls != "none":
+                build_tls_context(lp.cfg)
+        fresh: dict[str, tuple[int, SmtpListener]] = {}
+        for name, lp in side.listeners.items():
+            token, _ = given[name]
+            token_now, current = self.listeners.get(name, (0, None))
+            if current is not None and token_now == token and \
+                    (current.config.tls, current.config.listen) == (lp.cfg.tls, lp.cfg.listen):
+                continue
+            assert lp.accept is not None
+            fresh[name] = (token, SmtpListener(
+                lp.cfg, hostname=hostname, accept=lp.accept, maillog=self.maillog,
+                checks=lp.checks, users=lp.users, metrics=self.metrics))
+        # Commit.
+        for name, lp in side.listeners.items():
+            if name not in fresh:
+                self.listeners[name][1].reconfigure(lp.cfg, users=lp.users, checks=lp.checks,
+                                                    accept=lp.accept, hostname=hostname)
+        grace = config.relay.shutdown_grace
+        for name in [n for n in self.listeners if n not in side.listeners]:
+            self._retire(self.listeners.pop(name)[1], grace)
+        for name, (token, listener) in fresh.items():
+            old = self.listeners.pop(name, None)
+            if old is not None:
+                self._retire(old[1], grace)
+            socks = given[name][1]
+            used.update(id(s) for s in socks)
+            await listener.start(socks)
+            self.listeners[name] = (token, listener)
+        self.config = config
+        self.metrics.declare(listeners=list(side.listeners))
+
+    def _hold_lock(self, config: Config) -> None:
+        fd = os.open(config.relay.spool / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        self._lock_fd = fd
+
+    def _retire(self, listener: SmtpListener, grace: float) -> None:
+        async def retire() -> None:
+            await listener.stop_accepting()
+            await listener.wait_closed(grace)
+        task = asyncio.ensure_future(retire())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- notices and metrics ----------------------------------------------------------------
+
+    def _stored(self, msg: QueuedMessage) -> None:
+        with contextlib.suppress(ChannelClosed):
+            self.rpc.notify("stored", msg)
+
+    async def _metrics(self, _payload: object, _socks: list[socket.socket]) -> object:
+        return snapshot(self.metrics)
+
+    # ---- stop -----------------------------------------------------------------------------
+
+    async def _stop(self, grace: float, _socks: list[socket.socket]) -> int:
+        await self._drain(grace)
+        return os.getpid()
+
+    def _main_gone(self) -> None:
+        if self._draining:
+            return
+        log.warning("the main relay process is gone: no new sessions; finishing open ones")
+        self._spawn_drain()
+
+    def _signalled(self) -> None:
+        if self._draining:
+            log.warning("second stop signal: listener process exiting now")
+            os._exit(1)
+        self._spawn_drain()
+
+    def _spawn_drain(self) -> None:
+        grace = self.config.relay.shutdown_grace if self.config is not None else 0.0
+        task = asyncio.ensure_future(self._drain(grace))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self, grace: float) -> None:
+        if self._draining:
+            await self._done.wait()
+            return
+        self._draining = True
+        listeners = [lst for _, lst in self.listeners.values()]
+        for listener in listeners:
+            await listener.stop_accepting()
+        await asyncio.gather(*(lst.wait_closed(grace) for lst in listeners),
+                             return_exceptions=True)
+        pending = [t for t in self._tasks if t is not asyncio.current_task()]
+        if pending:
+            await asyncio.wait(pending, timeout=grace + 5)
+        self._done.set()
