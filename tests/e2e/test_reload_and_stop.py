@@ -111,7 +111,9 @@ def test_reload_during_a_stream_loses_and_duplicates_nothing(tmp_path: Path) -> 
         for t in threads:
             t.join(120)
         assert not errors, errors
-        wait_until(lambda: len(sink.messages()) >= total, timeout=120)
+        # relay logs "delivered" after the sink's 250, when its dump file is complete
+        relay.wait_log(r"delivered to=", count=total, timeout=120)
+        assert relay.log_text().count("delivered to=") == total
         subjects = [m.split(b"Subject: ")[1].split(b"\n")[0] for m in sink.messages()]
         assert len(subjects) == total
         assert len(set(subjects)) == total

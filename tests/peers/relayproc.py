@@ -166,10 +166,16 @@ def running_relay(work: Path, config: str, *ports: int) -> Iterator[Relay]:
             relay.stop()
 
 
+# [relay] smtp_processes of config() when a test gives none; tests/e2e/conftest.py runs
+# every end-to-end test with SMTP in the main process (0) and in a listener process (1).
+SMTP_PROCESSES = {"default": 1}
+
+
 def config(*, spool: Path, listen: int, sink: int, metrics: int | None = None,
            extra: str = "", retry_first: str = "1s", retry_max: str = "2s",
-           listener_extra: str = "") -> str:
+           listener_extra: str = "", smtp_processes: int | None = None) -> str:
     """A config: one allow-listed loopback SMTP listener, one smtp-sink upstream."""
+    procs = SMTP_PROCESSES["default"] if smtp_processes is None else smtp_processes
     metrics_block = (f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n' if metrics
                      else "[metrics]\nenabled = false\n")
     return f"""[relay]
@@ -177,6 +183,7 @@ hostname = "relay.test"
 spool = "{spool}"
 default_upstream = "sink"
 shutdown_grace = "20s"
+smtp_processes = {procs}
 
 [relay.retry]
 first = "{retry_first}"
