@@ -40,6 +40,8 @@ log = logging.getLogger("relay.listenproc")
 # recovering the spool, so it never recovers under a listener of a previous instance.
 LOCK_NAME = "listeners.lock"
 
+INLINE_DATA = 1024 * 1024
+
 Layout = list[tuple[str, int, int]]          # (listener name, socket token, socket count)
 
 
@@ -96,8 +98,7 @@ class ListenerProcess:
                      used: set[int]) -> None:
         if self.spool is None:
             self.spool = Spool(config.relay.spool, fsync=config.relay.fsync,
-                               metrics=self.metrics, writer_only=True)
-            self.spool.add_listener(self._stored)
+                               metrics=self.metrics, written=self._stored)
             self._hold_lock(config)
         # Build and check everything first: an error leaves the running listeners alone.
         side = build_listeners(config, spool=self.spool, metrics=self.metrics, smtp_only=True)
@@ -151,9 +152,10 @@ class ListenerProcess:
 
     # ---- notices and metrics ----------------------------------------------------------------
 
-    def _stored(self, msg: QueuedMessage) -> None:
+    def _stored(self, msg: QueuedMessage, data: bytes) -> None:
+        # The bytes ride along (small ones) so the first delivery attempt needs no re-read.
         with contextlib.suppress(ChannelClosed):
-            self.rpc.notify("stored", msg)
+            self.rpc.notify("stored", (msg, data if len(data) <= INLINE_DATA else None))
 
     async def _metrics(self, _payload: object, _socks: list[socket.socket]) -> object:
         return snapshot(self.metrics)

@@ -196,8 +196,8 @@ class ListenerProcesses:
                        on_eof=lambda: None)
         await self._configure(slot)
 
-    def _stored(self, msg: QueuedMessage) -> None:
-        self._spool.adopt(msg)
+    def _stored(self, payload: tuple[QueuedMessage, bytes | None]) -> None:
+        self._spool.adopt(*payload)
 
     async def _watch(self, slot: _Slot) -> None:
         """Respawn the slot's process whenever it exits, with backoff."""

@@ -87,10 +87,11 @@ class Spool:
     """The on-disk queue under ``root`` (see ``relay.spool.layout`` for the files)."""
 
     def __init__(self, root: Path, *, fsync: bool = True, metrics: Metrics | None = None,
-                 writer_only: bool = False):
-        # writer_only: an SMTP listener process's view, which only store()s; the main
-        # process (lock, recover, index, delivery) learns of each message via adopt().
-        self._writer_only = writer_only
+                 written: Callable[[QueuedMessage, bytes], None] | None = None):
+        # written: this is an SMTP listener process's spool, which only store()s and hands
+        # each stored message to ``written``; the main process (lock, recovery, index,
+        # delivery) learns of it through adopt(). No index, no listeners here.
+        self._written = written
         self.root = Path(root)
         self.tmp = self.root / "tmp"
         self.queue = self.root / "queue"
@@ -207,17 +208,25 @@ class Spool:
         await asyncio.to_thread(self._write_message, queue_id, head, data)
         msg = QueuedMessage(queue_id=queue_id, envelope=envelope, state=fresh_state(envelope),
                             size=len(data))
-        if self._writer_only:
-            self._announce(msg)
+        if self._written is not None:
+            try:
+                self._written(msg, data)
+            except Exception:
+                log.exception("spool: could not announce %s; it is delivered after a restart",
+                              queue_id)
         else:
-            self._remember(queue_id, data)
-            self.adopt(msg)
+            self.adopt(msg, data)
         return queue_id
 
-    def adopt(self, msg: QueuedMessage) -> None:
-        """Index a message another process stored and hand it to the listeners."""
+    def adopt(self, msg: QueuedMessage, data: bytes | None = None) -> None:
+        """Index a message (stored by this or another process), hand it to the listeners.
+
+        ``data``, the stored message bytes if at hand, saves the first attempt a re-read.
+        """
         if msg.queue_id in self._index:
             return                                  # already known (recovered)
+        if data is not None:
+            self._remember(msg.queue_id, data)
         self._index[msg.queue_id] = _Entry(msg.envelope.received_at, msg.state.held,
                                            msg.state.next_attempt)
         self._announce(msg)

@@ -1,0 +1,85 @@
+"""The listener-process channel: frames, descriptors, partial writes, EOF, requests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from typing import Any
+
+import pytest
+
+from relay.errors import RelayError
+from relay.listenproc.channel import Channel, ChannelClosed, RemoteError, Rpc
+
+
+async def test_messages_and_descriptors_arrive_in_order_across_partial_writes() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    got: list[tuple[Any, list[socket.socket]]] = []
+    done = asyncio.Event()
+
+    def on_message(obj: Any, socks: list[socket.socket]) -> None:
+        got.append((obj, socks))
+        if obj == "last":
+            done.set()
+    sender = Channel(a, on_message=lambda o, s: None, on_eof=lambda: None)
+    receiver = Channel(b, on_message=on_message, on_eof=lambda: None)
+    listening = socket.create_server(("127.0.0.1", 0))
+    big = os.urandom(3 * 1024 * 1024)              # far beyond the socket buffer
+    sender.send(("big", big), [listening.fileno()])
+    sender.send(("small", 1), [listening.fileno(), listening.fileno()])
+    sender.send("last")
+    await asyncio.wait_for(done.wait(), 10)
+    assert [o for o, _ in got] == [("big", big), ("small", 1), "last"]
+    assert [len(s) for _, s in got] == [1, 2, 0]
+    port = listening.getsockname()[1]
+    for _, socks in got:
+        for s in socks:                             # the same listening socket, duplicated
+            assert s.getsockname()[1] == port
+            s.close()
+    sender.close()
+    receiver.close()
+    listening.close()
+
+
+async def test_eof_is_reported_once_and_send_after_it_raises() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    eofs: list[int] = []
+    gone = asyncio.Event()
+
+    def on_eof() -> None:
+        eofs.append(1)
+        gone.set()
+    ch = Channel(b, on_message=lambda o, s: None, on_eof=on_eof)
+    a.close()
+    await asyncio.wait_for(gone.wait(), 5)
+    assert eofs == [1]
+    with pytest.raises(ChannelClosed):
+        ch.send("x")
+
+
+async def test_requests_replies_errors_and_notices() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    noticed: list[Any] = []
+
+    async def double(payload: int, socks: list[socket.socket]) -> int:
+        return payload * 2
+
+    async def fail(payload: object, socks: list[socket.socket]) -> None:
+        raise RelayError("no such thing", hint="do this")
+
+    server = Rpc(b, handlers={"double": double, "fail": fail}, notices={},
+                 on_eof=lambda: None)
+    client = Rpc(a, handlers={}, notices={"stored": noticed.append}, on_eof=lambda: None)
+    assert await client.call("double", 21) == 42
+    with pytest.raises(RemoteError, match=r"no such thing(.|\n)*hint: do this"):
+        await client.call("fail")
+    server.notify("stored", "Q1")
+    await client.call("double", 0)           # ordered after the notice
+    assert noticed == ["Q1"]
+    pending = asyncio.ensure_future(client.call("never", timeout=5))
+    await asyncio.sleep(0)
+    server.close()                            # the other process dies mid-request
+    with pytest.raises((ChannelClosed, RemoteError)):
+        await pending
+    client.close()
