@@ -193,3 +193,23 @@ def test_metrics_sum_over_listener_processes_and_pass_promtool(tmp_path: Path) -
     finally:
         relay.stop()
         sink.stop()
+
+
+def test_second_sigterm_ends_every_process_at_once(tmp_path: Path) -> None:
+    sink = Sink(tmp_path).start()
+    port = free_port()
+    relay = Relay(tmp_path, config(spool=tmp_path / "spool", listen=port, sink=sink.port,
+                                   smtp_processes=2)).start(port)
+    try:
+        children = listener_pids(relay)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as held:
+            assert held.recv(1024).startswith(b"220")     # a session that never ends
+            relay.signal(signal.SIGTERM)
+            relay.wait_log(r"stopping: no new sessions")
+            relay.signal(signal.SIGTERM)
+            assert relay.proc is not None
+            relay.proc.wait(10)                            # not the 20 s grace
+            wait_until(lambda: not any(alive(p) for p in children), timeout=10)
+    finally:
+        relay.stop()
+        sink.stop()
