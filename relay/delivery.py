@@ -111,6 +111,8 @@ class Deliverer:
                    token_for=token_for, hostname=config.relay.hostname,
                    slow_threshold=config.relay.slow_delivery_threshold, metrics=metrics,
                    fsync=config.relay.fsync,
+                   # never hold a recovered upstream back longer than the retry cadence
+                   suspend_for=min(30.0, config.relay.retry.first),
                    profiles={u.name: by_name[u.profile] for u in ups
                              if u.profile is not None and u.profile in by_name})
 

@@ -68,6 +68,8 @@ class Relay:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *ports: int, env: dict[str, str] | None = None) -> Relay:
+        # A restarted relay appends to the same log: wait for *its* start line.
+        started_before = self.log_text().count("relay started")
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "relay", "run", "-c", str(self.config)], cwd=ROOT,
@@ -75,7 +77,7 @@ class Relay:
                 start_new_session=True)
         for port in ports:
             wait_for_port("127.0.0.1", port, proc=self.proc, log=self.log, timeout=60)
-        self.wait_log("relay started", timeout=60)
+        self.wait_log("relay started", timeout=60, count=started_before + 1)
         return self
 
     def log_text(self) -> str:
