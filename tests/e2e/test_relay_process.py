@@ -54,14 +54,16 @@ def test_kill9_mid_delivery_then_delivered_once_after_restart(tmp_path: Path) ->
     spool = tmp_path / "spool"
     cfg = config(spool=spool, listen=port, sink=sink_port)
     relay = Relay(tmp_path, cfg).start(port)
-    ids = [send(port, subject=f"n{i}") for i in range(5)]
-    relay.wait_log(r"received", count=5)
-    relay.kill9()
-    blackhole.close()
+    try:
+        ids = [send(port, subject=f"n{i}") for i in range(5)]
+        relay.wait_log(r"received", count=5)
+    finally:
+        relay.kill9()
+        blackhole.close()
     assert len(queued(spool)) == 5
     sink = Sink(tmp_path, port=sink_port).start()
     try:
-        relay = Relay(tmp_path, cfg).start(port)
+        relay.start(port)
         wait_until(lambda: len(sink.messages()) == 5, timeout=60)
         wait_until(lambda: not queued(spool), timeout=30)
         assert relay.stop() == 0
@@ -70,6 +72,7 @@ def test_kill9_mid_delivery_then_delivered_once_after_restart(tmp_path: Path) ->
         for qid in ids:
             assert relay.log_text().count(f"{qid}: delivered") == 1
     finally:
+        relay.stop()
         sink.stop()
 
 
