@@ -3,41 +3,25 @@
 ``build(config, ...)`` loads DKIM keys, users files and TLS certificates and builds the
 router, deliverer, checks and accept pipelines. Any mistake raises before anything
 running is touched, so a reload either swaps in a whole new set or keeps the old one.
+The listener part lives in ``relay.listener_side`` (SMTP listener processes build only it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from relay.checks.spf import SpfChecker
-from relay.config.schema import Config, ListenerConfig, ProfileConfig
+from relay.config.schema import Config
 from relay.delivery import Deliverer
 from relay.dkim import Signer
-from relay.dkim_keys import load_keys
 from relay.dns import Resolver
-from relay.errors import ConfigError
-from relay.headers import HeaderGuard, protected_patterns
+from relay.listener_side import ListenerParts, ListenerSide, build_listeners
 from relay.metrics import Metrics
 from relay.oauth import TokenSources
-from relay.pipeline import AcceptPipeline, RoutedChecks
-from relay.proxy.accounts import build_authenticator, users_file_verify
-from relay.proxy.session import Authenticator
 from relay.routing import Router
-from relay.smtp.auth import UserDB
 from relay.spool import Spool
 from relay.transports.factory import Transports
 
-
-@dataclass
-class ListenerParts:
-    """What one listener needs from a config (SMTP or IMAP/POP3)."""
-
-    cfg: ListenerConfig
-    users: UserDB | None = None
-    accept: AcceptPipeline | None = None             # smtp
-    checks: RoutedChecks | None = None               # smtp
-    authenticator: Authenticator | None = None       # imap/pop3
+__all__ = ["Components", "ListenerParts", "ListenerSide", "build", "build_listeners"]
 
 
 @dataclass
@@ -48,68 +32,6 @@ class Components:
     signer: Signer | None
     resolver: Resolver
     listeners: dict[str, ListenerParts] = field(default_factory=dict)
-
-
-def _users(cfg: ListenerConfig, cache: dict[Path, UserDB]) -> UserDB | None:
-    if cfg.users_file is None:
-        return None
-    db = cache.get(cfg.users_file)
-    if db is None:
-        try:
-            db = UserDB.load(cfg.users_file)
-        except ConfigError as exc:
-            raise ConfigError(exc.detail, file=exc.file or str(cfg.users_file),
-                              line=exc.line, key=f"listener {cfg.name!r}.users_file",
-                              hint=exc.hint or "create it with: relay user add NAME") from None
-        cache[cfg.users_file] = db
-    return db
-
-
-@dataclass
-class ListenerSide:
-    """What the SMTP listeners of a config need (a listener process builds only this)."""
-
-    router: Router
-    signer: Signer | None
-    resolver: Resolver
-    listeners: dict[str, ListenerParts] = field(default_factory=dict)
-
-
-def build_listeners(config: Config, *, spool: Spool, metrics: Metrics,
-                    smtp_only: bool = False) -> ListenerSide:
-    """DKIM keys, users, accept pipelines and checks per listener; ConfigError on a mistake."""
-    keys = load_keys(config.dkim)
-    signer = Signer(keys, metrics=metrics) if config.dkim else None
-    router = Router(config.routes, config.relay.default_upstream)
-    resolver = Resolver.from_config(config.relay)
-    guard = HeaderGuard(protected_patterns(config.relay), metrics=metrics)
-    profiles: dict[str, ProfileConfig] = {p.name: p for p in config.profiles}
-    upstream_profiles = {u.name: profiles[u.profile] for u in config.upstreams
-                         if u.profile is not None}
-    spf = SpfChecker(resolver=resolver, hostname=config.relay.hostname, metrics=metrics)
-    side = ListenerSide(router=router, signer=signer, resolver=resolver)
-    users_cache: dict[Path, UserDB] = {}
-    for lc in config.listeners:
-        if smtp_only and lc.protocol != "smtp":
-            continue
-        users = _users(lc, users_cache)
-        if lc.protocol == "smtp":
-            side.listeners[lc.name] = ListenerParts(
-                cfg=lc, users=users,
-                accept=AcceptPipeline(listener=lc, config=config, spool=spool, router=router,
-                                      signer=signer, guard=guard),
-                checks=RoutedChecks(router=router,
-                                    profile=profiles[lc.profile] if lc.profile else None,
-                                    upstream_profiles=upstream_profiles,
-                                    spf=spf if lc.spf != "off" else None, spf_policy=lc.spf))
-        else:
-            assert lc.upstream is not None
-            up = config.upstream(lc.upstream)
-            verify = users_file_verify(users) if users is not None else None
-            side.listeners[lc.name] = ListenerParts(
-                cfg=lc, users=users,
-                authenticator=build_authenticator(up, config.accounts, verify))
-    return side
 
 
 def build(config: Config, *, spool: Spool, transports: Transports, tokens: TokenSources,

@@ -24,8 +24,8 @@ import signal
 import socket
 from typing import Any
 
-from relay.components import build_listeners
 from relay.config.schema import Config
+from relay.listener_side import build_listeners
 from relay.listenproc.channel import ChannelClosed, Rpc
 from relay.listenproc.merge import snapshot
 from relay.maillog import MailLog
