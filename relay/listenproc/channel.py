@@ -56,6 +56,7 @@ class Channel:
         self._infds: deque[int] = deque()
         self._out: deque[tuple[memoryview, list[int]]] = deque()
         self._writing = False
+        self._flush_soon = False
         self._closed = False
         self._loop.add_reader(sock.fileno(), self._readable)
 
@@ -72,12 +73,24 @@ class Channel:
             raise ValueError(f"at most {MAX_FDS} descriptors per message")
         body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         self._out.append((memoryview(_HEAD.pack(len(body), len(fds)) + body), fds))
-        if not self._writing:
-            self._flush()
+        if not self._writing and not self._flush_soon:
+            # At the end of this loop iteration: the notices of stores that finished
+            # together leave in one write (and wake the other process once).
+            self._flush_soon = True
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        self._flush_soon = False
+        if self._closed:
+            return
         while self._out:
             view, fds = self._out[0]
+            if not fds and len(self._out) > 1 and not self._out[1][1]:
+                parts = [bytes(self._out.popleft()[0])]
+                while self._out and not self._out[0][1] and len(parts) < 256:
+                    parts.append(bytes(self._out.popleft()[0]))
+                view = memoryview(b"".join(parts))
+                self._out.appendleft((view, fds))
             try:
                 if fds:
                     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
