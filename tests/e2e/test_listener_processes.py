@@ -13,6 +13,7 @@ import re
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,17 @@ def test_metrics_sum_over_listener_processes_and_pass_promtool(tmp_path: Path) -
         assert text.count("\nrelay_build_info{") == 1
         lint = check_metrics(text.encode())
         assert lint.returncode == 0, lint.stdout + lint.stderr
+        # A stuck listener process delays a scrape by a bounded wait, then its last values.
+        stuck = listener_pids(relay)[1]
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            text = scrape(mport)
+            assert time.monotonic() - started < 8
+            assert sample(text, "relay_messages_received_total", listener="platform") == n
+            relay.wait_log(rf"listener process {stuck} gave no metrics")
+        finally:
+            os.kill(stuck, signal.SIGCONT)
         # A replaced listener process's counts stay in the sum.
         os.kill(listener_pids(relay)[0], signal.SIGKILL)
         relay.wait_log(r"SMTP listener process \d+ replaces \d+")
