@@ -160,6 +160,11 @@ def test_reload_adds_and_removes_a_listener_in_every_listener_process(
             send(p3, subject=f"new{i}")
         wait_until(lambda: len(sink.messages()) == 10)
         assert listener_pids(relay) == children     # reconfigured in place, not restarted
+        relay.config.write_text(base.replace("smtp_processes = 2", "smtp_processes = 1"))
+        out = relay.cli("reload")
+        assert out.returncode == 1
+        assert "smtp_processes cannot change on reload" in out.stdout + out.stderr
+        assert listener_pids(relay) == children
         assert relay.stop() == 0
     finally:
         relay.stop()
