@@ -36,8 +36,7 @@ import errno
 import logging
 import os
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,12 +55,12 @@ from relay.spool.layout import (
     message_header,
 )
 from relay.spool.lock import SpoolLock
+from relay.spool.memo import FreshCache, KeyedLocks
 from relay.spool.records import Envelope, QueuedMessage
 
 log = logging.getLogger("relay.spool")
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-FRESH_CACHE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +102,9 @@ class Spool:
         self._listeners: list[Callable[[QueuedMessage], None]] = []
         self._lock = SpoolLock(self.root / "lock")
         self._dirfd: int | None = None
-        self._busy: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._locks = KeyedLocks()
         self._pending: set[asyncio.Task[str]] = set()
-        # Bytes of freshly stored messages, handed to their first delivery attempt without
-        # a re-read from disk (bounded; the disk copy stays the truth).
-        self._fresh: OrderedDict[str, bytes] = OrderedDict()
-        self._fresh_bytes = 0
+        self._fresh = FreshCache()           # handed to the first attempt: no re-read
 
     # --- set-up ----------------------------------------------------------------------------
 
@@ -226,7 +222,7 @@ class Spool:
         if msg.queue_id in self._index:
             return                                  # already known (recovered)
         if data is not None:
-            self._remember(msg.queue_id, data)
+            self._fresh.put(msg.queue_id, data)
         self._index[msg.queue_id] = _Entry(msg.envelope.received_at, msg.state.held,
                                            msg.state.next_attempt)
         self._announce(msg)
@@ -239,21 +235,6 @@ class Spool:
             except Exception:
                 log.exception("spool: listener failed for %s; it is delivered after a restart",
                               queue_id)
-
-    def _remember(self, queue_id: str, data: bytes) -> None:
-        if len(data) > FRESH_CACHE_BYTES // 4:
-            return
-        self._fresh[queue_id] = data
-        self._fresh_bytes += len(data)
-        while self._fresh_bytes > FRESH_CACHE_BYTES:
-            _, old = self._fresh.popitem(last=False)
-            self._fresh_bytes -= len(old)
-
-    def _forget_fresh(self, queue_id: str) -> bytes | None:
-        data = self._fresh.pop(queue_id, None)
-        if data is not None:
-            self._fresh_bytes -= len(data)
-        return data
 
     def _write_message(self, queue_id: str, head: bytes, data: bytes) -> None:
         tmp = self.tmp / queue_id
@@ -290,7 +271,7 @@ class Spool:
         self._check_id(msg.queue_id)
         self._prepare()
         raw = encode_state(msg.state)
-        async with self._exclusive(msg.queue_id):
+        async with self._locks.hold(msg.queue_id):
             await asyncio.to_thread(self._write_state, msg.queue_id, raw)
             entry = self._index.get(msg.queue_id)
             if entry is not None:
@@ -319,8 +300,8 @@ class Spool:
         """Delete a message (delivered, bounced or deleted): state file first, then message."""
         self._check_id(queue_id)
         self._prepare()
-        self._forget_fresh(queue_id)
-        async with self._exclusive(queue_id):
+        self._fresh.pop(queue_id)
+        async with self._locks.hold(queue_id):
             await asyncio.to_thread(self._unlink, queue_id)
             self._index.pop(queue_id, None)
 
@@ -341,21 +322,6 @@ class Spool:
         if self._fsync and self._dirfd is not None:
             os.fsync(self._dirfd)
 
-    @contextlib.asynccontextmanager
-    async def _exclusive(self, queue_id: str) -> AsyncIterator[None]:
-        """Serialise state writes and removal of one message."""
-        lock, users = self._busy.get(queue_id) or (asyncio.Lock(), 0)
-        self._busy[queue_id] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._busy[queue_id]
-            if users == 1:
-                del self._busy[queue_id]
-            else:
-                self._busy[queue_id] = (lock, users - 1)
-
     # --- the read path -----------------------------------------------------------------------
 
     async def read_message(self, queue_id: str, *, limit: int | None = None) -> bytes:
@@ -365,7 +331,7 @@ class Spool:
         """
         self._check_id(queue_id)
         if limit is None:
-            fresh = self._forget_fresh(queue_id)
+            fresh = self._fresh.pop(queue_id)
             if fresh is not None:
                 return fresh
         return await asyncio.to_thread(self._read_data, queue_id, limit)
