@@ -166,6 +166,15 @@ class Channel:
         if self._closed:
             return
         self._closed = True
+        try:                                 # best effort: what was sent before closing
+            while self._out:
+                view, fds = self._out.popleft()
+                anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                       if fds else [])
+                if self._sock.sendmsg([view], anc) < len(view):
+                    break
+        except OSError:
+            pass
         with contextlib.suppress(Exception):
             self._loop.remove_reader(self._sock.fileno())
         if self._writing:

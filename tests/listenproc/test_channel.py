@@ -83,3 +83,16 @@ async def test_requests_replies_errors_and_notices() -> None:
     with pytest.raises((ChannelClosed, RemoteError)):
         await pending
     client.close()
+
+
+async def test_what_was_sent_just_before_close_still_arrives() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    got: list[Any] = []
+    gone = asyncio.Event()
+    sender = Channel(a, on_message=lambda o, s: None, on_eof=lambda: None)
+    receiver = Channel(b, on_message=lambda o, s: got.append(o), on_eof=gone.set)
+    sender.send("reply")                      # queued for the end of this loop iteration
+    sender.close()
+    await asyncio.wait_for(gone.wait(), 5)
+    assert got == ["reply"]
+    receiver.close()
