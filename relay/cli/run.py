@@ -98,5 +98,7 @@ def _status(args: argparse.Namespace) -> int:
     print(f"relay pid {reply.get('pid')} {'ready' if reply.get('ready') else 'NOT ready'}; "
           f"config {reply.get('config')}")
     print(f"listeners: {', '.join(reply.get('listeners', []))}")
+    pids = ", ".join(str(p) for p in reply.get("listener_processes", []))
+    print(f"SMTP listener processes: {pids or 'none (SMTP runs in the main process)'}")
     print(f"queue: {counts or 'empty'}")
     return 0
