@@ -20,7 +20,16 @@ import pytest
 
 from tests.peers import free_port, wait_until
 from tests.peers.prometheus import check_metrics
-from tests.peers.relayproc import Relay, Sink, config, sample, scrape, send
+from tests.peers.relayproc import (
+    Relay,
+    Sink,
+    config,
+    refuses_connections,
+    sample,
+    scrape,
+    send,
+    subjects,
+)
 
 SECOND_LISTENER = """
 [[listener]]
@@ -51,18 +60,6 @@ def listener_pids(relay: Relay) -> list[int]:
     out = relay.cli("status", "--json")
     assert out.returncode == 0, out.stdout + out.stderr
     return [int(p) for p in json.loads(out.stdout)["listener_processes"]]
-
-
-def subjects(sink: Sink) -> list[bytes]:
-    return sorted(m.split(b"Subject: ")[1].split(b"\n")[0] for m in sink.messages())
-
-
-def refuses_connections(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except OSError:
-        return True
-    return False
 
 
 def test_killed_listener_process_is_replaced_and_nothing_acknowledged_is_lost(

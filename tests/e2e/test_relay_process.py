@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 
 from tests.peers import free_port, wait_until
-from tests.peers.relayproc import Relay, Sink, config, running_relay, sample, scrape, send
+from tests.peers.relayproc import (
+    Relay,
+    Sink,
+    config,
+    running_relay,
+    sample,
+    scrape,
+    send,
+    subjects,
+)
 
 
 def queued(spool: Path) -> list[Path]:
@@ -67,8 +76,7 @@ def test_kill9_mid_delivery_then_delivered_once_after_restart(tmp_path: Path) ->
         wait_until(lambda: len(sink.messages()) == 5, timeout=60)
         wait_until(lambda: not queued(spool), timeout=30)
         assert relay.stop() == 0
-        subjects = sorted(m.split(b"Subject: ")[1].split(b"\n")[0] for m in sink.messages())
-        assert subjects == [f"n{i}".encode() for i in range(5)]
+        assert subjects(sink) == [f"n{i}".encode() for i in range(5)]
         for qid in ids:
             assert relay.log_text().count(f"{qid}: delivered") == 1
     finally:

@@ -5,13 +5,21 @@ from __future__ import annotations
 import re
 import signal
 import smtplib
-import socket
 import threading
 from pathlib import Path
 
 from tests.peers import free_port, wait_until
 from tests.peers.prometheus import check_metrics, prometheus_server
-from tests.peers.relayproc import Relay, Sink, config, sample, scrape, send
+from tests.peers.relayproc import (
+    Relay,
+    Sink,
+    config,
+    refuses_connections,
+    sample,
+    scrape,
+    send,
+    subjects,
+)
 
 SECOND_LISTENER = """
 [[listener]]
@@ -22,14 +30,6 @@ tls = "none"
 auth = "none"
 allow = ["127.0.0.0/8"]
 """
-
-
-def refuses_connections(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except OSError:
-        return True
-    return False
 
 
 def test_sighup_adds_a_listener_and_retires_one_whose_open_session_completes(
@@ -114,9 +114,9 @@ def test_reload_during_a_stream_loses_and_duplicates_nothing(tmp_path: Path) -> 
         # relay logs "delivered" after the sink's 250, when its dump file is complete
         relay.wait_log(r"delivered to=", count=total, timeout=120)
         assert relay.log_text().count("delivered to=") == total
-        subjects = [m.split(b"Subject: ")[1].split(b"\n")[0] for m in sink.messages()]
-        assert len(subjects) == total
-        assert len(set(subjects)) == total
+        got = subjects(sink)
+        assert len(got) == total
+        assert len(set(got)) == total
     finally:
         relay.stop()
         sink.stop()

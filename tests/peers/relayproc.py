@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,20 @@ class Sink:
 
     def messages(self) -> list[bytes]:
         return [p.read_bytes() for p in sorted(self.dump.iterdir()) if p.is_file()]
+
+
+def subjects(sink: Sink) -> list[bytes]:
+    """The Subject of every message the sink holds, sorted (dumps are LF-terminated)."""
+    return sorted(m.split(b"Subject: ")[1].split(b"\n")[0] for m in sink.messages())
+
+
+def refuses_connections(port: int) -> bool:
+    """True when nothing accepts TCP connections on 127.0.0.1:port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return True
+    return False
 
 
 class Relay:
