@@ -81,7 +81,8 @@ class Metrics:
             "relay_queue_messages", "Messages in the queue, by state (active, deferred, held).",
             ["state"], registry=r)
         self.queue_oldest_age = Gauge(
-            "relay_queue_oldest_message_age_seconds", "Age of the oldest queued message.",
+            "relay_queue_oldest_message_age_seconds",
+            "Age of the oldest queued message still being delivered (held mail excluded).",
             registry=r)
 
         # --- IMAP/POP3 proxy

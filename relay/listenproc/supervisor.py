@@ -152,7 +152,7 @@ class ListenerProcesses:
                              hint="see the log lines above from the listener processes") \
                 from None
         self._tasks = [asyncio.ensure_future(self._watch(slot)) for slot in self._slots]
-        log.info("SMTP listeners served by %d processes (pids %s)", self.count,
+        log.info("SMTP listeners served by %d process(es) (pids %s)", self.count,
                  ", ".join(map(str, self.pids)))
 
     async def commit(self, plan: Plan) -> list[str]:

@@ -375,13 +375,17 @@ class Spool:
         return queue_id in self._index
 
     def stats(self, now: float | None = None) -> SpoolStats:
-        """Messages by state (held; deferred: next attempt in the future; else active)."""
+        """Messages by state (held; deferred: next attempt in the future; else active).
+
+        ``oldest_received`` leaves held messages out: an operator's hold is deliberate, and
+        the age is what "mail is stuck" alerts watch (held mail has its own count).
+        """
         current = time.time() if now is None else now
         counts = {"active": 0, "deferred": 0, "held": 0}
         for e in self._index.values():      # the same rule as layout.state_name
             state = "held" if e.held else "deferred" if e.next_attempt > current else "active"
             counts[state] += 1
-        oldest = min((e.received_at for e in self._index.values()), default=None)
+        oldest = min((e.received_at for e in self._index.values() if not e.held), default=None)
         return SpoolStats(counts=counts, oldest_received=oldest)
 
     def update_metrics(self, now: float | None = None) -> SpoolStats:

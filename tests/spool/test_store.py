@@ -144,6 +144,9 @@ async def test_stats_and_metrics(spool: Spool) -> None:
     await sp.remove(old)
     sp.update_metrics(now)
     assert value("relay_queue_oldest_message_age_seconds") == pytest.approx(100)
+    await sp.remove(deferred)
+    sp.update_metrics(now)      # the held message (50 s) is older than the last one (0 s)
+    assert value("relay_queue_oldest_message_age_seconds") == pytest.approx(0, abs=1)
     sp.close()
 
 
