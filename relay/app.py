@@ -34,6 +34,7 @@ from relay.scheduler import Scheduler
 from relay.sdnotify import SystemdNotifier
 from relay.smtp.listener import SmtpListener
 from relay.spool import Spool
+from relay.spool.records import Envelope
 from relay.tlsinfo import update_listener_expiry
 from relay.transports.factory import Transports
 
@@ -101,7 +102,7 @@ class App:
             spool=self.spool, router=parts.router, deliverer=parts.deliverer,
             retry=cfg.relay.retry, maillog=self.maillog, metrics=self.metrics,
             bouncer=Bouncer(spool=self.spool, hostname=cfg.relay.hostname,
-                            bounce_from=cfg.relay.bounce_from))
+                            bounce_from=cfg.relay.bounce_from, sign=self._sign_bounce))
         self.spool.add_listener(self.scheduler.enqueue)
         await self.scheduler.start(recovered)
         for lp in self._local(parts).values():
@@ -121,6 +122,11 @@ class App:
         status = f"{len(cfg.listeners)} listeners, {len(recovered)} messages queued"
         self.notifier.ready(status)
         log.info("relay started (%s; config %s)", status, self.config_path)
+
+    async def _sign_bounce(self, envelope: Envelope, data: bytes) -> bytes:
+        """DKIM-sign a DSN with the current config's keys (they change on reload)."""
+        signer = self.parts.signer if self.parts is not None else None
+        return data if signer is None else await signer.maybe_sign(envelope, data)
 
     def _metrics_server(self, cfg: Config) -> MetricsServer:
         workers = self.workers

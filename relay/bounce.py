@@ -18,7 +18,7 @@ import email.utils
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -153,13 +153,19 @@ def build_dsn(*, msg: QueuedMessage, failures: Sequence[Failure], data: bytes,
     return out
 
 
+Sign = Callable[[Envelope, bytes], Awaitable[bytes]]   # e.g. Signer.maybe_sign
+
+
 class Bouncer:
     """Builds DSNs and queues them through the spool (listener-free: ``Spool.store``)."""
 
-    def __init__(self, *, spool: _Store, hostname: str, bounce_from: str = "") -> None:
+    def __init__(self, *, spool: _Store, hostname: str, bounce_from: str = "",
+                 sign: Sign | None = None) -> None:
         self._spool = spool
         self.hostname = hostname
         self.bounce_from = bounce_from or f"MAILER-DAEMON@{hostname}"
+        # DKIM for DSNs (when the bounce_from domain has a key), so receivers trust them.
+        self._sign = sign
 
     async def bounce(self, msg: QueuedMessage, failures: Sequence[Failure],
                      data: bytes) -> str | None:
@@ -174,4 +180,6 @@ class Bouncer:
         env = Envelope(sender="", recipients=(msg.envelope.sender,), received_at=time.time(),
                        listener="bounce", smtputf8=msg.envelope.smtputf8,
                        body_8bitmime=not dsn.isascii(), dsn_of=msg.queue_id, trusted=True)
+        if self._sign is not None:
+            dsn = await self._sign(env, dsn)
         return await self._spool.store(env, dsn)

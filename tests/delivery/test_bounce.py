@@ -109,3 +109,23 @@ def test_local_reasons_are_not_labelled_smtp() -> None:
         bounce_from="m@relay.test").decode()
     assert "Diagnostic-Code: X-Relay; connect to smtp.example.net:587 failed" in dsn
     assert "Status: 4.4.7" in dsn and "Action: failed" in dsn
+
+
+async def test_bounces_are_dkim_signed_when_the_bounce_domain_has_a_key() -> None:
+    import dkim
+
+    from relay.dkim import Signer
+    from relay.dkim_keys import DkimKey, DkimKeys, generate, txt_record
+
+    key = generate("rsa")
+    signer = Signer(DkimKeys([DkimKey(domain="relay.test", selector="s1",
+                                      algorithm="rsa-sha256", private=key)]))
+    store = _Store()
+    bouncer = Bouncer(spool=store, hostname="relay.test", sign=signer.maybe_sign)
+    await bouncer.bounce(message("QID3", smtputf8=False),
+                         [Failure("bob@example.net", "550 5.1.1 gone")], BODY)
+    _, data = store.stored[0]
+    assert data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=relay.test;")
+    record = txt_record(key).encode()
+    assert dkim.verify(data, dnsfunc=lambda name, timeout=5: record
+                       if name == b"s1._domainkey.relay.test." else None)
