@@ -1,4 +1,4 @@
-"""Per-client-address bookkeeping for the proxy: open sessions and recent login failures."""
+"""Per-client-address bookkeeping for the proxy: recent login failures."""
 
 from __future__ import annotations
 
@@ -54,31 +54,3 @@ class FailureTracker:
 
     def clear(self, addr: str) -> None:
         self._fails.pop(addr, None)
-
-
-class SessionCounter:
-    """Open sessions in total and per client address, against the listener's limits."""
-
-    def __init__(self, *, total: int, per_client: int) -> None:
-        self.total_limit = total
-        self.per_client_limit = per_client
-        self.total = 0
-        self._per: dict[str, int] = {}
-
-    def admit(self, addr: str) -> str | None:
-        """Take a slot, or say why not (``None`` means admitted)."""
-        if self.total_limit and self.total >= self.total_limit:
-            return "too_many_sessions"
-        if self.per_client_limit and self._per.get(addr, 0) >= self.per_client_limit:
-            return "too_many_sessions_from_client"
-        self.total += 1
-        self._per[addr] = self._per.get(addr, 0) + 1
-        return None
-
-    def release(self, addr: str) -> None:
-        self.total -= 1
-        left = self._per.get(addr, 0) - 1
-        if left > 0:
-            self._per[addr] = left
-        else:
-            self._per.pop(addr, None)

@@ -10,9 +10,10 @@ import ssl
 from collections.abc import Callable
 
 from relay.config.schema import ListenerConfig, UpstreamConfig
+from relay.connlimits import ConnectionCounter
 from relay.errors import ConfigError
 from relay.metrics import Metrics
-from relay.proxy.limits import FailureTracker, SessionCounter
+from relay.proxy.limits import FailureTracker
 from relay.proxy.pump import Channel
 from relay.proxy.session import Authenticator, ProxySession, SessionContext
 from relay.proxy.upstream import TokenFor
@@ -59,8 +60,7 @@ class ProxyListener:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sessions: dict[ProxySession, None] = {}
         self._fail_delay = (fail_delay, fail_delay_max)
-        self._counter = SessionCounter(total=cfg.max_connections,
-                                       per_client=cfg.max_connections_per_client)
+        self._counter = ConnectionCounter()
         self._ctx = self._context(cfg, upstream, authenticator, transport_for, token_for,
                                   metrics, None)
 
@@ -81,8 +81,6 @@ class ProxyListener:
                                   base_delay=self._fail_delay[0], max_delay=self._fail_delay[1])
         if old is not None:                       # keep what clients already earned
             failures._fails = old.failures._fails
-        self._counter.total_limit = cfg.max_connections
-        self._counter.per_client_limit = cfg.max_connections_per_client
         return SessionContext(
             listener=cfg, upstream=upstream, authenticator=authenticator,
             transport_for=transport_for, token_for=token_for, metrics=metrics,
@@ -186,7 +184,9 @@ class ProxyListener:
         sock = ch.transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        refuse = "auth_refused" if ctx.failures.refused(addr) else self._counter.admit(addr)
+        refuse = "auth_refused" if ctx.failures.refused(addr) else self._counter.admit(
+            addr, total=ctx.listener.max_connections,
+            per_client=ctx.listener.max_connections_per_client)
         session = ProxySession(ctx, ch, (addr, int(peer[1])))
         m = ctx.metrics
         if refuse is None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 
 from relay.config.schema import ListenerConfig
+from relay.connlimits import ConnectionCounter
 from relay.errors import SpoolError
 from relay.maillog import MailLog
 from relay.metrics import Metrics
@@ -28,32 +29,6 @@ from relay.smtp.replies import Refusal
 from relay.spool.records import Envelope
 
 log = logging.getLogger("relay.smtp")
-
-
-class ConnectionTracker:
-    """Open connections of one listener, in total and per client address."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self.per_client: dict[str, int] = {}
-
-    def open(self, ip: str, *, max_total: int, max_per_client: int) -> str | None:
-        """Count a new connection, or return the 421 reply that refuses it."""
-        if max_total and self.total >= max_total:
-            return replies.TOO_MANY_CONNECTIONS
-        if max_per_client and self.per_client.get(ip, 0) >= max_per_client:
-            return replies.TOO_MANY_FROM_CLIENT
-        self.total += 1
-        self.per_client[ip] = self.per_client.get(ip, 0) + 1
-        return None
-
-    def close(self, ip: str) -> None:
-        self.total -= 1
-        left = self.per_client.get(ip, 1) - 1
-        if left > 0:
-            self.per_client[ip] = left
-        else:
-            self.per_client.pop(ip, None)
 
 
 @dataclass(slots=True)
@@ -70,7 +45,7 @@ class Context:
     metrics: Metrics | None = None
     throttle: AuthThrottle = field(
         default_factory=lambda: AuthThrottle(limit=5, window=300.0))
-    connections: ConnectionTracker = field(default_factory=ConnectionTracker)
+    connections: ConnectionCounter = field(default_factory=ConnectionCounter)
     background: set[asyncio.Task[str]] = field(default_factory=set)
 
     def refused(self, refusal: Refusal, *, info: SessionInfo | None, client: str, stage: str,

@@ -15,11 +15,12 @@ import ssl
 from typing import Any
 
 from relay.config.schema import ListenerConfig
+from relay.connlimits import ConnectionCounter
 from relay.errors import ConfigError, RelayError
 from relay.maillog import MailLog
 from relay.metrics import Metrics
 from relay.smtp.auth import AuthThrottle, UserDB
-from relay.smtp.handler import ConnectionTracker, Context
+from relay.smtp.handler import Context
 from relay.smtp.hooks import AcceptFn, Checks
 from relay.smtp.replies import REASONS
 from relay.smtp.server import RelaySMTP
@@ -92,7 +93,7 @@ class SmtpListener:
             raise ValueError(f"listener {cfg.name!r} is {cfg.protocol}, not smtp")
         self._throttle = AuthThrottle(limit=cfg.auth_fail_limit, window=cfg.auth_fail_window,
                                       base_delay=auth_base_delay, max_delay=auth_max_delay)
-        self._connections = ConnectionTracker()
+        self._connections = ConnectionCounter()
         self._sessions: set[RelaySMTP] = set()
         self._idle = asyncio.Event()
         self._idle.set()

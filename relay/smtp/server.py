@@ -16,6 +16,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Session
 
+from relay.connlimits import TOO_MANY
 from relay.smtp import replies
 from relay.smtp.compat import has_line, init_aiosmtpd_state, unread
 from relay.smtp.data import DataReader, Event
@@ -102,9 +103,10 @@ class RelaySMTP(SMTP):
             self._allowlisted = any(ip in net for net in cfg.allow)
         except ValueError:
             self._allowlisted = False
-        self._refused_reply = self.ctx.connections.open(
-            self._client_ip, max_total=cfg.max_connections,
-            max_per_client=cfg.max_connections_per_client)
+        refused = self.ctx.connections.admit(self._client_ip, total=cfg.max_connections,
+                                             per_client=cfg.max_connections_per_client)
+        self._refused_reply = (None if refused is None else replies.TOO_MANY_CONNECTIONS
+                               if refused == TOO_MANY else replies.TOO_MANY_FROM_CLIENT)
         if self._refused_reply is None:
             self._counted = True
             if self.ctx.metrics is not None:
@@ -113,7 +115,7 @@ class RelaySMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if self._counted:
             self._counted = False
-            self.ctx.connections.close(self._client_ip)
+            self.ctx.connections.release(self._client_ip)
             if self.ctx.metrics is not None:
                 self.ctx.metrics.smtp_sessions.labels(self.ctx.cfg.name).dec()
         super().connection_lost(error)

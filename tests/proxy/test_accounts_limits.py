@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from relay.config.schema import AccountConfig, Secret, UpstreamConfig
+from relay.connlimits import ConnectionCounter
 from relay.errors import ConfigError
 from relay.proxy.accounts import (
     MappedAuthenticator,
@@ -15,7 +16,7 @@ from relay.proxy.accounts import (
     build_authenticator,
     users_file_verify,
 )
-from relay.proxy.limits import FailureTracker, SessionCounter
+from relay.proxy.limits import FailureTracker
 from relay.proxy.sasl import SaslError, parse_plain, plain_string, xoauth2_string
 from relay.proxy.upstream import UpstreamCredentials
 from relay.smtp.auth import UserDB, hash_password
@@ -111,13 +112,21 @@ def test_failure_tracker_memory_is_bounded() -> None:
 
 
 def test_session_counter() -> None:
-    c = SessionCounter(total=3, per_client=2)
-    assert c.admit("a") is None and c.admit("a") is None
-    assert c.admit("a") == "too_many_sessions_from_client"
-    assert c.admit("b") is None
-    assert c.admit("c") == "too_many_sessions"
+    c = ConnectionCounter()
+
+    def admit(addr: str) -> str | None:
+        return c.admit(addr, total=3, per_client=2)
+
+    assert admit("a") is None and admit("a") is None
+    assert admit("a") == "too_many_sessions_from_client"
+    assert admit("b") is None
+    assert admit("c") == "too_many_sessions"
     c.release("a")
-    assert c.admit("c") is None
+    assert admit("c") is None
+    # a reload's lower limits apply to the next admission; open ones keep their slots
+    assert c.admit("d", total=1, per_client=0) == "too_many_sessions"
+    assert c.admit("d", total=0, per_client=0) is None
+    c.release("d")
     c.release("a")
     c.release("b")
     c.release("c")
