@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dkim
 
-from relay.dkim import Signer
-from relay.dkim_keys import DkimKey, DkimKeys, generate, private_pem
+from relay.dkim.keys import DkimKey, DkimKeys, generate, private_pem
+from relay.dkim.sign import Signer
 
 TARGET = 1500.0
 

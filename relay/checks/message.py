@@ -15,12 +15,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
-from relay.checks.limits import check_message_async, check_recipient, check_sender
+from relay.checks.profile import check_message_async, check_recipient, check_sender
 from relay.checks.spf import SpfChecker
 from relay.config.schema import ProfileConfig
 from relay.headers import remove_forged_results
-from relay.smtp.hooks import BaseChecks, SessionInfo
 from relay.spool.records import Envelope
+from relay.verdict import BaseChecks, SessionInfo
 
 RouteProfile = Callable[[str, str], ProfileConfig | None]     # (sender, recipient) → profile
 _PENDING_LIMIT = 10_000

@@ -7,10 +7,10 @@ import asyncio
 import json
 import logging
 
-from relay.check import run_check
-from relay.check_steps import format_text, to_json
 from relay.cli.common import DEFAULT_CONFIG
-from relay.config import load_config
+from relay.config.loader import load_config
+from relay.probe.steps import format_text, to_json
+from relay.probe.walk import run_check
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

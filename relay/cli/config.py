@@ -7,7 +7,7 @@ import logging
 import sys
 
 from relay.cli.common import DEFAULT_CONFIG
-from relay.config import load_config
+from relay.config.loader import load_config
 from relay.config.schema import Config
 from relay.config.show import render
 from relay.errors import ConfigError
@@ -75,7 +75,7 @@ def summary(config: Config) -> str:
 
 def _check_dkim_keys(path: str, config: Config) -> bool:
     """Load the DKIM keys the way start-up does (relay.dkim_keys), so check sees bad keys."""
-    from relay.dkim_keys import load_keys
+    from relay.dkim.keys import load_keys
 
     try:
         load_keys(config.dkim)

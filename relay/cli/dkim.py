@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from relay.cli.dns_args import add_dns_args, resolver_from_args
-from relay.dkim_keys import generate, load_keys, txt_record, write_private_key, zone_line
-from relay.dkim_verify import public_key, verify
+from relay.dkim.keys import generate, load_keys, txt_record, write_private_key, zone_line
+from relay.dkim.verify import public_key, verify
 from relay.errors import ConfigError, DnsError, RelayError
 
 

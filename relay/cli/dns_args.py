@@ -34,7 +34,7 @@ def resolver_from_args(args: argparse.Namespace, *,
     """The resolver the command should use, and the config when one was asked for/needed."""
     config = None
     if need_config or args.config:
-        from relay.config import load_config
+        from relay.config.loader import load_config
 
         config = load_config(args.config or DEFAULT_CONFIG)
     servers = tuple(parse_hostport(s) for s in args.dns)

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from relay.cli.common import DEFAULT_CONFIG
-from relay.control import request
+from relay.control.queue import QueueManager, check_id
+from relay.control.socket import request
 from relay.errors import ControlError, SpoolError
-from relay.queue import QueueManager, check_id
-from relay.spool import Spool
+from relay.spool.store import Spool
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -72,7 +72,7 @@ def _locate(args: argparse.Namespace) -> tuple[Path, Path]:
         root = Path(args.spool)
         sock = Path(args.socket) if args.socket else root / "control.sock"
         return root, sock
-    from relay.config import load_config
+    from relay.config.loader import load_config
 
     config = load_config(args.config or DEFAULT_CONFIG)
     root = config.relay.spool

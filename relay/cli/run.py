@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.cli.common import DEFAULT_CONFIG
-from relay.config import load_config
+from relay.config.loader import load_config
 from relay.config.schema import Config
 from relay.errors import ConfigError, RelayError
 
@@ -42,7 +42,7 @@ def setup_logging(level: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from relay.app import App  # the daemon's imports are only paid by `run`
+    from relay.app.runtime import App
 
     path = Path(args.config)
     config = load_config(path)
@@ -57,8 +57,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _control(config: Config, command: str) -> dict[str, Any]:
-    from relay.app import control_path
-    from relay.control import request
+    from relay.app.runtime import control_path
+    from relay.control.socket import request
 
     return asyncio.run(request(control_path(config), command, timeout=120))
 
@@ -75,7 +75,7 @@ def _reload(args: argparse.Namespace) -> int:
         reply = _control(config, "reload")
     except RelayError as exc:
         # No control socket: fall back to SIGHUP through the pid file.
-        from relay.app import pid_file
+        from relay.app.runtime import pid_file
 
         try:
             pid = int(pid_file(config).read_text().strip())

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import ipaddress
 
-from relay.checks.spf_outbound import MAX_LOOKUPS, preflight
 from relay.cli.dns_args import add_dns_args, resolver_from_args
 from relay.config.schema import UpstreamConfig
 from relay.errors import ConfigError
+from relay.probe.spf import MAX_LOOKUPS, preflight
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 from relay.cli.common import DEFAULT_CONFIG
-from relay.config import load_config
+from relay.config.loader import load_config
 from relay.errors import ConfigError, RelayError
-from relay.smtp.auth import hash_password, read_users, valid_name, write_users
+from relay.users import hash_password, read_users, valid_name, write_users
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

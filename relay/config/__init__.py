@@ -1,5 +1,1 @@
-"""Typed config (schema) and its loader: ``load_config(path)`` → validated ``Config``."""
-
-from relay.config.loader import load_config
-
-__all__ = ["load_config"]
+"""Typed config (schema) and its loader (relay.config.loader.load_config) with FILE:LINE errors."""

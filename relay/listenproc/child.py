@@ -24,15 +24,15 @@ import signal
 import socket
 from typing import Any
 
+from relay.app.listeners import build_listeners
 from relay.config.schema import Config
-from relay.listener_side import build_listeners
 from relay.listenproc.channel import ChannelClosed, Rpc
 from relay.listenproc.merge import snapshot
 from relay.maillog import MailLog
 from relay.metrics import Metrics
 from relay.smtp.listener import SmtpListener, build_tls_context
-from relay.spool import Spool
 from relay.spool.records import QueuedMessage
+from relay.spool.store import Spool
 
 log = logging.getLogger("relay.listenproc")
 

@@ -31,8 +31,8 @@ from relay.listenproc.channel import ChannelClosed, RemoteError, Rpc
 from relay.listenproc.child import LOCK_NAME, Layout
 from relay.listenproc.merge import MergedMetrics
 from relay.smtp.listener import bind_listener_sockets
-from relay.spool import Spool
 from relay.spool.records import QueuedMessage
+from relay.spool.store import Spool
 
 log = logging.getLogger("relay.listenproc")
 

@@ -13,7 +13,7 @@ import re
 
 from relay.config.schema import Secret, TlsMode
 from relay.proxy.events import Close, Event, Login, LoginFailure, Send, StartTls, is_clean
-from relay.proxy.sasl import (
+from relay.sasl import (
     LOGIN_PASS_PROMPT,
     LOGIN_USER_PROMPT,
     SaslError,

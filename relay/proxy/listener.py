@@ -13,12 +13,12 @@ from relay.config.schema import ListenerConfig, UpstreamConfig
 from relay.connlimits import ConnectionCounter
 from relay.errors import ConfigError
 from relay.metrics import Metrics
-from relay.proxy.limits import FailureTracker
 from relay.proxy.pump import Channel
 from relay.proxy.session import Authenticator, ProxySession, SessionContext
 from relay.proxy.upstream import TokenFor
+from relay.throttle import FailureTracker
+from relay.tls import client_context
 from relay.transports.base import Transport
-from relay.transports.tls import client_context
 
 log = logging.getLogger("relay.proxy")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from relay.config.schema import Secret, TlsMode
 from relay.proxy.events import Close, Event, Login, LoginFailure, Send, StartTls, is_clean
-from relay.proxy.sasl import (
+from relay.sasl import (
     LOGIN_PASS_PROMPT,
     LOGIN_USER_PROMPT,
     SaslError,

@@ -26,10 +26,10 @@ from relay.metrics import Metrics
 from relay.proxy import zerocopy
 from relay.proxy.events import Close, Event, Login, LoginFailure, PreAuth, Send, StartTls
 from relay.proxy.imap import ImapPreAuth
-from relay.proxy.limits import FailureTracker
 from relay.proxy.pop3 import Pop3PreAuth
 from relay.proxy.pump import Channel, ChannelClosed, TransportSplice
 from relay.proxy.upstream import TokenFor, UpstreamCredentials, login_upstream
+from relay.throttle import FailureTracker
 from relay.transports.base import Transport
 
 log = logging.getLogger("relay.proxy")

@@ -22,9 +22,9 @@ from relay.errors import OAuthError, ProxyUpstreamError, TransportError
 from relay.maillog import censor
 from relay.metrics import Metrics
 from relay.proxy.pump import Channel, ChannelClosed, LineTooLong
-from relay.proxy.sasl import SaslError, plain_string, xoauth2_string
+from relay.sasl import SaslError, plain_string, xoauth2_string
+from relay.tls import classify_tls_error, client_context, server_name
 from relay.transports.base import Transport
-from relay.transports.tls import classify_tls_error, client_context, server_name
 
 TokenFor = Callable[[str], Awaitable[str]]
 _CAPA_CODE = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)

@@ -1,264 +1,155 @@
-"""SMTP AUTH credentials: the users file (scrypt hashes) and the failed-AUTH throttle.
+"""SMTP AUTH PLAIN and LOGIN (RFC 4954, 4616): the exchange, the check, the throttle.
 
-The users file holds one ``name:hash`` per line (``#`` comments and blank lines allowed),
-where hash is ``$scrypt$n=16384,r=8,p=1$<salt>$<key>`` (standard base64), made by
-``relay user add``. Passwords are checked off the event loop with a constant-time compare;
-an unknown user costs the same scrypt as a known one. The file is re-read when it changes,
-so ``relay user add`` takes effect without a reload (a missing file means no users yet).
-A file that every user may read is refused.
+A wrong password gets ``535 5.7.8`` at once (the first time) and after a growing delay
+on repeats from the same address; at the listener's ``auth_fail_limit`` the session is
+closed with ``421 4.7.0`` and the address is refused AUTH (``454 4.7.0``) for
+``auth_fail_window`` seconds. Credentials and AUTH payloads are never logged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import contextlib
-import hashlib
-import hmac
-import ipaddress
 import logging
-import secrets
-import stat
-import threading
-import time
-from collections import OrderedDict, deque
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from relay.atomicfile import replace_file
-from relay.errors import ConfigError
+from relay.smtp import replies
+
+if TYPE_CHECKING:
+    from relay.smtp.server import RelaySMTP
 
 log = logging.getLogger("relay.smtp")
 
-SCRYPT_N = 2**14
-SCRYPT_R = 8
-SCRYPT_P = 1
-_KEY_LEN = 32
-_MAXMEM = 64 * 1024 * 1024
-_USERS_HINT = "each line is NAME:HASH; create entries with `relay user add NAME`"
+MAX_RESPONSE = 12288
 
 
-def valid_name(name: str) -> bool:
-    return (0 < len(name) <= 256 and name.isprintable() and ":" not in name
-            and not any(c.isspace() for c in name))
+class _Abort(Exception):
+    """The exchange ended with this reply (already decided, not a credential failure)."""
 
 
-def hash_password(password: bytes, *, n: int = SCRYPT_N, r: int = SCRYPT_R,
-                  p: int = SCRYPT_P) -> str:
-    """A ``$scrypt$`` hash of ``password`` with a fresh random salt (CPU-heavy: ~0.1 s)."""
-    salt = secrets.token_bytes(16)
-    key = hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, dklen=_KEY_LEN, maxmem=_MAXMEM)
-    b64 = base64.b64encode
-    return f"$scrypt$n={n},r={r},p={p}${b64(salt).decode()}${b64(key).decode()}"
+def decode_plain(data: bytes) -> tuple[str, bytes]:
+    """``authzid NUL authcid NUL passwd`` → (user, password); ValueError if malformed.
 
-
-@dataclass(frozen=True, slots=True)
-class _Hash:
-    n: int
-    r: int
-    p: int
-    salt: bytes
-    key: bytes
-
-
-def _parse_hash(text: str) -> _Hash:
-    parts = text.split("$")
-    if len(parts) != 5 or parts[0] or parts[1] != "scrypt":
-        raise ValueError("not a $scrypt$ hash")
-    try:
-        opts = dict(kv.split("=", 1) for kv in parts[2].split(","))
-        n, r, p = int(opts["n"]), int(opts["r"]), int(opts["p"])
-        salt = base64.b64decode(parts[3], validate=True)
-        key = base64.b64decode(parts[4], validate=True)
-    except (KeyError, ValueError, binascii.Error):
-        raise ValueError("malformed $scrypt$ hash") from None
-    if n < 2 or n & (n - 1) or not 1 <= r <= 64 or not 1 <= p <= 16 or 128 * r * n > _MAXMEM:
-        raise ValueError("scrypt parameters out of range")
-    if len(salt) < 8 or len(key) < 16:
-        raise ValueError("salt or key too short")
-    return _Hash(n, r, p, salt, key)
-
-
-def verify_hash(stored: str, password: bytes) -> bool:
-    """Check ``password`` against a stored hash (blocking: call it in a thread)."""
-    h = _parse_hash(stored)
-    key = hashlib.scrypt(password, salt=h.salt, n=h.n, r=h.r, p=h.p, dklen=len(h.key),
-                         maxmem=_MAXMEM)
-    return hmac.compare_digest(key, h.key)
-
-
-# Checked when the user is unknown, so that costs the same time as a known user.
-_DUMMY = (f"$scrypt$n={SCRYPT_N},r={SCRYPT_R},p={SCRYPT_P}$"
-          f"{base64.b64encode(bytes(16)).decode()}${base64.b64encode(bytes(32)).decode()}")
-
-
-def read_users(path: Path) -> dict[str, str]:
-    """Parse a users file into name → hash; ConfigError (file:line) on any bad line."""
-    try:
-        st = path.stat()
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read users file ({exc.strerror})", file=str(path),
-                          hint="create it with `relay user add NAME`, readable by relay"
-                          ) from None
-    if st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
-        raise ConfigError("users file is readable or writable by every user", file=str(path),
-                          got=oct(st.st_mode & 0o777), expected="mode 0600 (or 0640)",
-                          hint=f"run: chmod 600 {path}")
-    users: dict[str, str] = {}
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, sep, hashed = line.partition(":")
-        if not sep or not valid_name(name):
-            raise ConfigError("not a NAME:HASH line", file=str(path), line=lineno,
-                              hint=_USERS_HINT)
-        try:
-            _parse_hash(hashed)
-        except ValueError as exc:
-            raise ConfigError(f"user {name!r}: {exc}", file=str(path), line=lineno,
-                              hint=f"set the password again with `relay user add {name}`"
-                              ) from None
-        if name in users:
-            raise ConfigError(f"user {name!r} listed twice", file=str(path), line=lineno,
-                              hint="remove one of the lines")
-        users[name] = hashed
-    return users
-
-
-def write_users(path: Path, users: dict[str, str]) -> None:
-    """Atomically replace the users file (fsynced; mode 0600, or 0640 if it was group-readable).
-
-    An existing file's owner and group are kept, so a file made readable by relay's
-    service user stays readable after root edits it.
+    An authorization identity different from the user is refused: relay has no proxy
+    authorization.
     """
-    mode, owner = 0o600, None
+    parts = data.split(b"\0")
+    if len(parts) != 3 or not parts[1]:
+        raise ValueError("PLAIN response is not authzid\\0user\\0password")
+    authzid, user, password = parts
+    if authzid and authzid != user:
+        raise ValueError("authorization identity differs from the user")
+    return user.decode("utf-8"), password
+
+
+def _b64(text: bytes) -> bytes:
+    if text == b"=":
+        return b""
     try:
-        st = path.stat()
-        mode |= st.st_mode & stat.S_IRGRP
-        owner = (st.st_uid, st.st_gid)
-    except FileNotFoundError:
-        pass
-    body = "".join(f"{name}:{hashed}\n" for name, hashed in users.items())
-    replace_file(path, body.encode("utf-8"), mode=mode, owner=owner)
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise _Abort("501 5.5.2 Cannot decode base64 response") from None
 
 
-class UserDB:
-    """The listener's users: checked off the loop, re-read when the file changes."""
+async def _response(session: RelaySMTP, challenge: bytes) -> bytes:
+    await session._raw([f"334 {base64.b64encode(challenge).decode()}"])
+    try:
+        line = await session._reader.readuntil(b"\n")
+    except asyncio.LimitOverrunError:
+        session.close()
+        raise _Abort("500 5.5.6 Authentication response too long") from None
+    except asyncio.IncompleteReadError:
+        session.close()
+        raise _Abort("") from None
+    if len(line) > MAX_RESPONSE:
+        raise _Abort("500 5.5.6 Authentication response too long")
+    line = line.rstrip(b"\r\n")
+    if line == b"*":
+        raise _Abort("501 5.7.0 Authentication aborted")
+    return _b64(line)
 
-    def __init__(self, path: Path, users: dict[str, str] | None = None) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._stamp: tuple[int, int, int] | None = None
-        self._users: dict[str, str] = {}
-        if users is None:
-            self._reload_if_changed(force=True)
-        else:
-            self._users = dict(users)
 
-    @classmethod
-    def load(cls, path: Path) -> UserDB:
-        """Read and validate the file now (start-up and reload): ConfigError if bad."""
-        return cls(path)
-
-    def names(self) -> list[str]:
-        return sorted(self._users)
-
-    def _reload_if_changed(self, *, force: bool = False) -> None:
+async def _credentials(session: RelaySMTP, mechanism: str,
+                       initial: str | None) -> tuple[str, bytes] | None:
+    """Run the exchange; None when the response could not be decoded as credentials."""
+    if mechanism == "PLAIN":
+        data = _b64(initial.encode()) if initial is not None else \
+            await _response(session, b"")
         try:
-            st = self.path.stat()
-        except FileNotFoundError:              # nobody can log in until `relay user add`
-            self._users, self._stamp = {}, None
-            return
-        except OSError:
-            if force:
-                read_users(self.path)          # raises the operator-facing error
-            return
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if not force and stamp == self._stamp:
-            return
-        with self._lock:
-            users = read_users(self.path)
-            self._users, self._stamp = users, stamp
-
-    def verify_sync(self, name: str, password: bytes) -> bool:
-        """Blocking check (scrypt); use ``await asyncio.to_thread(db.verify_sync, ...)``."""
-        try:
-            self._reload_if_changed()
-        except ConfigError as exc:              # keep the last good list
-            log.warning("users file changed but is not usable; keeping the previous "
-                        "users: %s", exc.explain())
-        stored = self._users.get(name)
-        ok = verify_hash(stored or _DUMMY, password)
-        return ok and stored is not None
+            return decode_plain(data)
+        except (ValueError, UnicodeDecodeError):
+            return None
+    user_b = _b64(initial.encode()) if initial is not None else \
+        await _response(session, b"Username:")
+    password = await _response(session, b"Password:")
+    try:
+        return user_b.decode("utf-8"), password
+    except UnicodeDecodeError:
+        return None
 
 
-class AuthThrottle:
-    """Failed AUTH per client address: growing delays, then refusal for a while.
-
-    The first failure is answered at once; each further failure within ``window`` seconds
-    waits ``base_delay * 2**(k-2)`` (capped at ``max_delay``) before its 535. At ``limit``
-    failures the address is refused AUTH for ``window`` seconds. Memory is bounded;
-    IPv6 clients are counted per /64.
-    """
-
-    def __init__(self, *, limit: int, window: float, base_delay: float = 1.0,
-                 max_delay: float = 8.0, max_tracked: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.limit = limit
-        self.window = window
-        self.base_delay = base_delay
-        self.max_delay = max_delay
-        self._max_tracked = max_tracked
-        self._clock = clock
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-        self._blocked: dict[str, float] = {}
-
-    def configure(self, *, limit: int, window: float) -> None:
-        self.limit, self.window = limit, window
-
-    @staticmethod
-    def _key(ip: str) -> str:
-        # An IPv6 client usually holds a whole /64: count its failures together.
-        if ":" in ip:
-            with contextlib.suppress(ValueError):
-                return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-        return ip
-
-    def blocked(self, ip: str) -> bool:
-        ip = self._key(ip)
-        until = self._blocked.get(ip)
-        if until is None:
-            return False
-        if self._clock() < until:
-            return True
-        del self._blocked[ip]
-        return False
-
-    def failure(self, ip: str) -> tuple[float, bool]:
-        """Record a failure: (seconds to wait before replying, now blocked?)."""
-        ip = self._key(ip)
-        now = self._clock()
-        times = self._failures.pop(ip, None) or deque()
-        while times and now - times[0] > self.window:
-            times.popleft()
-        times.append(now)
-        self._failures[ip] = times
-        while len(self._failures) > self._max_tracked:
-            self._failures.popitem(last=False)
-        count = len(times)
-        if self.limit and count >= self.limit:
-            self._blocked[ip] = now + self.window
-            self._failures.pop(ip, None)
-            if len(self._blocked) > self._max_tracked:
-                for key in [k for k, t in self._blocked.items() if t <= now]:
-                    del self._blocked[key]
-            return 0.0, True
-        if count < 2:
-            return 0.0, False
-        return min(self.base_delay * 2 ** (count - 2), self.max_delay), False
-
-    def success(self, ip: str) -> None:
-        self._failures.pop(self._key(ip), None)
+async def run_auth(session: RelaySMTP, arg: str | None) -> None:
+    """Handle one AUTH command on ``session``."""
+    ctx = session.ctx
+    ip = session._client_ip
+    if not session._s.host_name or not session._s.extended_smtp:
+        await session.push("503 5.5.1 Error: send EHLO first")
+        return
+    if ctx.users is None:
+        await session.push("502 5.5.1 Error: authentication not enabled")
+        return
+    if not session.tls and not ctx.cfg.allow_plaintext_auth:
+        await session.push(replies.AUTH_ENCRYPTION)
+        return
+    if session._auth_user:
+        await session.push("503 5.5.1 Error: already authenticated")
+        return
+    if session._txn is not None:
+        await session.push("503 5.5.1 Error: AUTH not permitted during a mail transaction")
+        return
+    parts = (arg or "").split()
+    if not 1 <= len(parts) <= 2:
+        await session.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+        return
+    mechanism = parts[0].upper()
+    if mechanism not in ("PLAIN", "LOGIN"):
+        await session.push("504 5.5.4 Unrecognized authentication type")
+        return
+    if ctx.throttle.blocked(ip):
+        ctx.refused(replies.Refusal.from_reply(replies.AUTH_BLOCKED, "auth_blocked"),
+                    info=session.info(), client=ip, stage="AUTH")
+        await session.push(replies.AUTH_BLOCKED)
+        return
+    try:
+        creds = await _credentials(session, mechanism, parts[1] if len(parts) == 2 else None)
+    except _Abort as abort:
+        if str(abort):
+            await session.push(str(abort))
+        return
+    ok = False
+    user = ""
+    if creds is not None:
+        user, password = creds
+        ok = await asyncio.to_thread(ctx.users.verify_sync, user, password)
+    if ok:
+        ctx.throttle.success(ip)
+        session._auth_user = user
+        session._s.authenticated = True
+        log.info("%s: %s authenticated as %r (%s)", ctx.cfg.name, ip, user, mechanism)
+        await session.push(replies.AUTH_OK)
+        return
+    if ctx.metrics is not None:
+        ctx.metrics.auth_failures.labels(ctx.cfg.name, "smtp").inc()
+    delay, blocked = ctx.throttle.failure(ip)
+    ctx.maillog.rejected(client=f"{ip}[{ctx.cfg.name}]", stage="AUTH", reason="auth_failed",
+                         mechanism=mechanism, user=user or None)
+    if delay:
+        await asyncio.sleep(delay)              # the throttle itself, not a wait for state
+    if blocked:
+        log.warning("%s: %s reached %d failed AUTH attempts; refused for %.0fs",
+                    ctx.cfg.name, ip, ctx.throttle.limit, ctx.throttle.window)
+        await session.push(replies.AUTH_CLOSING)
+        session.close()
+        return
+    await session.push(replies.AUTH_INVALID)

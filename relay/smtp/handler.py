@@ -22,11 +22,11 @@ from relay.errors import SpoolError
 from relay.maillog import MailLog
 from relay.metrics import Metrics
 from relay.smtp import replies
-from relay.smtp.auth import AuthThrottle, UserDB
 from relay.smtp.data import BareLineEnding, Event, TooBig
-from relay.smtp.hooks import AcceptFn, Checks, SessionInfo
 from relay.smtp.replies import Refusal
 from relay.spool.records import Envelope
+from relay.users import AuthThrottle, UserDB
+from relay.verdict import AcceptFn, Checks, SessionInfo
 
 log = logging.getLogger("relay.smtp")
 

@@ -19,11 +19,11 @@ from relay.connlimits import ConnectionCounter
 from relay.errors import ConfigError, RelayError
 from relay.maillog import MailLog
 from relay.metrics import Metrics
-from relay.smtp.auth import AuthThrottle, UserDB
 from relay.smtp.handler import Context
-from relay.smtp.hooks import AcceptFn, Checks
 from relay.smtp.replies import REASONS
 from relay.smtp.server import RelaySMTP
+from relay.users import AuthThrottle, UserDB
+from relay.verdict import AcceptFn, Checks
 
 log = logging.getLogger("relay.smtp")
 

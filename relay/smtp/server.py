@@ -18,10 +18,10 @@ from aiosmtpd.smtp import SMTP, Session
 
 from relay.connlimits import TOO_MANY
 from relay.smtp import replies
+from relay.smtp.auth import run_auth
 from relay.smtp.compat import has_line, init_aiosmtpd_state, unread
 from relay.smtp.data import DataReader, Event
 from relay.smtp.handler import Context, Transaction, finish_message
-from relay.smtp.hooks import SessionInfo
 from relay.smtp.policy import (
     domain_of,
     in_domains,
@@ -30,7 +30,7 @@ from relay.smtp.policy import (
     relay_refusal,
 )
 from relay.smtp.replies import Refusal, with_enhanced
-from relay.smtp.sasl import run_auth
+from relay.verdict import SessionInfo
 
 log = logging.getLogger("relay.smtp")
 

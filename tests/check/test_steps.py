@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from relay.check_steps import Report, format_text, to_json
 from relay.errors import TransportError
+from relay.probe.steps import Report, format_text, to_json
 
 
 def test_text_and_json() -> None:

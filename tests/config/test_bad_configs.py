@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import load_config
+from relay.config.loader import load_config
 from relay.errors import ConfigError
 
 BAD = Path(__file__).resolve().parent.parent / "bad_configs"

@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.config import load_config
+from relay.config.loader import load_config
 from relay.errors import ConfigError
 from tests.config.conftest import EXAMPLE_ENV
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import load_config
+from relay.config.loader import load_config
 from relay.config.reader import Table
 from relay.config.schema import HostPort
 from relay.errors import ConfigError

@@ -7,7 +7,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from relay.config import load_config
+from relay.config.loader import load_config
 from relay.config.schema import HostPort
 from tests.config.conftest import CONF
 

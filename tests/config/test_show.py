@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from relay.config import load_config
+from relay.config.loader import load_config
 from relay.config.show import render
 from tests.config.conftest import EXAMPLE_ENV
 

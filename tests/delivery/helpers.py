@@ -7,8 +7,8 @@ from dataclasses import replace
 from typing import Any
 
 from relay.config.schema import UpstreamConfig
-from relay.delivery import Deliverer
 from relay.metrics import Metrics
+from relay.outbound.attempt import Deliverer
 from relay.spool.records import Envelope, QueuedMessage, QueueState, Recipient
 from relay.transports.direct import DirectTransport
 from tests.fakes.recording_upstream import RecordingUpstream

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from relay.bounce import Bouncer, Failure, build_dsn, headers_of, is_bounce
+from relay.outbound.dsn import Bouncer, Failure, build_dsn, headers_of, is_bounce
 from relay.spool.records import Envelope
 from tests.delivery.helpers import BODY, message
 
@@ -114,8 +114,8 @@ def test_local_reasons_are_not_labelled_smtp() -> None:
 async def test_bounces_are_dkim_signed_when_the_bounce_domain_has_a_key() -> None:
     import dkim
 
-    from relay.dkim import Signer
-    from relay.dkim_keys import DkimKey, DkimKeys, generate, txt_record
+    from relay.dkim.keys import DkimKey, DkimKeys, generate, txt_record
+    from relay.dkim.sign import Signer
 
     key = generate("rsa")
     signer = Signer(DkimKeys([DkimKey(domain="relay.test", selector="s1",

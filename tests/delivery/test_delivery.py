@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from relay.metrics import Metrics
-from relay.outbox import outbox_name
+from relay.outbound.outbox import outbox_name
 from tests.delivery.helpers import BODY, deliverer, message, sample, start, upstream
 from tests.fakes.recording_upstream import RecordingUpstream
 from tests.peers import free_port

@@ -13,10 +13,10 @@ import pytest
 import trustme
 
 from relay.config.schema import AccountConfig, ProxyConfig, Secret, TokenSourceConfig
-from relay.delivery import Deliverer
 from relay.metrics import Metrics
-from relay.oauth import TokenSources
-from relay.smtp_client import Credentials, SmtpSession
+from relay.oauth.tokens import TokenSources
+from relay.outbound.attempt import Deliverer
+from relay.outbound.session import Credentials, SmtpSession
 from relay.timing import StageTimer
 from relay.transports.direct import DirectTransport
 from relay.transports.factory import Transports

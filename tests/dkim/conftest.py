@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from relay.config.schema import HostPort
-from relay.dkim import Signer
-from relay.dkim_keys import DkimKey, DkimKeys, generate
+from relay.dkim.keys import DkimKey, DkimKeys, generate
+from relay.dkim.sign import Signer
 from relay.dns import Resolver
 from tests.peers import need
 from tests.peers.dnsmasq import Zone, dnsmasq

@@ -9,8 +9,8 @@ import pytest
 
 from relay.cli import main
 from relay.config.schema import DkimKeyConfig, HostPort
-from relay.dkim import Signer
-from relay.dkim_keys import DkimKeys, load_keys, txt_record
+from relay.dkim.keys import DkimKeys, load_keys, txt_record
+from relay.dkim.sign import Signer
 from tests.peers.dnsmasq import Zone, dnsmasq
 
 MSG = b"From: a@example.com\r\nTo: b@example.net\r\nSubject: t\r\n\r\nhello\r\n"

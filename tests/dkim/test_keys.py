@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from relay.config.schema import DkimKeyConfig
-from relay.dkim_keys import (
+from relay.dkim.keys import (
     generate,
     load_keys,
     private_pem,

@@ -8,8 +8,8 @@ import dkim
 import pytest
 
 from relay.config.schema import HostPort
-from relay.dkim import OVERSIGNED, from_domain, header_list
-from relay.dkim_verify import verify
+from relay.dkim.sign import OVERSIGNED, from_domain, header_list
+from relay.dkim.verify import verify
 from relay.dns import Resolver
 from relay.spool.records import Envelope
 from tests.dkim.conftest import KeySet, dkimpy_verify, perl_verify, signer
@@ -192,7 +192,7 @@ def test_relay_verifier_dns_timeout_is_temperror(keyset: KeySet) -> None:
 
 
 async def test_inbound_authentication_results(keyset: KeySet, resolver: Resolver) -> None:
-    from relay.dkim_verify import authentication_results, verify_async
+    from relay.dkim.verify import authentication_results, verify_async
 
     signed = signer(keyset.rsa, keyset.ed).sign(MESSAGE, sender_domain="example.com")
     results = await verify_async(signed.replace(b"parcel", b"refund"), lookup=resolver.txt)

@@ -17,8 +17,8 @@ from relay.config.schema import (
     RouteConfig,
     UpstreamConfig,
 )
-from relay.dkim import Signer
-from relay.dkim_keys import DkimKey, DkimKeys, generate
+from relay.dkim.keys import DkimKey, DkimKeys, generate
+from relay.dkim.sign import Signer
 from relay.errors import ConfigError
 from relay.headers import (
     DEFAULT_PROTECTED,

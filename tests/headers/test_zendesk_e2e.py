@@ -19,16 +19,16 @@ import pytest
 import trustme
 
 from relay.config.schema import HostPort, ListenerConfig, UpstreamConfig
-from relay.delivery import Deliverer
-from relay.dkim import Signer
-from relay.dkim_keys import DkimKey, DkimKeys, generate
+from relay.dkim.keys import DkimKey, DkimKeys, generate
+from relay.dkim.sign import Signer
 from relay.headers import HeaderGuard, protected_lines, split
 from relay.maillog import MailLog
 from relay.metrics import Metrics
-from relay.smtp.auth import UserDB, hash_password, write_users
+from relay.outbound.attempt import Deliverer
 from relay.smtp.listener import SmtpListener
 from relay.spool.records import Envelope, QueuedMessage, QueueState, Recipient
 from relay.transports.direct import DirectTransport
+from relay.users import UserDB, hash_password, write_users
 from tests.dkim.conftest import perl_verify
 from tests.fakes.recording_upstream import RecordingUpstream
 from tests.headers.test_headers import PROTECTED, ZENDESK

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from relay.checks.limits import (
+from relay.checks.profile import (
     RateLimiter,
     check_message,
     check_message_async,
@@ -229,7 +229,7 @@ async def test_forget_idle_bounds_memory() -> None:
 def test_shipped_profiles_match_the_field_documents() -> None:
     from pathlib import Path
 
-    from relay.config import load_config
+    from relay.config.loader import load_config
 
     conf = load_config(Path(__file__).parents[2] / "conf" / "relay.toml")
     genesys = conf.profile("genesys-agentless")

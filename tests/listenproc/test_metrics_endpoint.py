@@ -7,7 +7,7 @@ import asyncio
 from relay.config.schema import HostPort
 from relay.listenproc.merge import MergedMetrics, snapshot
 from relay.metrics import Metrics
-from relay.metrics_server import MetricsServer
+from relay.ops.endpoint import MetricsServer
 from tests.ops.support import get, http
 from tests.peers.prometheus import check_metrics
 from tests.peers.relayproc import sample

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.http_client import HttpProtocolError, ResponseParser, build_request
+from relay.oauth.http import HttpProtocolError, ResponseParser, build_request
 
 OK = [
     ("content-length",

@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from relay.config.schema import Secret, TokenSourceConfig
 from relay.errors import OAuthError
 from relay.metrics import Metrics
-from relay.oauth import TokenSources, jwt_expiry
+from relay.oauth.tokens import TokenSources, jwt_expiry
 from relay.transports.factory import Transports
 from tests.peers.dante import Dante
 from tests.peers.token_server import TokenServer, token_server

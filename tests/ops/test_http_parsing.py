@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.metrics_server import BadRequest, Response, accepts_gzip, parse_request, render_response
+from relay.ops.endpoint import BadRequest, Response, accepts_gzip, parse_request, render_response
 
 
 @pytest.mark.parametrize(("head", "method", "path", "query", "headers"), [

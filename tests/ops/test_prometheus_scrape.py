@@ -14,7 +14,7 @@ from typing import Any
 
 from relay.config.schema import HostPort
 from relay.metrics import Metrics
-from relay.metrics_server import MetricsServer
+from relay.ops.endpoint import MetricsServer
 from tests.ops.deploy_support import DEPLOY
 from tests.peers.prometheus import Prometheus, prometheus_server
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.sdnotify import SystemdNotifier
+from relay.ops.sdnotify import SystemdNotifier
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 from relay.config.schema import HostPort, ListenerConfig
 from relay.errors import ConfigError
 from relay.metrics import Metrics
-from relay.tlsinfo import certificate_expiry, pem_expiry, update_listener_expiry
+from relay.ops.certexpiry import certificate_expiry, pem_expiry, update_listener_expiry
 
 
 def self_signed(not_after: dt.datetime) -> bytes:

@@ -16,10 +16,10 @@ from relay.proxy.accounts import (
     build_authenticator,
     users_file_verify,
 )
-from relay.proxy.limits import FailureTracker
-from relay.proxy.sasl import SaslError, parse_plain, plain_string, xoauth2_string
 from relay.proxy.upstream import UpstreamCredentials
-from relay.smtp.auth import UserDB, hash_password
+from relay.sasl import SaslError, parse_plain, plain_string, xoauth2_string
+from relay.throttle import FailureTracker
+from relay.users import UserDB, hash_password
 
 
 def upstream(auth: str, **kw: object) -> UpstreamConfig:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from relay.config.schema import Secret, TokenSourceConfig
-from relay.oauth import TokenSources
+from relay.oauth.tokens import TokenSources
 from relay.transports.factory import Transports
 from tests.peers.dovecot import Dovecot, Introspection, dovecot, introspection_server
 from tests.peers.token_server import TokenServer, token_server

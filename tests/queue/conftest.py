@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.spool import Envelope, QueuedMessage, RcptStatus, Spool
+from relay.spool.records import Envelope, QueuedMessage, RcptStatus
+from relay.spool.store import Spool
 
 
 class FakeScheduler:

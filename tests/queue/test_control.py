@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from relay.control import ControlServer, request
+from relay.control.queue import QueueManager
+from relay.control.socket import ControlServer, request
 from relay.errors import ControlError
-from relay.queue import QueueManager
 from tests.queue.conftest import FakeScheduler, Queue
 
 ROOT = Path(__file__).parents[2]

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
+from relay.control.queue import QueueManager
 from relay.errors import ControlError
-from relay.queue import QueueManager
 from tests.queue.conftest import FakeScheduler, Queue
 
 

@@ -17,9 +17,9 @@ import pytest
 import trustme
 
 from relay.config.schema import ProfileConfig, RetryConfig, RouteConfig
-from relay.delivery import Deliverer
-from relay.scheduler import backoff
-from relay.spool import RcptStatus
+from relay.outbound.attempt import Deliverer
+from relay.outbound.scheduler import backoff
+from relay.spool.records import RcptStatus
 from tests.delivery.helpers import BODY, deliverer, upstream
 from tests.fakes.recording_upstream import RecordingUpstream
 from tests.peers import free_port, running, wait_for_port

@@ -16,10 +16,10 @@ import trustme
 from relay.config.schema import HostPort, ListenerConfig
 from relay.maillog import MailLog
 from relay.metrics import Metrics
-from relay.smtp.auth import UserDB, hash_password, write_users
-from relay.smtp.hooks import Checks
 from relay.smtp.listener import SmtpListener
 from relay.spool.records import Envelope
+from relay.users import UserDB, hash_password, write_users
+from relay.verdict import Checks
 
 PASSWORD = "s3cret-Password!"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from relay.errors import ConfigError
-from relay.smtp.auth import AuthThrottle, UserDB, hash_password, read_users, write_users
-from relay.smtp.sasl import decode_plain
+from relay.smtp.auth import decode_plain
+from relay.users import AuthThrottle, UserDB, hash_password, read_users, write_users
 from tests.smtp.conftest import PASSWORD, RawClient, Relay, StartRelay, run
 
 

@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from relay.smtp.auth import UserDB
+from relay.users import UserDB
 from tests.peers import need, wait_until
 from tests.smtp.conftest import PASSWORD, RawClient, StartRelay, run
 

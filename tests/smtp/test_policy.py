@@ -7,10 +7,10 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
-from relay.smtp.hooks import BaseChecks, SessionInfo
 from relay.smtp.policy import parse_command
 from relay.smtp.replies import Refusal
 from relay.spool.records import Envelope
+from relay.verdict import BaseChecks, SessionInfo
 from tests.smtp.conftest import RawClient, StartRelay, run
 
 ALLOW = (ipaddress.ip_network("127.0.0.0/8"),)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from relay.smtp.auth import UserDB
+from relay.users import UserDB
 
 
 def relay(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:

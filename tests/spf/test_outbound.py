@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from relay.checks.spf_outbound import provider_include, warn_failing_domains
 from relay.cli import main
-from relay.config import load_config
+from relay.config.loader import load_config
 from relay.config.schema import HostPort
 from relay.dns import Resolver
+from relay.probe.spf import provider_include, warn_failing_domains
 from tests.peers.dnsmasq import Zone, dnsmasq, silent_dns
 
 MSFT = "spf.protection.outlook.com"
@@ -129,7 +129,6 @@ async def test_startup_warning_per_failing_domain(tmp_path: Path, dns: HostPort,
 
 
 def test_routed_domains_include_dkim_domains_via_default_upstream() -> None:
-    from relay.checks.spf_outbound import routed_domains
     from relay.config.schema import (
         Config,
         DkimKeyConfig,
@@ -138,6 +137,7 @@ def test_routed_domains_include_dkim_domains_via_default_upstream() -> None:
         RouteConfig,
         UpstreamConfig,
     )
+    from relay.probe.spf import routed_domains
 
     o365 = UpstreamConfig(name="o365", protocol="smtp", host="smtp.office365.com", port=587)
     gmail = UpstreamConfig(name="gmail", protocol="smtp", host="smtp.gmail.com", port=587)

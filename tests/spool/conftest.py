@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.spool import Envelope, Spool
+from relay.spool.records import Envelope
+from relay.spool.store import Spool
 
 
 def envelope(*recipients: str, sender: str = "agent@example.com", when: float | None = None,

@@ -14,7 +14,8 @@ import time
 import zlib
 from pathlib import Path
 
-from relay.spool import Envelope, Spool
+from relay.spool.records import Envelope
+from relay.spool.store import Spool
 
 
 async def worker(spool: Spool, rng: random.Random, live: list[str]) -> None:

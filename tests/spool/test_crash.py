@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.spool import Spool
+from relay.spool.store import Spool
 
 WRITER = Path(__file__).with_name("crash_writer.py")
 ROUNDS = 30

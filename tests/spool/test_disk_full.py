@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from relay.errors import SpoolError
-from relay.spool import Spool
+from relay.spool.store import Spool
 from tests.spool.conftest import envelope
 
 

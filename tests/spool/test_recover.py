@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.spool import RcptStatus, Spool
 from relay.spool.layout import IdGenerator
+from relay.spool.records import RcptStatus
+from relay.spool.store import Spool
 from tests.spool.conftest import envelope
 
 DATA = b"Subject: x\r\n\r\nbody\r\n"

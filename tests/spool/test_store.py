@@ -15,8 +15,9 @@ import pytest
 
 from relay.errors import SpoolError
 from relay.metrics import Metrics
-from relay.spool import QueuedMessage, RcptStatus, Spool
 from relay.spool.layout import is_queue_id
+from relay.spool.records import QueuedMessage, RcptStatus
+from relay.spool.store import Spool
 from tests.spool.conftest import envelope
 
 DATA = b"From: agent@example.com\r\nSubject: hello\r\n\r\nbody\r\n"
@@ -195,7 +196,7 @@ def test_lock_is_exclusive_and_visible(tmp_path: Path) -> None:
 
 def test_lock_held_by_another_process_and_freed_when_it_dies(tmp_path: Path) -> None:
     root = tmp_path / "s"
-    code = ("import sys; from pathlib import Path; from relay.spool import Spool; "
+    code = ("import sys; from pathlib import Path; from relay.spool.store import Spool; "
             "s = Spool(Path(sys.argv[1])); s.lock(); print('locked', flush=True); "
             "sys.stdin.read()")
     proc = subprocess.Popen([sys.executable, "-c", code, str(root)], stdin=subprocess.PIPE,

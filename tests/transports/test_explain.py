@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from relay.transports.explain import explain_auth_reply, explain_login_reply
+from relay.probe.hints import explain_auth_reply, explain_login_reply
 
 CASES = [
     (535, "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the "

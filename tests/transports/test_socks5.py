@@ -13,8 +13,8 @@ from python_socks import ProxyError, ProxyTimeoutError
 
 from relay.config.schema import ProxyConfig
 from relay.errors import TransportError
+from relay.tls import classify_tls_error, client_context, server_name
 from relay.transports.socks5 import REPLY_CODES, Socks5Transport, classify_socks_error
-from relay.transports.tls import classify_tls_error, client_context, server_name
 from tests.peers import free_port
 from tests.peers.dante import Dante
 from tests.transports.helpers import (

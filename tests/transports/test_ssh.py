@@ -12,8 +12,8 @@ import trustme
 
 from relay.config.schema import ProxyConfig
 from relay.errors import TransportError
+from relay.tls import client_context, server_name
 from relay.transports.ssh import SshTransport
-from relay.transports.tls import client_context, server_name
 from tests.peers import free_port
 from tests.peers.sshd import Sshd, keygen, sshd
 from tests.transports.helpers import blackhole, smtp_server, upstream_config

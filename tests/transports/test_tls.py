@@ -14,7 +14,7 @@ import trustme
 
 from relay.config.schema import UpstreamConfig
 from relay.errors import TransportError
-from relay.transports.tls import cert_info, classify_tls_error, client_context
+from relay.tls import cert_info, classify_tls_error, client_context
 
 NAME = "mail.test.example"
 

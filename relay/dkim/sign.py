@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import Relaxed, correct_empty_body, strip_trailing_lines
 
-from relay.dkim_keys import DkimKey, DkimKeys, load_keys
+from relay.dkim.keys import DkimKey, DkimKeys, load_keys
 from relay.errors import DkimError
 from relay.metrics import Metrics
 from relay.spool.records import Envelope

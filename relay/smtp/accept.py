@@ -22,13 +22,13 @@ from typing import Literal
 from relay.checks.message import MessageChecks
 from relay.checks.spf import SpfChecker
 from relay.config.schema import Config, HeaderRule, ListenerConfig, ProfileConfig
-from relay.dkim import Signer
+from relay.dkim.sign import Signer
 from relay.headers import HeaderGuard, apply_rules
 from relay.routing import Router
-from relay.smtp.hooks import SessionInfo
 from relay.smtp.replies import Refusal
-from relay.spool import Spool
 from relay.spool.records import Envelope
+from relay.spool.store import Spool
+from relay.verdict import SessionInfo
 
 NO_ROUTE = "550 5.7.1 Relaying denied: no route for this recipient"
 

@@ -23,8 +23,8 @@ import aiosmtplib
 from relay.config.schema import Secret, UpstreamConfig
 from relay.errors import DeliveryError, OAuthError
 from relay.timing import StageTimer
+from relay.tls import classify_tls_error, load_client_context, split_handshake, ssl_cause
 from relay.transports.base import Transport
-from relay.upstream_tls import client_context, describe_tls_failure, split_handshake, ssl_cause
 
 TokenFor = Callable[[str], Awaitable[str]]
 
@@ -107,8 +107,10 @@ def dot_stuff(data: bytes) -> bytes:
 
 
 def _tls_error(upstream: UpstreamConfig, exc: BaseException, server_name: str) -> SessionError:
-    message, reason, hint = describe_tls_failure(upstream, exc, server_name)
-    return SessionError(message, reason=reason, stage="tls", hint=hint)
+    """The one explanation of TLS failures (``relay.tls``), naming the upstream."""
+    err = classify_tls_error(ssl_cause(exc) or exc, server_name)
+    return SessionError(f"{upstream.name} ({upstream.host}:{upstream.port}): {err}",
+                        reason=err.reason, stage="tls", hint=err.hint)
 
 
 class SmtpSession:
@@ -145,7 +147,7 @@ class SmtpSession:
         server_name = upstream.tls_server_name or upstream.host
         ctx: ssl.SSLContext | None = None
         if upstream.tls != "none":
-            ctx = await client_context(upstream)
+            ctx = await load_client_context(upstream)
             if not upstream.verify_tls:
                 log.warning("upstream %s: TLS certificate verification is OFF (verify_tls = "
                             "false); this connection can be intercepted", upstream.name)

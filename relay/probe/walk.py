@@ -18,16 +18,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from relay.check_mailbox import Login, probe_certificate, walk_mailbox
-from relay.check_steps import Report, ssl_object_detail, transport_steps
 from relay.config.schema import Config, UpstreamConfig
 from relay.errors import OAuthError, RelayError
-from relay.oauth import TokenSources
-from relay.smtp_client import Credentials, SessionError, SmtpSession
+from relay.oauth.tokens import TokenSources
+from relay.outbound.session import Credentials, SessionError, SmtpSession
+from relay.probe.hints import explain_auth_reply
+from relay.probe.mailbox import Login, probe_certificate, walk_mailbox
+from relay.probe.steps import Report, ssl_object_detail, transport_steps
 from relay.timing import StageTimer
-from relay.transports.explain import explain_auth_reply
+from relay.tls import classify_tls_error, client_context, server_name
 from relay.transports.factory import Transports, Via
-from relay.transports.tls import classify_tls_error, client_context, server_name
 
 
 def login_for(config: Config, up: UpstreamConfig) -> Login:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from relay.app.listeners import ListenerParts, ListenerSide, build_listeners
 from relay.config.schema import Config
-from relay.delivery import Deliverer
-from relay.dkim import Signer
+from relay.dkim.sign import Signer
 from relay.dns import Resolver
-from relay.listener_side import ListenerParts, ListenerSide, build_listeners
 from relay.metrics import Metrics
-from relay.oauth import TokenSources
+from relay.oauth.tokens import TokenSources
+from relay.outbound.attempt import Deliverer
 from relay.routing import Router
-from relay.spool import Spool
+from relay.spool.store import Spool
 from relay.transports.factory import Transports
 
 __all__ = ["Components", "ListenerParts", "ListenerSide", "build", "build_listeners"]

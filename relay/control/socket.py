@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from relay.control.queue import COMMANDS, QueueManager
 from relay.errors import ControlError, RelayError
-from relay.queue import COMMANDS, QueueManager
 
 log = logging.getLogger("relay.control")
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from relay.dkim import parse
+from relay.dkim.sign import parse
 from relay.errors import DnsError
 
 Result = Literal["pass", "fail", "neutral", "none", "temperror", "permerror"]

@@ -28,13 +28,19 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from relay.checks.limits import RateLimiter
+from relay.checks.profile import RateLimiter
 from relay.config.schema import AccountConfig, Config, ProfileConfig, UpstreamConfig
 from relay.errors import DeliveryError, RelayError, TransportError
 from relay.metrics import Metrics
-from relay.outbox import write_outbox
-from relay.smtp_client import Credentials, SessionError, SmtpSession, TokenFor, has_bare_cr_or_lf
-from relay.smtp_pool import SessionPool
+from relay.outbound.outbox import write_outbox
+from relay.outbound.pool import SessionPool
+from relay.outbound.session import (
+    Credentials,
+    SessionError,
+    SmtpSession,
+    TokenFor,
+    has_bare_cr_or_lf,
+)
 from relay.spool.records import QueuedMessage
 from relay.timing import StageTimer
 from relay.transports.base import Transport

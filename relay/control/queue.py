@@ -21,8 +21,9 @@ from typing import Any, Protocol
 
 from relay.errors import ControlError, SpoolError
 from relay.maillog import MailLog
-from relay.spool import QueuedMessage, RcptStatus, Spool, is_queue_id
-from relay.spool.layout import state_name
+from relay.spool.layout import is_queue_id, state_name
+from relay.spool.records import QueuedMessage, RcptStatus
+from relay.spool.store import Spool
 
 log = logging.getLogger("relay.queue")
 

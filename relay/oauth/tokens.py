@@ -28,9 +28,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from relay.atomicfile import replace_file
 from relay.config.schema import TokenSourceConfig
 from relay.errors import OAuthError, RelayError, TransportError
-from relay.http_client import HttpProtocolError, post_form
 from relay.metrics import Metrics
-from relay.oauth_errors import token_error
+from relay.oauth.explain import token_error
+from relay.oauth.http import HttpProtocolError, post_form
 from relay.transports.factory import Transports
 
 log = logging.getLogger("relay.oauth")

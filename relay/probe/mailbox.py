@@ -14,13 +14,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from relay.check_steps import Report, close_quietly, ssl_object_detail
 from relay.config.schema import Secret, UpstreamConfig
 from relay.errors import OAuthError, TransportError
-from relay.smtp_client import xoauth2_string
-from relay.transports.explain import explain_login_reply
+from relay.outbound.session import xoauth2_string
+from relay.probe.hints import explain_login_reply
+from relay.probe.steps import Report, close_quietly, ssl_object_detail
+from relay.tls import classify_tls_error, server_name
 from relay.transports.factory import connect_timed
-from relay.transports.tls import classify_tls_error, server_name
 
 TokenFor = Callable[[str], Awaitable[str]]
 

@@ -1,17 +1,70 @@
-"""Client TLS toward upstreams: SSL contexts from config, certificate facts, classified errors."""
+"""TLS, the one owner: server contexts for every listener, client contexts toward upstreams,
+certificate facts, one explanation of TLS failures, and handshake timing.
+
+Server side (SMTP, IMAP and POP3 listeners alike): TLS 1.2+, no renegotiation, the
+certificate chain loaded and proven before it replaces a working one. Client side: the
+system CAs (or the upstream's ``ca_file``), TLS 1.2+, hostname checked unless
+``verify_tls = false`` for that upstream. Every handshake or certificate failure, in
+delivery, the proxy, ``relay check`` or an OAuth2 request, is explained by
+``classify_tls_error``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import ssl
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from relay.config.schema import UpstreamConfig
-from relay.errors import TransportError
+from relay.config.schema import ListenerConfig, UpstreamConfig
+from relay.errors import ConfigError, TransportError
+from relay.timing import StageTimer
 
+
+def server_context(cfg: ListenerConfig, into: ssl.SSLContext | None = None) -> ssl.SSLContext:
+    """A listener's TLS context toward clients: TLS 1.2+, no renegotiation.
+
+    The pair is first loaded into a fresh context; only when that worked is it loaded into
+    ``into`` (the context a running server holds, on reload), so a bad pair never
+    half-replaces a working one. Raises ConfigError naming the listener and what to fix.
+    """
+    key = f"listener.{cfg.name}"
+    if cfg.cert is None or cfg.key is None:
+        raise ConfigError(f"listener {cfg.name}: tls = {cfg.tls!r} needs cert and key",
+                          line=cfg.line or None, key=f"{key}.cert",
+                          hint="set cert and key to PEM files, or tls = \"none\"")
+    fresh = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    _harden(fresh)
+    try:
+        fresh.load_cert_chain(str(cfg.cert), str(cfg.key))
+        if into is None:
+            return fresh
+        _harden(into)
+        into.load_cert_chain(str(cfg.cert), str(cfg.key))
+        return into
+    except OSError as exc:
+        raise ConfigError(f"listener {cfg.name}: cannot load cert {cfg.cert} / key {cfg.key} "
+                          f"({exc.strerror or exc})", line=cfg.line or None, key=f"{key}.cert",
+                          hint=f"check that {cfg.cert} and {cfg.key} exist and relay "
+                               "may read them") from None
+    except ssl.SSLError as exc:
+        raise ConfigError(f"listener {cfg.name}: cannot load cert {cfg.cert} / key {cfg.key}: "
+                          f"unusable ({exc.reason or exc})", line=cfg.line or None,
+                          key=f"{key}.key",
+                          hint="cert must be PEM (leaf first, then intermediates) and key "
+                               "its matching unencrypted PEM private key") from None
+
+
+def _harden(ctx: ssl.SSLContext) -> None:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
 
 def server_name(cfg: UpstreamConfig) -> str:
     """The name the upstream's certificate must carry (tls_server_name, else host)."""
@@ -146,3 +199,52 @@ def classify_tls_error(exc: BaseException, expected_name: str,
                           reason="tls_failed",
                           hint="the connection was closed during the handshake: check the port "
                                "and the tls mode of the upstream")
+
+
+async def load_client_context(cfg: UpstreamConfig) -> ssl.SSLContext:
+    """``client_context`` built off the event loop (it reads the CA files)."""
+    return await asyncio.to_thread(client_context, cfg)
+
+
+def ssl_cause(exc: BaseException | None) -> ssl.SSLError | None:
+    """The ``ssl.SSLError`` behind an exception (libraries wrap it), if there is one."""
+    seen = exc
+    for _ in range(6):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class _TimedSSLObject(ssl.SSLObject):
+    """Stamps when its TLS handshake completed (via ``SSLContext.sslobject_class``)."""
+
+    stamps: ClassVar[list[float]] = []   # a fresh subclass per connection owns its own
+
+    def do_handshake(self) -> None:
+        super().do_handshake()
+        type(self).stamps.append(time.monotonic())
+
+
+@contextlib.contextmanager
+def split_handshake(timer: StageTimer, ctx: ssl.SSLContext | None) -> Iterator[None]:
+    """Time a connect call as greeting, or, for implicit TLS, as tls then greeting."""
+    if ctx is None:
+        with timer.stage("greeting"):
+            yield
+        return
+    stamps: list[float] = []
+    ctx.sslobject_class = type("_Timed", (_TimedSSLObject,), {"stamps": stamps})
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        end = time.monotonic()
+        done = stamps[0] if stamps else 0.0
+        if start < done <= end:
+            timer.add("tls", done - start)
+            timer.add("greeting", end - done)
+        else:
+            timer.add("tls", end - start)

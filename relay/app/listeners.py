@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING
 
 from relay.checks.spf import SpfChecker
 from relay.config.schema import Config, ListenerConfig, ProfileConfig
-from relay.dkim import Signer
-from relay.dkim_keys import load_keys
+from relay.dkim.keys import load_keys
+from relay.dkim.sign import Signer
 from relay.dns import Resolver
 from relay.errors import ConfigError
 from relay.headers import HeaderGuard, protected_patterns
 from relay.metrics import Metrics
-from relay.pipeline import AcceptPipeline, RoutedChecks
 from relay.routing import Router
-from relay.smtp.auth import UserDB
-from relay.spool import Spool
+from relay.smtp.accept import AcceptPipeline, RoutedChecks
+from relay.spool.store import Spool
+from relay.users import UserDB
 
 if TYPE_CHECKING:
     from relay.proxy.session import Authenticator

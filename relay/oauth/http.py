@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from relay import __version__
 from relay.errors import TransportError
+from relay.tls import classify_tls_error
 from relay.transports.base import Transport
-from relay.transports.tls import classify_tls_error
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 1024 * 1024

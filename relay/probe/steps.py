@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from relay.errors import RelayError, TransportError
+from relay.tls import CertInfo, cert_info
 from relay.transports.factory import connect_timed
-from relay.transports.tls import CertInfo, cert_info
 
 
 @dataclass

@@ -16,26 +16,26 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from relay.bounce import Bouncer
-from relay.checks.spf_outbound import warn_failing_domains
-from relay.components import Components, ListenerParts, build
-from relay.config import load_config
+from relay.app.components import Components, ListenerParts, build
+from relay.config.loader import load_config
 from relay.config.schema import Config
-from relay.control import ControlServer
+from relay.control.queue import QueueManager
+from relay.control.socket import ControlServer
 from relay.errors import RelayError
 from relay.listenproc.supervisor import ListenerProcesses, wait_for_old_listeners
 from relay.maillog import MailLog
 from relay.metrics import Metrics
-from relay.metrics_server import MetricsServer
-from relay.oauth import TokenSources
+from relay.oauth.tokens import TokenSources
+from relay.ops.certexpiry import update_listener_expiry
+from relay.ops.endpoint import MetricsServer
+from relay.ops.sdnotify import SystemdNotifier
+from relay.outbound.dsn import Bouncer
+from relay.outbound.scheduler import Scheduler
+from relay.probe.spf import warn_failing_domains
 from relay.proxy.listener import ProxyListener
-from relay.queue import QueueManager
-from relay.scheduler import Scheduler
-from relay.sdnotify import SystemdNotifier
 from relay.smtp.listener import SmtpListener
-from relay.spool import Spool
 from relay.spool.records import Envelope
-from relay.tlsinfo import update_listener_expiry
+from relay.spool.store import Spool
 from relay.transports.factory import Transports
 
 log = logging.getLogger("relay")

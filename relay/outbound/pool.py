@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from relay.config.schema import UpstreamConfig
-from relay.smtp_client import SmtpSession
+from relay.outbound.session import SmtpSession
 
 
 class SessionPool:

@@ -24,12 +24,12 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-from relay.bounce import Bouncer, Failure
 from relay.config.schema import RetryConfig
-from relay.delivery import Deliverer, RcptResult
 from relay.errors import DeliveryError, RelayError
 from relay.maillog import MailLog
 from relay.metrics import Metrics
+from relay.outbound.attempt import Deliverer, RcptResult
+from relay.outbound.dsn import Bouncer, Failure
 from relay.routing import Router
 from relay.spool.records import Envelope, QueuedMessage, RcptStatus
 

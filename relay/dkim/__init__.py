@@ -1,0 +1,1 @@
+"""DKIM: sign outgoing mail, load and make keys, verify signatures."""

@@ -1,0 +1,1 @@
+"""Operations: the /metrics /healthz /readyz endpoint, systemd notify, certificate expiry."""

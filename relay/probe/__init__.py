@@ -1,0 +1,1 @@
+"""What `relay check` walks (the "test connection" button) and the outbound SPF pre-flight."""
