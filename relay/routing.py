@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from relay.config.schema import RouteConfig
+from relay.envelope import Envelope
 from relay.errors import DeliveryError
-from relay.spool.records import Envelope
 
 
 def _domain(address: str) -> str:

@@ -1,15 +1,24 @@
-"""SASL payloads the proxy reads (PLAIN, LOGIN) and writes (PLAIN, XOAUTH2), strictly."""
+"""The one SASL codec: PLAIN and LOGIN read from clients, PLAIN and XOAUTH2 written upstream.
+
+Used by the SMTP listener's AUTH, the IMAP/POP3 proxy and the upstream SMTP session.
+Strict: canonical base64, UTF-8 credentials without NUL, CR or LF.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
-
-from relay.proxy.events import is_clean
+import re
 
 # AUTHENTICATE LOGIN prompts ("Username:", "Password:"), as every server sends them.
 LOGIN_USER_PROMPT = base64.b64encode(b"Username:")
 LOGIN_PASS_PROMPT = base64.b64encode(b"Password:")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def is_clean(value: str) -> bool:
+    """True when a user name or password has no NUL, CR or LF (no command injection)."""
+    return not any(c in value for c in "\x00\r\n")
 
 
 class SaslError(ValueError):
@@ -67,9 +76,12 @@ def plain_string(user: str, password: str) -> bytes:
 def xoauth2_string(user: str, token: str) -> bytes:
     """Base64 XOAUTH2 initial response: ``user=U ^A auth=Bearer T ^A ^A`` (Google, Microsoft).
 
-    The user name and token must be free of control characters, or the framing would break.
+    The user name and token must be non-empty and free of control characters (the token
+    also of spaces), or the framing would break.
     """
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in user + token):
-        raise SaslError("control characters in XOAUTH2 user or token")
+    if not user or _CONTROL.search(user):
+        raise SaslError("XOAUTH2 user name is empty or contains control characters")
+    if not token or _CONTROL.search(token) or " " in token:
+        raise SaslError("XOAUTH2 token is empty or contains control characters or spaces")
     raw = f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
     return base64.b64encode(raw)

@@ -21,6 +21,7 @@ from relay.config.loader import load_config
 from relay.config.schema import Config
 from relay.control.queue import QueueManager
 from relay.control.socket import ControlServer
+from relay.envelope import Envelope
 from relay.errors import RelayError
 from relay.listenproc.supervisor import ListenerProcesses, wait_for_old_listeners
 from relay.maillog import MailLog
@@ -34,7 +35,6 @@ from relay.outbound.scheduler import Scheduler
 from relay.probe.spf import warn_failing_domains
 from relay.proxy.listener import ProxyListener
 from relay.smtp.listener import SmtpListener
-from relay.spool.records import Envelope
 from relay.spool.store import Spool
 from relay.transports.factory import Transports
 

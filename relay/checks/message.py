@@ -18,8 +18,8 @@ from typing import Literal
 from relay.checks.profile import check_message_async, check_recipient, check_sender
 from relay.checks.spf import SpfChecker
 from relay.config.schema import ProfileConfig
+from relay.envelope import Envelope
 from relay.headers import remove_forged_results
-from relay.spool.records import Envelope
 from relay.verdict import BaseChecks, SessionInfo
 
 RouteProfile = Callable[[str, str], ProfileConfig | None]     # (sender, recipient) → profile

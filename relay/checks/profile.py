@@ -22,7 +22,7 @@ from email.utils import getaddresses
 
 from relay.config.schema import ProfileConfig
 from relay.headers import split
-from relay.smtp.replies import Refusal
+from relay.verdict import Refusal
 
 __all__ = ["RateLimiter", "Refusal", "check_message", "check_message_async", "check_recipient",
            "check_sender", "decoded_header"]

@@ -28,7 +28,7 @@ import spf
 
 from relay.dns import Resolver
 from relay.metrics import Metrics
-from relay.smtp.replies import Refusal
+from relay.verdict import Refusal
 
 Result = Literal["pass", "fail", "softfail", "neutral", "none", "permerror", "temperror"]
 Identity = Literal["mailfrom", "helo"]

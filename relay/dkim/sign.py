@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import Relaxed, correct_empty_body, strip_trailing_lines
 
 from relay.dkim.keys import DkimKey, DkimKeys, load_keys
+from relay.envelope import Envelope
 from relay.errors import DkimError
 from relay.metrics import Metrics
-from relay.spool.records import Envelope
 
 __all__ = ["OVERSIGNED", "SIGNED_HEADERS", "DkimKeys", "Signer", "from_domain", "load_keys"]
 

@@ -22,7 +22,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from relay.spool.records import Envelope, QueuedMessage
+from relay.envelope import Envelope
+from relay.spool.records import QueuedMessage
 
 MAX_HEADER_BYTES = 64 * 1024
 _ENHANCED = re.compile(r"^\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b")

@@ -25,13 +25,14 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from relay.config.schema import RetryConfig
+from relay.envelope import Envelope
 from relay.errors import DeliveryError, RelayError
 from relay.maillog import MailLog
 from relay.metrics import Metrics
 from relay.outbound.attempt import Deliverer, RcptResult
 from relay.outbound.dsn import Bouncer, Failure
 from relay.routing import Router
-from relay.spool.records import Envelope, QueuedMessage, RcptStatus
+from relay.spool.records import QueuedMessage, RcptStatus
 
 log = logging.getLogger("relay.scheduler")
 

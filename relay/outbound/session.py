@@ -9,10 +9,8 @@ recipient. Secrets (passwords, tokens, AUTH payloads) are never logged.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
-import re
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,13 +20,13 @@ import aiosmtplib
 
 from relay.config.schema import Secret, UpstreamConfig
 from relay.errors import DeliveryError, OAuthError
+from relay.sasl import xoauth2_string
 from relay.timing import StageTimer
 from relay.tls import classify_tls_error, load_client_context, split_handshake, ssl_cause
 from relay.transports.base import Transport
 
 TokenFor = Callable[[str], Awaitable[str]]
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 _EXCHANGE_535_HINT = (
     "the provider refused the credentials. For Exchange Online (535 5.7.139/5.7.3): SMTP "
@@ -75,16 +73,6 @@ class Reply:
 
     def __str__(self) -> str:
         return self.text
-
-
-def xoauth2_string(username: str, token: str) -> str:
-    """The base64 SASL XOAUTH2 initial response: ``user=U^Aauth=Bearer T^A^A``."""
-    if not username or _CONTROL.search(username):
-        raise ValueError("XOAUTH2 username is empty or contains control characters")
-    if not token or _CONTROL.search(token) or " " in token:
-        raise ValueError("XOAUTH2 token is empty or contains control characters or spaces")
-    raw = f"user={username}\x01auth=Bearer {token}\x01\x01"
-    return base64.b64encode(raw.encode("utf-8")).decode("ascii")
 
 
 def has_bare_cr_or_lf(data: bytes) -> bool:
@@ -294,7 +282,7 @@ class SmtpSession:
             raise SessionError(f"{up.name}: cannot build XOAUTH2 for {cred.username!r}: {exc}",
                                reason="auth_failed", stage="auth",
                                hint="check the upstream's username and token source") from exc
-        resp = await self._smtp.execute_command(b"AUTH", b"XOAUTH2", initial.encode("ascii"))
+        resp = await self._smtp.execute_command(b"AUTH", b"XOAUTH2", initial)
         if resp.code == 334:
             # The provider's error challenge (base64 JSON): an empty line ends the exchange.
             challenge = resp.message

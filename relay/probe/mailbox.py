@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 from relay.config.schema import Secret, UpstreamConfig
 from relay.errors import OAuthError, TransportError
-from relay.outbound.session import xoauth2_string
 from relay.probe.hints import explain_login_reply
 from relay.probe.steps import Report, close_quietly, ssl_object_detail
+from relay.sasl import xoauth2_string
 from relay.tls import classify_tls_error, server_name
 from relay.transports.factory import connect_timed
 
@@ -212,7 +212,7 @@ async def _login(report: Report, c: _Conn, login: Login, capabilities: set[str],
             report.failed("token", time.monotonic() - t, exc)
             return
         report.passed("token", time.monotonic() - t, token_detail(login.token_source))
-        payload = xoauth2_string(login.username, token)
+        payload = xoauth2_string(login.username, token).decode()
         command = f"AUTHENTICATE XOAUTH2 {payload}" if imap else f"AUTH XOAUTH2 {payload}"
         how = "XOAUTH2"
     else:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import re
 
 from relay.config.schema import Secret, TlsMode
-from relay.proxy.events import Close, Event, Login, LoginFailure, Send, StartTls, is_clean
+from relay.proxy.events import Close, Event, Login, LoginFailure, Send, StartTls
 from relay.sasl import (
     LOGIN_PASS_PROMPT,
     LOGIN_USER_PROMPT,
     SaslError,
     b64decode,
     decode_text,
+    is_clean,
     parse_plain,
 )
 

@@ -8,13 +8,14 @@ the buffer (``leftover()``) goes to the provider once the login succeeds.
 from __future__ import annotations
 
 from relay.config.schema import Secret, TlsMode
-from relay.proxy.events import Close, Event, Login, LoginFailure, Send, StartTls, is_clean
+from relay.proxy.events import Close, Event, Login, LoginFailure, Send, StartTls
 from relay.sasl import (
     LOGIN_PASS_PROMPT,
     LOGIN_USER_PROMPT,
     SaslError,
     b64decode,
     decode_text,
+    is_clean,
     parse_plain,
 )
 

@@ -23,12 +23,11 @@ from relay.checks.message import MessageChecks
 from relay.checks.spf import SpfChecker
 from relay.config.schema import Config, HeaderRule, ListenerConfig, ProfileConfig
 from relay.dkim.sign import Signer
+from relay.envelope import Envelope
 from relay.headers import HeaderGuard, apply_rules
 from relay.routing import Router
-from relay.smtp.replies import Refusal
-from relay.spool.records import Envelope
 from relay.spool.store import Spool
-from relay.verdict import SessionInfo
+from relay.verdict import Refusal, SessionInfo
 
 NO_ROUTE = "550 5.7.1 Relaying denied: no route for this recipient"
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import logging
 from typing import TYPE_CHECKING
 
+from relay import sasl
 from relay.smtp import replies
+from relay.verdict import Refusal
 
 if TYPE_CHECKING:
     from relay.smtp.server import RelaySMTP
@@ -28,27 +29,10 @@ class _Abort(Exception):
     """The exchange ended with this reply (already decided, not a credential failure)."""
 
 
-def decode_plain(data: bytes) -> tuple[str, bytes]:
-    """``authzid NUL authcid NUL passwd`` → (user, password); ValueError if malformed.
-
-    An authorization identity different from the user is refused: relay has no proxy
-    authorization.
-    """
-    parts = data.split(b"\0")
-    if len(parts) != 3 or not parts[1]:
-        raise ValueError("PLAIN response is not authzid\\0user\\0password")
-    authzid, user, password = parts
-    if authzid and authzid != user:
-        raise ValueError("authorization identity differs from the user")
-    return user.decode("utf-8"), password
-
-
 def _b64(text: bytes) -> bytes:
-    if text == b"=":
-        return b""
     try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
+        return sasl.b64decode(text)
+    except sasl.SaslError:
         raise _Abort("501 5.5.2 Cannot decode base64 response") from None
 
 
@@ -73,20 +57,19 @@ async def _response(session: RelaySMTP, challenge: bytes) -> bytes:
 async def _credentials(session: RelaySMTP, mechanism: str,
                        initial: str | None) -> tuple[str, bytes] | None:
     """Run the exchange; None when the response could not be decoded as credentials."""
-    if mechanism == "PLAIN":
-        data = _b64(initial.encode()) if initial is not None else \
-            await _response(session, b"")
-        try:
-            return decode_plain(data)
-        except (ValueError, UnicodeDecodeError):
-            return None
-    user_b = _b64(initial.encode()) if initial is not None else \
-        await _response(session, b"Username:")
-    password = await _response(session, b"Password:")
     try:
-        return user_b.decode("utf-8"), password
-    except UnicodeDecodeError:
+        if mechanism == "PLAIN":
+            data = _b64(initial.encode()) if initial is not None else \
+                await _response(session, b"")
+            user, password = sasl.parse_plain(data)
+        else:
+            user_b = _b64(initial.encode()) if initial is not None else \
+                await _response(session, b"Username:")
+            password_b = await _response(session, b"Password:")
+            user, password = sasl.decode_text(user_b), sasl.decode_text(password_b)
+    except sasl.SaslError:
         return None
+    return user, password.encode("utf-8")
 
 
 async def run_auth(session: RelaySMTP, arg: str | None) -> None:
@@ -117,7 +100,7 @@ async def run_auth(session: RelaySMTP, arg: str | None) -> None:
         await session.push("504 5.5.4 Unrecognized authentication type")
         return
     if ctx.throttle.blocked(ip):
-        ctx.refused(replies.Refusal.from_reply(replies.AUTH_BLOCKED, "auth_blocked"),
+        ctx.refused(Refusal.from_reply(replies.AUTH_BLOCKED, "auth_blocked"),
                     info=session.info(), client=ip, stage="AUTH")
         await session.push(replies.AUTH_BLOCKED)
         return

@@ -18,15 +18,14 @@ from email.utils import formatdate
 
 from relay.config.schema import ListenerConfig
 from relay.connlimits import ConnectionCounter
+from relay.envelope import Envelope
 from relay.errors import SpoolError
 from relay.maillog import MailLog
 from relay.metrics import Metrics
 from relay.smtp import replies
 from relay.smtp.data import BareLineEnding, Event, TooBig
-from relay.smtp.replies import Refusal
-from relay.spool.records import Envelope
 from relay.users import AuthThrottle, UserDB
-from relay.verdict import AcceptFn, Checks, SessionInfo
+from relay.verdict import AcceptFn, Checks, Refusal, SessionInfo
 
 log = logging.getLogger("relay.smtp")
 

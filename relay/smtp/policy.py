@@ -15,7 +15,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from relay.smtp.replies import AUTH_REQUIRED, RELAY_DENIED, TOO_BIG, Refusal
+from relay.smtp.replies import AUTH_REQUIRED, RELAY_DENIED, TOO_BIG
+from relay.verdict import Refusal
 
 MAX_LOCAL = 64
 MAX_DOMAIN = 255

@@ -1,21 +1,14 @@
-"""SMTP replies the listener sends, and ``Refusal``: a check's verdict carrying its reply.
+"""The SMTP listener's replies, each with an RFC 3463 enhanced status code.
 
-Every reply after the greeting carries an RFC 3463 enhanced status code (the listener
-advertises ENHANCEDSTATUSCODES). ``Refusal`` is what checks (relay policy, SPF, provider
-profiles, DKIM) raise to refuse a sender, a recipient or a message with a full reply::
-
-    raise Refusal(550, "5.7.23", "SPF validation failed", reason="spf")
-    raise Refusal(552, "5.3.4", "Subject is 512 characters; genesys-agentless allows 400",
-                  reason="profile")
-
-``reason`` is the bounded label counted in ``relay_messages_refused{reason=...}``.
+The listener advertises ENHANCEDSTATUSCODES, so every reply after the greeting carries
+one; aiosmtpd's own replies get the default code for their number (``with_enhanced``).
+Checks do not reply: they raise ``relay.verdict.Refusal``, which the listener sends.
 """
 
 from __future__ import annotations
 
 import re
 
-_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 
 # Replies without an enhanced code get one from this table (first three digits of the
@@ -35,37 +28,6 @@ _DEFAULT_ENHANCED = {
 REASONS = ("relay_denied", "auth_required", "auth_blocked", "bad_address", "smuggling",
            "too_big", "too_many_rcpts", "too_many_connections", "policy", "spool_full",
            "spool_error", "error")
-
-
-class Refusal(Exception):
-    """Refuse the current command or message with this SMTP reply (nothing is queued)."""
-
-    def __init__(self, code: int, enhanced: str, text: str, *, reason: str = "policy") -> None:
-        if not 400 <= code <= 599:
-            raise ValueError(f"a refusal needs a 4xx or 5xx code, not {code}")
-        if not _ENHANCED.match(enhanced) or enhanced[0] != str(code)[0]:
-            raise ValueError(f"enhanced code {enhanced!r} does not match reply code {code}")
-        if "\r" in text or "\n" in text:
-            raise ValueError("reply text must be one line")
-        super().__init__(f"{code} {enhanced} {text}")
-        self.code = code
-        self.enhanced = enhanced
-        self.text = text
-        self.reason = reason
-
-    @classmethod
-    def from_reply(cls, reply: str, reason: str) -> Refusal:
-        """``Refusal.from_reply("550 5.7.1 Relaying denied", "relay_denied")``."""
-        code, enhanced, text = reply.split(" ", 2)
-        return cls(int(code), enhanced, text, reason=reason)
-
-    @property
-    def reply(self) -> str:
-        return f"{self.code} {self.enhanced} {self.text}"
-
-    @property
-    def permanent(self) -> bool:
-        return self.code >= 500
 
 
 def with_enhanced(status: str) -> str:

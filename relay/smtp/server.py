@@ -29,8 +29,8 @@ from relay.smtp.policy import (
     parse_command,
     relay_refusal,
 )
-from relay.smtp.replies import Refusal, with_enhanced
-from relay.verdict import SessionInfo
+from relay.smtp.replies import with_enhanced
+from relay.verdict import Refusal, SessionInfo
 
 log = logging.getLogger("relay.smtp")
 

@@ -27,7 +27,8 @@ import threading
 import time
 from typing import Any
 
-from relay.spool.records import Envelope, QueueState, RcptStatus, Recipient
+from relay.envelope import Envelope
+from relay.spool.records import QueueState, RcptStatus, Recipient
 
 MAGIC = b"relay-spool/1"
 STATE_VERSION = 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from relay.envelope import Envelope
+
 
 class RcptStatus(enum.StrEnum):
     PENDING = "pending"      # not yet delivered; retry when due
@@ -18,23 +20,6 @@ class Recipient:
     status: RcptStatus = RcptStatus.PENDING
     last_reply: str = ""        # upstream reply text (or local error) of the last attempt
     attempts: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """What the listener knew when it accepted the message. Immutable once spooled."""
-
-    sender: str                      # "" for the null reverse-path (bounces)
-    recipients: tuple[str, ...]
-    received_at: float               # unix time of the 250
-    client_ip: str = ""
-    client_helo: str = ""
-    listener: str = ""
-    auth_user: str = ""              # authenticated user on the listener, "" if none
-    smtputf8: bool = False
-    body_8bitmime: bool = False
-    dsn_of: str = ""                 # queue id of the message this DSN reports on, if a DSN
-    trusted: bool = False            # authenticated or allow-listed: may be DKIM-signed
 
 
 @dataclass(slots=True)

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from relay.envelope import Envelope
 from relay.errors import SpoolError
 from relay.metrics import Metrics
 from relay.spool import recovery
@@ -56,7 +57,7 @@ from relay.spool.layout import (
 )
 from relay.spool.lock import SpoolLock
 from relay.spool.memo import FreshCache, KeyedLocks
-from relay.spool.records import Envelope, QueuedMessage
+from relay.spool.records import QueuedMessage
 
 log = logging.getLogger("relay.spool")
 

@@ -7,9 +7,10 @@ from dataclasses import replace
 from typing import Any
 
 from relay.config.schema import UpstreamConfig
+from relay.envelope import Envelope
 from relay.metrics import Metrics
 from relay.outbound.attempt import Deliverer
-from relay.spool.records import Envelope, QueuedMessage, QueueState, Recipient
+from relay.spool.records import QueuedMessage, QueueState, Recipient
 from relay.transports.direct import DirectTransport
 from tests.fakes.recording_upstream import RecordingUpstream
 

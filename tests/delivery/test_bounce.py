@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from relay.envelope import Envelope
 from relay.outbound.dsn import Bouncer, Failure, build_dsn, headers_of, is_bounce
-from relay.spool.records import Envelope
 from tests.delivery.helpers import BODY, message
 
 

@@ -7,9 +7,9 @@ import time
 import pytest
 
 from relay.config.schema import RouteConfig
+from relay.envelope import Envelope
 from relay.errors import DeliveryError
 from relay.routing import Router
-from relay.spool.records import Envelope
 
 ROUTES = (
     RouteConfig(upstream="any-sub", sender_domain="*.example.com"),

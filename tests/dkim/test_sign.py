@@ -11,7 +11,7 @@ from relay.config.schema import HostPort
 from relay.dkim.sign import OVERSIGNED, from_domain, header_list
 from relay.dkim.verify import verify
 from relay.dns import Resolver
-from relay.spool.records import Envelope
+from relay.envelope import Envelope
 from tests.dkim.conftest import KeySet, dkimpy_verify, perl_verify, signer
 from tests.peers.dnsmasq import silent_dns
 

@@ -21,12 +21,13 @@ import trustme
 from relay.config.schema import HostPort, ListenerConfig, UpstreamConfig
 from relay.dkim.keys import DkimKey, DkimKeys, generate
 from relay.dkim.sign import Signer
+from relay.envelope import Envelope
 from relay.headers import HeaderGuard, protected_lines, split
 from relay.maillog import MailLog
 from relay.metrics import Metrics
 from relay.outbound.attempt import Deliverer
 from relay.smtp.listener import SmtpListener
-from relay.spool.records import Envelope, QueuedMessage, QueueState, Recipient
+from relay.spool.records import QueuedMessage, QueueState, Recipient
 from relay.transports.direct import DirectTransport
 from relay.users import UserDB, hash_password, write_users
 from tests.dkim.conftest import perl_verify

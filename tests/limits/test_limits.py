@@ -15,7 +15,7 @@ from relay.checks.profile import (
     decoded_header,
 )
 from relay.config.schema import ProfileConfig
-from relay.smtp.replies import Refusal
+from relay.verdict import Refusal
 
 MB = 1024 * 1024
 GENESYS = ProfileConfig(name="genesys-agentless", max_recipients=1, max_subject_chars=400,

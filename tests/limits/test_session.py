@@ -12,9 +12,9 @@ from relay.checks.message import MessageChecks
 from relay.checks.spf import SpfChecker
 from relay.config.schema import HostPort, ListenerConfig, ProfileConfig
 from relay.dns import Resolver
+from relay.envelope import Envelope
 from relay.maillog import MailLog
 from relay.smtp.listener import SmtpListener
-from relay.spool.records import Envelope
 from tests.peers.dnsmasq import Zone, dnsmasq
 
 GENESYS = ProfileConfig(name="genesys-agentless", max_recipients=1, max_subject_chars=400,

@@ -13,10 +13,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.config.schema import HostPort
+from relay.envelope import Envelope
 from relay.errors import RelayError
 from relay.metrics import Metrics
 from relay.ops.endpoint import MAX_HEAD, MetricsServer
-from relay.spool.records import Envelope
 from relay.spool.store import Spool
 from tests.ops.support import get, http
 from tests.peers.prometheus import check_metrics

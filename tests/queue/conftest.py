@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.spool.records import Envelope, QueuedMessage, RcptStatus
+from relay.envelope import Envelope
+from relay.spool.records import QueuedMessage, RcptStatus
 from relay.spool.store import Spool
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from relay.config.schema import RetryConfig, RouteConfig, UpstreamConfig
+from relay.envelope import Envelope
 from relay.maillog import MailLog
 from relay.metrics import Metrics
 from relay.outbound.dsn import Bouncer
 from relay.outbound.scheduler import Scheduler
 from relay.routing import Router
-from relay.spool.records import Envelope
 from relay.spool.store import Spool
 from tests.delivery.helpers import deliverer
 from tests.peers import need

@@ -14,10 +14,10 @@ import pytest
 import trustme
 
 from relay.config.schema import HostPort, ListenerConfig
+from relay.envelope import Envelope
 from relay.maillog import MailLog
 from relay.metrics import Metrics
 from relay.smtp.listener import SmtpListener
-from relay.spool.records import Envelope
 from relay.users import UserDB, hash_password, write_users
 from relay.verdict import Checks
 

@@ -19,9 +19,9 @@ from typing import Any
 from aiosmtpd.smtp import SMTP
 
 from relay.config.schema import HostPort, ListenerConfig
+from relay.envelope import Envelope
 from relay.maillog import MailLog
 from relay.smtp.listener import SmtpListener
-from relay.spool.records import Envelope
 from tests.peers import need
 
 

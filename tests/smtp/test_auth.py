@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from relay.errors import ConfigError
-from relay.smtp.auth import decode_plain
+from relay.sasl import SaslError, parse_plain
 from relay.users import AuthThrottle, UserDB, hash_password, read_users, write_users
 from tests.smtp.conftest import PASSWORD, RawClient, Relay, StartRelay, run
 
@@ -159,20 +159,22 @@ def test_users_file_format_and_mode(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("data", "result"), [
-    (b"\0user\0pw", ("user", b"pw")),
-    (b"user\0user\0pw", ("user", b"pw")),
-    (b"\0user\0", ("user", b"")),
+    (b"\0user\0pw", ("user", "pw")),
+    (b"user\0user\0pw", ("user", "pw")),
+    (b"\0user\0", None),
+    (b"\0us\rer\0pw", None),
+    (b"\0user\0\xff", None),
     (b"other\0user\0pw", None),
     (b"user\0pw", None),
     (b"\0\0pw", None),
     (b"\0a\0b\0c", None),
 ])
-def test_decode_plain_table(data: bytes, result: tuple[str, bytes] | None) -> None:
+def test_parse_plain_table(data: bytes, result: tuple[str, str] | None) -> None:
     if result is None:
-        with pytest.raises(ValueError):
-            decode_plain(data)
+        with pytest.raises(SaslError):
+            parse_plain(data)
     else:
-        assert decode_plain(data) == result
+        assert parse_plain(data) == result
 
 
 def test_throttle_schedule_and_expiry() -> None:

@@ -7,10 +7,9 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
+from relay.envelope import Envelope
 from relay.smtp.policy import parse_command
-from relay.smtp.replies import Refusal
-from relay.spool.records import Envelope
-from relay.verdict import BaseChecks, SessionInfo
+from relay.verdict import BaseChecks, Refusal, SessionInfo
 from tests.smtp.conftest import RawClient, StartRelay, run
 
 ALLOW = (ipaddress.ip_network("127.0.0.0/8"),)

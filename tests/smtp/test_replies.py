@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from relay.smtp.replies import Refusal, with_enhanced
+from relay.smtp.replies import with_enhanced
+from relay.verdict import Refusal
 
 
 @pytest.mark.parametrize(("raw", "expected"), [

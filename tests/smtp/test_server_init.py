@@ -5,10 +5,10 @@ from __future__ import annotations
 from aiosmtpd.smtp import SMTP
 
 from relay.config.schema import HostPort, ListenerConfig
+from relay.envelope import Envelope
 from relay.maillog import MailLog
 from relay.smtp.handler import Context
 from relay.smtp.server import RelaySMTP
-from relay.spool.records import Envelope
 
 
 async def _accept(envelope: Envelope, data: bytes) -> str:

@@ -11,7 +11,7 @@ from relay.checks.spf import SpfChecker
 from relay.config.schema import HostPort
 from relay.dns import Resolver
 from relay.metrics import Metrics
-from relay.smtp.replies import Refusal
+from relay.verdict import Refusal
 from tests.peers.dnsmasq import Zone, dnsmasq, silent_dns
 
 D = "spf.test"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.spool.records import Envelope
+from relay.envelope import Envelope
 from relay.spool.store import Spool
 
 

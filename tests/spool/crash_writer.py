@@ -14,7 +14,7 @@ import time
 import zlib
 from pathlib import Path
 
-from relay.spool.records import Envelope
+from relay.envelope import Envelope
 from relay.spool.store import Spool
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.envelope import Envelope
 from relay.spool.layout import (
     ID_LENGTH,
     FormatError,
@@ -24,7 +25,7 @@ from relay.spool.layout import (
     message_header,
     parse_header_line,
 )
-from relay.spool.records import Envelope, RcptStatus
+from relay.spool.records import RcptStatus
 
 ENV = Envelope(sender="zoë@example.com", recipients=("a@example.net", "b@example.net"),
                received_at=1700000000.25, client_ip="10.0.0.5", listener="platform",
