@@ -28,11 +28,11 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from relay.checks.profile import RateLimiter
 from relay.config.schema import AccountConfig, Config, ProfileConfig, UpstreamConfig
 from relay.errors import DeliveryError, RelayError, TransportError
 from relay.metrics import Metrics
 from relay.outbound.outbox import write_outbox
+from relay.outbound.pacing import RateLimiter
 from relay.outbound.pool import SessionPool
 from relay.outbound.session import (
     Credentials,

@@ -7,7 +7,6 @@ import asyncio
 import pytest
 
 from relay.checks.profile import (
-    RateLimiter,
     check_message,
     check_message_async,
     check_recipient,
@@ -15,6 +14,7 @@ from relay.checks.profile import (
     decoded_header,
 )
 from relay.config.schema import ProfileConfig
+from relay.outbound.pacing import RateLimiter
 from relay.verdict import Refusal
 
 MB = 1024 * 1024
