@@ -9,8 +9,6 @@ import logging
 
 from relay.cli.common import DEFAULT_CONFIG
 from relay.config.loader import load_config
-from relay.probe.steps import format_text, to_json
-from relay.probe.walk import run_check
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,6 +31,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def check_command(args: argparse.Namespace) -> int:
+    from relay.probe.steps import format_text, to_json  # the probe loads every transport
+    from relay.probe.walk import run_check
+
     logging.basicConfig(level=logging.ERROR, format="relay: %(message)s")
     config = load_config(args.config)
     reports = asyncio.run(run_check(config, args.upstreams, send_test=args.send_test,

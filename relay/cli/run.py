@@ -12,12 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from relay.app.logs import setup_logging
 from relay.cli.common import DEFAULT_CONFIG
 from relay.config.loader import load_config
 from relay.config.schema import Config
 from relay.errors import ConfigError, RelayError
-
-LOG_FORMAT = "%(asctime)s relay[%(process)d]: %(name)s: %(levelname)s: %(message)s"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -31,14 +30,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
         p.set_defaults(func=func)
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format=LOG_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S", stream=sys.stderr)
-    # Library chatter (aiosmtpd logs every command) is not operator information.
-    for noisy in ("mail.log", "asyncio", "asyncssh"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _run(args: argparse.Namespace) -> int:

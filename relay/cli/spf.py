@@ -8,7 +8,6 @@ import ipaddress
 from relay.cli.dns_args import add_dns_args, resolver_from_args
 from relay.config.schema import UpstreamConfig
 from relay.errors import ConfigError
-from relay.probe.spf import MAX_LOOKUPS, preflight
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,6 +29,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def check_command(args: argparse.Namespace) -> int:
+    from relay.probe.spf import MAX_LOOKUPS, preflight  # pyspf and dnspython: lazily
+
     for ip in args.ip:
         try:
             ipaddress.ip_address(ip)

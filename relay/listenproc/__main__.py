@@ -16,8 +16,8 @@ def main(argv: list[str]) -> int:
         print("relay.listenproc is started by `relay run` (smtp_processes), not by hand",
               file=sys.stderr)
         return 2
-    from relay.cli.run import setup_logging
-    from relay.listenproc.child import ListenerProcess
+    from relay.app.child import ListenerProcess
+    from relay.app.logs import setup_logging
 
     setup_logging(argv[1])
     sock = socket.socket(fileno=int(argv[0]))

@@ -37,6 +37,13 @@ MAX_FRAME = 64 * 1024 * 1024
 
 OnMessage = Callable[[Any, list[socket.socket]], None]
 
+# What the main process and its listener processes agree on besides the frames:
+# the lock every listener process holds shared (the main process takes it exclusively
+# before recovering the spool, so it never recovers under a listener of a previous
+# instance), and how listening sockets are laid out in a ``configure`` request.
+LOCK_NAME = "listeners.lock"
+Layout = list[tuple[str, int, int]]          # (listener name, socket token, socket count)
+
 
 class ChannelClosed(ConnectionError):
     """The other process is gone (EOF or a socket error)."""

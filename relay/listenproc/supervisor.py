@@ -27,8 +27,7 @@ from pathlib import Path
 
 from relay.config.schema import Config, HostPort
 from relay.errors import RelayError
-from relay.listenproc.channel import ChannelClosed, RemoteError, Rpc
-from relay.listenproc.child import LOCK_NAME, Layout
+from relay.listenproc.channel import LOCK_NAME, ChannelClosed, Layout, RemoteError, Rpc
 from relay.listenproc.merge import MergedMetrics
 from relay.smtp.listener import bind_listener_sockets
 from relay.spool.records import QueuedMessage

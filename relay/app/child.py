@@ -1,4 +1,4 @@
-"""An SMTP listener process: serves the listening sockets the main process hands it.
+"""Composition of an SMTP listener process: serves the sockets the main process hands it.
 
 The main relay process binds every SMTP listener and passes the sockets over the
 socketpair with the Config. This process builds the listener side of that config
@@ -26,7 +26,7 @@ from typing import Any
 
 from relay.app.listeners import build_listeners
 from relay.config.schema import Config
-from relay.listenproc.channel import ChannelClosed, Rpc
+from relay.listenproc.channel import LOCK_NAME, ChannelClosed, Layout, Rpc
 from relay.listenproc.merge import snapshot
 from relay.maillog import MailLog
 from relay.metrics import Metrics
@@ -36,13 +36,7 @@ from relay.spool.store import Spool
 
 log = logging.getLogger("relay.listenproc")
 
-# Held shared by every listener process; the main process takes it exclusively before
-# recovering the spool, so it never recovers under a listener of a previous instance.
-LOCK_NAME = "listeners.lock"
-
 INLINE_DATA = 1024 * 1024
-
-Layout = list[tuple[str, int, int]]          # (listener name, socket token, socket count)
 
 
 class ListenerProcess:
