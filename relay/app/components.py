@@ -3,7 +3,7 @@
 ``build(config, ...)`` loads DKIM keys, users files and TLS certificates and builds the
 router, deliverer, checks and accept pipelines. Any mistake raises before anything
 running is touched, so a reload either swaps in a whole new set or keeps the old one.
-The listener part lives in ``relay.listener_side`` (SMTP listener processes build only it).
+The listener part lives in ``relay.app.listeners`` (SMTP listener processes build only it).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from relay.dns import Resolver
 from relay.metrics import Metrics
 from relay.oauth.tokens import TokenSources
 from relay.outbound.attempt import Deliverer
+from relay.proxy.accounts import build_authenticator, users_file_verify
 from relay.routing import Router
 from relay.spool.store import Spool
 from relay.transports.factory import Transports
@@ -38,6 +39,13 @@ def build(config: Config, *, spool: Spool, transports: Transports, tokens: Token
           metrics: Metrics) -> Components:
     """Validate and build everything a config implies; raises ConfigError on a mistake."""
     side = build_listeners(config, spool=spool, metrics=metrics)
+    for parts in side.listeners.values():
+        lc = parts.cfg
+        if lc.protocol != "smtp":
+            assert lc.upstream is not None
+            verify = users_file_verify(parts.users) if parts.users is not None else None
+            parts.authenticator = build_authenticator(config.upstream(lc.upstream),
+                                                      config.accounts, verify)
     deliverer = Deliverer.from_config(config, transport_for=transports.for_upstream,
                                       token_for=tokens.token, metrics=metrics)
     return Components(config=config, router=side.router, deliverer=deliverer,

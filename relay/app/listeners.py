@@ -1,8 +1,9 @@
 """What the listeners of a Config need: users, accept pipelines, checks, authenticators.
 
 Built on its own by an SMTP listener process (``smtp_only``), which so never imports the
-delivery, transport or proxy code; the main process's ``relay.components.build`` adds
-the deliverer. Any mistake raises ConfigError before anything running is touched.
+delivery, transport or proxy code; the main process's ``relay.app.components.build`` adds
+the deliverer and the IMAP/POP3 authenticators. Any mistake raises ConfigError before
+anything running is touched.
 """
 
 from __future__ import annotations
@@ -92,12 +93,7 @@ def build_listeners(config: Config, *, spool: Spool, metrics: Metrics,
                                     upstream_profiles=upstream_profiles,
                                     spf=spf if lc.spf != "off" else None, spf_policy=lc.spf))
         else:
-            from relay.proxy.accounts import build_authenticator, users_file_verify
-
-            assert lc.upstream is not None
-            up = config.upstream(lc.upstream)
-            verify = users_file_verify(users) if users is not None else None
-            side.listeners[lc.name] = ListenerParts(
-                cfg=lc, users=users,
-                authenticator=build_authenticator(up, config.accounts, verify))
+            # IMAP/POP3: the main process adds the authenticator (relay.app.components),
+            # so this module, which a listener process runs, never loads the proxy.
+            side.listeners[lc.name] = ListenerParts(cfg=lc, users=users)
     return side

@@ -1,0 +1,93 @@
+"""What importing a room really loads, in a fresh interpreter (the static contracts in
+pyproject.toml cannot see a package ``__init__`` or a lazy import that drags a stage in).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RELAY = ROOT / "relay"
+
+
+def modules_of(package: str) -> list[str]:
+    base = RELAY.joinpath(*package.split(".")[1:])
+    names = [package]
+    for path in sorted(base.rglob("*.py")):
+        rel = path.relative_to(RELAY.parent).with_suffix("")
+        name = ".".join(rel.parts)
+        if name.endswith(".__init__"):
+            name = name[: -len(".__init__")]
+        if not name.endswith("__main__") and name not in names:
+            names.append(name)
+    return names
+
+
+def loaded_by(*modules: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after importing ``modules``."""
+    code = ("import importlib, json, sys\n"
+            f"for m in {list(modules)!r}: importlib.import_module(m)\n"
+            "print(json.dumps(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True, timeout=60)
+    return set(json.loads(out.stdout))
+
+
+def offenders(loaded: set[str], forbidden: list[str]) -> list[str]:
+    return sorted(m for m in loaded
+                  if any(m == f or m.startswith(f + ".") for f in forbidden))
+
+
+def test_sending_loads_no_smtp_listener() -> None:
+    loaded = loaded_by(*modules_of("relay.outbound"))
+    assert "relay.outbound.scheduler" in loaded and "relay.outbound.attempt" in loaded
+    assert offenders(loaded, ["aiosmtpd", "relay.smtp", "relay.checks",
+                              "relay.listenproc"]) == []
+
+
+def test_a_listener_process_loads_no_delivery_transport_or_proxy() -> None:
+    loaded = loaded_by("relay.app.child", "relay.app.logs")
+    assert "aiosmtpd" in loaded and "relay.smtp.listener" in loaded
+    assert offenders(loaded, ["relay.outbound", "relay.transports", "relay.proxy",
+                              "relay.oauth", "relay.probe", "relay.control", "asyncssh",
+                              "python_socks", "aiosmtplib"]) == []
+
+
+LEAVES = ["relay.envelope", "relay.verdict", "relay.errors", "relay.metrics",
+          "relay.maillog", "relay.config.loader", "relay.config.schema", "relay.timing",
+          "relay.sasl", "relay.throttle", "relay.users", "relay.tls", "relay.headers",
+          "relay.connlimits", "relay.atomicfile"]
+STAGES = ["relay.app", "relay.cli", "relay.smtp", "relay.listenproc", "relay.proxy",
+          "relay.outbound", "relay.probe", "relay.control", "relay.checks", "relay.dkim",
+          "relay.oauth", "relay.ops", "relay.spool", "relay.routing", "relay.transports",
+          "aiosmtpd", "asyncssh", "aiosmtplib"]
+
+
+@pytest.mark.parametrize("leaf", LEAVES)
+def test_a_leaf_loads_no_stage(leaf: str) -> None:
+    assert offenders(loaded_by(leaf), STAGES) == []
+
+
+def test_the_command_line_loads_stages_only_for_the_command_run() -> None:
+    code = ("import json, sys\nfrom relay.cli import build_parser\nbuild_parser()\n"
+            "print(json.dumps(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True, timeout=60)
+    loaded = set(json.loads(out.stdout))
+    assert offenders(loaded, ["aiosmtpd", "asyncssh", "aiosmtplib", "python_socks",
+                              "relay.smtp", "relay.outbound", "relay.proxy",
+                              "relay.transports", "relay.probe"]) == []
+
+
+def test_import_contracts_hold() -> None:
+    """The static contracts in pyproject.toml ([tool.importlinter]); scripts/test runs them
+    too, this makes a plain pytest run fail on a violation with the import chain."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    out = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
