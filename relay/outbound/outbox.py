@@ -13,6 +13,7 @@ Names are ``<queue id>.eml`` when the file carries every recipient of the messag
 ``<queue id>-<hash of recipients>.eml``; a retry rewrites the same file, so a crash
 between writing and recording the delivery never produces a second file. Writes are
 atomic: ``.tmp-*`` file, fsync, rename, fsync of the folder (off the event loop).
+``OutboxCourier`` is this kind's courier (``relay.outbound.courier``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 from pathlib import Path
 
+from relay.config.schema import UpstreamConfig
 from relay.errors import DeliveryError
+from relay.outbound.courier import RcptResult, transient
+from relay.outbound.session import Credentials
+from relay.spool.records import QueuedMessage
+from relay.timing import StageTimer
+
+log = logging.getLogger("relay.delivery")
 
 
 def outbox_name(queue_id: str, recipients: list[str], all_recipients: tuple[str, ...]) -> str:
@@ -83,3 +92,31 @@ async def write_outbox(folder: Path, *, queue_id: str, sender: str, recipients: 
                             reason="outbox_write",
                             hint="check that the outbox folder exists, is writable by relay "
                                  "and the disk is not full") from exc
+
+
+class OutboxCourier:
+    """Delivers to an ``outbox`` upstream: one ``.eml`` file per delivery."""
+
+    def __init__(self, upstream: UpstreamConfig, *, fsync: bool = True) -> None:
+        self.upstream = upstream
+        self._fsync = fsync
+
+    async def close(self) -> None:
+        return None
+
+    async def carry(self, msg: QueuedMessage, data: bytes, recipients: list[str], *,
+                    credentials: Credentials, timer: StageTimer) -> dict[str, RcptResult]:
+        folder = self.upstream.path
+        if folder is None:
+            return {r: transient("outbox upstream has no path", "outbox_write")
+                    for r in recipients}
+        try:
+            path = await write_outbox(folder, queue_id=msg.queue_id,
+                                      sender=msg.envelope.sender, recipients=recipients,
+                                      all_recipients=msg.envelope.recipients, data=data,
+                                      fsync=self._fsync)
+        except DeliveryError as exc:
+            log.error("%s: %s (hint: %s)", msg.queue_id, exc, exc.hint)
+            return {r: transient(str(exc), exc.reason) for r in recipients}
+        return dict.fromkeys(recipients, RcptResult(250, f"250 2.0.0 Ok: written to {path}",
+                                                    False))

@@ -29,7 +29,8 @@ from relay.envelope import Envelope
 from relay.errors import DeliveryError, RelayError
 from relay.maillog import MailLog
 from relay.metrics import Metrics
-from relay.outbound.attempt import Deliverer, RcptResult
+from relay.outbound.attempt import Deliverer
+from relay.outbound.courier import RcptResult
 from relay.outbound.dsn import Bouncer, Failure
 from relay.routing import Router
 from relay.spool.records import QueuedMessage, RcptStatus
