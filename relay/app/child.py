@@ -22,7 +22,6 @@ import logging
 import os
 import signal
 import socket
-from typing import Any
 
 from relay.app.listeners import build_listeners
 from relay.config.schema import Config
@@ -33,6 +32,7 @@ from relay.metrics import Metrics
 from relay.smtp.listener import SmtpListener, build_tls_context
 from relay.spool.records import QueuedMessage
 from relay.spool.store import Spool
+from relay.tasks import Background
 
 log = logging.getLogger("relay.listenproc")
 
@@ -52,7 +52,7 @@ class ListenerProcess:
         self._configure_lock = asyncio.Lock()
         self._done = asyncio.Event()
         self._draining = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.background = Background("listener process", log)
         self.rpc = Rpc(sock, handlers={"configure": self._configure, "metrics": self._metrics,
                                        "stop": self._stop}, notices={}, on_eof=self._main_gone)
 
@@ -140,9 +140,7 @@ class ListenerProcess:
         async def retire() -> None:
             await listener.stop_accepting()
             await listener.wait_closed(grace)
-        task = asyncio.ensure_future(retire())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.background.spawn(retire(), name="retire-listener")
 
     # ---- notices and metrics ----------------------------------------------------------------
 
@@ -174,9 +172,7 @@ class ListenerProcess:
 
     def _spawn_drain(self) -> None:
         grace = self.config.relay.shutdown_grace if self.config is not None else 0.0
-        task = asyncio.ensure_future(self._drain(grace))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.background.spawn(self._drain(grace), name="drain")
 
     async def _drain(self, grace: float) -> None:
         if self._draining:
@@ -188,7 +184,5 @@ class ListenerProcess:
             await listener.stop_accepting()
         await asyncio.gather(*(lst.wait_closed(grace) for lst in listeners),
                              return_exceptions=True)
-        pending = [t for t in self._tasks if t is not asyncio.current_task()]
-        if pending:
-            await asyncio.wait(pending, timeout=grace + 5)
+        await self.background.wait(timeout=grace + 5)
         self._done.set()

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from relay.probe.spf import warn_failing_domains
 from relay.proxy.listener import ProxyListener
 from relay.smtp.listener import SmtpListener
 from relay.spool.store import Spool
+from relay.tasks import Background
 from relay.transports.factory import Transports
 
 log = logging.getLogger("relay")
@@ -75,7 +77,7 @@ class App:
         self._stop = asyncio.Event()
         self._hard_stop = False
         self._reload_lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.background = Background("relay", log)
         self._lock: Any = None
 
     # ---- start ------------------------------------------------------------------------
@@ -116,8 +118,8 @@ class App:
             commands={"reload": self._control_reload, "status": self._control_status})
         await self.control.start()
         self._write_pid(cfg)
-        self._spawn(warn_failing_domains(cfg, parts.resolver))
-        self._spawn(self.notifier.watchdog_loop())
+        self._spawn(warn_failing_domains(cfg, parts.resolver), "spf-preflight")
+        self._spawn(self.notifier.watchdog_loop(), "watchdog")
         self.not_ready = None
         status = f"{len(cfg.listeners)} listeners, {len(recovered)} messages queued"
         self.notifier.ready(status)
@@ -160,15 +162,8 @@ class App:
         tmp.write_text(f"{os.getpid()}\n")
         tmp.replace(path)
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed: %s", task.exception())
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        self.background.spawn(coro, name=name)
 
     # ---- reload -----------------------------------------------------------------------
 
@@ -259,8 +254,8 @@ class App:
         self.scheduler.reconfigure(router=parts.router, deliverer=parts.deliverer,
                                    retry=new.relay.retry)
         if old_parts is not None:
-            self._spawn(old_parts.deliverer.close())
-        self._spawn(self.transports.close_retired())
+            self._spawn(old_parts.deliverer.close(), "close-old-deliverer")
+        self._spawn(self.transports.close_retired(), "close-retired-transports")
         if new_server is not None or not new.metrics.enabled:
             old_server, self.metrics_server = self.metrics_server, new_server
             if old_server is not None:
@@ -299,7 +294,7 @@ class App:
         async def retire() -> None:
             await listener.stop_accepting()
             await listener.wait_closed(grace)
-        self._spawn(retire())
+        self._spawn(retire(), "retire-listener")
 
     async def _control_reload(self, args: dict[str, Any]) -> dict[str, Any]:
         ok, message = await self.reload()
@@ -345,8 +340,7 @@ class App:
         if self.parts is not None:
             await self.parts.deliverer.close()
         await self.transports.close()
-        for task in list(self._tasks):
-            task.cancel()
+        await self.background.close()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
         with contextlib.suppress(OSError):
@@ -359,7 +353,7 @@ class App:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload(), "reload"))
         try:
             await self.start()
         except BaseException:

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from relay.errors import RelayError
+from relay.tasks import Background
 
 log = logging.getLogger("relay.listenproc")
 
@@ -212,7 +213,7 @@ class Rpc:
         self._on_eof_cb = on_eof
         self._seq = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Background("listener channel", log)
         self.channel = Channel(sock, on_message=self._dispatch, on_eof=self._eof)
 
     async def call(self, kind: str, payload: object = None, *, fds: list[int] | None = None,
@@ -253,9 +254,7 @@ class Rpc:
             self._notices[kind](payload)
         elif tag == "req":
             _, seq, kind, payload = msg
-            task = asyncio.ensure_future(self._serve(seq, kind, payload, socks))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(self._serve(seq, kind, payload, socks), name=f"rpc-{kind}")
 
     async def _serve(self, seq: int, kind: str, payload: Any,
                      socks: list[socket.socket]) -> None:

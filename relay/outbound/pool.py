@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from relay.config.schema import UpstreamConfig
 from relay.outbound.session import SmtpSession
+from relay.tasks import Background
+
+log = logging.getLogger("relay.delivery")
 
 
 class SessionPool:
@@ -22,7 +26,7 @@ class SessionPool:
         self.sem = asyncio.Semaphore(self.limit)
         self.idle_timeout = idle_timeout
         self._idle: list[tuple[SmtpSession, asyncio.TimerHandle]] = []   # oldest first
-        self.closing: set[asyncio.Task[None]] = set()
+        self.closing = Background(f"sessions of {upstream.name}", log)
         self.opened = 0     # sessions opened so far (tests and debugging)
         self.alive = 0
         self.closed = False  # after close(): sessions still in use are QUIT when returned
@@ -73,9 +77,7 @@ class SessionPool:
             return
         session.discarded = True
         self.alive -= 1
-        task = asyncio.get_running_loop().create_task(session.quit())
-        self.closing.add(task)
-        task.add_done_callback(self.closing.discard)
+        self.closing.spawn(session.quit(), name="quit")
 
     async def close(self) -> None:
         self.closed = True
@@ -83,5 +85,4 @@ class SessionPool:
             handle.cancel()
             self.discard(session)
         self._idle.clear()
-        if self.closing:
-            await asyncio.gather(*self.closing, return_exceptions=True)
+        await self.closing.wait()

@@ -34,6 +34,7 @@ from relay.outbound.courier import RcptResult
 from relay.outbound.dsn import Bouncer, Failure
 from relay.routing import Router
 from relay.spool.records import QueuedMessage, RcptStatus
+from relay.tasks import Background
 
 log = logging.getLogger("relay.scheduler")
 
@@ -76,7 +77,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
-        self._side: set[asyncio.Task[None]] = set()
+        self._side = Background("scheduler", log)
 
     # ---- the seam ----------------------------------------------------------------------
 
@@ -107,10 +108,22 @@ class Scheduler:
         return queue_id in self._inflight
 
     async def wait_idle(self, queue_id: str) -> None:
+        """Wait until an attempt in flight for ``queue_id`` has ended (however it ended).
+
+        The attempt's own failure or cancellation is not the caller's: it is swallowed.
+        The caller's cancellation is not: it propagates, and the attempt goes on.
+        """
         task = self._inflight.get(queue_id)
-        if task is not None:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.shield(task)
+        if task is None:
+            return
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():
+                raise
+        except Exception:
+            pass                   # the attempt's outcome is recorded by the attempt itself
 
     async def stop(self, *, grace: float) -> None:
         """Start no new attempts; let current ones finish for ``grace`` s, then cancel."""
@@ -119,7 +132,7 @@ class Scheduler:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
-        tasks = list(self._inflight.values()) + list(self._side)
+        tasks = list(self._inflight.values()) + self._side.pending()
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=grace)
             for task in pending:
@@ -161,9 +174,7 @@ class Scheduler:
         self._schedule(msg, msg.state.next_attempt)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._side.add(task)
-        task.add_done_callback(self._side.discard)
+        self._side.spawn(coro, name="reload-state")
 
     async def _run(self) -> None:
         while not self._stopping:

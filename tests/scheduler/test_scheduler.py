@@ -414,3 +414,35 @@ async def test_rate_limits_hold_for_a_recovered_burst(rigs: list[Rig],
     assert all(50 < due - time.time() <= 60 for due in waiting.values())
     assert all(r.spool.load(q).state.attempts == 0 for q in waiting)
     assert r.lines("deferred") == []
+
+
+async def test_wait_idle_passes_its_callers_cancellation_on(rigs: list[Rig],
+                                                            peers: list[RecordingUpstream],
+                                                            tmp_path: Path) -> None:
+    """A queue command waiting for an attempt in flight can itself be cancelled (client
+    gone, shutdown); the cancellation must reach it, and the attempt must go on."""
+    p = await peer(peers, delays={"DATA": 0.6})
+    r = await rig(rigs, tmp_path, upstream(p.port))
+    qid = await r.send(BODY)
+    await until(lambda: r.scheduler.in_flight(qid))
+    waiter = asyncio.ensure_future(r.scheduler.wait_idle(qid))
+    await asyncio.sleep(0.05)          # let it reach its wait on the attempt
+    assert not waiter.done()
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert r.scheduler.in_flight(qid)                # the attempt was not cancelled
+    await r.scheduler.wait_idle(qid)                 # and an uncancelled wait sees it end
+    assert not r.scheduler.in_flight(qid) and len(p.received) == 1
+
+
+async def test_wait_idle_returns_when_the_attempt_itself_is_cancelled(
+        rigs: list[Rig], peers: list[RecordingUpstream], tmp_path: Path) -> None:
+    p = await peer(peers, delays={"DATA": 30.0})
+    r = await rig(rigs, tmp_path, upstream(p.port))
+    qid = await r.send(BODY)
+    await until(lambda: r.scheduler.in_flight(qid))
+    waiter = asyncio.ensure_future(r.scheduler.wait_idle(qid))
+    await r.scheduler.stop(grace=0.1)                # cancels the attempt past its grace
+    async with asyncio.timeout(5):
+        await waiter                                 # returns, does not raise
