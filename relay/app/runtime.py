@@ -1,9 +1,10 @@
 """Composition root: builds relay from a Config; start, SIGHUP reload, SIGTERM drain.
 
-Only this module creates long-lived tasks. Start-up order: spool lock and recovery,
+Background tasks belong to ``self.background`` (relay.tasks). Start-up order: spool lock and recovery,
 metrics endpoint (so /healthz answers during recovery), scheduler, listeners, control
-socket, readiness. A reload builds and validates a whole new set of components first
-(``relay.components.build``) and only then swaps; anything wrong keeps the old config.
+socket, readiness. A reload is a plan (``relay.app.reload.ReloadPlan``): prepare builds,
+validates and binds everything the new config needs, then commit swaps it in; anything
+wrong while preparing abandons the plan and keeps the old config.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.app.components import Components, ListenerParts, build
+from relay.app.reload import ReloadPlan
 from relay.config.loader import load_config
 from relay.config.schema import Config
 from relay.control.queue import QueueManager
@@ -89,7 +91,7 @@ class App:
         self.metrics.declare(listeners=[lc.name for lc in cfg.listeners],
                              upstreams=[u.name for u in cfg.upstreams])
         if cfg.metrics.enabled:
-            self.metrics_server = self._metrics_server(cfg)
+            self.metrics_server = self.metrics_server_for(cfg)
             await self.metrics_server.start()
         if not await asyncio.to_thread(wait_for_old_listeners, cfg.relay.spool,
                                        cfg.relay.shutdown_grace + 10):
@@ -107,8 +109,8 @@ class App:
                             bounce_from=cfg.relay.bounce_from, sign=self._sign_bounce))
         self.spool.add_listener(self.scheduler.enqueue)
         await self.scheduler.start(recovered)
-        for lp in self._local(parts).values():
-            listener = self._listener(lp, parts)
+        for lp in self.local(parts).values():
+            listener = self.make_listener(lp, parts)
             await listener.start()
             self.listeners[lp.cfg.name] = listener
         if self.workers is not None:
@@ -130,7 +132,7 @@ class App:
         signer = self.parts.signer if self.parts is not None else None
         return data if signer is None else await signer.maybe_sign(envelope, data)
 
-    def _metrics_server(self, cfg: Config) -> MetricsServer:
+    def metrics_server_for(self, cfg: Config) -> MetricsServer:
         workers = self.workers
         return MetricsServer(metrics=self.metrics, listen=cfg.metrics.listen,
                              readiness=lambda: self.not_ready,
@@ -138,12 +140,12 @@ class App:
                              refresh=workers.refresh_metrics if workers else None,
                              view=workers.merged.view if workers else None)
 
-    def _local(self, parts: Components) -> dict[str, ListenerParts]:
+    def local(self, parts: Components) -> dict[str, ListenerParts]:
         """The listeners this process serves (all, or the non-SMTP ones)."""
         return {name: lp for name, lp in parts.listeners.items()
                 if self.workers is None or lp.cfg.protocol != "smtp"}
 
-    def _listener(self, lp: ListenerParts, parts: Components) -> Listener:
+    def make_listener(self, lp: ListenerParts, parts: Components) -> Listener:
         cfg = parts.config
         if lp.cfg.protocol == "smtp":
             assert lp.accept is not None
@@ -193,80 +195,10 @@ class App:
 
     async def _reload(self) -> tuple[str, list[str]]:
         new = await asyncio.to_thread(load_config, self.config_path)
-        old = self.config
-        if new.relay.spool != old.relay.spool:
-            raise RelayError("relay.spool cannot change on reload",
-                             hint="drain and restart relay to move the spool")
-        if new.relay.smtp_processes != old.relay.smtp_processes:
-            raise RelayError("relay.smtp_processes cannot change on reload",
-                             hint="restart relay (systemctl restart relay) to change it")
-        # Validate everything first: nothing below this block may fail half-way.
-        staged_transports = Transports(new.proxies)
-        parts = build(new, spool=self.spool, transports=self.transports, tokens=self.tokens,
-                      metrics=self.metrics)
-        await staged_transports.close()
-        await update_listener_expiry(self.metrics, new.listeners)
-        new_server = None
-        if new.metrics.enabled and (not old.metrics.enabled
-                                    or new.metrics.listen != old.metrics.listen):
-            new_server = self._metrics_server(new)
-            await new_server.start()
-        local = self._local(parts)
-        added = [n for n in local if n not in self.listeners]
-        started: list[Listener] = []
-        plan = None
-        try:
-            if self.workers is not None:
-                plan = self.workers.prepare(new)
-            for name in added:
-                listener = self._listener(parts.listeners[name], parts)
-                await listener.start()
-                started.append(listener)
-        except RelayError:
-            if plan is not None and self.workers is not None:
-                self.workers.abandon(plan)
-            for listener in started:
-                await listener.stop_accepting()
-                await listener.wait_closed(0)
-            if new_server is not None:
-                await new_server.stop()
-            raise
-        # Commit: from here on, swap.
-        self.transports.reconfigure(new.proxies)
-        self.tokens.reconfigure(new.token_sources)
-        for name, listener in zip(added, started, strict=True):
-            self.listeners[name] = listener
-        removed = [n for n in self.listeners if n not in local]
-        for name in removed:
-            self._retire(self.listeners.pop(name), new.relay.shutdown_grace)
-        for name, lp in local.items():
-            if name not in added:
-                await self._reconfigure_listener(name, lp, parts)
-        refused: list[str] = []
-        if plan is not None and self.workers is not None:
-            old_smtp = {lc.name for lc in old.listeners if lc.protocol == "smtp"}
-            added += [n for n in plan.bound if n not in old_smtp]
-            removed += [n for n in old_smtp if n not in plan.bound]
-            refused = await self.workers.commit(plan)
-        old_parts = self.parts
-        self.parts, self.config = parts, new
-        assert self.scheduler is not None
-        self.scheduler.reconfigure(router=parts.router, deliverer=parts.deliverer,
-                                   retry=new.relay.retry)
-        if old_parts is not None:
-            self._spawn(old_parts.deliverer.close(), "close-old-deliverer")
-        self._spawn(self.transports.close_retired(), "close-retired-transports")
-        if new_server is not None or not new.metrics.enabled:
-            old_server, self.metrics_server = self.metrics_server, new_server
-            if old_server is not None:
-                await old_server.stop()
-        self.metrics.declare(listeners=list(parts.listeners),
-                             upstreams=[u.name for u in new.upstreams])
-        running = len(self.listeners) + (len(plan.bound) if plan is not None else 0)
-        return (f"config {self.config_path} applied: {len(added)} listeners added, "
-                f"{len(removed)} removed, {running} running"), refused
+        plan = await ReloadPlan.prepare(self, new)       # raises: nothing changed
+        return await plan.commit()
 
-    async def _reconfigure_listener(self, name: str, lp: ListenerParts,
+    async def reconfigure_listener(self, name: str, lp: ListenerParts,
                                     parts: Components) -> None:
         current = self.listeners[name]
         cfg = parts.config
@@ -284,13 +216,13 @@ class App:
                                       token_for=self.tokens.token)
             return
         # Address, TLS mode or protocol changed: retire the old one, bind a new one.
-        self._retire(current, cfg.relay.shutdown_grace)
+        self.retire(current, cfg.relay.shutdown_grace)
         await asyncio.sleep(0)
-        replacement = self._listener(lp, parts)
+        replacement = self.make_listener(lp, parts)
         await replacement.start()
         self.listeners[name] = replacement
 
-    def _retire(self, listener: Listener, grace: float) -> None:
+    def retire(self, listener: Listener, grace: float) -> None:
         async def retire() -> None:
             await listener.stop_accepting()
             await listener.wait_closed(grace)

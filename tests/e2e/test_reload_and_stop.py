@@ -173,3 +173,36 @@ def test_prometheus_scrapes_the_running_relay(tmp_path: Path) -> None:
     finally:
         relay.stop()
         sink.stop()
+
+
+def test_a_reload_that_fails_half_way_is_abandoned_whole(tmp_path: Path) -> None:
+    """Preparing binds the new listeners; when the second cannot bind (its port is taken),
+    the plan is abandoned: the first new one is closed again, the old config serves."""
+    import socket
+
+    sink = Sink(tmp_path).start()
+    port, mport, p_new, p_taken = free_port(), free_port(), free_port(), free_port()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", p_taken))
+    taken.listen()
+    good = config(spool=tmp_path / "spool", listen=port, sink=sink.port, metrics=mport)
+    relay = Relay(tmp_path, good).start(port)
+    try:
+        relay.config.write_text(good + SECOND_LISTENER.format(name="fresh", port=p_new)
+                                + SECOND_LISTENER.format(name="clash", port=p_taken))
+        out = relay.cli("reload")
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert f"127.0.0.1:{p_taken}" in out.stdout + out.stderr
+        assert refuses_connections(p_new)            # bound while preparing, then released
+        metrics = scrape(mport)
+        assert sample(metrics, "relay_config_reloads_total", result="failure") == 1
+        send(port, subject="old config still serves")
+        wait_until(lambda: len(sink.messages()) == 1)
+        relay.config.write_text(good + SECOND_LISTENER.format(name="fresh", port=p_new))
+        assert relay.cli("reload").returncode == 0   # the freed port binds on the next try
+        send(p_new, subject="via fresh")
+        wait_until(lambda: len(sink.messages()) == 2)
+    finally:
+        taken.close()
+        relay.stop()
+        sink.stop()
