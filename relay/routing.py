@@ -44,11 +44,11 @@ class Router:
         self._routes = tuple(routes)
         self._default = default
 
-    def route_or_none(self, sender: str, recipient: str) -> str | None:
-        """The upstream for this sender and recipient, or None (refuse at RCPT time)."""
+    def matching_rule(self, sender: str, recipient: str) -> RouteConfig | None:
+        """The ``[[route]]`` that decides this sender and recipient (None: the default)."""
         sdom = _domain(sender) or _domain(recipient)
         rdom = _domain(recipient)
-        best: tuple[int, str] | None = None
+        best: tuple[int, RouteConfig] | None = None
         for rule in self._routes:
             s = _score(rule.sender_domain, sdom)
             r = _score(rule.recipient_domain, rdom)
@@ -57,10 +57,13 @@ class Router:
             named = (rule.sender_domain is not None) + (rule.recipient_domain is not None)
             score = 1000 * named + s + r            # ties keep file order (strict >)
             if best is None or score > best[0]:
-                best = (score, rule.upstream)
-        if best is not None:
-            return best[1]
-        return self._default
+                best = (score, rule)
+        return best[1] if best is not None else None
+
+    def route_or_none(self, sender: str, recipient: str) -> str | None:
+        """The upstream for this sender and recipient, or None (refuse at RCPT time)."""
+        rule = self.matching_rule(sender, recipient)
+        return rule.upstream if rule is not None else self._default
 
     def route(self, envelope: Envelope, recipient: str) -> str:
         """The upstream for ``recipient`` of a queued message.

@@ -1,6 +1,6 @@
 """Composition root: builds relay from a Config; start, SIGHUP reload, SIGTERM drain.
 
-Background tasks belong to ``self.background`` (relay.tasks). Start-up order: spool lock and recovery,
+Background tasks belong to ``self.background`` (relay.tasks). Start-up: spool lock, recovery,
 metrics endpoint (so /healthz answers during recovery), scheduler, listeners, control
 socket, readiness. A reload is a plan (``relay.app.reload.ReloadPlan``): prepare builds,
 validates and binds everything the new config needs, then commit swaps it in; anything

@@ -4,8 +4,9 @@ What happens between a finished DATA and the ``250 ... queued as <id>``:
 
 1. (at RCPT) every recipient must have a route; a message nobody can deliver is refused
    in the session (``550 5.7.1`` for a recipient no route covers), never bounced later;
-2. header rules of the listener, then of the routes the recipients take, are applied
-   (rules can never touch protected headers: the config loader refuses such rules);
+2. header rules of the listener, then of the ``[[route]]`` each recipient matched and of
+   its upstream, are applied, each set once (rules can never touch protected headers:
+   the config loader refuses such rules);
 3. trusted mail (authenticated or allow-listed clients) whose From domain has a DKIM key
    is signed, last, after every header change relay makes;
 4. the protected-header guard compares what relay received with what it will store; a
@@ -38,9 +39,7 @@ class AcceptPipeline:
     def __init__(self, *, listener: ListenerConfig, config: Config, spool: Spool,
                  router: Router, signer: Signer | None, guard: HeaderGuard) -> None:
         self._rules = listener.header_rules
-        self._route_rules = {(r.sender_domain, r.recipient_domain): r.header_rules
-                             for r in config.routes if r.header_rules}
-        self._routes = config.routes
+        self._route_rules = any(r.header_rules for r in config.routes)
         self._upstream_rules = {u.name: u.header_rules for u in config.upstreams
                                 if u.header_rules}
         self._spool = spool
@@ -52,16 +51,21 @@ class AcceptPipeline:
         rules = list(self._rules)
         if not (self._route_rules or self._upstream_rules):
             return rules
-        seen: set[str] = set()
+        # Each rule set once, however many recipients take it: the rules of the [[route]]
+        # that matched (not of every route naming the same upstream), then the upstream's.
+        routes_done: set[int] = set()
+        upstreams_done: set[str] = set()
         for rcpt in envelope.recipients:
             upstream = self._router.route_or_none(envelope.sender, rcpt)
-            if upstream is None or upstream in seen:
+            if upstream is None:
                 continue
-            seen.add(upstream)
-            for route in self._routes:
-                if route.upstream == upstream and route.header_rules:
-                    rules.extend(route.header_rules)
-            rules.extend(self._upstream_rules.get(upstream, ()))
+            route = self._router.matching_rule(envelope.sender, rcpt)
+            if route is not None and route.header_rules and id(route) not in routes_done:
+                routes_done.add(id(route))
+                rules.extend(route.header_rules)
+            if upstream not in upstreams_done:
+                upstreams_done.add(upstream)
+                rules.extend(self._upstream_rules.get(upstream, ()))
         return rules
 
     async def __call__(self, envelope: Envelope, data: bytes) -> str:
