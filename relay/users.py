@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import hmac
-import ipaddress
 import logging
 import secrets
 import stat
 import threading
-import time
-from collections import OrderedDict, deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,72 +188,3 @@ class UserDB:
         stored = self._users.get(name)
         ok = verify_hash(stored or _DUMMY, password)
         return ok and stored is not None
-
-
-class AuthThrottle:
-    """Failed AUTH per client address: growing delays, then refusal for a while.
-
-    The first failure is answered at once; each further failure within ``window`` seconds
-    waits ``base_delay * 2**(k-2)`` (capped at ``max_delay``) before its 535. At ``limit``
-    failures the address is refused AUTH for ``window`` seconds. Memory is bounded;
-    IPv6 clients are counted per /64.
-    """
-
-    def __init__(self, *, limit: int, window: float, base_delay: float = 1.0,
-                 max_delay: float = 8.0, max_tracked: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.limit = limit
-        self.window = window
-        self.base_delay = base_delay
-        self.max_delay = max_delay
-        self._max_tracked = max_tracked
-        self._clock = clock
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-        self._blocked: dict[str, float] = {}
-
-    def configure(self, *, limit: int, window: float) -> None:
-        self.limit, self.window = limit, window
-
-    @staticmethod
-    def _key(ip: str) -> str:
-        # An IPv6 client usually holds a whole /64: count its failures together.
-        if ":" in ip:
-            with contextlib.suppress(ValueError):
-                return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-        return ip
-
-    def blocked(self, ip: str) -> bool:
-        ip = self._key(ip)
-        until = self._blocked.get(ip)
-        if until is None:
-            return False
-        if self._clock() < until:
-            return True
-        del self._blocked[ip]
-        return False
-
-    def failure(self, ip: str) -> tuple[float, bool]:
-        """Record a failure: (seconds to wait before replying, now blocked?)."""
-        ip = self._key(ip)
-        now = self._clock()
-        times = self._failures.pop(ip, None) or deque()
-        while times and now - times[0] > self.window:
-            times.popleft()
-        times.append(now)
-        self._failures[ip] = times
-        while len(self._failures) > self._max_tracked:
-            self._failures.popitem(last=False)
-        count = len(times)
-        if self.limit and count >= self.limit:
-            self._blocked[ip] = now + self.window
-            self._failures.pop(ip, None)
-            if len(self._blocked) > self._max_tracked:
-                for key in [k for k, t in self._blocked.items() if t <= now]:
-                    del self._blocked[key]
-            return 0.0, True
-        if count < 2:
-            return 0.0, False
-        return min(self.base_delay * 2 ** (count - 2), self.max_delay), False
-
-    def success(self, ip: str) -> None:
-        self._failures.pop(self._key(ip), None)

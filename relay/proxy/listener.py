@@ -16,7 +16,7 @@ from relay.metrics import Metrics
 from relay.proxy.pump import Channel
 from relay.proxy.session import Authenticator, ProxySession, SessionContext
 from relay.proxy.upstream import TokenFor
-from relay.throttle import FailureTracker
+from relay.throttle import FailureThrottle
 from relay.tls import client_context
 from relay.transports.base import Transport
 
@@ -77,10 +77,13 @@ class ProxyListener:
         server_tls = None
         if cfg.tls != "none":
             server_tls = server_context(cfg, old.server_tls if old else None)
-        failures = FailureTracker(limit=cfg.auth_fail_limit, window=cfg.auth_fail_window,
-                                  base_delay=self._fail_delay[0], max_delay=self._fail_delay[1])
         if old is not None:                       # keep what clients already earned
-            failures._fails = old.failures._fails
+            failures = old.failures
+            failures.configure(limit=cfg.auth_fail_limit, window=cfg.auth_fail_window)
+        else:
+            failures = FailureThrottle(limit=cfg.auth_fail_limit, window=cfg.auth_fail_window,
+                                       base_delay=self._fail_delay[0],
+                                       max_delay=self._fail_delay[1])
         return SessionContext(
             listener=cfg, upstream=upstream, authenticator=authenticator,
             transport_for=transport_for, token_for=token_for, metrics=metrics,
@@ -184,7 +187,7 @@ class ProxyListener:
         sock = ch.transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        refuse = "auth_refused" if ctx.failures.refused(addr) else self._counter.admit(
+        refuse = "auth_refused" if ctx.failures.blocked(addr) else self._counter.admit(
             addr, total=ctx.listener.max_connections,
             per_client=ctx.listener.max_connections_per_client)
         session = ProxySession(ctx, ch, (addr, int(peer[1])))

@@ -29,7 +29,7 @@ from relay.proxy.imap import ImapPreAuth
 from relay.proxy.pop3 import Pop3PreAuth
 from relay.proxy.pump import Channel, ChannelClosed, TransportSplice
 from relay.proxy.upstream import TokenFor, UpstreamCredentials, login_upstream
-from relay.throttle import FailureTracker
+from relay.throttle import FailureThrottle
 from relay.transports.base import Transport
 
 log = logging.getLogger("relay.proxy")
@@ -57,7 +57,7 @@ class SessionContext:
     transport_for: Callable[[UpstreamConfig], Transport]
     token_for: TokenFor | None
     metrics: Metrics | None
-    failures: FailureTracker
+    failures: FailureThrottle
     server_tls: ssl.SSLContext | None = None
     kernel_splice: bool = True                 # splice(2) plain sessions (Linux)
     upstream_tls: ssl.SSLContext | None = None
@@ -203,7 +203,7 @@ class ProxySession:
     async def _login(self, ev: Login) -> LoginFailure | None:
         ctx = self.ctx
         self.user = ev.user
-        if ctx.failures.refused(self.addr):
+        if ctx.failures.blocked(self.addr):
             self._count_failure("refused")
             self.end = "auth_refused"
             return "refused"
@@ -245,7 +245,7 @@ class ProxySession:
                         ctx.listener.name, exc.explain())
             self._count_failure("token")
             return "unavailable"
-        ctx.failures.clear(self.addr)
+        ctx.failures.success(self.addr)
         self.upstream = result.channel
         self.client.write(self.machine.login_succeeded(result.capability, result.untagged))
         leftover = self.machine.leftover()
@@ -264,10 +264,10 @@ class ProxySession:
 
     async def _bad_credentials(self, reason: str) -> LoginFailure:
         self._count_failure(reason)
-        delay = self.ctx.failures.record(self.addr)
+        delay, refused = self.ctx.failures.failure(self.addr)
         if delay:
             await asyncio.sleep(delay)            # slow down guessing, as servers do
-        if self.ctx.failures.refused(self.addr):
+        if refused:
             self.end = "auth_refused"
             return "refused"
         return "credentials"

@@ -24,7 +24,8 @@ from relay.maillog import MailLog
 from relay.metrics import Metrics
 from relay.smtp import replies
 from relay.smtp.data import BareLineEnding, Event, TooBig
-from relay.users import AuthThrottle, UserDB
+from relay.throttle import FailureThrottle
+from relay.users import UserDB
 from relay.verdict import AcceptFn, Checks, Refusal, SessionInfo
 
 log = logging.getLogger("relay.smtp")
@@ -42,8 +43,8 @@ class Context:
     users: UserDB | None = None
     checks: Checks | None = None
     metrics: Metrics | None = None
-    throttle: AuthThrottle = field(
-        default_factory=lambda: AuthThrottle(limit=5, window=300.0))
+    throttle: FailureThrottle = field(
+        default_factory=lambda: FailureThrottle(limit=5, window=300.0))
     connections: ConnectionCounter = field(default_factory=ConnectionCounter)
     background: set[asyncio.Task[str]] = field(default_factory=set)
 

@@ -22,7 +22,8 @@ from relay.metrics import Metrics
 from relay.smtp.handler import Context
 from relay.smtp.replies import REASONS
 from relay.smtp.server import RelaySMTP
-from relay.users import AuthThrottle, UserDB
+from relay.throttle import FailureThrottle
+from relay.users import UserDB
 from relay.verdict import AcceptFn, Checks
 
 log = logging.getLogger("relay.smtp")
@@ -91,7 +92,7 @@ class SmtpListener:
                  auth_max_delay: float = 8.0) -> None:
         if cfg.protocol != "smtp":
             raise ValueError(f"listener {cfg.name!r} is {cfg.protocol}, not smtp")
-        self._throttle = AuthThrottle(limit=cfg.auth_fail_limit, window=cfg.auth_fail_window,
+        self._throttle = FailureThrottle(limit=cfg.auth_fail_limit, window=cfg.auth_fail_window,
                                       base_delay=auth_base_delay, max_delay=auth_max_delay)
         self._connections = ConnectionCounter()
         self._sessions: set[RelaySMTP] = set()

@@ -18,7 +18,6 @@ from relay.proxy.accounts import (
 )
 from relay.proxy.upstream import UpstreamCredentials
 from relay.sasl import SaslError, parse_plain, plain_string, xoauth2_string
-from relay.throttle import FailureTracker
 from relay.users import UserDB, hash_password
 
 
@@ -89,26 +88,6 @@ async def test_users_file_verify_checks_off_loop_and_caches_successes(tmp_path: 
     assert not await verify("agent1", Secret("wrong"))
     assert not await verify("nobody", Secret("agent-pw"))
     assert calls == ["agent1", "agent1", "agent1", "nobody"]   # failures never cached
-
-
-def test_failure_tracker_slows_then_refuses_and_forgets() -> None:
-    t = FailureTracker(limit=4, window=100, base_delay=1, max_delay=3)
-    delays = [t.record("10.0.0.1", now=float(i)) for i in range(4)]
-    assert delays == [0, 1, 2, 3]
-    assert t.refused("10.0.0.1", now=4) and not t.refused("10.0.0.2", now=4)
-    assert not t.refused("10.0.0.1", now=100.5)     # the first failure left the window
-    assert t.count("10.0.0.1", now=200) == 0
-    t.record("10.0.0.3", now=0)
-    t.clear("10.0.0.3")
-    assert t.count("10.0.0.3", now=0) == 0
-    assert not FailureTracker(limit=0, window=10).refused("x")
-
-
-def test_failure_tracker_memory_is_bounded() -> None:
-    t = FailureTracker(limit=3, window=10, max_addresses=100)
-    for i in range(1000):
-        t.record(f"10.0.{i // 256}.{i % 256}", now=float(i))
-    assert len(t._fails) <= 100 + 10
 
 
 def test_session_counter() -> None:

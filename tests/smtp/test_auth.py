@@ -14,7 +14,7 @@ import pytest
 
 from relay.errors import ConfigError
 from relay.sasl import SaslError, parse_plain
-from relay.users import AuthThrottle, UserDB, hash_password, read_users, write_users
+from relay.users import UserDB, hash_password, read_users, write_users
 from tests.smtp.conftest import PASSWORD, RawClient, Relay, StartRelay, run
 
 
@@ -175,28 +175,6 @@ def test_parse_plain_table(data: bytes, result: tuple[str, str] | None) -> None:
             parse_plain(data)
     else:
         assert parse_plain(data) == result
-
-
-def test_throttle_schedule_and_expiry() -> None:
-    now = [0.0]
-    t = AuthThrottle(limit=4, window=100, base_delay=1, max_delay=3, clock=lambda: now[0])
-    assert t.failure("1.2.3.4") == (0.0, False)
-    assert t.failure("1.2.3.4") == (1.0, False)
-    assert t.failure("1.2.3.4") == (2.0, False)
-    assert t.failure("5.6.7.8") == (0.0, False)
-    assert t.failure("1.2.3.4") == (0.0, True)
-    assert t.blocked("1.2.3.4") and not t.blocked("5.6.7.8")
-    now[0] = 101.0
-    assert not t.blocked("1.2.3.4")
-    # an IPv6 client counts per /64
-    for host in ("2001:db8::1", "2001:db8::2", "2001:db8::3:4"):
-        t.failure(host)
-    assert t.failure("2001:db8::ffff") == (0.0, True)
-    assert t.blocked("2001:db8::9") and not t.blocked("2001:db8:0:1::1")
-    # failures outside the window are forgotten; success clears
-    assert t.failure("5.6.7.8") == (0.0, False)
-    t.success("5.6.7.8")
-    assert t.failure("5.6.7.8") == (0.0, False)
 
 
 async def test_no_log_line_carries_credentials(start_relay: StartRelay,
