@@ -29,10 +29,11 @@ from relay.listenproc.channel import LOCK_NAME, ChannelClosed, Layout, Rpc
 from relay.listenproc.merge import snapshot
 from relay.maillog import MailLog
 from relay.metrics import Metrics
-from relay.smtp.listener import SmtpListener, build_tls_context
+from relay.smtp.listener import SmtpListener
 from relay.spool.records import QueuedMessage
 from relay.spool.store import Spool
 from relay.tasks import Background
+from relay.tls import server_context
 
 log = logging.getLogger("relay.listenproc")
 
@@ -99,7 +100,7 @@ class ListenerProcess:
         hostname = config.relay.hostname
         for lp in side.listeners.values():
             if lp.cfg.tls != "none":
-                build_tls_context(lp.cfg)
+                server_context(lp.cfg)
         fresh: dict[str, tuple[int, SmtpListener]] = {}
         for name, lp in side.listeners.items():
             token, _ = given[name]

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import resource
 import socket
-import ssl
 from collections.abc import Callable
 
 from relay.config.schema import ListenerConfig, UpstreamConfig
@@ -17,33 +16,10 @@ from relay.proxy.pump import Channel
 from relay.proxy.session import Authenticator, ProxySession, SessionContext
 from relay.proxy.upstream import TokenFor
 from relay.throttle import FailureThrottle
-from relay.tls import client_context
+from relay.tls import client_context, server_context
 from relay.transports.base import Transport
 
 log = logging.getLogger("relay.proxy")
-
-
-def server_context(cfg: ListenerConfig, into: ssl.SSLContext | None = None) -> ssl.SSLContext:
-    """The TLS context toward clients (cert/key loaded; reloading reuses ``into``)."""
-    if cfg.cert is None or cfg.key is None:
-        raise ConfigError(f"listener {cfg.name}: tls = \"{cfg.tls}\" needs cert and key",
-                          key="listener.cert", line=cfg.line or None,
-                          hint="set cert and key to PEM files, or tls = \"none\"")
-    fresh = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    fresh.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        fresh.load_cert_chain(str(cfg.cert), str(cfg.key))
-        if into is None:
-            return fresh
-        # Proven loadable: now swap it into the context the running server holds (a bad
-        # pair never half-replaces a working one).
-        into.load_cert_chain(str(cfg.cert), str(cfg.key))
-        return into
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"listener {cfg.name}: cannot load cert {cfg.cert} / key {cfg.key}: "
-                          f"{exc}", key="listener.cert", line=cfg.line or None,
-                          hint="cert must be a PEM chain and key its PEM private key, "
-                               "readable by relay") from exc
 
 
 class ProxyListener:

@@ -16,41 +16,18 @@ from typing import Any
 
 from relay.config.schema import ListenerConfig
 from relay.connlimits import ConnectionCounter
-from relay.errors import ConfigError, RelayError
+from relay.errors import RelayError
 from relay.maillog import MailLog
 from relay.metrics import Metrics
 from relay.smtp.handler import Context
 from relay.smtp.replies import REASONS
 from relay.smtp.server import RelaySMTP
 from relay.throttle import FailureThrottle
+from relay.tls import server_context
 from relay.users import UserDB
 from relay.verdict import AcceptFn, Checks
 
 log = logging.getLogger("relay.smtp")
-
-
-def build_tls_context(cfg: ListenerConfig) -> ssl.SSLContext:
-    """The listener's server-side TLS context (TLS 1.2+), built once per config."""
-    key = f"listener.{cfg.name}"
-    if cfg.cert is None or cfg.key is None:
-        raise ConfigError(f"tls = {cfg.tls!r} needs cert and key", line=cfg.line or None,
-                          key=f"{key}.cert", hint="set cert and key to PEM files, or tls = none")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= ssl.OP_NO_RENEGOTIATION
-    try:
-        ctx.load_cert_chain(cfg.cert, cfg.key)
-    except OSError as exc:
-        raise ConfigError(f"cannot read TLS certificate or key ({exc.strerror})",
-                          line=cfg.line or None, key=f"{key}.cert",
-                          hint=f"check that {cfg.cert} and {cfg.key} exist and relay "
-                               "may read them") from None
-    except ssl.SSLError as exc:
-        raise ConfigError(f"TLS certificate or key unusable ({exc.reason or exc})",
-                          line=cfg.line or None, key=f"{key}.key",
-                          hint="cert must be PEM (leaf first, then intermediates) and key "
-                               "its matching unencrypted PEM private key") from None
-    return ctx
 
 
 def listen_backlog(cfg: ListenerConfig) -> int:
@@ -110,7 +87,7 @@ class SmtpListener:
     def _context(self, cfg: ListenerConfig, *, hostname: str, accept: AcceptFn,
                  maillog: MailLog, checks: Checks | None, users: UserDB | None,
                  metrics: Metrics | None) -> Context:
-        tls = build_tls_context(cfg) if cfg.tls != "none" else None
+        tls = server_context(cfg) if cfg.tls != "none" else None
         return Context(cfg=cfg, hostname=hostname, accept=accept, maillog=maillog,
                        tls_context=tls, users=users, checks=checks, metrics=metrics,
                        throttle=self._throttle, connections=self._connections)
@@ -156,7 +133,7 @@ class SmtpListener:
         cfg = self._ctx.cfg
         server_ssl: ssl.SSLContext | None = None
         if cfg.tls == "implicit":
-            server_ssl = build_tls_context(cfg)
+            server_ssl = server_context(cfg)
             server_ssl.sni_callback = self._sni
         loop = asyncio.get_running_loop()
         wheres: list[dict[str, Any]] = (
