@@ -17,9 +17,9 @@ from typing import Any, Literal
 from relay.config.schema import Secret, UpstreamConfig
 from relay.errors import OAuthError, TransportError
 from relay.probe.hints import explain_login_reply
-from relay.probe.steps import Report, close_quietly, ssl_object_detail
+from relay.probe.steps import Report, close_quietly
 from relay.sasl import xoauth2_string
-from relay.tls import classify_tls_error, server_name
+from relay.tls import classify_tls_error, server_name, ssl_object_detail
 from relay.transports.factory import connect_timed
 
 TokenFor = Callable[[str], Awaitable[str]]

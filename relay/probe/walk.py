@@ -24,9 +24,9 @@ from relay.oauth.tokens import TokenSources
 from relay.outbound.session import Credentials, SessionError, SmtpSession
 from relay.probe.hints import explain_auth_reply
 from relay.probe.mailbox import Login, probe_certificate, walk_mailbox
-from relay.probe.steps import Report, ssl_object_detail, transport_steps
+from relay.probe.steps import Report, transport_steps
 from relay.timing import StageTimer
-from relay.tls import classify_tls_error, client_context, server_name
+from relay.tls import classify_tls_error, client_context, server_name, ssl_object_detail
 from relay.transports.factory import Transports, Via
 
 
