@@ -201,6 +201,24 @@ def classify_tls_error(exc: BaseException, expected_name: str,
                                "and the tls mode of the upstream")
 
 
+def tls_detail(version: str, info: CertInfo | None) -> str:
+    """One line for an operator: TLS version, certificate name and expiry (warns < 21 days)."""
+    if info is None:
+        return f"{version}, no certificate (verification off)"
+    left = (info.not_after - dt.datetime.now(dt.UTC)).days
+    warn = f" (EXPIRES IN {left} DAYS)" if left < 21 else ""
+    label = f"CN={info.subject_cn}" if info.subject_cn else \
+        f"for {', '.join(info.names[:3]) or 'no names'}"
+    return f"{version}, certificate {label} valid until {info.not_after:%Y-%m-%d}{warn}"
+
+
+def ssl_object_detail(obj: ssl.SSLObject | None) -> str:
+    """``tls_detail`` of an established connection (relay check's tls steps)."""
+    if obj is None:
+        return "TLS"
+    return tls_detail(obj.version() or "TLS", peer_cert_info(obj))
+
+
 async def load_client_context(cfg: UpstreamConfig) -> ssl.SSLContext:
     """``client_context`` built off the event loop (it reads the CA files)."""
     return await asyncio.to_thread(client_context, cfg)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import socket
 import ssl
 import time
@@ -11,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from relay.errors import RelayError, TransportError
-from relay.tls import CertInfo, cert_info
 from relay.transports.factory import connect_timed
 
 
@@ -120,23 +118,6 @@ async def transport_steps(report: Report, transport: Any, kind: str, host: str, 
     else:
         report.passed("tcp", time.monotonic() - started, f"connected to {host}:{port}")
     return sock
-
-
-def tls_detail(version: str, info: CertInfo | None) -> str:
-    if info is None:
-        return f"{version}, no certificate (verification off)"
-    left = (info.not_after - dt.datetime.now(dt.UTC)).days
-    warn = f" (EXPIRES IN {left} DAYS)" if left < 21 else ""
-    label = f"CN={info.subject_cn}" if info.subject_cn else \
-        f"for {', '.join(info.names[:3]) or 'no names'}"
-    return f"{version}, certificate {label} valid until {info.not_after:%Y-%m-%d}{warn}"
-
-
-def ssl_object_detail(obj: ssl.SSLObject | None) -> str:
-    if obj is None:
-        return "TLS"
-    der = obj.getpeercert(binary_form=True)
-    return tls_detail(obj.version() or "TLS", cert_info(der) if der else None)
 
 
 async def close_quietly(writer: asyncio.StreamWriter) -> None:

@@ -1,8 +1,10 @@
 """The ``relay check`` engine: walk each upstream like a "Test connection" button.
 
 For every upstream: transport (proxy or bastion steps timed apart), TCP, TLS (certificate
-names and expiry), greeting, EHLO/CAPABILITY, AUTH (token fetch timed apart). No mail is
-sent unless ``send_test`` names a recipient. Each failure is explained with a hint.
+names and expiry), greeting, EHLO/CAPABILITY, AUTH (token fetch timed apart), each done by
+the code relay really runs: SmtpSession for SMTP, the proxy's upstream login for IMAP/POP3.
+No mail is sent unless ``send_test`` names a recipient. Each failure is explained with a
+hint.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from relay.oauth.tokens import TokenSources
 from relay.outbound.session import Credentials, SessionError, SmtpSession
 from relay.probe.hints import explain_auth_reply
 from relay.probe.mailbox import Login, probe_certificate, walk_mailbox
-from relay.probe.steps import Report, ssl_object_detail, transport_steps
+from relay.probe.steps import Report, transport_steps
 from relay.timing import StageTimer
-from relay.tls import classify_tls_error, client_context, server_name
+from relay.tls import classify_tls_error, client_context, server_name, ssl_object_detail
 from relay.transports.factory import Transports, Via
 
 
@@ -79,7 +81,8 @@ def _session_tls(session: SmtpSession) -> str:
 
 
 class _Given:
-    """A transport that hands out one already connected socket (SmtpSession's input)."""
+    """A transport that hands out one already connected socket: the one the transport steps
+    opened, for SmtpSession and the proxy's IMAP/POP3 login."""
 
     name = "check"
 
@@ -142,7 +145,7 @@ class Checker:
         if up.protocol == "smtp":
             await self._smtp(report, up, handle, sock, login)
         else:
-            await walk_mailbox(report, up, sock, ctx, login, self.tokens.token,
+            await walk_mailbox(report, up, _Given(sock), ctx, login, self.tokens.token,
                                self.token_detail, lambda: probe_certificate(handle, up))
         return report
 

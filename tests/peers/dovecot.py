@@ -156,14 +156,15 @@ protocol pop3 {{
 
 @contextlib.contextmanager
 def dovecot(*, users: dict[str, str] | None = None, max_sessions: int = 200,
-            introspection_url: str | None = None) -> Iterator[Dovecot]:
+            introspection_url: str | None = None, tls: bool = True) -> Iterator[Dovecot]:
     """Run Dovecot until the block ends, from a private directory under /tmp.
 
     ``users`` maps user names to passwords (XOAUTH2 bearer tokens are checked like
     passwords). With ``introspection_url`` an ``oauth2`` passdb validates XOAUTH2 and
-    OAUTHBEARER tokens against that endpoint first. The directory is world-traversable
-    because Dovecot's mail processes run as ``nobody``; pytest's temporary directories
-    are not.
+    OAUTHBEARER tokens against that endpoint first. With ``tls=False`` Dovecot has no TLS
+    at all: the plain ports offer no STARTTLS/STLS and ``imaps``/``pop3s`` are 0. The
+    directory is world-traversable because Dovecot's mail processes run as ``nobody``;
+    pytest's temporary directories are not.
     """
     binary = need("dovecot")
     users = users or {"alice": "alice-pw"}
@@ -189,13 +190,19 @@ def dovecot(*, users: dict[str, str] | None = None, max_sessions: int = 200,
                 path = Path(f"{mail}/{user}{sub}")
                 path.mkdir(exist_ok=True)
                 os.chown(path, MAIL_UID, MAIL_GID)
-        ports = {name: free_port() for name in ("imap", "imaps", "pop3", "pop3s")}
+        ports = {name: free_port() if tls or not name.endswith("s") else 0
+                 for name in ("imap", "imaps", "pop3", "pop3s")}
+        text = _config(root, ports, cert, key, max_sessions, introspection_url)
+        if not tls:
+            text = text.replace(f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}\n",
+                                "ssl = no\n").replace("    ssl = yes\n", "")
         conf = root / "dovecot.conf"
-        conf.write_text(_config(root, ports, cert, key, max_sessions, introspection_url))
+        conf.write_text(text)
         log = root / "dovecot.log"
         with running([binary, "-F", "-c", str(conf)], log=root / "dovecot.out") as proc:
             for port in ports.values():
-                wait_for_port("127.0.0.1", port, proc=proc, log=root / "dovecot.out")
+                if port:
+                    wait_for_port("127.0.0.1", port, proc=proc, log=root / "dovecot.out")
             yield Dovecot(root=root, ca=ca, ca_file=ca_file, users=users, log=log, **ports)
     finally:
         shutil.rmtree(root, ignore_errors=True)

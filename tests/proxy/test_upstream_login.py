@@ -11,7 +11,7 @@ import pytest
 
 from relay.config.schema import Secret, UpstreamConfig
 from relay.errors import ProxyUpstreamError
-from relay.proxy.upstream import UpstreamCredentials, login_upstream
+from relay.proxy.upstream import Observer, Stage, UpstreamCredentials, login_upstream
 from relay.transports.direct import DirectTransport
 
 # A script answers each line the client sends (None: say nothing) after the greeting.
@@ -157,3 +157,80 @@ async def test_silent_upstream_times_out() -> None:
             await login_upstream(slow, UpstreamCredentials("u", Secret("p")),
                                  transport=DirectTransport())
     assert exc.value.reason == "timeout"
+
+
+# ---- what relay check sees: the observer, the optional CAPABILITY, creds=None ----------
+
+def recorder() -> tuple[list[Stage], Observer]:
+    stages: list[Stage] = []
+    return stages, stages.append
+
+
+async def test_observer_sees_each_stage_and_changes_nothing_sent() -> None:
+    reply = tagged(b"OK [CAPABILITY IMAP4rev1 IDLE] Logged in")
+    async with scripted(b"* OK [CAPABILITY IMAP4rev1 SASL-IR] hi\r\n", reply) as (port, seen):
+        plain = await login_upstream(cfg(port), UpstreamCredentials("u", Secret("p")),
+                                     transport=DirectTransport())
+        plain.channel.close()
+        stages, observe = recorder()
+        watched = await login_upstream(cfg(port), UpstreamCredentials("u", Secret("p")),
+                                       transport=DirectTransport(), observer=observe)
+        watched.channel.close()
+    assert seen == [b'R2 LOGIN "u" "p"\r\n'] * 2
+    assert [s.name for s in stages] == ["connect", "greeting", "auth"]
+    assert stages[1].detail.startswith("* OK [CAPABILITY IMAP4rev1 SASL-IR] hi")
+    assert stages[2].detail == "logged in as u (LOGIN)"
+    assert all(s.error is None and s.seconds >= 0 for s in stages)
+    assert watched.capability == plain.capability == "IMAP4rev1 IDLE"
+    assert set(watched.stages) == set(plain.stages) == {"connect", "greeting", "auth"}
+
+
+async def test_observer_is_told_which_stage_failed_before_the_error_is_raised() -> None:
+    async with scripted(b"* OK hi\r\n", tagged(b"NO [AUTHENTICATIONFAILED] nope")) as (port, _):
+        stages, observe = recorder()
+        with pytest.raises(ProxyUpstreamError) as exc:
+            await login_upstream(cfg(port), UpstreamCredentials("u", Secret("pässwörd")),
+                                 transport=DirectTransport(), observer=observe)
+    assert stages[-1].name == "auth" and stages[-1].error is exc.value
+    assert stages[-1].detail == "login as 'u' (AUTHENTICATE PLAIN)"
+
+
+async def test_capability_is_asked_only_when_wanted_and_creds_none_stops_before_login() -> None:
+    def script(line: bytes) -> bytes | None:
+        if line.startswith(b"R0 CAPABILITY"):
+            return b"* CAPABILITY IMAP4rev1 LOGINDISABLED\r\nR0 OK done\r\n"
+        return line.split(b" ", 1)[0] + b" NO unexpected\r\n"
+
+    async with scripted(b"* OK hi\r\n", script) as (port, seen):
+        stages, observe = recorder()
+        result = await login_upstream(cfg(port), None, transport=DirectTransport(),
+                                      observer=observe, capability=True)
+        result.channel.close()
+    assert seen == [b"R0 CAPABILITY\r\n"]
+    assert [s.name for s in stages] == ["connect", "greeting", "capability"]
+    assert stages[-1].detail == "IMAP4rev1 LOGINDISABLED"
+    assert "auth" not in result.stages
+
+
+async def test_pop3_capa_is_reported_and_the_token_stage_times_the_fetch() -> None:
+    def script(line: bytes) -> bytes | None:
+        if line == b"CAPA\r\n":
+            return b"+OK\r\nUSER\r\nSASL PLAIN XOAUTH2\r\n.\r\n"
+        if line == b"AUTH XOAUTH2\r\n":
+            return b"+ \r\n"
+        return b"+OK Logged in.\r\n"
+
+    async def token(source: str) -> str:
+        return "tok"
+
+    async with scripted(b"+OK hi\r\n", script) as (port, seen):
+        stages, observe = recorder()
+        result = await login_upstream(cfg(port, "pop3"), UpstreamCredentials(
+            "box", token_source="src"), transport=DirectTransport(), token_for=token,
+            observer=observe, capability=True)
+        result.channel.close()
+    assert [s.name for s in stages] == ["connect", "greeting", "capability", "token", "auth"]
+    assert stages[2].detail == "USER, SASL PLAIN XOAUTH2"
+    assert stages[3].detail == "access token from src"
+    assert stages[4].detail == "logged in as box (XOAUTH2)"
+    assert seen[:2] == [b"CAPA\r\n", b"AUTH XOAUTH2\r\n"]
