@@ -1,4 +1,8 @@
-"""Stage timer: how long each stage of one upstream session took, and which one dominated."""
+"""The one stage timer: how long each stage of an upstream session took, and which dominated.
+
+Delivery (SMTP sessions), the IMAP/POP3 proxy's upstream login and ``relay check`` all
+time their stages with it.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,14 @@ class StageTimer:
 
     def __init__(self) -> None:
         self.stages: dict[str, float] = {}
+        self._mark = time.monotonic()
+
+    def lap(self, name: str) -> float:
+        """Record the time since the previous lap (or since the timer was made) as ``name``."""
+        now = time.monotonic()
+        seconds, self._mark = now - self._mark, now
+        self.add(name, seconds)
+        return seconds
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:

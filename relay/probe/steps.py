@@ -66,24 +66,6 @@ class Report:
         self.steps.append(Step(step, False, seconds, str(error), hint, reason))
 
 
-class Clock:
-    """Times one step: ``with Clock() as c: ...`` then ``c.seconds``."""
-
-    def __init__(self) -> None:
-        self.started = 0.0
-        self.seconds = 0.0
-
-    def __enter__(self) -> Clock:
-        self.started = time.monotonic()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.monotonic() - self.started
-
-    def now(self) -> float:
-        return time.monotonic() - self.started
-
-
 _SOCKS_OUTER = {"proxy_unreachable"}
 _SSH_INNER = {"ssh_channel_refused"}
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from relay.config.schema import UpstreamConfig
 from relay.errors import RelayError
 from relay.metrics import Metrics
+from relay.timing import StageTimer
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,18 +43,19 @@ class Progress:
     def __init__(self, cfg: UpstreamConfig, metrics: Metrics | None,
                  observer: Observer | None) -> None:
         self.cfg, self.metrics, self.observer = cfg, metrics, observer
-        self.stages: dict[str, float] = {}
-        self.mark = self.started = time.monotonic()
+        self.timer = StageTimer()
+        self.started = time.monotonic()
         self.current, self.doing = "connect", ""
 
     def metric(self, name: str) -> None:
         """Record the metric stage ``name``: the time since the previous one."""
-        now = time.monotonic()
-        self.stages[name] = now - self.mark
-        self.mark = now
+        seconds = self.timer.lap(name)
         if self.metrics is not None:
-            self.metrics.proxy_connect_seconds.labels(self.cfg.name, name).observe(
-                self.stages[name])
+            self.metrics.proxy_connect_seconds.labels(self.cfg.name, name).observe(seconds)
+
+    @property
+    def stages(self) -> dict[str, float]:
+        return self.timer.stages
 
     def begin(self, name: str, doing: str = "") -> None:
         """The observer's stage ``name`` starts; ``doing`` describes it if it fails."""
