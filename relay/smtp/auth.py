@@ -37,9 +37,9 @@ def _b64(text: bytes) -> bytes:
 
 
 async def _response(session: RelaySMTP, challenge: bytes) -> bytes:
-    await session._raw([f"334 {base64.b64encode(challenge).decode()}"])
+    await session.send_lines([f"334 {base64.b64encode(challenge).decode()}"])
     try:
-        line = await session._reader.readuntil(b"\n")
+        line = await session.reader.readuntil(b"\n")
     except asyncio.LimitOverrunError:
         session.close()
         raise _Abort("500 5.5.6 Authentication response too long") from None
@@ -76,7 +76,7 @@ async def run_auth(session: RelaySMTP, arg: str | None) -> None:
     """Handle one AUTH command on ``session``."""
     ctx = session.ctx
     ip = session._client_ip
-    if not session._s.host_name or not session._s.extended_smtp:
+    if not session.state.host_name or not session.state.extended_smtp:
         await session.push("503 5.5.1 Error: send EHLO first")
         return
     if ctx.users is None:
@@ -118,7 +118,7 @@ async def run_auth(session: RelaySMTP, arg: str | None) -> None:
     if ok:
         ctx.throttle.success(ip)
         session._auth_user = user
-        session._s.authenticated = True
+        session.state.authenticated = True
         log.info("%s: %s authenticated as %r (%s)", ctx.cfg.name, ip, user, mechanism)
         await session.push(replies.AUTH_OK)
         return

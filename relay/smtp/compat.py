@@ -1,11 +1,20 @@
-"""The aiosmtpd and asyncio internals relay's SMTP sessions rely on, kept in one place.
+"""The one place relay touches aiosmtpd's (and asyncio's) private state.
+
+aiosmtpd is the brief's SMTP server library: relay keeps its command loop, STARTTLS and
+stream plumbing and overrides the commands. What that needs beyond aiosmtpd's public
+API lives here, nowhere else, behind stable names (``AiosmtpdSession``):
 
 - ``init_aiosmtpd_state`` sets up what ``aiosmtpd.smtp.SMTP.__init__`` sets up, minus its
   per-connection introspection (``inspect.getmembers`` over session and handler costs
-  ~0.3 ms of CPU per connection, a third of a small message's budget).
-  ``tests/smtp/test_server_init.py`` fails when an aiosmtpd upgrade adds state.
+  ~0.3 ms of CPU per connection, a third of a small message's budget);
+- the stream reader and writer, whether STARTTLS is active, resetting the transaction,
+  the end-of-DATA state, the command timer, and hooks at session start and on timeout;
 - ``unread`` gives bytes read past the end of DATA back to the stream reader, which has
   no public way to do so; ``has_line`` peeks whether the next command is already there.
+
+``pyproject.toml`` pins the aiosmtpd releases this was checked against, and
+``tests/smtp/test_aiosmtpd_canary.py`` fails loudly when an aiosmtpd release changes
+anything in ``RELIES_ON`` or adds state to ``SMTP.__init__``.
 """
 
 from __future__ import annotations
@@ -16,11 +25,29 @@ import ssl
 from collections import defaultdict
 from typing import Any
 
+from aiosmtpd.smtp import SMTP, Session
+
 from relay.smtp import replies
 
 log = logging.getLogger("relay.smtp")
 
 _COMMANDS: dict[type, tuple[str, ...]] = {}
+
+# aiosmtpd.smtp.SMTP's private members relay uses, with their parameters (after self):
+# the canary test compares these with the installed aiosmtpd.
+RELIES_ON: dict[str, tuple[str, ...] | None] = {
+    "_reset_timeout": ("duration",),        # overridden: one re-armed timer per session
+    "_timeout_cb": (),                      # extended: a 421 before closing
+    "_handle_client": (),                   # extended: refuse before the greeting
+    "_set_post_data_state": (),             # extended: end relay's transaction too
+    "_set_rset_state": (),
+    "_cb_client_connected": ("reader", "writer"),
+    "_reader": None,                        # attributes set by the stream protocol
+    "_writer": None,
+    "_tls_protocol": None,
+    "_timeout_handle": None,
+    "_timeout_duration": None,
+}
 
 
 class _Hooks:
@@ -90,3 +117,102 @@ def unread(reader: asyncio.StreamReader, data: bytes) -> None:
 def has_line(reader: asyncio.StreamReader) -> bool:
     """True when a whole command line is already buffered (the client is pipelining)."""
     return b"\n" in reader._buffer  # type: ignore[attr-defined]
+
+
+class AiosmtpdSession(SMTP):
+    """aiosmtpd's SMTP protocol with the private parts relay uses given stable names.
+
+    Subclasses (``relay.smtp.server.RelaySMTP``) call ``init_state`` instead of
+    ``SMTP.__init__`` and override ``refuse_at_connect``, ``on_timeout`` and
+    ``on_end_of_data``.
+    """
+
+    _deadline: float
+    _timer_at: float
+
+    def init_state(self, *, hostname: str, data_size_limit: int, timeout: float,
+                   tls_context: ssl.SSLContext | None, auth_require_tls: bool) -> None:
+        self._deadline = 0.0
+        self._timer_at = 0.0
+        init_aiosmtpd_state(self, loop=asyncio.get_running_loop(), hostname=hostname,
+                            data_size_limit=data_size_limit, timeout=timeout,
+                            tls_context=tls_context, auth_require_tls=auth_require_tls)
+
+    # --- stable names for private state ---------------------------------------------------
+
+    @property
+    def reader(self) -> asyncio.StreamReader:
+        return self._reader
+
+    @property
+    def writer(self) -> asyncio.StreamWriter:
+        return self._writer
+
+    @property
+    def starttls_active(self) -> bool:
+        return self._tls_protocol is not None
+
+    @property
+    def state(self) -> Session:
+        """aiosmtpd's per-connection session (HELO name, ESMTP, authenticated)."""
+        if self.session is None:
+            raise AttributeError("no SMTP session before connection_made")
+        return self.session
+
+    def reset_transaction(self) -> None:
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+
+    def end_of_data(self) -> None:
+        """aiosmtpd's state after DATA (and ``on_end_of_data``)."""
+        self._set_post_data_state()
+
+    # --- hooks ------------------------------------------------------------------------------
+
+    async def refuse_at_connect(self) -> bool:
+        """Called before the greeting; True when the session was refused (and closed)."""
+        return False
+
+    def on_timeout(self) -> None:
+        """Called when the command timer fires, before aiosmtpd closes the session."""
+
+    def on_end_of_data(self) -> None:
+        """Called when aiosmtpd returns to the post-DATA state."""
+
+    # --- the overrides of aiosmtpd internals ------------------------------------------------
+
+    def reset_timer(self, duration: float | None = None) -> None:
+        """(Re)start the command timer: ``duration`` or the listener's command timeout."""
+        self._reset_timeout(duration)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # One timer per session, re-armed only when it fires early: commands push the
+        # deadline forward without a cancel and a new call_later each time.
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or self._deadline < self._timer_at:
+            if handle is not None:
+                handle.cancel()
+            self._timer_at = self._deadline
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timer_at = self._deadline
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+            return
+        self._timeout_cb()
+
+    def _timeout_cb(self) -> None:
+        if self.transport is None:               # already gone (timer re-armed late)
+            return
+        self.on_timeout()
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    async def _handle_client(self) -> None:
+        if await self.refuse_at_connect():
+            return
+        await super()._handle_client()
+
+    def _set_post_data_state(self) -> None:
+        super()._set_post_data_state()  # type: ignore[no-untyped-call]
+        self.on_end_of_data()

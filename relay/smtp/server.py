@@ -14,12 +14,10 @@ import ipaddress
 import logging
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Session
-
 from relay.connlimits import TOO_MANY
 from relay.smtp import replies
 from relay.smtp.auth import run_auth
-from relay.smtp.compat import has_line, init_aiosmtpd_state, unread
+from relay.smtp.compat import AiosmtpdSession, has_line, unread
 from relay.smtp.data import DataReader, Event
 from relay.smtp.handler import Context, Transaction, finish_message
 from relay.smtp.policy import (
@@ -38,7 +36,7 @@ READ_CHUNK = 65536
 _RAW = ("220 ", "220-", "334 ", "354 ")     # no enhanced code (greeting, challenges, 354)
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(AiosmtpdSession):
     """An SMTP session of a relay listener."""
 
     line_length_limit = 32768          # StreamReader limit; command lines are checked below
@@ -58,31 +56,10 @@ class RelaySMTP(SMTP):
         self._pipelinable = False               # the reply being made may wait (PIPELINING)
         self._held: list[bytes] = []
         self._closing = False
-        self._deadline = 0.0
-        self._timer_at = 0.0
-        init_aiosmtpd_state(
-            self, loop=asyncio.get_running_loop(), hostname=ctx.hostname,
-            data_size_limit=cfg.max_message_size, timeout=cfg.command_timeout,
-            tls_context=ctx.tls_context if cfg.tls == "starttls" else None,
-            auth_require_tls=not cfg.allow_plaintext_auth)
-
-    def _reset_timeout(self, duration: float | None = None) -> None:
-        # One timer per session, re-armed only when it fires early: commands push the
-        # deadline forward without a cancel and a new call_later each time.
-        self._deadline = self.loop.time() + (duration or self._timeout_duration)
-        handle = self._timeout_handle
-        if handle is None or handle.cancelled() or self._deadline < self._timer_at:
-            if handle is not None:
-                handle.cancel()
-            self._timer_at = self._deadline
-            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
-
-    def _timer_fired(self) -> None:
-        if self.loop.time() < self._deadline:
-            self._timer_at = self._deadline
-            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
-            return
-        self._timeout_cb()
+        self.init_state(hostname=ctx.hostname, data_size_limit=cfg.max_message_size,
+                        timeout=cfg.command_timeout,
+                        tls_context=ctx.tls_context if cfg.tls == "starttls" else None,
+                        auth_require_tls=not cfg.allow_plaintext_auth)
 
     # --- connection life cycle ----------------------------------------------------------
 
@@ -120,22 +97,19 @@ class RelaySMTP(SMTP):
                 self.ctx.metrics.smtp_sessions.labels(self.ctx.cfg.name).dec()
         super().connection_lost(error)
 
-    async def _handle_client(self) -> None:
-        if self._refused_reply is not None:
-            self.ctx.refused(Refusal.from_reply(self._refused_reply, "too_many_connections"),
-                             info=None, client=self._client_ip, stage="CONNECT")
-            await self.push(self._refused_reply)
-            self.close()
-            return
-        await super()._handle_client()
+    async def refuse_at_connect(self) -> bool:
+        if self._refused_reply is None:
+            return False
+        self.ctx.refused(Refusal.from_reply(self._refused_reply, "too_many_connections"),
+                         info=None, client=self._client_ip, stage="CONNECT")
+        await self.push(self._refused_reply)
+        self.close()
+        return True
 
-    def _timeout_cb(self) -> None:
-        if self.transport is None:               # already gone (timer re-armed late)
-            return
-        if not self.transport.is_closing():
+    def on_timeout(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
             log.info("%s: %s timed out", self.ctx.cfg.name, self._client_ip)
             self._write_now(replies.timeout_reply(self.hostname))
-        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def shutdown(self) -> None:
         """Tell the client the service is going away and close (used after drain timeout).
@@ -160,7 +134,7 @@ class RelaySMTP(SMTP):
         # Postfix does), instead of one send() each.
         if self._pipelinable:
             self._pipelinable = False
-            if has_line(self._reader):
+            if has_line(self.reader):
                 self._held.append(data)
                 return
         await self._send(data)
@@ -169,21 +143,14 @@ class RelaySMTP(SMTP):
         if self._held:
             data = b"".join(self._held) + data
             self._held.clear()
-        self._writer.write(data)
-        await self._writer.drain()
+        self.writer.write(data)
+        await self.writer.drain()
 
-    async def _raw(self, lines: list[str]) -> None:
+    async def send_lines(self, lines: list[str]) -> None:
         await self._send("".join(f"{line}\r\n" for line in lines).encode())
 
-    def _set_post_data_state(self) -> None:
-        super()._set_post_data_state()  # type: ignore[no-untyped-call]
+    def on_end_of_data(self) -> None:
         self._txn = None
-
-    @property
-    def _s(self) -> Session:
-        if self.session is None:
-            raise AttributeError("no SMTP session before connection_made")
-        return self.session
 
     def close(self) -> None:
         if self.transport is not None:
@@ -199,12 +166,12 @@ class RelaySMTP(SMTP):
 
     @property
     def tls(self) -> bool:
-        return self._implicit_tls or self._tls_protocol is not None
+        return self._implicit_tls or self.starttls_active
 
     def info(self) -> SessionInfo:
         return SessionInfo(
             listener=self.ctx.cfg.name, client_ip=self._client_ip,
-            client_port=self._client_port, helo=self._s.host_name or "", tls=self.tls,
+            client_port=self._client_port, helo=self.state.host_name or "", tls=self.tls,
             auth_user=self._auth_user, allowlisted=self._allowlisted,
             trusted=bool(self._auth_user) or self._allowlisted)
 
@@ -224,25 +191,25 @@ class RelaySMTP(SMTP):
         if not hostname:
             await self.push("501 5.5.4 Syntax: HELO hostname")
             return
-        self._set_rset_state()  # type: ignore[no-untyped-call]
-        self._s.extended_smtp = False
-        self._s.host_name = hostname
-        await self._raw([f"250 {self.hostname}"])
+        self.reset_transaction()
+        self.state.extended_smtp = False
+        self.state.host_name = hostname
+        await self.send_lines([f"250 {self.hostname}"])
 
     async def smtp_EHLO(self, hostname: str) -> None:
         if not hostname:
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
-        self._set_rset_state()  # type: ignore[no-untyped-call]
-        self._s.extended_smtp = True
-        self._s.host_name = hostname
+        self.reset_transaction()
+        self.state.extended_smtp = True
+        self.state.host_name = hostname
         lines = [self.hostname, "PIPELINING", f"SIZE {self.ctx.cfg.max_message_size}",
                  "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
         if self.tls_context is not None and not self.tls:
             lines.append("STARTTLS")
         if self._auth_offered():
             lines.append("AUTH PLAIN LOGIN")
-        await self._raw([f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"])
+        await self.send_lines([f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"])
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self.tls:
@@ -262,7 +229,7 @@ class RelaySMTP(SMTP):
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         self._pipelinable = True
-        if not self._s.host_name:
+        if not self.state.host_name:
             await self.push(replies.NEED_EHLO)
             return
         if self._txn is not None:
@@ -273,7 +240,7 @@ class RelaySMTP(SMTP):
         try:
             parsed = parse_command(arg, "FROM:", what="sender", null_ok=True)
             sender, params = parsed.address, parsed.params
-            smtputf8, body8 = mail_params(params, extended=bool(self._s.extended_smtp),
+            smtputf8, body8 = mail_params(params, extended=bool(self.state.extended_smtp),
                                           max_size=cfg.max_message_size)
             info = self.info()
             if not info.trusted and not cfg.relay_domains:
@@ -291,7 +258,7 @@ class RelaySMTP(SMTP):
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         self._pipelinable = True
-        if not self._s.host_name:
+        if not self.state.host_name:
             await self.push(replies.NEED_EHLO)
             return
         txn = self._txn
@@ -322,7 +289,7 @@ class RelaySMTP(SMTP):
         await self.push(replies.RCPT_OK)
 
     async def smtp_DATA(self, arg: str | None) -> None:
-        if not self._s.host_name:
+        if not self.state.host_name:
             await self.push(replies.NEED_EHLO)
             return
         txn = self._txn
@@ -340,7 +307,7 @@ class RelaySMTP(SMTP):
         if event is None:
             return
         self._txn = None
-        self._reset_timeout()
+        self.reset_timer()
         tls_version = None
         if self.tls:
             ssl_obj = self.transport.get_extra_info("ssl_object") if self.transport else None
@@ -348,12 +315,12 @@ class RelaySMTP(SMTP):
         self._finishing = True
         try:
             reply = await finish_message(self.ctx, self.info(), txn, event,
-                                         extended=bool(self._s.extended_smtp),
+                                         extended=bool(self.state.extended_smtp),
                                          tls_version=tls_version)
         finally:
             self._finishing = False
-        self._set_post_data_state()
-        self._reset_timeout()
+        self.end_of_data()
+        self.reset_timer()
         await self.push(reply)
         if self._closing:
             self.shutdown()
@@ -361,15 +328,15 @@ class RelaySMTP(SMTP):
     async def _read_data(self) -> Event | None:
         reader = DataReader(self.ctx.cfg.max_message_size)
         while True:
-            self._reset_timeout(self.ctx.cfg.data_timeout)
-            chunk = await self._reader.read(READ_CHUNK)
+            self.reset_timer(self.ctx.cfg.data_timeout)
+            chunk = await self.reader.read(READ_CHUNK)
             if not chunk:                       # client went away mid-DATA: nothing queued
                 self.close()
                 return None
             event = reader.feed(chunk)
             if event is not None:
                 if event.leftover:
-                    unread(self._reader, event.leftover)
+                    unread(self.reader, event.leftover)
                 return event
 
     async def smtp_AUTH(self, arg: str | None) -> None:
