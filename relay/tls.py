@@ -1,5 +1,7 @@
-"""TLS, the one owner: server contexts for every listener, client contexts toward upstreams,
-certificate facts, one explanation of TLS failures, and handshake timing.
+"""TLS, its one owner: server and client contexts, certificate facts, failures explained.
+
+Server contexts for every listener, client contexts toward upstreams, certificate facts,
+one explanation of TLS failures, and handshake timing.
 
 Server side (SMTP, IMAP and POP3 listeners alike): TLS 1.2+, no renegotiation, the
 certificate chain loaded and proven before it replaces a working one. Client side: the

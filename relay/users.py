@@ -1,4 +1,4 @@
-"""SMTP AUTH credentials: the users file (scrypt hashes) and the failed-AUTH throttle.
+"""The users file: relay's own SMTP AUTH and proxy users (scrypt hashes), re-read on change.
 
 The users file holds one ``name:hash`` per line (``#`` comments and blank lines allowed),
 where hash is ``$scrypt$n=16384,r=8,p=1$<salt>$<key>`` (standard base64), made by

@@ -1,4 +1,4 @@
-"""What the listeners of a Config need: users, accept pipelines, checks, authenticators.
+"""What the SMTP listeners of a Config need: users files, accept pipelines, checks.
 
 Built on its own by an SMTP listener process (``smtp_only``), which so never imports the
 delivery, transport or proxy code; the main process's ``relay.app.components.build`` adds

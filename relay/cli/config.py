@@ -74,7 +74,7 @@ def summary(config: Config) -> str:
 
 
 def _check_dkim_keys(path: str, config: Config) -> bool:
-    """Load the DKIM keys the way start-up does (relay.dkim_keys), so check sees bad keys."""
+    """Load the DKIM keys the way start-up does (relay.dkim.keys), so check sees bad keys."""
     from relay.dkim.keys import load_keys
 
     try:

@@ -32,7 +32,7 @@ COMMANDS = ("list", "show", "retry", "hold", "release", "delete")
 
 
 class SchedulerHook(Protocol):
-    """What the queue tools need from the running scheduler (``relay.scheduler``)."""
+    """What the queue tools need from the running scheduler (``relay.outbound.scheduler``)."""
 
     def reschedule(self, queue_id: str) -> None: ...
     def forget(self, queue_id: str) -> None: ...

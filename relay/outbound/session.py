@@ -1,8 +1,9 @@
 """One upstream SMTP session: transport connect, TLS, greeting/EHLO, AUTH, timed and classified.
 
-Used by delivery (``relay.delivery``) and by ``relay check``. Every failure to set up a
-session raises ``SessionError`` (a transient ``DeliveryError`` with a bounded ``reason``
-and an operator hint) or the transport's ``TransportError``; neither ever bounces mail.
+Used by the SMTP courier (``relay.outbound.smtp_courier``) and by ``relay check``.
+Every failure to set up a session raises ``SessionError`` (a transient
+``DeliveryError`` with a bounded ``reason`` and an operator hint) or the transport's
+``TransportError``; neither ever bounces mail.
 Commands after set-up return ``Reply`` objects so the caller classifies them per
 recipient. Secrets (passwords, tokens, AUTH payloads) are never logged.
 """
@@ -46,7 +47,7 @@ class SessionError(DeliveryError):
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    """Who relay is toward the provider for one session (see ``relay.delivery``)."""
+    """Who relay is toward the provider for one session (``relay.outbound.attempt``)."""
 
     mechanism: Literal["none", "password", "xoauth2"] = "none"
     username: str = ""

@@ -1,4 +1,4 @@
-"""Spool records: the envelope of a queued message and its per-recipient delivery state."""
+"""Spool records: a queued message and its per-recipient delivery state (the envelope is a leaf)."""
 
 from __future__ import annotations
 
