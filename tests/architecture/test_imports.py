@@ -91,3 +91,21 @@ def test_import_contracts_hold() -> None:
     out = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+def test_the_readme_module_table_and_the_tree_agree() -> None:
+    """Every room and top-level module of relay/ is in the README's module table, and every
+    path the table names exists: a newcomer reading either finds the same floor plan."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("| module | job |")
+    table = readme[start:readme.index("\n\n", start)]
+    named = set(re.findall(r"`(relay/[\w./]*)`", table))
+    for path in named:
+        assert (ROOT / path).exists(), f"README names {path}, which does not exist"
+    tree = {f"relay/{p.name}/" for p in RELAY.iterdir()
+            if p.is_dir() and (p / "__init__.py").exists()}
+    tree |= {f"relay/{p.name}" for p in RELAY.glob("*.py") if p.name != "__init__.py"}
+    missing = sorted(tree - named)
+    assert not missing, f"relay/ has {missing}, which the README's module table does not list"
