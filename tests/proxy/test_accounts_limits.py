@@ -21,6 +21,8 @@ from relay.sasl import SaslError, parse_plain, plain_string, xoauth2_string
 from relay.throttle import FailureTracker
 from relay.users import UserDB, hash_password
 
+pytestmark = pytest.mark.fast
+
 
 def upstream(auth: str, **kw: object) -> UpstreamConfig:
     return UpstreamConfig(name="o365", protocol="imap", host="outlook.office365.com",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from aiosmtpd.smtp import SMTP
 
 from relay.config.schema import HostPort, ListenerConfig
@@ -9,6 +10,8 @@ from relay.envelope import Envelope
 from relay.maillog import MailLog
 from relay.smtp.handler import Context
 from relay.smtp.server import RelaySMTP
+
+pytestmark = pytest.mark.fast
 
 
 async def _accept(envelope: Envelope, data: bytes) -> str:
