@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from relay.errors import TransportError
 from relay.probe.steps import Report, format_text, to_json
+
+pytestmark = pytest.mark.fast
 
 
 def test_text_and_json() -> None:

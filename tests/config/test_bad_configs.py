@@ -9,6 +9,8 @@ import pytest
 from relay.config.loader import load_config
 from relay.errors import ConfigError
 
+pytestmark = pytest.mark.fast
+
 BAD = Path(__file__).resolve().parent.parent / "bad_configs"
 ENV = {"RELAY_TEST_PASSWORD": "secret"}
 CASES = sorted(p.stem for p in BAD.glob("*.toml"))

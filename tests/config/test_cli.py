@@ -15,6 +15,7 @@ from tests.config.conftest import BASE, CONF
 REPO = CONF.parent
 
 
+@pytest.mark.fast
 def test_check_ok(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "check", str(CONF / "relay.toml")]) == 0
     out = capsys.readouterr().out
@@ -22,6 +23,7 @@ def test_check_ok(capsys: pytest.CaptureFixture[str]) -> None:
                    "0 DKIM keys, 0 token sources, 0 accounts, 3 profiles, 12 address sets)\n")
 
 
+@pytest.mark.fast
 def test_check_bad_prints_file_line_and_hint(tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     p = tmp_path / "relay.toml"
@@ -36,6 +38,7 @@ def test_check_bad_prints_file_line_and_hint(tmp_path: Path,
         "(vendor pages sometimes print commas)\n")
 
 
+@pytest.mark.fast
 def test_check_prints_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     p = tmp_path / "relay.toml"
     p.write_text(BASE + '\n[[upstream]]\nname = "x"\nprotocol = "smtp"\nhost = "mx.example.net"'
@@ -46,6 +49,7 @@ def test_check_prints_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str
                           "verification is OFF")
 
 
+@pytest.mark.fast
 def test_show_masks_secrets_and_is_toml(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     p = tmp_path / "relay.toml"
@@ -81,6 +85,7 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
     assert bad.stderr == (REPO / "tests/bad_configs/open_relay.err").read_text()
 
 
+@pytest.mark.fast
 def test_check_loads_dkim_keys_like_start_up(tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     key = tmp_path / "example.com.key"

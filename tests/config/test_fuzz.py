@@ -7,12 +7,15 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.config.loader import load_config
 from relay.errors import ConfigError
 from tests.config.conftest import EXAMPLE_ENV
+
+pytestmark = pytest.mark.fast
 
 Path_ = tuple[str | int, ...]
 

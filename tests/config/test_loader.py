@@ -15,6 +15,8 @@ from relay.config.schema import HostPort
 from relay.errors import ConfigError
 from tests.config.conftest import BASE, CONF, EXAMPLE_ENV, FILES
 
+pytestmark = pytest.mark.fast
+
 
 def write(tmp_path: Path, text: str, name: str = "relay.toml") -> Path:
     p = tmp_path / name

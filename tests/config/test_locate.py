@@ -8,6 +8,8 @@ import pytest
 
 from relay.config.locate import Locator
 
+pytestmark = pytest.mark.fast
+
 DOC = '''\
 # comment line
 title = "x"            # 2

@@ -6,10 +6,13 @@ import json
 import tomllib
 from functools import partial
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.config.locate import Locator
+
+pytestmark = pytest.mark.fast
 
 Path_ = tuple[str | int, ...]
 dumps = partial(json.dumps, ensure_ascii=False)

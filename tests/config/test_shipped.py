@@ -7,9 +7,13 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from relay.config.loader import load_config
 from relay.config.schema import HostPort
 from tests.config.conftest import CONF
+
+pytestmark = pytest.mark.fast
 
 # NICE CXone's "system email" page (Japanese edition), as the field documents give it.
 SEED = Path(__file__).parent / "fixtures" / "cxone-system-email.ja.txt"

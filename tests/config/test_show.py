@@ -6,9 +6,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from relay.config.loader import load_config
 from relay.config.show import render
 from tests.config.conftest import EXAMPLE_ENV
+
+pytestmark = pytest.mark.fast
 
 
 def without_lines(value: Any) -> Any:

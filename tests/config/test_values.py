@@ -16,6 +16,8 @@ from relay.config.values import (
     parse_size,
 )
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.mark.parametrize(("raw", "want"), [
     (0, 0), (1234, 1234), ("35MB", 35 * 1024 * 1024), ("35 MB", 35 * 1024 * 1024),

@@ -12,6 +12,8 @@ from relay.envelope import Envelope
 from relay.outbound.dsn import Bouncer, Failure, build_dsn, headers_of, is_bounce
 from tests.delivery.helpers import BODY, message
 
+pytestmark = pytest.mark.fast
+
 
 class _Store:
     def __init__(self) -> None:

@@ -236,6 +236,7 @@ async def test_stage_timing_and_slow_delivery(started: list[RecordingUpstream],
     await d.close()
 
 
+@pytest.mark.fast
 async def test_outbox_writes_files(tmp_path: Path) -> None:
     out = tmp_path / "outbox"
     up = upstream(0, name="outbox", protocol="outbox", path=out)

@@ -11,6 +11,8 @@ from relay.envelope import Envelope
 from relay.errors import DeliveryError
 from relay.routing import Router
 
+pytestmark = pytest.mark.fast
+
 ROUTES = (
     RouteConfig(upstream="any-sub", sender_domain="*.example.com"),
     RouteConfig(upstream="o365", sender_domain="example.com"),

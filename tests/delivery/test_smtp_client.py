@@ -17,6 +17,7 @@ from tests.peers import free_port, running, wait_for_port
 from tests.scheduler.rig import sink_argv
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(("user", "token", "raw"), [
     ("cc@example.com", "ya29.a0AfH6", "user=cc@example.com\x01auth=Bearer ya29.a0AfH6\x01\x01"),
     ("ü@example.com", "t", "user=ü@example.com\x01auth=Bearer t\x01\x01"),
@@ -25,6 +26,7 @@ def test_xoauth2_string(user: str, token: str, raw: str) -> None:
     assert base64.b64decode(xoauth2_string(user, token)).decode() == raw
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(("user", "token"), [
     ("cc@example.com\x01auth=Bearer evil", "t"), ("cc@example.com\r\n", "t"), ("", "t"),
     ("cc@example.com", ""), ("cc@example.com", "tok\x01en"), ("cc@example.com", "a b"),
@@ -34,6 +36,7 @@ def test_xoauth2_refuses_control_characters(user: str, token: str) -> None:
         xoauth2_string(user, token)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(("data", "bare"), [
     (b"a\r\nb\r\n", False), (b"a\rb\r\n", True), (b"a\nb\r\n", True), (b"a\r\n\n", True),
     (b"a\r\n.\r\n", False), (b"a\r", True), (b"", False),
@@ -42,6 +45,7 @@ def test_bare_cr_lf(data: bytes, bare: bool) -> None:
     assert has_bare_cr_or_lf(data) is bare
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(("data", "wire"), [
     (b"a\r\nb\r\n", b"a\r\nb\r\n.\r\n"),
     (b".start\r\n", b"..start\r\n.\r\n"),
@@ -107,6 +111,7 @@ async def test_dots_survive_the_trip(started: list[RecordingUpstream]) -> None:
     await d.close()
 
 
+@pytest.mark.fast
 @given(st.lists(st.text(alphabet=".ab \t\x00é", max_size=6), max_size=8))
 def test_dot_stuff_round_trip(lines: list[str]) -> None:
     """What a receiver un-stuffs (RFC 5321 4.5.2) is exactly the message, CRLF-ended."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from dkim.canonicalization import Relaxed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.dkim.sign import relaxed_body
+
+pytestmark = pytest.mark.fast
 
 pieces = st.sampled_from([b" ", b"\t", b"\r\n", b"a", b"b c", b"  ", b"\t \r\n", b"\r", b"\n",
                           b"\xc3\xa4", b"x\r\n\r\n"])

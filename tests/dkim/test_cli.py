@@ -23,6 +23,7 @@ def keygen(tmp: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[
     return out, capsys.readouterr().out
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(("algo", "k"), [("rsa", "rsa"), ("ed25519", "ed25519")])
 def test_keygen_writes_0600_key_and_prints_record(tmp_path: Path, algo: str, k: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -39,6 +40,7 @@ def test_keygen_writes_0600_key_and_prints_record(tmp_path: Path, algo: str, k: 
     assert "".join(s.strip('"') for s in strings) == txt_record(key.private)
 
 
+@pytest.mark.fast
 def test_keygen_refuses_overwrite_and_small_keys(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     path, _ = keygen(tmp_path, capsys)

@@ -24,6 +24,8 @@ from relay.dkim.keys import (
 )
 from relay.errors import ConfigError
 
+pytestmark = pytest.mark.fast
+
 
 def pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
         fmt: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8) -> bytes:

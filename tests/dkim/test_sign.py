@@ -100,6 +100,7 @@ def test_lf_only_message(keyset: KeySet, dns: HostPort) -> None:
     assert perl_verify(signed, dns) == [("pass", "example.com", "rsa2026")]
 
 
+@pytest.mark.fast
 def test_tags_relaxed_no_length_and_header_list(keyset: KeySet) -> None:
     signed = signer(keyset.rsa).sign(MESSAGE, sender_domain="example.com")
     tags = sig_tags(signed)
@@ -117,6 +118,7 @@ def test_tags_relaxed_no_length_and_header_list(keyset: KeySet) -> None:
         assert len(line) <= 78
 
 
+@pytest.mark.fast
 def test_header_list_counts_repeats() -> None:
     headers = [[b"Received", b" x"], [b"To", b" a"], [b"To", b" b"], [b"From", b" c"]]
     names = [n.decode() for n in header_list(headers)]
@@ -125,6 +127,7 @@ def test_header_list_counts_repeats() -> None:
     assert set(names) <= OVERSIGNED | {"mime-version", "content-type"}
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(("header", "domain"), [
     (b"From: A <a@Example.COM>\r\n", "example.com"),
     (b"From: \"Doe, John\" <j@sub.example.com>\r\n", "sub.example.com"),
@@ -137,6 +140,7 @@ def test_from_domain(header: bytes, domain: str | None) -> None:
     assert from_domain(header + b"\r\nbody\r\n") == domain
 
 
+@pytest.mark.fast
 def test_should_sign_only_trusted_mail_with_a_key(keyset: KeySet) -> None:
     s = signer(keyset.rsa)
     trusted = Envelope(sender="a@example.com", recipients=("b@example.net",), received_at=0,

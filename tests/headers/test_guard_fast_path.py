@@ -6,6 +6,8 @@ import pytest
 
 from relay.headers import HeaderGuard, verify_unchanged
 
+pytestmark = pytest.mark.fast
+
 RECEIVED = (b"Received: from x\r\n\tby relay\r\nX-Mailer: Zendesk Mailer\r\n"
             b"Auto-Submitted: auto-generated\r\nSubject: hi\r\n\r\nbody\r\n")
 

@@ -33,6 +33,8 @@ from relay.headers import (
 )
 from relay.metrics import Metrics
 
+pytestmark = pytest.mark.fast
+
 # The five headers of the Zendesk + Exchange Online document, plus threading headers,
 # in awkward but legal shapes: folded, odd whitespace, 8-bit text, LF and CRLF variants.
 ZENDESK_HEAD = [

@@ -14,6 +14,8 @@ from relay.envelope import Envelope
 from relay.metrics import Metrics
 from relay.spool.store import Spool
 
+pytestmark = pytest.mark.fast
+
 CONFIG = """
 [relay]
 hostname = "relay.test"

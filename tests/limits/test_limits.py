@@ -17,6 +17,8 @@ from relay.config.schema import ProfileConfig
 from relay.outbound.pacing import RateLimiter
 from relay.verdict import Refusal
 
+pytestmark = pytest.mark.fast
+
 MB = 1024 * 1024
 GENESYS = ProfileConfig(name="genesys-agentless", max_recipients=1, max_subject_chars=400,
                         max_local_part=64, max_display_name=64, max_body_bytes=3 * MB,

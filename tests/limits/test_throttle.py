@@ -6,6 +6,8 @@ import pytest
 
 from relay.throttle import FailureThrottle, client_key
 
+pytestmark = pytest.mark.fast
+
 
 def test_schedule_refusal_and_expiry() -> None:
     now = [0.0]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client.exposition import generate_latest
 
 from relay.listenproc.merge import MergedMetrics, snapshot
 from relay.metrics import Metrics
+
+pytestmark = pytest.mark.fast
 
 
 def render(main: Metrics, merged: MergedMetrics) -> str:

@@ -6,6 +6,8 @@ import pytest
 
 from relay.oauth.http import HttpProtocolError, ResponseParser, build_request
 
+pytestmark = pytest.mark.fast
+
 OK = [
     ("content-length",
      b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 7\r\n\r\n{\"a\":1}",

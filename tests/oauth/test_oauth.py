@@ -217,6 +217,7 @@ async def test_failed_early_refresh_keeps_the_valid_token(ca: trustme.CA,
             await sources.token("o365")
 
 
+@pytest.mark.fast
 async def test_static_token_file_is_reread_when_it_changes(tmp_path: Path) -> None:
     path = tmp_path / "token"
     path.write_text("static-token-one\n")
@@ -234,6 +235,7 @@ async def test_static_token_file_is_reread_when_it_changes(tmp_path: Path) -> No
     assert info.value.error == "expired"
 
 
+@pytest.mark.fast
 def test_jwt_expiry() -> None:
     claims = base64.urlsafe_b64encode(json.dumps({"exp": 1234}).encode()).rstrip(b"=")
     assert jwt_expiry(f"e30.{claims.decode()}.sig") == 1234

@@ -11,6 +11,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.ops.deploy_support import (
@@ -31,6 +32,7 @@ def pinned(image: str) -> bool:
     return (bool(name) and "/" not in tag and tag not in ("", "latest")) or "@sha256:" in image
 
 
+@pytest.mark.fast
 def test_dockerfile_is_non_root_slim_and_pinned() -> None:
     ins = instructions(DOCKERFILE)
     args = dict(a.split("=", 1) for w, a in ins if w == "ARG" and "=" in a)
@@ -50,6 +52,7 @@ def test_dockerfile_is_non_root_slim_and_pinned() -> None:
     assert json.loads(words["ENTRYPOINT"]) == ["relay"]
 
 
+@pytest.mark.fast
 def test_dockerfile_copies_what_exists_and_the_ignore_file_keeps() -> None:
     ignore = (DEPLOY / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
     kept = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
@@ -64,6 +67,7 @@ def test_dockerfile_copies_what_exists_and_the_ignore_file_keeps() -> None:
                 f"COPY {src} is excluded by Dockerfile.dockerignore"
 
 
+@pytest.mark.fast
 def test_dockerfile_exposes_the_compose_ports() -> None:
     exposed = {int(p) for w, a in final_stage(DOCKERFILE) if w == "EXPOSE" for p in a.split()}
     config = (COMPOSE_DIR / "relay.toml").read_text()
@@ -75,6 +79,7 @@ def compose() -> dict:  # type: ignore[type-arg]
     return yaml.safe_load((COMPOSE_DIR / "compose.yaml").read_text())
 
 
+@pytest.mark.fast
 def test_compose_stack_is_complete_and_consistent(tmp_path: Path) -> None:
     doc = compose()
     services = doc["services"]

@@ -7,11 +7,14 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from relay.cli import build_parser
 from relay.config.schema import Config
 from tests.ops.deploy_support import DEPLOY, check_shipped_config, dockerfile_command, parse_unit
+
+pytestmark = pytest.mark.fast
 
 K8S = DEPLOY / "kubernetes"
 SECRET_ENV = {"RELAY_SOCKS_PASSWORD": "x", "RELAY_O365_CLIENT_SECRET": "y"}

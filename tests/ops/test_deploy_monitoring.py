@@ -6,6 +6,7 @@ import json
 import subprocess
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.ops.deploy_support import DEPLOY, METRIC_REF, exposed_names, family_names
@@ -41,6 +42,7 @@ def alert_rules() -> list[dict[str, Any]]:
     return [r for g in doc["groups"] for r in g["rules"]]
 
 
+@pytest.mark.fast
 def test_rules_cover_the_issue_and_use_real_metrics() -> None:
     rules = alert_rules()
     names = exposed_names()
@@ -73,6 +75,7 @@ def dashboard_exprs() -> list[str]:
     return [t["expr"] for p in dashboard()["panels"] for t in p.get("targets", [])]
 
 
+@pytest.mark.fast
 def test_dashboard_is_valid_and_covers_every_metric() -> None:
     doc = dashboard()
     assert doc["uid"] and doc["title"] and doc["schemaVersion"] >= 30
@@ -93,6 +96,7 @@ def test_dashboard_is_valid_and_covers_every_metric() -> None:
     assert {"datasource", "job", "instance", "upstream"} <= variables
 
 
+@pytest.mark.fast
 def test_dashboard_shows_delivery_time_per_upstream_and_stage() -> None:
     exprs = dashboard_exprs()
     by_stage = [e for e in exprs if "relay_delivery_stage_seconds" in e and "stage" in e]
@@ -101,6 +105,7 @@ def test_dashboard_shows_delivery_time_per_upstream_and_stage() -> None:
     assert any("relay_slow_deliveries_total" in e and "stage" in e for e in exprs)
 
 
+@pytest.mark.fast
 def test_dashboard_panels_do_not_overlap() -> None:
     cells: dict[tuple[int, int], str] = {}
     for p in dashboard()["panels"]:

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from relay.config.schema import RelaySection
 from tests.ops.deploy_support import DEPLOY, parse_unit
 from tests.peers import need
@@ -38,6 +40,7 @@ def test_unit_exposure_is_low(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
 
 
+@pytest.mark.fast
 def test_unit_contract() -> None:
     unit = parse_unit(UNIT.read_text())
     assert unit["Service.Type"] == ["notify"]

@@ -6,6 +6,8 @@ import pytest
 
 from relay.ops.endpoint import BadRequest, Response, accepts_gzip, parse_request, render_response
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.mark.parametrize(("head", "method", "path", "query", "headers"), [
     (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", "GET", "/metrics", {}, {"host": "x"}),

@@ -64,6 +64,7 @@ def test_abstract_namespace_socket() -> None:
         n.close()
 
 
+@pytest.mark.fast
 def test_without_systemd_everything_is_a_no_op() -> None:
     n = SystemdNotifier.from_environ({})
     assert not n.enabled

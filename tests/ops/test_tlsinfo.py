@@ -17,6 +17,8 @@ from relay.errors import ConfigError
 from relay.metrics import Metrics
 from relay.ops.certexpiry import certificate_expiry, pem_expiry, update_listener_expiry
 
+pytestmark = pytest.mark.fast
+
 
 def self_signed(not_after: dt.datetime) -> bytes:
     key = ec.generate_private_key(ec.SECP256R1())

@@ -12,6 +12,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import pytest
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now."""
@@ -45,8 +47,32 @@ def wait_until(cond: object, *, timeout: float = 20.0, interval: float = 0.02) -
     raise TimeoutError(f"condition not met within {timeout}s")
 
 
+# The test now running in the fast lane (set by tests/conftest.py), or None: fast tests
+# start no peers, no relay and no other program.
+_fast_test: str | None = None
+
+
+@contextlib.contextmanager
+def fast_lane(nodeid: str) -> Iterator[None]:
+    """Run a block as the fast test ``nodeid``: starting a peer in it fails that test."""
+    global _fast_test
+    _fast_test = nodeid
+    try:
+        yield
+    finally:
+        _fast_test = None
+
+
+def refuse_in_fast_lane(program: str, *, verb: str = "starts") -> None:
+    """Fail the running test, naming ``program``, if it is a fast test (see fast_lane)."""
+    if _fast_test is not None:
+        pytest.fail(f"test {_fast_test} is marked fast but {verb} {program}; "
+                    "remove the fast marker", pytrace=False)
+
+
 def need(binary: str) -> str:
     """Absolute path of a peer binary; a clear failure (never a skip) when missing."""
+    refuse_in_fast_lane(binary)
     for candidate in (shutil.which(binary), f"/usr/sbin/{binary}", f"/usr/bin/{binary}",
                       f"/usr/lib/postfix/sbin/{binary}"):
         if candidate and os.path.exists(candidate):
@@ -59,6 +85,7 @@ def need(binary: str) -> str:
 def running(argv: Sequence[str], *, log: Path, cwd: Path | None = None,
             env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
     """Run a peer process for the duration of a ``with`` block; stop it by its pid."""
+    refuse_in_fast_lane(Path(argv[0]).name)
     with open(log, "ab") as out:
         proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
                                 env=env, start_new_session=True)

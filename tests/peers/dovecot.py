@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trustme
 
-from tests.peers import free_port, need, running, wait_for_port
+from tests.peers import free_port, need, refuse_in_fast_lane, running, wait_for_port
 
 MAIL_UID = pwd.getpwnam("nobody").pw_uid
 MAIL_GID = pwd.getpwnam("nobody").pw_gid
@@ -224,6 +224,7 @@ class Introspection:
 @contextlib.contextmanager
 def introspection_server(tokens: dict[str, str]) -> Iterator[Introspection]:
     """Answer ``{"active": true, "username": U}`` for known tokens, ``active: false`` else."""
+    refuse_in_fast_lane("an introspection server on loopback")
     import http.server
     import json
     import threading

@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.peers import free_port, need, wait_for_port, wait_until
+from tests.peers import free_port, need, refuse_in_fast_lane, wait_for_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,6 +83,7 @@ class Relay:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *ports: int, env: dict[str, str] | None = None) -> Relay:
+        refuse_in_fast_lane("relay (python -m relay run)")
         # A restarted relay appends to the same log: wait for *its* start line.
         started_before = self.log_text().count("relay started")
         with open(self.log, "ab") as out:
@@ -131,6 +132,7 @@ class Relay:
             raise
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        refuse_in_fast_lane(f"relay (python -m relay {' '.join(args)})")
         return subprocess.run([sys.executable, "-m", "relay", *args, "-c", str(self.config)],
                               cwd=ROOT, capture_output=True, text=True, timeout=120,
                               check=False)

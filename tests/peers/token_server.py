@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from tests.peers import free_port
+from tests.peers import free_port, refuse_in_fast_lane
 
 
 def _b64d(s: str) -> bytes:
@@ -147,6 +147,7 @@ class TokenServer:
 @contextlib.contextmanager
 def token_server(ca: trustme.CA | None, **kw: object) -> Iterator[TokenServer]:
     """Serve on 127.0.0.1 (HTTPS with a ``ca``-issued cert for 127.0.0.1, else HTTP)."""
+    refuse_in_fast_lane("a token server on loopback")
     srv = TokenServer(tls=ca is not None, **kw)  # type: ignore[arg-type]
     srv.port = free_port()
     ctx: ssl.SSLContext | None = None

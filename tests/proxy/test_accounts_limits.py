@@ -20,6 +20,8 @@ from relay.proxy.upstream import UpstreamCredentials
 from relay.sasl import SaslError, parse_plain, plain_string, xoauth2_string
 from relay.users import UserDB, hash_password
 
+pytestmark = pytest.mark.fast
+
 
 def upstream(auth: str, **kw: object) -> UpstreamConfig:
     return UpstreamConfig(name="o365", protocol="imap", host="outlook.office365.com",

@@ -9,6 +9,8 @@ import pytest
 from relay.proxy.events import Close, Event, Login, Send, StartTls
 from relay.proxy.imap import ImapPreAuth
 
+pytestmark = pytest.mark.fast
+
 
 def machine(**kw: object) -> ImapPreAuth:
     opts: dict[str, object] = {"tls_mode": "none", "max_line": 8192}

@@ -9,6 +9,8 @@ import pytest
 from relay.proxy.events import Close, Event, Login, Send, StartTls
 from relay.proxy.pop3 import Pop3PreAuth
 
+pytestmark = pytest.mark.fast
+
 
 def machine(**kw: object) -> Pop3PreAuth:
     opts: dict[str, object] = {"tls_mode": "none", "max_line": 512}

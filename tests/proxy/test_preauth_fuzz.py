@@ -3,12 +3,15 @@ never yields credentials with control characters, and never buffers beyond the l
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.proxy.events import Close, Event, Login
 from relay.proxy.imap import ImapPreAuth
 from relay.proxy.pop3 import Pop3PreAuth
+
+pytestmark = pytest.mark.fast
 
 # Fragments that steer random input toward interesting states.
 PIECES = st.sampled_from([

@@ -12,6 +12,8 @@ from relay.control.queue import QueueManager
 from relay.errors import ControlError
 from tests.queue.conftest import FakeScheduler, Queue
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture
 def hook(queue: Queue) -> FakeScheduler:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+
 from relay.cli.queue import render, render_list, render_show
+
+pytestmark = pytest.mark.fast
 
 
 def _msg(**over: Any) -> dict[str, Any]:

@@ -70,6 +70,7 @@ def dsn_parts(data: bytes) -> dict[str, str]:
     return out
 
 
+@pytest.mark.fast
 async def test_backoff_doubles_to_max_with_jitter() -> None:
     retry = RetryConfig(first=60, max=1800, jitter=0.2)
     assert [backoff(retry, n, lambda: 0.5) for n in (1, 2, 3, 5, 6, 40)] == [
@@ -281,6 +282,7 @@ async def test_slow_delivery_against_smtp_sink(rigs: list[Rig], tmp_path: Path) 
     assert value == 1
 
 
+@pytest.mark.fast
 async def test_outbox_upstream_end_to_end(rigs: list[Rig], tmp_path: Path) -> None:
     out = tmp_path / "outbox"
     ob = replace(upstream(0, name="outbox", protocol="outbox"), path=out)

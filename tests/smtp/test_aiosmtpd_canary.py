@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from importlib.metadata import requires, version
 
+import pytest
 from aiosmtpd.smtp import SMTP
 from packaging.requirements import Requirement
 
@@ -19,6 +20,8 @@ from relay.maillog import MailLog
 from relay.smtp.compat import RELIES_ON
 from relay.smtp.handler import Context
 from relay.smtp.server import RelaySMTP
+
+pytestmark = pytest.mark.fast
 
 
 async def _accept(envelope: Envelope, data: bytes) -> str:

@@ -130,6 +130,7 @@ async def test_users_file_change_is_picked_up(start_relay: StartRelay, users_fil
     assert await run(go) == "235 2.7.0 Authentication successful"
 
 
+@pytest.mark.fast
 def test_users_file_format_and_mode(tmp_path: Path) -> None:
     path = tmp_path / "users"
     empty = UserDB.load(path)                  # not created yet: nobody can log in
@@ -158,6 +159,7 @@ def test_users_file_format_and_mode(tmp_path: Path) -> None:
         UserDB.load(path)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(("data", "result"), [
     (b"\0user\0pw", ("user", "pw")),
     (b"user\0user\0pw", ("user", "pw")),

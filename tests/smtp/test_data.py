@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from relay.smtp.data import BareLineEnding, DataReader, Event, Message, TooBig
 
+pytestmark = pytest.mark.fast
+
 
 def feed_all(reader: DataReader, chunks: list[bytes]) -> Event | None:
     event = None

@@ -95,6 +95,7 @@ async def test_recipient_address_policy(start_relay: StartRelay, command: str,
     assert out[2] == "250 2.0.0 OK"          # the session carries on
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(("arg", "utf8", "ok"), [
     ("FROM:<>", False, True),
     ("FROM:<a@example.com> BODY=8BITMIME SIZE=10", False, True),

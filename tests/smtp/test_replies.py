@@ -7,6 +7,8 @@ import pytest
 from relay.smtp.replies import with_enhanced
 from relay.verdict import Refusal
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.mark.parametrize(("raw", "expected"), [
     ("250 OK", "250 2.0.0 OK"),

@@ -54,6 +54,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     return code, cap.out + cap.err
 
 
+@pytest.mark.fast
 def test_provider_include() -> None:
     assert provider_include("smtp.office365.com") == (MSFT, "Microsoft 365 / Exchange Online")
     assert provider_include("outlook.office365.com.")[0] == MSFT  # type: ignore[index]
@@ -104,6 +105,7 @@ def test_no_record_is_a_warning(dns: HostPort, capsys: pytest.CaptureFixture[str
     assert code == 0 and "publishes no SPF record" in out
 
 
+@pytest.mark.fast
 def test_comma_written_address_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
     code, out = run(capsys, "customer.test", "--ip", "69,169,235,170")
     assert code == 1
@@ -128,6 +130,7 @@ async def test_startup_warning_per_failing_domain(tmp_path: Path, dns: HostPort,
     assert "customer.test" not in caplog.text
 
 
+@pytest.mark.fast
 def test_routed_domains_include_dkim_domains_via_default_upstream() -> None:
     from relay.config.schema import (
         Config,

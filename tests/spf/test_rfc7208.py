@@ -17,6 +17,8 @@ import yaml
 
 from relay.checks.spf import evaluate
 
+pytestmark = pytest.mark.fast
+
 DATA = Path(__file__).parent / "data" / "rfc7208-tests.yml"
 Zone = dict[str, list[Any]]
 

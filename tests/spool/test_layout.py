@@ -27,6 +27,8 @@ from relay.spool.layout import (
 )
 from relay.spool.records import RcptStatus
 
+pytestmark = pytest.mark.fast
+
 ENV = Envelope(sender="zoë@example.com", recipients=("a@example.net", "b@example.net"),
                received_at=1700000000.25, client_ip="10.0.0.5", listener="platform",
                auth_user="cc1", smtputf8=True, trusted=True)

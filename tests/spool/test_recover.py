@@ -13,6 +13,8 @@ from relay.spool.records import RcptStatus
 from relay.spool.store import Spool
 from tests.spool.conftest import envelope
 
+pytestmark = pytest.mark.fast
+
 DATA = b"Subject: x\r\n\r\nbody\r\n"
 
 

@@ -23,6 +23,7 @@ from tests.spool.conftest import envelope
 DATA = b"From: agent@example.com\r\nSubject: hello\r\n\r\nbody\r\n"
 
 
+@pytest.mark.fast
 async def test_store_writes_one_durable_file_and_nothing_else(spool: Spool) -> None:
     env = envelope("a@example.net", "b@example.net")
     qid = await spool.store(env, DATA)
@@ -40,6 +41,7 @@ async def test_store_writes_one_durable_file_and_nothing_else(spool: Spool) -> N
     assert spool.queue_ids() == [qid] and qid in spool
 
 
+@pytest.mark.fast
 async def test_listeners_get_each_stored_message(spool: Spool) -> None:
     seen: list[QueuedMessage] = []
     spool.add_listener(seen.append)
@@ -49,6 +51,7 @@ async def test_listeners_get_each_stored_message(spool: Spool) -> None:
     assert seen[0].state.recipients[0].status is RcptStatus.PENDING
 
 
+@pytest.mark.fast
 async def test_concurrent_stores_get_distinct_ordered_ids(spool: Spool) -> None:
     ids = await asyncio.gather(*(spool.store(envelope(), DATA + b"%d" % i) for i in range(60)))
     assert len(set(ids)) == 60
@@ -57,6 +60,7 @@ async def test_concurrent_stores_get_distinct_ordered_ids(spool: Spool) -> None:
         assert await spool.read_message(qid) == DATA + b"%d" % i
 
 
+@pytest.mark.fast
 async def test_a_cancelled_store_still_completes_and_is_announced(spool: Spool) -> None:
     seen: list[str] = []
     announced = asyncio.Event()
@@ -70,6 +74,7 @@ async def test_a_cancelled_store_still_completes_and_is_announced(spool: Spool) 
     assert spool.queue_ids() == seen and os.listdir(spool.tmp) == []
 
 
+@pytest.mark.fast
 async def test_state_is_saved_atomically_and_removed_before_the_message(spool: Spool) -> None:
     qid = await spool.store(envelope("a@example.net", "b@example.net"), DATA)
     msg = spool.load(qid)
@@ -106,6 +111,7 @@ async def test_state_is_saved_atomically_and_removed_before_the_message(spool: S
     await spool.remove(qid)                     # idempotent
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "..", "lock", "abc", ""])
 async def test_ids_from_outside_are_validated(spool: Spool, bad: str) -> None:
     with pytest.raises(KeyError):
@@ -116,6 +122,7 @@ async def test_ids_from_outside_are_validated(spool: Spool, bad: str) -> None:
         await spool.remove(bad)
 
 
+@pytest.mark.fast
 async def test_stats_and_metrics(spool: Spool) -> None:
     now = time.time()
     old = await spool.store(envelope(when=now - 300), DATA)
@@ -151,6 +158,7 @@ async def test_stats_and_metrics(spool: Spool) -> None:
     sp.close()
 
 
+@pytest.mark.fast
 async def test_a_write_error_is_a_spool_error_and_leaves_nothing(tmp_path: Path) -> None:
     sp = Spool(tmp_path / "s")
     sp.recover()
@@ -164,6 +172,7 @@ async def test_a_write_error_is_a_spool_error_and_leaves_nothing(tmp_path: Path)
     sp.close()
 
 
+@pytest.mark.fast
 async def test_unwritable_spool_root_says_what_to_do(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     sp = Spool(tmp_path / "file" / "spool")
@@ -172,6 +181,7 @@ async def test_unwritable_spool_root_says_what_to_do(tmp_path: Path) -> None:
     assert "[relay] spool" in err.value.hint
 
 
+@pytest.mark.fast
 async def test_fsync_off_still_stores(tmp_path: Path) -> None:
     sp = Spool(tmp_path / "s", fsync=False)
     qid = await sp.store(envelope(), DATA)
@@ -179,6 +189,7 @@ async def test_fsync_off_still_stores(tmp_path: Path) -> None:
     sp.close()
 
 
+@pytest.mark.fast
 def test_lock_is_exclusive_and_visible(tmp_path: Path) -> None:
     a, b = Spool(tmp_path / "s"), Spool(tmp_path / "s")
     assert not a.is_locked_by_other()
@@ -217,6 +228,7 @@ def test_lock_held_by_another_process_and_freed_when_it_dies(tmp_path: Path) -> 
     sp.close()
 
 
+@pytest.mark.fast
 async def test_recover_refuses_under_a_running_relay(tmp_path: Path) -> None:
     running, other = Spool(tmp_path / "s"), Spool(tmp_path / "s")
     running.lock()
@@ -227,6 +239,7 @@ async def test_recover_refuses_under_a_running_relay(tmp_path: Path) -> None:
     assert other.recover() == []
 
 
+@pytest.mark.fast
 async def test_store_returns_only_after_data_rename_and_directory_are_synced(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The durability contract, as the sequence of calls store() makes before returning."""
@@ -261,6 +274,7 @@ async def test_store_returns_only_after_data_rename_and_directory_are_synced(
     assert calls == []      # unlinks survive a process crash; no directory fsync needed
 
 
+@pytest.mark.fast
 async def test_first_read_of_a_fresh_message_comes_from_memory_then_from_disk(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     qid = await spool.store(envelope(), DATA)

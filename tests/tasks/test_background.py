@@ -9,6 +9,8 @@ import pytest
 
 from relay.tasks import Background
 
+pytestmark = pytest.mark.fast
+
 log = logging.getLogger("relay.test.background")
 
 

@@ -9,6 +9,8 @@ import pytest
 
 from relay.probe.hints import explain_auth_reply, explain_login_reply
 
+pytestmark = pytest.mark.fast
+
 CASES = [
     (535, "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the "
           "Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.",

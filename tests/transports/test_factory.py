@@ -42,6 +42,7 @@ async def test_reload_moves_every_upstream_using_the_proxy(dante_proxy: Dante,
     await registry.close()
 
 
+@pytest.mark.fast
 def test_unchanged_proxies_keep_their_transport() -> None:
     ssh = ProxyConfig(name="s", kind="ssh", host="127.0.0.1", port=22)
     socks = ProxyConfig(name="k", kind="socks5", host="127.0.0.1", port=1080)
@@ -54,6 +55,7 @@ def test_unchanged_proxies_keep_their_transport() -> None:
     assert isinstance(registry.get(None), DirectTransport)
 
 
+@pytest.mark.fast
 def test_unknown_via_is_a_config_error() -> None:
     registry = Transports([])
     with pytest.raises(ConfigError):

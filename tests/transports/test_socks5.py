@@ -151,6 +151,7 @@ async def test_wrong_certificate_name_is_explained(dante_proxy: Dante, ca: trust
     assert f"expected {TLS_NAME}" in str(err)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("code", sorted(REPLY_CODES))
 def test_every_rfc1928_reply_code_is_named(code: int) -> None:
     cfg = ProxyConfig(name="p", kind="socks5", host="127.0.0.1", port=1080)
@@ -161,6 +162,7 @@ def test_every_rfc1928_reply_code_is_named(code: int) -> None:
     assert err.hint
 
 
+@pytest.mark.fast
 def test_handshake_timeout_and_closed_connection_are_classified() -> None:
     cfg = ProxyConfig(name="p", kind="socks5", host="127.0.0.1", port=1080)
     assert classify_socks_error(ProxyTimeoutError("t"), cfg, "h:25").reason == "proxy_timeout"

@@ -84,6 +84,7 @@ async def test_plain_text_port_is_a_handshake_failure(tmp_path: Path) -> None:
     assert "starttls" in err.hint
 
 
+@pytest.mark.fast
 def test_unreadable_ca_file(tmp_path: Path) -> None:
     (tmp_path / "bad.pem").write_text("not a certificate")
     with pytest.raises(TransportError) as info:
@@ -91,12 +92,14 @@ def test_unreadable_ca_file(tmp_path: Path) -> None:
     assert info.value.reason == "tls_config"
 
 
+@pytest.mark.fast
 def test_verify_off_is_per_upstream() -> None:
     ctx = client_context(upstream(None, verify_tls=False))
     assert ctx.verify_mode == ssl.CERT_NONE and not ctx.check_hostname
     assert client_context(upstream(None)).verify_mode == ssl.CERT_REQUIRED
 
 
+@pytest.mark.fast
 def test_cert_info_reads_names_and_expiry() -> None:
     leaf = trustme.CA().issue_cert(NAME, "127.0.0.1")
     info = cert_info(ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode()))
