@@ -22,6 +22,7 @@ from relay.app.components import Components, ListenerParts, build
 from relay.app.reload import ReloadPlan
 from relay.config.loader import load_config
 from relay.config.schema import Config
+from relay.control import paths
 from relay.control.queue import QueueManager
 from relay.control.socket import ControlServer
 from relay.envelope import Envelope
@@ -47,11 +48,11 @@ Listener = SmtpListener | ProxyListener
 
 
 def pid_file(config: Config) -> Path:
-    return config.relay.pid_file or config.relay.spool / "relay.pid"
+    return paths.pid_path(config.relay)
 
 
 def control_path(config: Config) -> Path:
-    return config.relay.control_socket or config.relay.spool / "control.sock"
+    return paths.control_path(config.relay)
 
 
 class App:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from importlib import import_module
 
 from relay import __version__
+from relay.config.lookup import ORDER
 from relay.errors import RelayError
 
 # Areas, in the order `relay --help` lists them. Each is relay.cli.<area> with register().
@@ -20,7 +21,9 @@ AREAS: tuple[str, ...] = ("run", "config", "dkim", "spf", "check", "user", "queu
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="relay", description="Mail relay proxy for contact centers.")
+        prog="relay", description="Mail relay proxy for contact centers.",
+        epilog=f"Every command finds its config file in this order: {ORDER}. "
+               "`relay COMMAND --help` describes each command.")
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for area in AREAS:

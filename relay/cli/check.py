@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 
-from relay.cli.common import DEFAULT_CONFIG
+from relay.cli.common import add_config_arg, config_path
 from relay.config.loader import load_config
 
 
@@ -20,8 +20,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "upstream fails.")
     parser.add_argument("upstreams", nargs="*", metavar="UPSTREAM",
                         help="upstream names (default: all)")
-    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
-                        help=f"config file (default: {DEFAULT_CONFIG})")
+    add_config_arg(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON report")
     parser.add_argument("--send-test", metavar="ADDRESS",
                         help="also send a small test message to ADDRESS (SMTP upstreams)")
@@ -35,7 +34,7 @@ def check_command(args: argparse.Namespace) -> int:
     from relay.probe.walk import run_check
 
     logging.basicConfig(level=logging.ERROR, format="relay: %(message)s")
-    config = load_config(args.config)
+    config = load_config(config_path(args.config))
     reports = asyncio.run(run_check(config, args.upstreams, send_test=args.send_test,
                                     send_from=args.send_from))
     if args.json:

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from relay.cli.common import DEFAULT_CONFIG
+from relay.cli.common import CONFIG_HELP, config_path
 from relay.config.loader import load_config
 from relay.config.schema import Config
 from relay.config.show import render
@@ -20,8 +20,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     check = verbs.add_parser("check", help="validate FILE; exit 1 with FILE:LINE on a mistake")
     show = verbs.add_parser("show", help="print the effective config, secrets masked")
     for p in (check, show):
-        p.add_argument("file", nargs="?", metavar="FILE",
-                       help=f"config file (default: -c/--config or {DEFAULT_CONFIG})")
+        p.add_argument("file", nargs="?", metavar="FILE", help=CONFIG_HELP)
         p.add_argument("-c", "--config", dest="config_opt", metavar="FILE",
                        help="config file (same as FILE)")
     check.set_defaults(func=check_command)
@@ -29,7 +28,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _path(args: argparse.Namespace) -> str:
-    return str(args.file or args.config_opt or getattr(args, "config", None) or DEFAULT_CONFIG)
+    return str(config_path(args.file or args.config_opt or getattr(args, "config", None)))
 
 
 class _Warnings(logging.Handler):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from relay.cli.common import DEFAULT_CONFIG
+from relay.cli.common import CONFIG_HELP, config_path
 from relay.config.schema import Config, HostPort
 from relay.dns import Resolver
 from relay.errors import ConfigError
@@ -12,8 +12,8 @@ from relay.errors import ConfigError
 
 def add_dns_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", metavar="FILE",
-                        help=f"config file (default {DEFAULT_CONFIG}); its [relay] dns_servers "
-                             "and dns_timeout are used")
+                        help="its [relay] dns_servers and dns_timeout are used; "
+                             + CONFIG_HELP)
     parser.add_argument("--dns", action="append", default=[], metavar="HOST:PORT",
                         help="ask this DNS server instead (repeatable)")
     parser.add_argument("--dns-timeout", type=float, default=None, metavar="SECONDS")
@@ -36,7 +36,7 @@ def resolver_from_args(args: argparse.Namespace, *,
     if need_config or args.config:
         from relay.config.loader import load_config
 
-        config = load_config(args.config or DEFAULT_CONFIG)
+        config = load_config(config_path(args.config), secrets=False)
     servers = tuple(parse_hostport(s) for s in args.dns)
     timeout = args.dns_timeout
     if config is not None:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from relay.cli.common import DEFAULT_CONFIG
+from relay.cli.common import CONFIG_HELP, config_path
 from relay.control.queue import QueueManager, check_id
 from relay.control.socket import request
 from relay.errors import ControlError, SpoolError
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     common = argparse.ArgumentParser(add_help=False)
     where = common.add_mutually_exclusive_group()
     where.add_argument("-c", "--config", metavar="FILE",
-                       help=f"relay's config, to find the spool (default {DEFAULT_CONFIG})")
+                       help=f"relay's config, to find the spool; {CONFIG_HELP}")
     where.add_argument("--spool", metavar="DIR", help="the spool directory itself")
     common.add_argument("--socket", metavar="PATH",
                         help="control socket (default: [relay] control_socket or "
@@ -72,12 +72,11 @@ def _locate(args: argparse.Namespace) -> tuple[Path, Path]:
         root = Path(args.spool)
         sock = Path(args.socket) if args.socket else root / "control.sock"
         return root, sock
-    from relay.config.loader import load_config
+    from relay.config.loader import load_relay_section
+    from relay.control.paths import control_path
 
-    config = load_config(args.config or DEFAULT_CONFIG)
-    root = config.relay.spool
-    sock = config.relay.control_socket or root / "control.sock"
-    return root, Path(args.socket) if args.socket else sock
+    relay = load_relay_section(config_path(args.config))    # no secrets needed here
+    return relay.spool, Path(args.socket) if args.socket else control_path(relay)
 
 
 async def execute(root: Path, sock: Path, command: str, cmd_args: dict[str, Any], *,

@@ -6,16 +6,14 @@ import argparse
 import asyncio
 import json
 import logging
-import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from relay.app.logs import setup_logging
-from relay.cli.common import DEFAULT_CONFIG
-from relay.config.loader import load_config
-from relay.config.schema import Config
+from relay.cli.common import add_config_arg, config_path
+from relay.config.loader import load_config, load_relay_section
+from relay.config.schema import RelaySection
 from relay.errors import ConfigError, RelayError
 
 
@@ -25,8 +23,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             ("reload", _reload, "make the running relay re-read its config"),
             ("status", _status, "show whether relay runs, its listeners and queue")):
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
-                       help=f"config file (default: $RELAY_CONFIG or {DEFAULT_CONFIG})")
+        add_config_arg(p)
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
         p.set_defaults(func=func)
@@ -35,7 +32,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _run(args: argparse.Namespace) -> int:
     from relay.app.runtime import App
 
-    path = Path(args.config)
+    path = Path(config_path(args.config))
     config = load_config(path)
     setup_logging(config.relay.log_level)
     try:
@@ -47,29 +44,35 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
 
-def _control(config: Config, command: str) -> dict[str, Any]:
-    from relay.app.runtime import control_path
+def _control(relay: RelaySection, command: str) -> dict[str, Any]:
+    from relay.control.paths import control_path
     from relay.control.socket import request
 
-    return asyncio.run(request(control_path(config), command, timeout=120))
+    return asyncio.run(request(control_path(relay), command, timeout=120))
 
 
 def _reload(args: argparse.Namespace) -> int:
+    path = config_path(args.config)
     try:
-        config = load_config(args.config)
+        # Checked here first (without secrets: those live in relay's own environment and
+        # files), so a broken file never reaches the running relay, which checks it again
+        # with its secrets and answers with what it found.
+        config = load_config(path, secrets=False)
     except ConfigError as exc:
-        # Checked here first: a broken file never reaches the running relay.
         print(f"relay: {exc.explain()}\nrelay: not reloaded; the running relay keeps its "
               "current config. Fix the file and run `relay reload` again.", file=sys.stderr)
         return 1
     try:
-        reply = _control(config, "reload")
+        reply = _control(config.relay, "reload")
     except RelayError as exc:
         # No control socket: fall back to SIGHUP through the pid file.
-        from relay.app.runtime import pid_file
+        import os
+        import signal
+
+        from relay.control.paths import pid_path
 
         try:
-            pid = int(pid_file(config).read_text().strip())
+            pid = int(pid_path(config.relay).read_text().strip())
             os.kill(pid, signal.SIGHUP)
         except (OSError, ValueError):
             raise exc from None
@@ -80,7 +83,7 @@ def _reload(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    reply = _control(load_config(args.config), "status")
+    reply = _control(load_relay_section(config_path(args.config)), "status")
     if args.json:
         print(json.dumps(reply, indent=2, sort_keys=True))
         return 0

@@ -9,7 +9,7 @@ import stat
 import sys
 from pathlib import Path
 
-from relay.cli.common import DEFAULT_CONFIG
+from relay.cli.common import CONFIG_HELP, config_path
 from relay.config.loader import load_config
 from relay.errors import ConfigError, RelayError
 from relay.users import hash_password, read_users, valid_name, write_users
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     show = verbs.add_parser("list", help="list user names")
     for p in (add, delete, show):
         p.add_argument("-c", "--config", metavar="FILE",
-                       help=f"config file naming users_file (default {DEFAULT_CONFIG})")
+                       help=f"config file naming users_file; {CONFIG_HELP}")
         p.add_argument("-f", "--file", metavar="PATH",
                        help="users file to edit (instead of the config's users_file)")
         p.add_argument("-l", "--listener", metavar="NAME",
@@ -44,8 +44,8 @@ def users_path(args: argparse.Namespace) -> Path:
     """The users file: --file, else the (one) users_file of the config's SMTP listeners."""
     if args.file:
         return Path(args.file)
-    cfg_path = args.config or DEFAULT_CONFIG
-    config = load_config(cfg_path)
+    cfg_path = config_path(args.config)
+    config = load_config(cfg_path, secrets=False)
     files = {lst.name: lst.users_file for lst in config.listeners
              if lst.users_file is not None and (not args.listener or lst.name == args.listener)}
     distinct = sorted({str(p) for p in files.values() if p is not None})

@@ -23,6 +23,7 @@ from relay.config.schema import (
     Config,
     ListenerConfig,
     ProfileConfig,
+    RelaySection,
     RouteConfig,
     UpstreamConfig,
 )
@@ -90,11 +91,18 @@ def _friendlier(msg: str) -> tuple[str, str]:
     return msg, _SYNTAX_HINT
 
 
-def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -> Config:
-    """Read, validate and type the whole config; the first mistake raises ConfigError."""
+def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None,
+                secrets: bool = True) -> Config:
+    """Read, validate and type the whole config; the first mistake raises ConfigError.
+
+    ``secrets=False`` checks everything else but resolves no secret (``*_env`` variables
+    and ``*_file`` contents are not read; their ``Secret`` values are empty) and opens no
+    private key file: for commands that only talk to the running relay.
+    """
     file, text, data = parse_file(path)
     base = Path(path).resolve().parent
-    ctx = Context(file, text, base=base, environ=os.environ if environ is None else environ)
+    ctx = Context(file, text, base=base, environ=os.environ if environ is None else environ,
+                  secrets=secrets)
     root = Table(ctx, (), data)
     for key in data:
         if key not in SECTIONS:
@@ -143,6 +151,23 @@ def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -
         accounts=tuple(accounts), profiles=tuple(profiles.values()), address_sets=sets)
     _check_header_rules(ctx, config)
     return config
+
+
+def load_relay_section(path: Path | str, *,
+                       environ: Mapping[str, str] | None = None) -> RelaySection:
+    """Only the ``[relay]`` section (spool, control socket, pid file), validated.
+
+    What ``relay status`` and ``relay queue`` need to find the running relay: they work
+    whatever the rest of the file holds, without secrets, keys or relay's permissions.
+    """
+    file, text, data = parse_file(path)
+    ctx = Context(file, text, base=Path(path).resolve().parent,
+                  environ=os.environ if environ is None else environ, secrets=False)
+    relay_t = Table(ctx, (), data).table("relay")
+    relay_t.known.update(("address_sets", "profiles"))   # data files: not needed here
+    section = read_relay(relay_t)
+    relay_t.finish()
+    return section
 
 
 def _data_files(relay_t: Table, key: str, base: Path) -> list[Path]:

@@ -69,11 +69,16 @@ def one_of(choices: Sequence[str]) -> str:
 class Context:
     """What every table of one file shares: its name, locator, base dir and environment."""
 
-    def __init__(self, file: str, text: str, *, base: Path, environ: Mapping[str, str]) -> None:
+    def __init__(self, file: str, text: str, *, base: Path, environ: Mapping[str, str],
+                 secrets: bool = True) -> None:
         self.file = file
         self.locator = Locator(text)
         self.base = base
         self.environ = environ
+        # False for commands that only talk to the running relay (status, queue, reload's
+        # pre-check): secrets are not resolved and private files are not opened, so they
+        # work without relay's environment or its permissions.
+        self.secrets = secrets
 
     def line(self, path: KeyPath) -> int | None:
         return self.locator.line(path)
@@ -216,6 +221,8 @@ class Table:
         if not text:
             raise self.error(key, "empty path", expected="a file path")
         p = self.ctx.resolve(text)
+        if private and not self.ctx.secrets:
+            return p
         if exists and not p.exists():
             raise self.error(key, "file does not exist", got=show(text),
                              expected="an existing file",
@@ -267,6 +274,8 @@ class Table:
         if env_key in self.raw:
             var = self.text(env_key, expected="an environment variable name",
                            check=lambda v: bool(_ENV_NAME.match(v)))
+            if not self.ctx.secrets:
+                return Secret("", f"env {var}")
             if var not in self.ctx.environ:
                 raise self.error(env_key, f"environment variable {var} is not set",
                                  hint=f"export {var} in relay's environment (systemd: "
@@ -279,6 +288,8 @@ class Table:
         if file_key in self.raw:
             p = self.file(file_key, exists=True, readable=True, private=True)
             assert p is not None
+            if not self.ctx.secrets:
+                return Secret("", f"file {p}")
             try:
                 value = p.read_text(encoding="utf-8").rstrip("\r\n")
             except (OSError, UnicodeDecodeError) as exc:

@@ -187,7 +187,8 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
             raise t.error(missing, f'tls = "{tls}" needs a certificate and its key',
                           expected="cert and key file paths",
                           hint="give cert (PEM chain) and key (PEM private key)")
-        check_cert(t, cert, key)
+        if t.ctx.secrets:                  # the key is a secret: not opened otherwise
+            check_cert(t, cert, key)
     elif cert is not None or key is not None:
         raise t.error("cert" if cert is not None else "key", 'cert/key given but tls = "none"',
                       expected='tls = "starttls" or "implicit", or no cert/key',
