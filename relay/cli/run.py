@@ -14,7 +14,7 @@ from relay.app.logs import setup_logging
 from relay.cli.common import add_config_arg, config_path
 from relay.config.loader import load_config, load_relay_section
 from relay.config.schema import RelaySection
-from relay.errors import ConfigError, RelayError
+from relay.errors import ConfigError, ControlError, RelayError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -64,22 +64,27 @@ def _reload(args: argparse.Namespace) -> int:
         return 1
     try:
         reply = _control(config.relay, "reload")
-    except RelayError as exc:
-        # No control socket: fall back to SIGHUP through the pid file.
-        import os
-        import signal
-
-        from relay.control.paths import pid_path
-
-        try:
-            pid = int(pid_path(config.relay).read_text().strip())
-            os.kill(pid, signal.SIGHUP)
-        except (OSError, ValueError):
-            raise exc from None
-        print(f"relay: sent SIGHUP to pid {pid}; the result is in relay's log")
-        return 0
+    except ControlError as exc:
+        if not isinstance(exc.__cause__, OSError):    # it answered, or timed out: no signal
+            raise
+        return _reload_by_signal(config.relay, exc)
     print(f"relay: {reply.get('message', reply)}")
     return 0 if reply.get("ok") else 1
+
+
+def _reload_by_signal(relay: RelaySection, exc: ControlError) -> int:
+    """No answer on the control socket: SIGHUP, but only to the relay holding the lock."""
+    from relay.control.hup import send_sighup
+
+    found = send_sighup(relay)
+    if found.pid is None:
+        print(f"relay: {exc}\nrelay: not reloaded: {found.why}.\n  hint: start relay "
+              "(systemctl start relay, or relay run -c FILE); if it runs, check that this "
+              "config names its [relay] spool and control_socket", file=sys.stderr)
+        return 1
+    print(f"relay: the control socket did not answer ({exc}); sent SIGHUP to relay pid "
+          f"{found.pid} ({found.why}); the result is in relay's log")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:

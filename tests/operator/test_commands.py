@@ -1,14 +1,18 @@
-"""Operator commands find their relay and need none of its secrets."""
+"""Operator commands find their relay and need none of its secrets; reload signals no stranger."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.operator.support import relay_cli, without
-from tests.peers import free_port
+from tests.peers import free_port, wait_until
 from tests.peers.relayproc import Relay, Sink, config
 
 SECRET_VAR = "RELAY_TEST_OPERATOR_SOCKS_PW"
@@ -21,6 +25,17 @@ def sink(tmp_path: Path) -> Iterator[Sink]:
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture
+def stranger() -> Iterator[subprocess.Popen[bytes]]:
+    """An unrelated process that must survive whatever relay's commands do."""
+    proc = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def secret_config(tmp_path: Path, sink: Sink, port: int, extra: str = "") -> str:
@@ -88,3 +103,79 @@ def test_commands_find_the_config_in_order(tmp_path: Path, sink: Sink) -> None:
         assert "then /etc/relay/relay.toml, then ./conf/relay.toml" in lost.stderr
     finally:
         relay.stop()
+
+
+def stopped_relay_spool(tmp_path: Path, sink: Sink, pid: int) -> Path:
+    """A config whose relay is not running; its pid file names ``pid`` (a stale file)."""
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(secret_config(tmp_path, sink, free_port()))
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    (spool / "lock").touch()
+    (spool / "relay.pid").write_text(f"{pid}\n")
+    return cfg
+
+
+def test_reload_never_signals_the_process_a_stale_pid_file_names(
+        tmp_path: Path, sink: Sink, stranger: subprocess.Popen[bytes]) -> None:
+    cfg = stopped_relay_spool(tmp_path, sink, stranger.pid)
+    out = relay_cli("reload", "-c", str(cfg), env=without(SECRET_VAR))
+    assert out.returncode == 1
+    assert "relay: not reloaded: no process holds the spool lock" in out.stderr
+    assert f"names process {stranger.pid}, which was not signalled" in out.stderr
+    assert "hint: start relay" in out.stderr
+    assert "sent SIGHUP" not in out.stdout + out.stderr
+    assert stranger.poll() is None, "relay reload killed an unrelated process"
+
+
+def test_reload_never_signals_a_lock_holder_that_is_not_relay(
+        tmp_path: Path, sink: Sink, stranger: subprocess.Popen[bytes]) -> None:
+    cfg = stopped_relay_spool(tmp_path, sink, stranger.pid)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time\n"
+         f"f = open({str(tmp_path / 'spool' / 'lock')!r}, 'a')\n"
+         "fcntl.flock(f, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(300)"],
+        stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        (tmp_path / "spool" / "relay.pid").write_text(f"{holder.pid}\n")
+        out = relay_cli("reload", "-c", str(cfg), env=without(SECRET_VAR))
+        assert out.returncode == 1
+        assert f"is held by process {holder.pid} (`{sys.executable} -c" in out.stderr
+        assert "which is not `relay run`" in out.stderr
+        assert holder.poll() is None and stranger.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_reload_without_control_socket_signals_the_relay_holding_the_lock(
+        tmp_path: Path, sink: Sink, stranger: subprocess.Popen[bytes]) -> None:
+    port = free_port()
+    relay = Relay(tmp_path, secret_config(tmp_path, sink, port))
+    relay.start(port, env={SECRET_VAR: "socks-secret"})
+    try:
+        assert relay.proc is not None
+        spool = tmp_path / "spool"
+        (spool / "control.sock").unlink()                  # the socket does not answer
+        (spool / "relay.pid").write_text(f"{stranger.pid}\n")   # and the pid file lies
+        out = relay_cli("reload", "-c", str(relay.config), env=without(SECRET_VAR))
+        assert out.returncode == 0, out.stderr
+        assert f"sent SIGHUP to relay pid {relay.proc.pid}" in out.stdout
+        relay.wait_log(r"reload: config .* applied")
+        assert stranger.poll() is None and relay.proc.poll() is None
+    finally:
+        relay.stop()
+
+
+@pytest.mark.fast
+def test_lock_holders_come_from_the_kernel(tmp_path: Path) -> None:
+    from relay.control.hup import lock_holders
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert lock_holders(lock) == []
+    with open(lock) as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        assert lock_holders(lock) == [os.getpid()]
+    wait_until(lambda: lock_holders(lock) == [])
