@@ -214,25 +214,51 @@ class Table:
 
     def file(self, key: str, *, required: bool = False, exists: bool = False,
              readable: bool = False, private: bool = False) -> Path | None:
-        """A file path, relative to the config file's directory; optionally checked."""
+        """A file path, relative to the config file's directory; optionally checked.
+
+        A path starting with ``$CREDENTIALS_DIRECTORY/`` names a systemd credential
+        (``LoadCredential=``). ``private`` files (keys, secrets) must not be readable or
+        writable by every user; they are not checked when secrets are not resolved.
+        """
         text = self.text(key, required=required, expected="a file path")
         if key not in self.raw:
             return None
         if not text:
             raise self.error(key, "empty path", expected="a file path")
-        p = self.ctx.resolve(text)
-        if private and not self.ctx.secrets:
-            return p
+        expanded = self._credential(key, text)
+        if expanded is None or (private and not self.ctx.secrets):
+            return Path(text) if expanded is None else self.ctx.resolve(expanded)
+        p = self.ctx.resolve(expanded)
         if exists and not p.exists():
+            where = ("; relative paths start at the config file's directory"
+                     if expanded == text else " (a systemd credential: is it named in the "
+                     "unit's LoadCredential=?)")
             raise self.error(key, "file does not exist", got=show(text),
-                             expected="an existing file",
-                             hint=f"looked for {p}; relative paths start at the config "
-                                  "file's directory")
+                             expected="an existing file", hint=f"looked for {p}{where}")
         if readable:
             check_readable(self, key, p)
         if private:
-            warn_if_shared(self, key, p)
+            refuse_if_exposed(self, key, p)
         return p
+
+    def _credential(self, key: str, text: str) -> str | None:
+        """``text`` with a leading ``$CREDENTIALS_DIRECTORY`` expanded (None: unknown here)."""
+        for prefix in ("${CREDENTIALS_DIRECTORY}", "$CREDENTIALS_DIRECTORY"):
+            if text == prefix or text.startswith(prefix + "/"):
+                base = self.ctx.environ.get("CREDENTIALS_DIRECTORY", "")
+                if base:
+                    return base + text[len(prefix):]
+                if not self.ctx.secrets:
+                    return None
+                raise self.error(
+                    key, "$CREDENTIALS_DIRECTORY is not set", got=show(text),
+                    expected="a path that exists here",
+                    hint="this path names a systemd credential, which exists only for the "
+                         "service systemd starts (LoadCredential= in relay.service); "
+                         "`relay reload` checks the file inside the running service, or "
+                         "run the check the same way: systemd-run --pipe --wait -p "
+                         "LoadCredential=... relay config check")
+        return text
 
     def tables(self, key: str) -> list[Table]:
         """An array of tables (``[[key]]``), each wrapped."""
@@ -322,8 +348,14 @@ def check_readable(table: Table, key: str, p: Path) -> None:
                           hint=f"let the user relay runs as read {p}")
 
 
-def warn_if_shared(table: Table, key: str, p: Path) -> None:
+def refuse_if_exposed(table: Table, key: str, p: Path) -> None:
+    """A key or secret file every user may read or change is refused; group access is fine
+    (Kubernetes mounts secrets root-owned with mode 0440 for the pod's group)."""
     mode = p.stat().st_mode
-    if mode & (stat.S_IRGRP | stat.S_IROTH):
-        table.warn(key, f"{p} is readable by group or others (mode "
-                        f"{stat.S_IMODE(mode):04o}); chmod 600 it")
+    exposed = [what for bit, what in ((stat.S_IROTH, "readable"), (stat.S_IWOTH, "writable"))
+               if mode & bit]
+    if exposed:
+        raise table.error(key, f"file is {' and '.join(exposed)} by every user",
+                          got=f"mode {stat.S_IMODE(mode):04o}",
+                          expected="no access for others (e.g. 0600, 0640 or 0440)",
+                          hint=f"run: chmod o-rwx {p}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,10 +22,21 @@ def test_cases_are_paired_and_plenty() -> None:
     assert len(CASES) >= 25
 
 
+def private_copy(tmp: Path) -> Path:
+    """bad_configs/ copied under ``tmp``, its fixture files 0600 as an operator keeps keys
+    (git keeps no modes: checked out, they are readable by everyone, which relay refuses)."""
+    copy = tmp / "bad_configs"
+    shutil.copytree(BAD, copy)
+    for f in (copy / "files").iterdir():
+        f.chmod(0o600)
+    return copy
+
+
 @pytest.mark.parametrize("name", CASES)
-def test_bad_config(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(BAD.parent)
-    expected = (BAD / f"{name}.err").read_text(encoding="utf-8").replace("{dir}", str(BAD))
+def test_bad_config(name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    copy = private_copy(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    expected = (BAD / f"{name}.err").read_text(encoding="utf-8").replace("{dir}", str(copy))
     with pytest.raises(ConfigError) as exc:
         load_config(f"bad_configs/{name}.toml", environ=ENV)
     assert exc.value.explain() + "\n" == expected
@@ -33,8 +45,10 @@ def test_bad_config(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert exc.value.line is not None
 
 
-def test_secret_values_never_appear_in_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(BAD.parent)
+def test_secret_values_never_appear_in_errors(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    private_copy(tmp_path)
+    monkeypatch.chdir(tmp_path)
     for name in ("inline_password", "proxy_password_in_url", "inline_client_secret"):
         with pytest.raises(ConfigError) as exc:
             load_config(f"bad_configs/{name}.toml", environ=ENV)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -121,11 +122,10 @@ def test_relative_paths_resolve_against_the_config_directory(tmp_path: Path,
     assert c.upstreams[0].path == tmp_path / "mail" / "out"
 
 
-def test_secret_file_is_read_and_group_readable_warns(tmp_path: Path,
+def test_secret_file_is_read_and_group_access_is_fine(tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     secret = tmp_path / "pw"
     secret.write_text("s3cret\n")
-    secret.chmod(0o640)
     text = BASE + f'''
 [[upstream]]
 name = "o365"
@@ -135,20 +135,43 @@ username = "cc@example.com"
 password_file = "{secret}"
 verify_tls = false
 '''
-    with caplog.at_level(logging.WARNING, logger="relay.config"):
-        c = load_config(write(tmp_path, text))
-    pw = c.upstream("o365").password
-    assert pw is not None and pw.reveal() == "s3cret"
-    messages = "\n".join(r.getMessage() for r in caplog.records)
-    assert "readable by group or others" in messages and "chmod 600" in messages
-    assert "verification is OFF" in messages
-    assert "s3cret" not in messages
-    assert re.search(r"relay\.toml:\d+: upstream\[1\]\.verify_tls:", messages)
-    secret.chmod(0o600)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="relay.config"):
-        load_config(write(tmp_path, text.replace("verify_tls = false\n", "")))
-    assert not caplog.records
+    # Kubernetes mounts secrets root-owned, 0440, for the pod's group: no warning.
+    for mode in (0o600, 0o640, 0o440):
+        secret.chmod(mode)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="relay.config"):
+            c = load_config(write(tmp_path, text))
+        pw = c.upstream("o365").password
+        assert pw is not None and pw.reveal() == "s3cret"
+        messages = "\n".join(r.getMessage() for r in caplog.records)
+        assert "password_file" not in messages and "chmod" not in messages, oct(mode)
+        assert "verification is OFF" in messages
+        assert "s3cret" not in messages
+        assert re.search(r"relay\.toml:\d+: upstream\[1\]\.verify_tls:", messages)
+
+
+@pytest.mark.parametrize(("mode", "what"), [(0o644, "readable"), (0o602, "writable"),
+                                            (0o666, "readable and writable")])
+def test_secret_file_every_user_may_read_or_change_is_refused(tmp_path: Path, mode: int,
+                                                              what: str) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    secret.chmod(mode)
+    path = write(tmp_path, BASE + f'''
+[[upstream]]
+name = "o365"
+protocol = "smtp"
+host = "smtp.office365.com"
+username = "cc@example.com"
+password_file = "{secret}"
+''')
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert exc.value.explain() == (
+        f"{path}:{exc.value.line}: upstream[1].password_file: file is {what} by every user "
+        f"(got mode {mode:04o}); expected no access for others (e.g. 0600, 0640 or 0440)\n"
+        f"  hint: run: chmod o-rwx {secret}")
+    assert "s3cret" not in exc.value.explain()
 
 
 def test_config_sets_and_profiles_replace_shipped_ones(tmp_path: Path) -> None:
@@ -293,6 +316,9 @@ client_secret_env = "SECRET"
 
 
 def test_proxies(tmp_path: Path) -> None:
+    key = tmp_path / "id_ed25519"
+    shutil.copy(FILES / "id_ed25519", key)
+    key.chmod(0o600)
     c = load_config(write(tmp_path, BASE + f'''
 [[proxy]]
 name = "dante"
@@ -303,7 +329,7 @@ remote_dns = false
 [[proxy]]
 name = "bastion"
 url = "ssh://relay@127.0.0.1:2222"
-key_file = "{FILES / 'id_ed25519'}"
+key_file = "{key}"
 known_hosts = "{FILES / 'known_hosts'}"
 '''), environ={"SOCKS_PW": "pw"})
     dante, bastion = c.proxies

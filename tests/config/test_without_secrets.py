@@ -15,11 +15,11 @@ pytestmark = pytest.mark.fast
 
 
 def secretive(tmp_path: Path) -> Path:
-    """A config whose secrets are out of an operator's reach: unset variables, a secret
-    file that is missing, a TLS key and an SSH key it may not read."""
+    """A config whose secrets are out of an operator's reach: an unset variable, a secret
+    file that is missing, a TLS key and an SSH key every user may read (refused by run)."""
     for name in ("tls.crt", "tls.key", "id_ed25519", "known_hosts"):
         shutil.copy(FILES / name, tmp_path / name)
-        (tmp_path / name).chmod(0o600)
+        (tmp_path / name).chmod(0o644)
     (tmp_path / "users").write_text("")
     (tmp_path / "users").chmod(0o600)
     path = tmp_path / "relay.toml"
@@ -59,7 +59,7 @@ name = "o365"
 kind = "client_credentials"
 tenant = "contoso.onmicrosoft.com"
 client_id = "00000000-0000-0000-0000-000000000000"
-client_secret_env = "UNSET_O365_SECRET"
+client_secret_file = "$CREDENTIALS_DIRECTORY/o365-secret"
 ''')
     return path
 
@@ -78,7 +78,7 @@ def test_without_secrets_nothing_secret_is_read(tmp_path: Path) -> None:
     assert up.password is not None and up.password.origin == f"file {tmp_path / 'not-here'}"
     secret = c.token_source("o365").client_secret
     assert secret is not None and secret.reveal() == ""
-    assert secret.origin == "env UNSET_O365_SECRET"
+    assert secret.origin == "file $CREDENTIALS_DIRECTORY/o365-secret"
 
 
 def test_without_secrets_mistakes_are_still_found(tmp_path: Path) -> None:
