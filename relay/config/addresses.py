@@ -1,6 +1,6 @@
 """Named address sets (``cxone-na1`` ...) and allow-lists mixing CIDRs with set names.
 
-Sets come from data files (the shipped ``conf/address_sets.toml``) and from the config's
+Sets come from data files (the shipped ``relay/data/address_sets.toml``) and from the config's
 own ``[[address_set]]`` entries, which replace a shipped set of the same name. Both use
 the same shape::
 

@@ -3,7 +3,7 @@
 Relative paths in a config file resolve against that file's directory. Named address sets
 and provider profiles are read from data files (``[relay] address_sets`` / ``profiles``,
 default: ``address_sets.toml`` / ``profiles.toml`` beside the config, else the ones
-shipped in the source tree's ``conf/``) and then from the config's own entries.
+shipped as package data in ``relay/data/``) and then from the config's own entries.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 
 from relay.config import references
@@ -36,9 +37,13 @@ _TOML_POS = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 _TOML_END = re.compile(r"\s*\(at end of document\)$")
 
 
-def shipped_conf_dir() -> Path:
-    """``conf/`` of the source tree relay runs from (holds the shipped data files)."""
-    return Path(__file__).resolve().parents[2] / "conf"
+def shipped_data(name: str) -> Path:
+    """A data file shipped with relay (``relay/data/NAME``), wherever relay is installed."""
+    found = resources.files("relay.data").joinpath(name)
+    if not isinstance(found, Path):      # a zipped install: relay is never shipped so
+        raise ConfigError(f"relay's data file {name} is not a file on disk ({found})",
+                          hint="install relay from its wheel or source (pip install relay)")
+    return found
 
 
 def parse_file(path: Path | str) -> tuple[str, str, dict[str, object]]:
@@ -182,7 +187,7 @@ def _data_files(relay_t: Table, key: str, base: Path) -> list[Path]:
                                         hint=f"looked for {f}")
         return files
     relay_t.known.add(key)
-    for candidate in (base / f"{key}.toml", shipped_conf_dir() / f"{key}.toml"):
+    for candidate in (base / f"{key}.toml", shipped_data(f"{key}.toml")):
         if candidate.is_file():
             return [candidate]
     return []

@@ -246,7 +246,7 @@ class Config:
     dkim: tuple[DkimKeyConfig, ...] = ()
     token_sources: tuple[TokenSourceConfig, ...] = ()
     accounts: tuple[AccountConfig, ...] = ()
-    profiles: tuple[ProfileConfig, ...] = ()   # shipped conf/profiles.toml + config's own
+    profiles: tuple[ProfileConfig, ...] = ()   # shipped relay/data/profiles.toml + config's own
     address_sets: dict[str, tuple[Network, ...]] = field(default_factory=dict)
 
     def upstream(self, name: str) -> UpstreamConfig:

@@ -9,6 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
+DATA = REPO / "relay" / "data"          # the shipped profiles and address sets
 FILES = REPO / "tests" / "bad_configs" / "files"
 
 BASE = '''\
@@ -50,8 +51,8 @@ def example_dir(tmp_path: Path) -> Path:
     text = (CONF / "relay.example.toml").read_text()
     text = text.replace("/etc/relay/", f"{etc}/").replace("/var/lib/relay/", f"{var}/")
     (tmp_path / "relay.toml").write_text(text)
-    shutil.copy(CONF / "address_sets.toml", tmp_path / "address_sets.toml")
-    shutil.copy(CONF / "profiles.toml", tmp_path / "profiles.toml")
+    shutil.copy(DATA / "address_sets.toml", tmp_path / "address_sets.toml")
+    shutil.copy(DATA / "profiles.toml", tmp_path / "profiles.toml")
     return tmp_path
 
 

@@ -1,4 +1,4 @@
-"""The shipped conf/ files: the quick-start config, CXone address sets, provider profiles."""
+"""The shipped files: the quick-start config, CXone address sets, provider profiles."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from relay.config.loader import load_config
 from relay.config.schema import HostPort
-from tests.config.conftest import CONF
+from tests.config.conftest import CONF, DATA
 
 pytestmark = pytest.mark.fast
 
@@ -67,7 +67,7 @@ def test_shipped_address_sets_match_the_cxone_document() -> None:
 
 
 def test_shipped_address_sets_note_each_comma_fix() -> None:
-    text = (CONF / "address_sets.toml").read_text()
+    text = (DATA / "address_sets.toml").read_text()
     for line in text.splitlines():
         m = re.match(r'\s*"([\d.]+)",', line)
         if m and line.count("#"):
@@ -89,5 +89,5 @@ def test_shipped_profiles() -> None:
 
 def test_data_files_are_standalone_valid_toml() -> None:
     for name in ("address_sets.toml", "profiles.toml"):
-        data = tomllib.loads((CONF / name).read_text())
+        data = tomllib.loads((DATA / name).read_text())
         assert set(data) == {"address_set" if name.startswith("address") else "profile"}

@@ -54,13 +54,11 @@ def parse_unit(text: str) -> dict[str, list[str]]:
 def check_shipped_config(text: str, tmp: Path, *, environ: dict[str, str]) -> Config:
     """Load a config shipped in deploy/ as relay would, with image paths mapped to tmp.
 
-    ``/usr/share/relay/`` (the image's data files) maps to the source tree's conf/;
-    certificates under ``/etc/relay-tls/`` are made with trustme; other ``/etc/...``
+    Certificates under ``/etc/relay-tls/`` are made with trustme; other ``/etc/...``
     files become empty private files.
     """
     import trustme
 
-    text = text.replace("/usr/share/relay/", f"{ROOT / 'conf'}/")
     for path in sorted(set(re.findall(r'"(/etc/[^"]+)"', text))):
         local = tmp / path.lstrip("/")
         local.parent.mkdir(parents=True, exist_ok=True)
