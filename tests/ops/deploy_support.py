@@ -99,6 +99,17 @@ def final_stage(path: Path) -> list[tuple[str, str]]:
     return ins[last:]
 
 
+def image_env() -> dict[str, str]:
+    """The environment the image's final stage sets (``ENV A=1 B=2`` lines)."""
+    import shlex
+
+    env: dict[str, str] = {}
+    for word, rest in final_stage(DEPLOY / "docker" / "Dockerfile"):
+        if word == "ENV":
+            env.update(item.split("=", 1) for item in shlex.split(rest))
+    return env
+
+
 def dockerfile_command() -> list[str]:
     """The argv the image runs by default (CMD after the relay ENTRYPOINT)."""
     import json

@@ -18,7 +18,9 @@ from tests.ops.deploy_support import (
     DEPLOY,
     ROOT,
     check_shipped_config,
+    dockerfile_command,
     final_stage,
+    image_env,
     instructions,
 )
 from tests.peers import need
@@ -151,3 +153,16 @@ def test_compose_dante_config_is_valid(tmp_path: Path) -> None:
     assert argv[0] == "/usr/sbin/smtp-sink"
     sink_port = argv[-2].rsplit(":", 1)[1]                 # [host]:port backlog
     assert f"port = {sink_port}" in (COMPOSE_DIR / "relay.toml").read_text()
+
+
+@pytest.mark.fast
+def test_commands_run_in_the_container_find_the_running_relays_config() -> None:
+    """`docker exec relay relay queue list` and `kubectl exec ... relay status` use the
+    config the image's relay runs on: the image names it in RELAY_CONFIG, which every
+    command reads, and its default command gives no other -c."""
+    config = image_env()["RELAY_CONFIG"]
+    assert config == "/etc/relay/relay.toml"       # where the docker run line mounts it
+    assert f"{config}:ro" in DOCKERFILE.read_text()
+    argv = dockerfile_command()
+    assert "-c" not in argv and "--config" not in argv, argv
+    assert "docker exec relay relay queue list" in DOCKERFILE.read_text()

@@ -12,7 +12,13 @@ import yaml
 
 from relay.cli import build_parser
 from relay.config.schema import Config
-from tests.ops.deploy_support import DEPLOY, check_shipped_config, dockerfile_command, parse_unit
+from tests.ops.deploy_support import (
+    DEPLOY,
+    check_shipped_config,
+    dockerfile_command,
+    image_env,
+    parse_unit,
+)
 
 pytestmark = pytest.mark.fast
 
@@ -71,7 +77,9 @@ def test_spool_is_a_persistent_volume_never_an_emptydir(tmp_path: Path) -> None:
             paths = [m["mountPath"] for m in mounts.values() if m["name"] == v["name"]]
             assert all(not p.startswith(spool) for p in paths)
     # The config is a directory mount, so ConfigMap updates reach the pod for SIGHUP.
-    config_dir = str(Path(container(sts)["args"][-1]).parent)
+    args = container(sts)["args"]
+    config = args[args.index("-c") + 1] if "-c" in args else image_env()["RELAY_CONFIG"]
+    config_dir = str(Path(config).parent)
     assert "subPath" not in mounts[config_dir]
 
 

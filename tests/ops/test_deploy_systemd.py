@@ -76,3 +76,26 @@ def test_sysusers_and_tmpfiles(tmp_path: Path) -> None:
     spool = tmp_path / str(RelaySection().spool).lstrip("/")
     st = spool.stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (990, 990, 0o750)
+
+
+@pytest.mark.fast
+def test_bare_commands_on_the_host_find_the_services_config() -> None:
+    """A bare `relay status` looks in /etc/relay/relay.toml first: the file the unit runs."""
+    from relay.config.lookup import SYSTEM_CONFIG
+
+    unit = parse_unit(UNIT.read_text())
+    argv = unit["Service.ExecStart"][0].split()
+    assert argv[argv.index("-c") + 1] == str(SYSTEM_CONFIG)
+    assert "RELAY_CONFIG" not in " ".join(unit.get("Service.Environment", []))
+
+
+@pytest.mark.fast
+def test_the_unit_hands_secrets_over_as_systemd_credentials() -> None:
+    unit = parse_unit(UNIT.read_text())
+    (load,) = unit["Service.LoadCredential"]
+    name, _, directory = load.partition(":")
+    assert (name, directory) == ("secret", "/etc/relay/credentials")
+    assert f'"$CREDENTIALS_DIRECTORY/{name}_FILENAME"' in UNIT.read_text()
+    tmpfiles = (DEPLOY / "systemd" / "relay.tmpfiles").read_text().split()
+    at = tmpfiles.index(directory)
+    assert tmpfiles[at - 1:at + 4] == ["d", directory, "0700", "root", "root"]
