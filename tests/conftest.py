@@ -77,6 +77,13 @@ def guarded(item: pytest.Item) -> Iterator[None]:
         yield
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Leave no system account behind: the one Dante's tests made in this process goes."""
+    from tests.peers.dante import remove_account
+
+    remove_account()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
     with guarded(item):

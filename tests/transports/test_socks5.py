@@ -62,7 +62,7 @@ async def test_wrong_password_is_the_cisco_authentication_failure(dante_proxy: D
     err = info.value
     assert err.reason == "proxy_auth_failed"
     assert "SOCKS : authentication failed" in str(err)
-    assert "relaytest-socks" in str(err)
+    assert f"user '{dante_proxy.user}'" in str(err)
     assert "wrong-password" not in err.explain()
     assert "username and password of [[proxy]] dante" in err.hint
     assert "env DANTE_PASSWORD" in err.hint
