@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any
 
-from relay.config.schema import ProxyConfig, UpstreamConfig
+from relay.config.schema import Config, ProxyConfig, UpstreamConfig
 from relay.errors import ConfigError, TransportError
 from relay.transports.base import Transport
 from relay.transports.direct import DirectTransport
@@ -15,6 +19,37 @@ from relay.transports.socks5 import Socks5Transport
 from relay.transports.ssh import SshTransport
 
 log = logging.getLogger("relay.transports")
+
+
+FileStamp = tuple[int, int, int] | None
+
+
+def file_stamp(path: Path | None) -> FileStamp:
+    """(inode, size, mtime ns) of a file, so a rewritten key counts as a change."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def without_line(entry: Any) -> Any:
+    """A config entry with its ``line`` zeroed (where it is written is not what it is)."""
+    return dataclasses.replace(entry, line=0) if hasattr(entry, "line") else entry
+
+
+def proxy_identity(cfg: ProxyConfig) -> tuple[ProxyConfig, FileStamp, FileStamp]:
+    """A [[proxy]] as far as its connections go: its settings (not where they are written)
+    and the contents of its key and known_hosts files, re-read at every reload."""
+    return without_line(cfg), file_stamp(cfg.key_file), file_stamp(cfg.known_hosts)
+
+
+def used_proxies(config: Config) -> set[str]:
+    """The [[proxy]] names a config's upstreams and token sources go through."""
+    return {u.via for u in config.upstreams if u.via} | \
+        {t.via for t in config.token_sources if t.via}
 
 
 def build(cfg: ProxyConfig) -> Transport:
@@ -71,24 +106,25 @@ class Transports:
 
     def __init__(self, proxies: Sequence[ProxyConfig] = ()) -> None:
         self._direct = DirectTransport()
-        self._configs: dict[str, ProxyConfig] = {}
+        self._ids: dict[str, tuple[ProxyConfig, FileStamp, FileStamp]] = {}
         self._transports: dict[str, Transport] = {}
         self._retired: list[Transport] = []
+        self._lingering: list[Transport] = []   # retired, closing once unused
         self._install(proxies)
 
     def _install(self, proxies: Sequence[ProxyConfig]) -> list[Transport]:
-        configs = {p.name: p for p in proxies}
+        ids = {p.name: proxy_identity(p) for p in proxies}
         old = []
         transports: dict[str, Transport] = {}
-        for name, cfg in configs.items():
-            if self._configs.get(name) == cfg:
-                transports[name] = self._transports[name]      # unchanged: keep the SSH link
+        for p in proxies:
+            if self._ids.get(p.name) == ids[p.name]:
+                transports[p.name] = self._transports[p.name]  # unchanged: keep the SSH link
             else:
-                transports[name] = build(cfg)
+                transports[p.name] = build(p)
         for name, t in self._transports.items():
             if transports.get(name) is not t:
                 old.append(t)
-        self._configs, self._transports = configs, transports
+        self._ids, self._transports = ids, transports
         return old
 
     def get(self, proxy: str | None) -> Transport:
@@ -115,23 +151,40 @@ class Transports:
             self.get(proxy)
         return Via(self, proxy)
 
-    def reconfigure(self, proxies: Sequence[ProxyConfig]) -> None:
-        """Swap in the proxies of a new config; changed or removed ones are retired.
+    def reconfigure(self, proxies: Sequence[ProxyConfig], *,
+                    used: Collection[str] | None = None) -> None:
+        """Swap in the proxies of a new config; changed or removed ones are retired, and
+        so are those no upstream or token source uses any more (``used``: their names).
 
-        Connections already open through a retired transport keep going; the next
-        ``close_retired()`` (or ``close()``) shuts their long-lived links.
+        A proxy is unchanged when its settings and its key and known_hosts files are
+        (where it is written in the file does not count). Connections already open
+        through a retired transport keep going; ``close_retired()`` closes its long-lived
+        link (an SSH connection) as soon as none of them uses it any more.
         """
+        if used is not None:
+            proxies = [p for p in proxies if p.name in used]
         retired = self._install(proxies)
         for t in retired:
-            log.info("proxy %s changed or removed: new connections use the new config", t.name)
+            log.info("proxy %s changed, removed or no longer used: new connections use the "
+                     "new config", t.name)
         self._retired += retired
 
     async def close_retired(self) -> None:
+        """Let retired transports go: each closes once nothing uses it (SSH: its last
+        channel ended); ones without long-lived links have nothing to close."""
         retired, self._retired = self._retired, []
-        await asyncio.gather(*(t.close() for t in retired), return_exceptions=True)
+        closing = []
+        for t in retired:
+            retire = getattr(t, "retire", None)
+            if retire is None:
+                closing.append(t.close())
+            else:
+                retire()
+                self._lingering.append(t)
+        await asyncio.gather(*closing, return_exceptions=True)
 
     async def close(self) -> None:
         await self.close_retired()
-        transports, self._transports = list(self._transports.values()), {}
-        self._configs = {}
+        transports = [*self._lingering, *self._transports.values()]
+        self._transports, self._lingering, self._ids = {}, [], {}
         await asyncio.gather(*(t.close() for t in transports), return_exceptions=True)

@@ -61,6 +61,7 @@ class SshTransport:
         self._last_error: TransportError | None = None
         self._pumps: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._retired = False
 
     @property
     def where(self) -> str:
@@ -109,7 +110,7 @@ class SshTransport:
         task = asyncio.create_task(self._bridge(ours, reader, writer),
                                    name=f"ssh-pump {self.name} {host}:{port}")
         self._pumps.add(task)
-        task.add_done_callback(self._pumps.discard)
+        task.add_done_callback(self._channel_ended)
         return theirs, {"ssh_connect": ready - started, "ssh_channel": time.monotonic() - ready}
 
     async def _connection(self, timeout: float) -> asyncssh.SSHClientConnection:
@@ -258,6 +259,25 @@ class SshTransport:
             lwriter.close()
             with contextlib.suppress(OSError, asyncssh.Error):
                 await lwriter.wait_closed()
+
+    def _channel_ended(self, task: asyncio.Task[None]) -> None:
+        self._pumps.discard(task)
+        if self._retired and not self._pumps:
+            self._close_connection()
+
+    def retire(self) -> None:
+        """A reload replaced this bastion: no new channels, and the connection closes as
+        soon as its last channel (a proxy session, a pooled delivery) has ended."""
+        self._closed = self._retired = True
+        if not self._pumps:
+            self._close_connection()
+
+    def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            log.info("%s: replaced by a reload and no connection uses it any more: SSH "
+                     "connection closed", self.where)
+            conn.close()
 
     async def close(self) -> None:
         """Close the bastion connection and every open channel; idempotent."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+from pathlib import Path
+
 import pytest
 
 from relay.config.schema import ProxyConfig, UpstreamConfig
@@ -61,3 +65,38 @@ def test_unknown_via_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         registry.for_upstream(upstream(25, "nope"))
     assert registry.for_upstream(upstream(25, None)).name == "direct"
+
+
+@pytest.mark.fast
+def test_where_a_proxy_is_written_is_not_a_change_its_key_file_is(tmp_path: Path) -> None:
+    key = tmp_path / "id"
+    key.write_text("first key\n")
+    ssh = ProxyConfig(name="s", kind="ssh", host="127.0.0.1", port=22, key_file=key, line=10)
+    registry = Transports([ssh])
+    kept = registry.get("s")
+    registry.reconfigure([dataclasses.replace(ssh, line=42)])     # an edit above it
+    assert registry.get("s") is kept
+    key.write_text("a rotated key, same file\n")
+    registry.reconfigure([dataclasses.replace(ssh, line=42)])
+    assert registry.get("s") is not kept
+
+
+@pytest.mark.fast
+async def test_a_retired_tunnel_closes_with_its_last_channel_and_unused_proxies_retire(
+        ) -> None:
+    ssh = ProxyConfig(name="s", kind="ssh", host="127.0.0.1", port=22)
+    registry = Transports([ssh])
+    old = registry.get("s")
+    assert isinstance(old, SshTransport)
+    registry.reconfigure([ssh], used=set())                        # nothing goes through it
+    with pytest.raises(TransportError):
+        registry.get("s")
+    channel: asyncio.Task[None] = asyncio.get_running_loop().create_future()  # type: ignore[assignment]
+    old._pumps.add(channel)                   # a session still uses the tunnel
+    closed: list[bool] = []
+    old._close_connection = lambda: closed.append(True)  # type: ignore[method-assign]
+    await registry.close_retired()
+    assert closed == [] and old._closed      # no new channels; the link stays for now
+    old._channel_ended(channel)
+    assert closed == [True]
+    await registry.close()
