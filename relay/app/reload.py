@@ -22,7 +22,7 @@ from relay.errors import RelayError
 from relay.listenproc.supervisor import Plan as WorkersPlan
 from relay.ops.certexpiry import update_listener_expiry
 from relay.ops.endpoint import MetricsServer
-from relay.transports.factory import Transports
+from relay.transports.factory import Transports, used_proxies
 
 if TYPE_CHECKING:
     from relay.app.runtime import App, Listener
@@ -90,7 +90,7 @@ class ReloadPlan:
         """Swap the new config in; returns (summary, listener processes that refused it)."""
         app, new, parts = self.app, self.new, self.parts
         old = app.config
-        app.transports.reconfigure(new.proxies)
+        app.transports.reconfigure(new.proxies, used=used_proxies(new))
         app.tokens.reconfigure(new.token_sources)
         local = app.local(parts)
         added = list(self.started)
