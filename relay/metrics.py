@@ -101,6 +101,12 @@ class Metrics:
             "relay_proxy_upstream_connect_seconds",
             "Upstream connect time of proxy sessions, by upstream and stage.",
             ["upstream", "stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.proxy_upstream_change = Counter(
+            "relay_proxy_upstream_change_sessions",
+            "Open proxy sessions whose way to the upstream (proxy, tunnel, credentials) a "
+            "reload changed, by listener and outcome: reconnected (ended at a safe point), "
+            "kept (on_upstream_change = keep, or no safe point can be seen).",
+            ["listener", "outcome"], registry=r)
 
         # --- DKIM, SPF, headers
         self.dkim_signatures = Counter(

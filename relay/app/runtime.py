@@ -38,6 +38,7 @@ from relay.outbound.dsn import Bouncer
 from relay.outbound.scheduler import Scheduler
 from relay.probe.spf import warn_failing_domains
 from relay.proxy.listener import ProxyListener
+from relay.proxy.upstream_path import upstream_path
 from relay.smtp.listener import SmtpListener
 from relay.spool.store import Spool
 from relay.tasks import Background
@@ -157,7 +158,8 @@ class App:
         return ProxyListener(lp.cfg, upstream=cfg.upstream(lp.cfg.upstream),
                              authenticator=lp.authenticator,
                              transport_for=self.transports.for_upstream,
-                             token_for=self.tokens.token, metrics=self.metrics)
+                             token_for=self.tokens.token, metrics=self.metrics,
+                             path=upstream_path(cfg, lp.cfg.upstream))
 
     def _write_pid(self, cfg: Config) -> None:
         path = pid_file(cfg)
@@ -214,7 +216,8 @@ class App:
             await current.reconfigure(lp.cfg, upstream=cfg.upstream(lp.cfg.upstream),
                                       authenticator=lp.authenticator,
                                       transport_for=self.transports.for_upstream,
-                                      token_for=self.tokens.token)
+                                      token_for=self.tokens.token,
+                                      path=upstream_path(cfg, lp.cfg.upstream))
             return
         # Address, TLS mode or protocol changed: retire the old one, bind a new one.
         self.retire(current, cfg.relay.shutdown_grace)

@@ -120,6 +120,9 @@ class ListenerConfig:
     login_timeout: float = 60.0                # pre-login idle timeout
     idle_timeout: float = 1800.0               # post-login idle timeout (IDLE-friendly)
     max_line: int = 8192                       # pre-login command line limit
+    # after a reload changes the upstream's proxy, tunnel or credentials: end open
+    # sessions at a safe point so clients reconnect the new way, or keep them as they are
+    on_upstream_change: Literal["reconnect", "keep"] = "reconnect"
     line: int = 0
 
 

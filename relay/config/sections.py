@@ -230,6 +230,8 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
         login_timeout=duration(t, "login_timeout", D, min=0.001),
         idle_timeout=duration(t, "idle_timeout", D, min=0.001),
         max_line=t.integer("max_line", default(D, "max_line"), min=64) or 64,
+        on_upstream_change=cast(Literal["reconnect", "keep"], t.enum(
+            "on_upstream_change", ("reconnect", "keep"), default(D, "on_upstream_change"))),
         line=t.ctx.line(t.path) or 0,
     )
     t.finish()
@@ -239,7 +241,7 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
 
 SMTP_ONLY = ("relay_domains", "max_message_size", "max_recipients", "command_timeout",
              "data_timeout", "spf", "dkim_verify", "profile", "header_rule")
-PROXY_ONLY = ("upstream", "login_timeout", "idle_timeout", "max_line")
+PROXY_ONLY = ("upstream", "login_timeout", "idle_timeout", "max_line", "on_upstream_change")
 SMTP_UPSTREAM_ONLY = ("helo_name", "max_messages_per_connection", "data_timeout", "profile",
                       "header_rule")
 

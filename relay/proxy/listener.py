@@ -1,4 +1,10 @@
-"""An IMAP or POP3 proxy listener: binding, TLS toward clients, limits, reconfigure, drain."""
+"""An IMAP or POP3 proxy listener: binding, TLS toward clients, limits, reconfigure, drain.
+
+When a reload changes the way to the upstream (its proxy or tunnel, credentials, host),
+sessions that logged in the old way end at their next safe point, so the platform
+reconnects the new way (``on_upstream_change = "reconnect"``), or are left alone
+(``"keep"``); sessions still before login simply log in the new way.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from relay.metrics import Metrics
 from relay.proxy.pump import Channel
 from relay.proxy.session import Authenticator, ProxySession, SessionContext
 from relay.proxy.upstream import TokenFor
+from relay.proxy.upstream_path import UpstreamPath
 from relay.throttle import FailureThrottle
 from relay.tls import client_context, server_context
 from relay.transports.base import Transport
@@ -30,7 +37,7 @@ class ProxyListener:
                  transport_for: Callable[[UpstreamConfig], Transport],
                  token_for: TokenFor | None = None, metrics: Metrics | None = None,
                  fail_delay: float = 1.0, fail_delay_max: float = 8.0,
-                 kernel_splice: bool = True) -> None:
+                 kernel_splice: bool = True, path: UpstreamPath | None = None) -> None:
         self._kernel_splice = kernel_splice
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -38,13 +45,13 @@ class ProxyListener:
         self._fail_delay = (fail_delay, fail_delay_max)
         self._counter = ConnectionCounter()
         self._ctx = self._context(cfg, upstream, authenticator, transport_for, token_for,
-                                  metrics, None)
+                                  metrics, None, path)
 
     def _context(self, cfg: ListenerConfig, upstream: UpstreamConfig,
                  authenticator: Authenticator,
                  transport_for: Callable[[UpstreamConfig], Transport],
                  token_for: TokenFor | None, metrics: Metrics | None,
-                 old: SessionContext | None) -> SessionContext:
+                 old: SessionContext | None, path: UpstreamPath | None) -> SessionContext:
         if cfg.protocol not in ("imap", "pop3") or upstream.protocol != cfg.protocol:
             raise ConfigError(f"listener {cfg.name} ({cfg.protocol}) cannot proxy to upstream "
                               f"{upstream.name} ({upstream.protocol})", key="listener.upstream",
@@ -64,7 +71,8 @@ class ProxyListener:
             listener=cfg, upstream=upstream, authenticator=authenticator,
             transport_for=transport_for, token_for=token_for, metrics=metrics,
             failures=failures, server_tls=server_tls, kernel_splice=self._kernel_splice,
-            upstream_tls=client_context(upstream) if upstream.tls != "none" else None)
+            upstream_tls=client_context(upstream) if upstream.tls != "none" else None,
+            path=path)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -126,15 +134,17 @@ class ProxyListener:
                           authenticator: Authenticator,
                           transport_for: Callable[[UpstreamConfig], Transport],
                           token_for: TokenFor | None = None,
-                          metrics: Metrics | None = None) -> None:
-        """Apply a new config to new sessions (open ones keep theirs).
+                          metrics: Metrics | None = None,
+                          path: UpstreamPath | None = None) -> None:
+        """Apply a new config to new sessions (open ones keep theirs, unless the way to
+        the upstream changed: see ``_way_changed``).
 
         A changed ``listen`` address or TLS mode rebinds; certificates are reloaded. On
         any error the old settings stay and the error is raised.
         """
         old = self._ctx
         new = self._context(cfg, upstream, authenticator, transport_for, token_for,
-                            metrics if metrics is not None else old.metrics, old)
+                            metrics if metrics is not None else old.metrics, old, path)
         rebind = (cfg.listen != old.listener.listen or cfg.tls != old.listener.tls)
         if rebind and self._server is not None:
             previous = self._server
@@ -148,6 +158,39 @@ class ProxyListener:
         else:
             # _context reloaded the certificate into the SSLContext the server already holds
             self._ctx = new
+        self._way_changed(new)
+
+    def _way_changed(self, new: SessionContext) -> None:
+        """Sessions that logged in another way than ``new.path``: end them at a safe point
+        ("reconnect") or leave them ("keep"); ones not logged in yet take the new way."""
+        reconnect = new.listener.on_upstream_change == "reconnect"
+        ending = kept = 0
+        why = ""
+        for session in list(self._sessions):
+            old = session.ctx
+            if old.path is None or new.path is None or old.path == new.path:
+                continue
+            if not session.committed:
+                session.ctx = new                 # before login: it logs in the new way
+                continue
+            why = old.path.changes(new.path)
+            if reconnect and session.reconnect(why):
+                ending += 1
+                continue
+            kept += 1
+            if self._ctx.metrics is not None:
+                self._ctx.metrics.proxy_upstream_change.labels(new.listener.name,
+                                                               "kept").inc()
+        if ending:
+            log.info("listener %s: the way to upstream %s changed (%s): %d open session(s) "
+                     "end at their next safe point so clients reconnect the new way",
+                     new.listener.name, new.upstream.name, why, ending)
+        if kept:
+            because = ("on_upstream_change = \"keep\"" if not reconnect else
+                       "they cannot be ended safely (logged in under \"keep\", or COMPRESS)")
+            log.warning("listener %s: the way to upstream %s changed (%s): %d open "
+                        "session(s) stay on the old way until they end (%s)",
+                        new.listener.name, new.upstream.name, why, kept, because)
 
     # -- accepting -------------------------------------------------------------------------
     def _accept(self) -> Channel:

@@ -14,7 +14,10 @@ import asyncio
 import functools
 import ssl
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from relay.proxy.safepoint import Watch
 
 # Write buffer bounds for spliced transports: big enough to keep a 50 MB FETCH streaming,
 # small enough that a slow reader holds at most this much per direction.
@@ -36,7 +39,7 @@ class Channel(asyncio.Protocol):
 
     __slots__ = ("_buf", "_drain", "_eof", "_exc", "_limit", "_loop", "_peer",
                  "_waiter", "_write_paused", "closed", "last_activity", "on_connect", "received",
-                 "transport")
+                 "tap", "transport")
 
     def __init__(self, *, limit: int = 65536) -> None:
         self._loop = asyncio.get_running_loop()
@@ -53,6 +56,9 @@ class Channel(asyncio.Protocol):
         self.received = 0                 # bytes read from this side while spliced
         self.last_activity = self._loop.time()
         self.on_connect: Callable[[Channel], None] | None = None
+        # While spliced and watched (relay.proxy.safepoint): how many bytes of what arrived
+        # may go to the peer; the rest is held back, and reading stops.
+        self.tap: Callable[[bytes], int] | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -65,6 +71,14 @@ class Channel(asyncio.Protocol):
         if peer is not None:
             self.received += len(data)
             self.last_activity = self._loop.time()
+            if self.tap is not None:
+                used = self.tap(data)
+                if used < len(data):
+                    data = data[:used]
+                    if self.transport is not None:
+                        self.transport.pause_reading()
+                if not data:
+                    return
             out = peer.transport
             if out is not None and not out.is_closing():
                 out.write(data)
@@ -204,11 +218,12 @@ class TransportSplice:
     __slots__ = ("client", "done", "upstream")
 
     def __init__(self, client: Channel, upstream: Channel, *, to_upstream: bytes = b"",
-                 to_client: bytes = b"") -> None:
+                 to_client: bytes = b"", watch: Watch | None = None) -> None:
         """From now on every byte read on one channel is written to the other.
 
         ``to_upstream``/``to_client`` are bytes already read (pipelined commands, responses
-        that came with the login reply); they are written first, in order.
+        that came with the login reply); they are written first, in order. A ``watch``
+        sees every byte (and may hold some back) to find the session's safe points.
         """
         self.client, self.upstream = client, upstream
         self.done: asyncio.Future[str] = client._loop.create_future()
@@ -219,6 +234,10 @@ class TransportSplice:
                 ch.transport.max_size = READ_SIZE
         to_upstream += client.take_buffer()
         to_client += upstream.take_buffer()
+        if watch is not None:
+            client.tap, upstream.tap = watch.from_client, watch.from_server
+            to_upstream = to_upstream[:watch.from_client(to_upstream)]
+            to_client = to_client[:watch.from_server(to_client)]
         client._peer, upstream._peer = upstream, client
         client.last_activity = upstream.last_activity = client._loop.time()
         if to_upstream:
@@ -251,6 +270,17 @@ class TransportSplice:
     def close(self) -> None:
         self.client.close()
         self.upstream.close()
+
+    def end_with(self, how: str, to_client: bytes, to_upstream: bytes) -> None:
+        """Stop splicing, say goodbye to each side after what it was sent, close both."""
+        for ch in (self.client, self.upstream):
+            ch._peer, ch.tap = None, None
+            if ch.transport is not None and not ch.transport.is_closing():
+                ch.transport.pause_reading()
+        self.client.write(to_client)
+        self.upstream.write(to_upstream)
+        self._closed(how)
+        self.close()
 
     def abort(self) -> None:
         self.client.abort()

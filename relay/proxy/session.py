@@ -28,7 +28,9 @@ from relay.proxy.events import Close, Event, Login, LoginFailure, PreAuth, Send,
 from relay.proxy.imap import ImapPreAuth
 from relay.proxy.pop3 import Pop3PreAuth
 from relay.proxy.pump import Channel, ChannelClosed, TransportSplice
+from relay.proxy.safepoint import ImapWatch, Pop3Watch, watch_for
 from relay.proxy.upstream import TokenFor, UpstreamCredentials, login_upstream
+from relay.proxy.upstream_path import UpstreamPath
 from relay.throttle import FailureThrottle
 from relay.transports.base import Transport
 
@@ -62,6 +64,7 @@ class SessionContext:
     kernel_splice: bool = True                 # splice(2) plain sessions (Linux)
     upstream_tls: ssl.SSLContext | None = None
     sessions: set[ProxySession] = field(default_factory=set)
+    path: UpstreamPath | None = None           # the way to the provider (reload compares)
 
 
 def _fmt(value: object) -> str:
@@ -75,8 +78,9 @@ def _fmt(value: object) -> str:
 class ProxySession:
     """A client connection from greeting to close."""
 
-    __slots__ = ("_idle_handle", "addr", "client", "ctx", "end", "flushed", "machine", "peer",
-                 "spliced", "started", "to_upstream_extra", "upstream", "user")
+    __slots__ = ("_idle_handle", "addr", "client", "committed", "ctx", "end", "flushed",
+                 "machine", "peer", "reconnecting", "spliced", "started", "to_upstream_extra",
+                 "upstream", "user", "watch")
 
     def __init__(self, ctx: SessionContext, client: Channel, peer: tuple[str, int]) -> None:
         self.ctx = ctx
@@ -96,6 +100,9 @@ class ProxySession:
         self.to_upstream_extra = 0
         self.flushed = [0, 0]
         self._idle_handle: asyncio.TimerHandle | None = None
+        self.committed = False            # logging in upstream: its path is ctx.path
+        self.watch: ImapWatch | Pop3Watch | None = None
+        self.reconnecting = ""            # why it ends at its next safe point
 
     # -- the whole session -----------------------------------------------------------------
     async def run(self, refuse: str | None = None) -> None:
@@ -216,6 +223,7 @@ class ProxySession:
             return "unavailable"
         if creds is None:
             return await self._bad_credentials("bad_credentials")
+        self.committed = True
         try:
             result = await login_upstream(
                 ctx.upstream, creds, transport=ctx.transport_for(ctx.upstream),
@@ -251,15 +259,21 @@ class ProxySession:
         leftover = self.machine.leftover()
         self.to_upstream_extra = len(leftover)
         # Nothing but bytes from here on: the kernel moves them when neither side has TLS.
+        # Watched (to end at a safe point if a reload changes the way) unless "keep".
+        if ctx.listener.on_upstream_change == "reconnect":
+            self.watch = watch_for(ctx.listener.protocol)
         self.spliced = None
         if ctx.kernel_splice and zerocopy.available(self.client, result.channel):
             try:
                 self.spliced = zerocopy.KernelSplice(self.client, result.channel,
-                                                     to_upstream=leftover)
+                                                     to_upstream=leftover, watch=self.watch)
             except OSError as exc:                    # out of fds for the dup: stay in Python
                 log.warning("kernel splice unavailable (%s); using the transport pump", exc)
         if self.spliced is None:
-            self.spliced = TransportSplice(self.client, result.channel, to_upstream=leftover)
+            self.spliced = TransportSplice(self.client, result.channel, to_upstream=leftover,
+                                           watch=self.watch)
+        if self.reconnecting:                # the way changed while this one logged in
+            self.reconnect(self.reconnecting)
         return None
 
     async def _bad_credentials(self, reason: str) -> LoginFailure:
@@ -294,6 +308,38 @@ class ProxySession:
         if self.end == "spliced":
             self.end = how
         await spliced.wait_closed(30)
+
+    # -- after a reload that changed the way to the provider -----------------------------
+    def reconnect(self, why: str) -> bool:
+        """End at the next safe point so the client reconnects the new way; False if this
+        session cannot tell its safe points (it logged in under "keep", or uses COMPRESS).
+        """
+        self.reconnecting = why
+        if self.spliced is None:
+            return True                       # still logging in: once spliced
+        watch = self.watch
+        if watch is None or watch.opaque:
+            return False
+        watch.on_rest = self._at_rest
+        watch.drain()
+        return True
+
+    def _at_rest(self) -> None:
+        watch, spliced = self.watch, self.spliced
+        assert watch is not None and spliced is not None
+        self.end = "upstream_changed"
+        to_client, to_upstream = watch.farewell(
+            "relay: the way to the mail server changed; please reconnect")
+        log.info("proxy session listener=%s client=%s user=%s: ending at a safe point "
+                 "(%s changed on reload); the client reconnects the new way",
+                 self.ctx.listener.name, _fmt(f"{self.addr}:{self.peer[1]}"),
+                 _fmt(self.user or "-"), self.reconnecting)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.proxy_upstream_change.labels(self.ctx.listener.name,
+                                                          "reconnected").inc()
+        # Not from inside the watch's feed: the splice is in the middle of moving bytes.
+        asyncio.get_running_loop().call_soon(spliced.end_with, "upstream_changed",
+                                             to_client, to_upstream)
 
     def abort(self) -> None:
         """Drop both connections now (shutdown after the grace period)."""

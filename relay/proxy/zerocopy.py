@@ -5,6 +5,10 @@ so it hands both sockets to ``os.splice`` (Linux). Each direction reads into a p
 while that pipe is empty and stops reading while the destination cannot take more, so
 backpressure is the kernel's. A direction's pipe exists only while bytes flow (idle
 sessions hold no pipes). The TLS path stays in ``relay.proxy.pump``.
+
+A watched session (``relay.proxy.safepoint``, to end it at a safe point after a reload)
+reads what the watch must see into Python (IMAP lines, all of POP3) and still splices
+what it need not (IMAP literal bodies: a large FETCH stays in the kernel).
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ import asyncio
 import contextlib
 import fcntl
 import os
+from collections.abc import Callable
 
 from relay.proxy.pump import Channel
+from relay.proxy.safepoint import Stream, Watch
 
 CHUNK = 1024 * 1024
+READ = 256 * 1024                 # a watched read: what the watch looks at in one go
 _F_SETPIPE_SZ = 1031
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _BURST = 16                       # reads per wakeup before yielding to other sessions
@@ -59,9 +66,12 @@ def detach(client: Channel, upstream: Channel) -> tuple[int, int]:
 class _Direction:
     """Bytes from ``src`` to ``dst`` through a pipe, with kernel backpressure."""
 
-    __slots__ = ("bytes", "dst", "eof", "inpipe", "owner", "pending", "pipe", "src")
+    __slots__ = ("bytes", "closing", "dst", "eof", "feed", "inpipe", "owner", "pending",
+                 "pipe", "src", "stream", "trailer", "watch")
 
-    def __init__(self, owner: KernelSplice, src: int, dst: int, pending: bytes) -> None:
+    def __init__(self, owner: KernelSplice, src: int, dst: int, pending: bytes, *,
+                 watch: Watch | None = None, stream: Stream | None = None,
+                 feed: Callable[[bytes], int] | None = None) -> None:
         self.owner = owner
         self.src, self.dst = src, dst
         self.pending = pending
@@ -69,6 +79,9 @@ class _Direction:
         self.inpipe = 0
         self.bytes = 0
         self.eof = False
+        self.watch, self.stream, self.feed = watch, stream, feed
+        self.trailer = b""              # written after everything else when closing
+        self.closing = False
 
     def start(self) -> None:
         if self.pending:
@@ -97,9 +110,15 @@ class _Direction:
             except BlockingIOError:
                 return False
             self.inpipe -= n
+        if self.closing and self.trailer:
+            self.pending, self.trailer = self.trailer, b""
+            return self._flush()
         return True
 
     def readable(self) -> None:
+        if self.feed is not None:
+            self._readable_watched()
+            return
         loop = self.owner.loop
         try:
             for _ in range(_BURST):
@@ -127,6 +146,60 @@ class _Direction:
         except OSError as exc:
             self.owner.failed(exc)
 
+    def _readable_watched(self) -> None:
+        """Like ``readable``, but the watch sees every byte it must (and may hold some)."""
+        loop, watch, stream, feed = self.owner.loop, self.watch, self.stream, self.feed
+        assert watch is not None and stream is not None and feed is not None
+        try:
+            for _ in range(_BURST):
+                blind = watch.blind(stream)
+                if blind:                               # a literal's body: kernel only
+                    if self.pipe is None:
+                        self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                        with contextlib.suppress(OSError):
+                            fcntl.fcntl(self.pipe[1], _F_SETPIPE_SZ, CHUNK)
+                    try:
+                        n = os.splice(self.src, self.pipe[1], min(blind, CHUNK), flags=_FLAGS)
+                    except BlockingIOError:
+                        self._release_pipe()
+                        return
+                    if n:
+                        watch.skip(stream, n)
+                        self.inpipe += n
+                else:
+                    try:
+                        data = os.read(self.src, READ)
+                    except BlockingIOError:
+                        self._release_pipe()
+                        return
+                    n = len(data)
+                    if n:
+                        used = feed(data)
+                        self.pending += data if used == n else data[:used]
+                        if used < n:                    # held back: read no more
+                            loop.remove_reader(self.src)
+                if n == 0:
+                    self.eof = True
+                    loop.remove_reader(self.src)
+                    self.owner.ended(self)
+                    return
+                self.bytes += n
+                self.owner.last_activity = loop.time()
+                if not self._flush():
+                    loop.remove_reader(self.src)          # backpressure: wait for dst
+                    loop.add_writer(self.dst, self.writable)
+                    return
+                if self.closing or watch.rested:
+                    return
+        except OSError as exc:
+            self.owner.failed(exc)
+
+    def end_with(self, trailer: bytes) -> None:
+        """Read no more; write what is in flight, then ``trailer``; then tell the owner."""
+        self.owner.loop.remove_reader(self.src)
+        self.closing, self.trailer = True, trailer
+        self.writable()
+
     def writable(self) -> None:
         loop = self.owner.loop
         try:
@@ -137,6 +210,9 @@ class _Direction:
             self.owner.failed(exc)
             return
         loop.remove_writer(self.dst)
+        if self.closing:
+            self.owner.flushed(self)
+            return
         if self.eof:
             self.owner.ended(self)
         else:
@@ -155,19 +231,28 @@ class _Direction:
 class KernelSplice:
     """A logged-in plain session spliced in the kernel (same interface as TransportSplice)."""
 
-    __slots__ = ("_fds", "done", "down", "last_activity", "loop", "up")
+    __slots__ = ("_ending", "_fds", "done", "down", "last_activity", "loop", "up")
 
     def __init__(self, client: Channel, upstream: Channel, *, to_upstream: bytes = b"",
-                 to_client: bytes = b"") -> None:
+                 to_client: bytes = b"", watch: Watch | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         cfd, ufd = detach(client, upstream)           # OSError: nothing changed
         to_upstream += client.take_buffer()
         to_client += upstream.take_buffer()
         self._fds: tuple[int, int] | None = (cfd, ufd)
+        self._ending = ""
         self.done: asyncio.Future[str] = self.loop.create_future()
         self.last_activity = self.loop.time()
-        self.up = _Direction(self, cfd, ufd, to_upstream)
-        self.down = _Direction(self, ufd, cfd, to_client)
+        if watch is None:
+            self.up = _Direction(self, cfd, ufd, to_upstream)
+            self.down = _Direction(self, ufd, cfd, to_client)
+        else:
+            to_upstream = to_upstream[:watch.from_client(to_upstream)]
+            to_client = to_client[:watch.from_server(to_client)]
+            self.up = _Direction(self, cfd, ufd, to_upstream, watch=watch, stream=watch.up,
+                                 feed=watch.from_client)
+            self.down = _Direction(self, ufd, cfd, to_client, watch=watch, stream=watch.down,
+                                   feed=watch.from_server)
         self.up.start()
         self.down.start()
 
@@ -183,6 +268,20 @@ class KernelSplice:
 
     def failed(self, exc: OSError) -> None:
         self._finish("connection_error")
+
+    def end_with(self, how: str, to_client: bytes, to_upstream: bytes) -> None:
+        """Stop reading both ways; once what is in flight and the goodbyes are written,
+        close the session as ``how``."""
+        if self._fds is None or self._ending:
+            return
+        self._ending = how
+        self.down.end_with(to_client)
+        self.up.end_with(to_upstream)
+
+    def flushed(self, d: _Direction) -> None:
+        if self.up.closing and self.down.closing and not (
+                self.up.pending or self.up.inpipe or self.down.pending or self.down.inpipe):
+            self._finish(self._ending)
 
     def _finish(self, how: str) -> None:
         if self._fds is None:

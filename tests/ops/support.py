@@ -29,6 +29,7 @@ def populate(m: Metrics) -> None:
     m.proxy_login_failures.labels("imap", "bad_credentials").inc()
     m.proxy_bytes.labels("imap", "upstream").inc(1234)
     m.proxy_connect_seconds.labels("o365-imap", "connect").observe(0.3)
+    m.proxy_upstream_change.labels("imap", "reconnected").inc()
     m.dkim_signatures.labels("example.com", "signed").inc()
     m.spf_results.labels("inbound", "pass").inc()
     m.oauth_token_expiry.labels("o365").set(3000)
