@@ -12,6 +12,9 @@ own. Needs root (Dovecot, raised RLIMIT_NOFILE) and Debian's dovecot-imapd.
 
     python bench/proxy_bench.py                # full run
     python bench/proxy_bench.py --quick        # fewer rounds and sessions (smoke run)
+    python bench/proxy_bench.py --on-upstream-change keep   # sessions not watched for
+                                                            # safe points (the default
+                                                            # "reconnect" watches them)
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ TAG_CLK = os.sysconf("SC_CLK_TCK")
 
 # -- relay in its own process --------------------------------------------------------------
 async def serve(upstream_port: int, tls: str, ca_file: str, kernel_splice: bool,
-                cert: str) -> None:
+                cert: str, on_upstream_change: str) -> None:
     from relay.config.schema import HostPort, ListenerConfig, UpstreamConfig
     from relay.metrics import Metrics
     from relay.proxy.accounts import PassthroughAuthenticator
@@ -53,7 +56,8 @@ async def serve(upstream_port: int, tls: str, ca_file: str, kernel_splice: bool,
                          tls="implicit" if cert else "none",
                          cert=Path(cert) if cert else None, key=Path(cert) if cert else None,
                          upstream="dovecot", max_connections=50_000,
-                         max_connections_per_client=50_000, login_timeout=300)
+                         max_connections_per_client=50_000, login_timeout=300,
+                         on_upstream_change=on_upstream_change)  # type: ignore[arg-type]
     transport = DirectTransport()
     listener = ProxyListener(cfg, upstream=up, authenticator=PassthroughAuthenticator(),
                              transport_for=lambda _u: transport, metrics=Metrics(),
@@ -254,6 +258,9 @@ def main() -> int:
                     help="sessions to hold (default 10000, quick 2000; 0 skips nothing)")
     ap.add_argument("--no-kernel-splice", action="store_true",
                     help="relay moves bytes through asyncio transports even without TLS")
+    ap.add_argument("--on-upstream-change", choices=("reconnect", "keep"),
+                    default="reconnect", help="the listener setting: reconnect (default) "
+                    "watches each session for safe points, keep does not")
     ap.add_argument("--serve", type=int, metavar="UPSTREAM_PORT", help=argparse.SUPPRESS)
     ap.add_argument("--tls", default="none", help=argparse.SUPPRESS)
     ap.add_argument("--ca", default="", help=argparse.SUPPRESS)
@@ -261,7 +268,8 @@ def main() -> int:
     args = ap.parse_args()
     nofile = raise_nofile(65536)
     if args.serve:
-        asyncio.run(serve(args.serve, args.tls, args.ca, not args.no_kernel_splice, args.cert))
+        asyncio.run(serve(args.serve, args.tls, args.ca, not args.no_kernel_splice, args.cert,
+                          args.on_upstream_change))
         return 0
 
     from tests.peers.dovecot import dovecot
@@ -280,7 +288,8 @@ def main() -> int:
     msg = b"From: a@example.com\r\nSubject: big\r\n\r\n" + body
     with dovecot(users={USER: PASSWORD}, max_sessions=total_n + 500) as dc:
         dc.deliver(USER, msg)
-        argv = [sys.executable, __file__, "--serve", str(dc.imap)]
+        argv = [sys.executable, __file__, "--serve", str(dc.imap),
+                "--on-upstream-change", args.on_upstream_change]
         if args.no_kernel_splice:
             argv.append("--no-kernel-splice")
         relay = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
@@ -288,7 +297,9 @@ def main() -> int:
         dc.ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(cert))
         tls_relay = subprocess.Popen([sys.executable, __file__, "--serve", str(dc.imaps),
                                       "--tls", "implicit", "--ca", str(dc.ca_file),
-                                      "--cert", str(cert)], stdout=subprocess.PIPE, text=True)
+                                      "--cert", str(cert), "--on-upstream-change",
+                                      args.on_upstream_change], stdout=subprocess.PIPE,
+                                     text=True)
         try:
             assert relay.stdout is not None and tls_relay.stdout is not None
             port = int(relay.stdout.readline().split()[1])
@@ -296,6 +307,7 @@ def main() -> int:
             print(f"message {len(msg) / 1e6:.1f} MB; Dovecot {dc.imap}, relay {port} "
                   f"(pid {relay.pid}); {rounds} FETCH rounds, {lat_rounds} login rounds; "
                   f"kernel splice {'off' if args.no_kernel_splice else 'on'}; "
+                  f"on_upstream_change = {args.on_upstream_change}; "
                   f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
             speeds, cpu = fetch_rounds(dc.imap, port, relay.pid, rounds, len(msg))
             tls_speeds, tls_cpu = fetch_rounds(dc.imaps, tls_port, tls_relay.pid, rounds,
