@@ -10,14 +10,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from relay.cli.common import CONFIG_HELP, config_path
 from relay.control.queue import QueueManager, check_id
+from relay.control.select import STATES, Selection
 from relay.control.socket import request
-from relay.errors import ControlError, SpoolError
+from relay.errors import ControlError, RelayError, SpoolError
 from relay.spool.store import Spool
 
 
@@ -33,38 +36,123 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
     common.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                         help="how long to wait for the running relay (default 300)")
+    filters = argparse.ArgumentParser(add_help=False)
+    group = filters.add_argument_group(
+        "filters", "Narrow the messages (with IDs or --all, or alone); they combine with AND. "
+                   "Addresses: an address, @domain, a pattern such as '*@example.*', or '<>' "
+                   "for the null sender of bounces.")
+    group.add_argument("--from", dest="sender", metavar="ADDRESS", help="the sender")
+    group.add_argument("--to", dest="recipient", metavar="ADDRESS",
+                       help="a recipient not yet delivered")
+    group.add_argument("--upstream", metavar="NAME",
+                       help="the upstream of the message's last delivery attempt")
+    group.add_argument("--state", choices=STATES, help="active, deferred or held")
+    group.add_argument("--older-than", dest="older_than", metavar="DURATION", type=_duration,
+                       help='arrived longer ago than this, e.g. "30m", "2h", "3d"')
 
     parser = sub.add_parser("queue", help="list and steer queued mail",
                             description="Inspect and steer the mail queue, whether or not "
                                         "relay is running.")
     verbs = parser.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
-    verbs.add_parser("list", parents=[common], help="every queued message, oldest first")
-    for name, text in (("show", "envelope, state, recipients and header of one message"),
-                       ("hold", "keep a message queued but stop delivering it"),
-                       ("release", "let a held message be delivered again"),
-                       ("delete", "remove a message without delivering it")):
-        verbs.add_parser(name, parents=[common], help=text).add_argument("id", metavar="ID")
-    retry = verbs.add_parser("retry", parents=[common], help="attempt delivery now")
-    which = retry.add_mutually_exclusive_group(required=True)
-    which.add_argument("id", metavar="ID", nargs="?", help="the message to retry")
-    which.add_argument("--all", action="store_true", help="every message that is not held")
+    verbs.add_parser("list", parents=[common, filters],
+                     help="every queued message (or those the filters name), oldest first")
+    verbs.add_parser("show", parents=[common],
+                     help="envelope, state, recipients and header of one message"
+                     ).add_argument("id", metavar="ID")
+    for name, text in (("hold", "keep messages queued but stop delivering them"),
+                       ("release", "let held messages be delivered again"),
+                       ("delete", "remove messages without delivering them"),
+                       ("retry", "attempt delivery now (held messages are skipped)")):
+        p = verbs.add_parser(
+            name, parents=[common, filters], help=text,
+            description=f"{text[0].upper()}{text[1:]}: one or more IDs, --all, or the "
+                        "messages the filters name. With more than one message it prints "
+                        "them first" + ("; deleting more than one asks for confirmation "
+                                        "(at a terminal) or --yes." if name == "delete"
+                                        else "."))
+        p.add_argument("ids", metavar="ID", nargs="*", help="queue ids")
+        p.add_argument("--all", action="store_true",
+                       help="every queued message (narrowed by any filter)")
+        if name == "delete":
+            p.add_argument("-y", "--yes", action="store_true",
+                           help="delete more than one message without asking")
     parser.set_defaults(func=queue_command)
+
+
+def _duration(text: str) -> float:
+    from relay.config.values import BadValue, parse_duration
+
+    try:
+        return parse_duration(text)
+    except BadValue as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is {exc.what}: {exc.expected}") from None
+
+
+def _selection(args: argparse.Namespace) -> Selection:
+    return Selection(ids=tuple(check_id(i) for i in getattr(args, "ids", ())),
+                     every=bool(getattr(args, "all", False)), sender=args.sender,
+                     recipient=args.recipient, upstream=args.upstream, state=args.state,
+                     older_than=args.older_than)
 
 
 def queue_command(args: argparse.Namespace) -> int:
     command: str = args.queue_command
-    cmd_args: dict[str, Any] = {}
-    if getattr(args, "all", False):
-        cmd_args["all"] = True
-    elif command != "list":
-        cmd_args["id"] = check_id(args.id)
     root, sock = _locate(args)
-    result = asyncio.run(execute(root, sock, command, cmd_args, timeout=args.timeout))
+
+    def run(name: str, cmd_args: dict[str, Any]) -> dict[str, Any]:
+        return asyncio.run(execute(root, sock, name, cmd_args, timeout=args.timeout))
+
+    if command in ("list", "show"):
+        cmd_args = _selection(args).to_args() if command == "list" else {"id": check_id(args.id)}
+        result = run(command, cmd_args)
+        print(json.dumps(result, indent=2, ensure_ascii=False) if args.json
+              else render(command, result))
+        return 0
+    sel = _selection(args)
+    if sel.empty:
+        raise RelayError(f"relay queue {command}: which messages?",
+                         hint="give one or more queue ids, --all, or a filter (--from, --to, "
+                              "--upstream, --state, --older-than)")
+    if len(sel.ids) == 1 and not sel.every and not sel.filtered:
+        result = run(command, {"id": sel.ids[0]})           # one message, as named
+        print(json.dumps(result, indent=2, ensure_ascii=False) if args.json
+              else render(command, result))
+        return 0
+    return _many(args, command, sel, run)
+
+
+def _many(args: argparse.Namespace, command: str, sel: Selection,
+          run: Callable[[str, dict[str, Any]], dict[str, Any]]) -> int:
+    """Several messages: say which, confirm a delete of more than one, act, sum up."""
+    chosen = run("select", sel.to_args())["messages"]
+    ids = [m["id"] for m in chosen]
+    absent = [i for i in sel.ids if i not in ids]
+    if not args.json:
+        print(render_plan(command, chosen, absent))
+    if len(ids) > 1 and command == "delete" and not args.yes and not _confirmed(len(ids)):
+        print(f"relay: nothing deleted: deleting {len(ids)} messages needs confirmation",
+              file=sys.stderr)
+        print("  hint: run it again with --yes, or from a terminal to be asked",
+              file=sys.stderr)
+        return 1
+    empty: dict[str, Any] = {"command": command, "done": [], "already": [], "missing": [],
+                             "held": []}
+    result = run(command, {"ids": ids}) if ids else empty
+    result["missing"] = [*result["missing"], *absent]
     if args.json:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
+        print(json.dumps({"selected": chosen, "result": result}, indent=2,
+                         ensure_ascii=False))
     else:
-        print(render(command, result))
-    return 0
+        print(render_batch(result))
+    return 1 if absent else 0
+
+
+def _confirmed(count: int) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    sys.stderr.write(f"Delete these {count} messages? [y/N] ")   # not into a stdout pipe
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 def _locate(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -200,6 +288,39 @@ def render_show(m: dict[str, Any], now: float | None = None) -> str:
     out.append("Header:")
     out += [f"  {_clean(line)}" for line in m["headers"].split("\n")]
     return "\n".join(out)
+
+
+_DONE = {"retry": "due now", "hold": "held", "release": "released", "delete": "deleted"}
+
+
+def render_plan(command: str, chosen: list[dict[str, Any]], absent: list[str]) -> str:
+    """What a command is about to do: one line per message."""
+    n = len(chosen)
+    if not chosen:
+        out = [f"{command}: no queued message matches"]
+    else:
+        out = [f"{command} {n} message{'s' if n != 1 else ''}:"]
+        out += [f"  {m['id']}  {m['state']:<8}  from <{_clean(m['sender'])}>  "
+                f"{_span(m['age'])} old  to " + ", ".join(
+                    f"<{_clean(r['address'])}>" for r in m["recipients"]
+                    if r["status"] == "pending") for m in chosen]
+    out += [f"  {i}  not in the queue" for i in absent]
+    return "\n".join(out)
+
+
+def render_batch(result: dict[str, Any]) -> str:
+    """What became of each message: done, already so, held (retry), gone meanwhile."""
+    command = result["command"]
+    done, already = len(result["done"]), len(result["already"])
+    parts = [f"{done} message{'s' if done != 1 else ''} {_DONE[command]}"]
+    if already:
+        parts.append(f"{already} already {_DONE[command]}")
+    if result["held"]:
+        parts.append(f"{len(result['held'])} held (release them to retry)")
+    if result["missing"]:
+        parts.append(f"{len(result['missing'])} not in the queue (delivered, bounced or "
+                     "deleted meanwhile)")
+    return "; ".join(parts)
 
 
 def render(command: str, result: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
+from relay.control.select import Selection, matches
 from relay.errors import ControlError, SpoolError
 from relay.maillog import MailLog
 from relay.spool.layout import is_queue_id, state_name
@@ -28,7 +29,8 @@ from relay.spool.store import Spool
 log = logging.getLogger("relay.queue")
 
 HEADER_LIMIT = 64 * 1024        # `show` prints at most this much of the message's header
-COMMANDS = ("list", "show", "retry", "hold", "release", "delete")
+COMMANDS = ("list", "show", "retry", "hold", "release", "delete", "select")
+BATCH = ("retry", "hold", "release", "delete")
 
 
 class SchedulerHook(Protocol):
@@ -68,8 +70,13 @@ class QueueManager:
 
     async def handle(self, command: str, args: Mapping[str, Any]) -> dict[str, Any]:
         """Run one command by name (the control socket's entry point)."""
-        if command == "list":
-            return await self.list_messages()
+        if command in ("list", "select"):
+            return await self.list_messages(Selection.from_args(args))
+        if command in BATCH and "ids" in args:
+            ids = args["ids"]
+            if not isinstance(ids, list):
+                raise ControlError("ids must be a list of queue ids", code="bad_request")
+            return await self.batch(command, [check_id(i) for i in ids])
         if command == "retry" and args.get("all"):
             return await self.retry(None, every=True)
         single: dict[str, Callable[[str], Awaitable[dict[str, Any]]]] = {
@@ -83,12 +90,17 @@ class QueueManager:
 
     # --- reading ---------------------------------------------------------------------------
 
-    async def list_messages(self) -> dict[str, Any]:
-        """Every queued message, oldest first, with its state and recipients."""
+    async def list_messages(self, selection: Selection | None = None) -> dict[str, Any]:
+        """Every queued message (or those ``selection`` names), oldest first, with its
+        state and recipients."""
         ids = self._spool.queue_ids()
+        if selection is not None and selection.ids:
+            ids = [i for i in ids if i in selection.ids]
         msgs = await asyncio.to_thread(self._load_many, ids)
         now = self._clock()
         entries = [self._entry(m, now) for m in msgs]
+        if selection is not None:
+            entries = [e for e in entries if matches(e, selection)]
         counts = {"active": 0, "deferred": 0, "held": 0}
         for e in entries:
             counts[e["state"]] += 1
@@ -142,6 +154,24 @@ class QueueManager:
         }
 
     # --- changing --------------------------------------------------------------------------
+
+    async def batch(self, command: str, ids: list[str]) -> dict[str, Any]:
+        """One command on several messages, in turn; what became of each id."""
+        single: dict[str, Callable[[str], Awaitable[dict[str, Any]]]] = {
+            "retry": self.retry, "hold": self.hold, "release": self.release,
+            "delete": self.delete}
+        out: dict[str, Any] = {"command": command, "done": [], "already": [], "missing": [],
+                               "held": []}
+        for queue_id in ids:
+            try:
+                result = await single[command](queue_id)
+            except ControlError as exc:
+                if exc.code not in ("not_found", "held"):
+                    raise
+                out["missing" if exc.code == "not_found" else "held"].append(queue_id)
+                continue
+            out["already" if result.get("already") else "done"].append(queue_id)
+        return out
 
     async def retry(self, queue_id: str | None, *, every: bool = False) -> dict[str, Any]:
         """Make a message (or, with ``every``, each message not held) due now."""
