@@ -7,7 +7,15 @@ import sys
 from pathlib import Path
 
 from relay.cli.dns_args import add_dns_args, resolver_from_args
-from relay.dkim.keys import generate, load_keys, txt_record, write_private_key, zone_line
+from relay.config.values import is_domain, is_selector
+from relay.dkim.keys import (
+    MIN_RSA_BITS,
+    generate,
+    load_keys,
+    txt_record,
+    write_private_key,
+    zone_line,
+)
 from relay.dkim.verify import public_key, verify
 from relay.errors import ConfigError, DnsError, RelayError
 
@@ -18,10 +26,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     verbs = parser.add_subparsers(dest="dkim_command", metavar="ACTION", required=True)
 
     kg = verbs.add_parser("keygen", help="write a new private key and print its DNS record")
-    kg.add_argument("--domain", required=True)
-    kg.add_argument("--selector", required=True)
+    kg.add_argument("--domain", required=True, type=_domain,
+                    help="the signing domain (d=), e.g. example.com")
+    kg.add_argument("--selector", required=True, type=_selector,
+                    help="the selector (s=), e.g. relay2026: letters, digits, - and _")
     kg.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa")
-    kg.add_argument("--bits", type=int, default=2048, help="RSA key size (at least 2048)")
+    kg.add_argument("--bits", type=_rsa_bits, default=2048,
+                    help=f"RSA key size: {MIN_RSA_BITS} (default) to {MAX_RSA_BITS}")
     kg.add_argument("--out", type=Path, metavar="FILE",
                     help="private key file (default SELECTOR.DOMAIN.pem); never overwritten")
     kg.set_defaults(func=keygen_command)
@@ -37,13 +48,43 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     vf.set_defaults(func=verify_command)
 
 
-def keygen_command(args: argparse.Namespace) -> int:
-    domain = args.domain.lower().rstrip(".")
-    out: Path = args.out or Path(f"{args.selector}.{domain}.pem")
+MAX_RSA_BITS = 8192
+
+
+def _domain(text: str) -> str:
+    domain = text.strip().lower().rstrip(".")
+    if not is_domain(domain):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a domain name: letters, digits and hyphens in dot-separated "
+            "labels, e.g. example.com")
+    return domain
+
+
+def _selector(text: str) -> str:
+    if not is_selector(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a DKIM selector: letters, digits, - and _ in dot-separated "
+            "labels, e.g. relay2026")
+    return text
+
+
+def _rsa_bits(text: str) -> int:
     try:
-        key = generate(args.algorithm, args.bits)
-    except ValueError as exc:
-        raise ConfigError(str(exc), hint="use --bits 2048 or more") from None
+        bits = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bits") from None
+    if not MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
+        raise argparse.ArgumentTypeError(
+            f"{bits} bits is out of range: RSA keys for DKIM need at least {MIN_RSA_BITS} "
+            f"bits (RFC 8301; receivers reject shorter ones) and at most {MAX_RSA_BITS} "
+            "(a longer key's DNS record gets unwieldy); the default is 2048")
+    return bits
+
+
+def keygen_command(args: argparse.Namespace) -> int:
+    domain = args.domain
+    out: Path = args.out or Path(f"{args.selector}.{domain}.pem")
+    key = generate(args.algorithm, args.bits)
     try:
         write_private_key(key, out)
     except FileExistsError:

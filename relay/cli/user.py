@@ -71,8 +71,19 @@ def _read_password(args: argparse.Namespace) -> bytes:
         password = line[:-1] if line.endswith("\n") else line
         password = password[:-1] if password.endswith("\r") else password
     else:
-        password = getpass.getpass(f"Password for {args.name}: ")
-        if getpass.getpass("Again: ") != password:
+        if not sys.stdin.isatty():
+            raise RelayError(
+                f"no terminal to ask for {args.name}'s password (standard input is not one)",
+                hint=f"give it on standard input instead: printf '%s\\n' \"$PASSWORD\" | "
+                     f"relay user add {args.name} --password-stdin")
+        try:
+            password = getpass.getpass(f"Password for {args.name}: ")
+            again = getpass.getpass("Again: ")
+        except EOFError:
+            raise RelayError("no password given (end of input)",
+                             hint="run the command again and type the password twice"
+                             ) from None
+        if again != password:
             raise RelayError("the passwords differ", hint="run the command again")
     if not password:
         raise RelayError("empty password refused", hint="give a password of 12+ characters")

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import Literal, cast
 
 from relay.config.reader import Table
 from relay.config.schema import DkimKeyConfig, ProfileConfig, RouteConfig
 from relay.config.sections import read_header_rules, size
-from relay.config.values import is_domain, is_name
+from relay.config.values import is_domain, is_name, is_selector
 
-_SELECTOR = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?"
-                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?)*$")
 _ROUTE_DOMAIN = 'a domain such as "example.com" or "*.example.com"'
 
 
@@ -37,7 +34,7 @@ def read_dkim(t: Table) -> DkimKeyConfig:
     domain = t.text("domain", required=True, expected='a domain such as "example.com"',
                    check=is_domain)
     selector = t.text("selector", required=True, expected='a selector such as "relay2025"',
-                     check=lambda s: bool(_SELECTOR.match(s)))
+                     check=is_selector)
     key_file = t.file("key_file", required=True, exists=True, readable=True, private=True)
     assert key_file is not None
     algorithm = t.enum("algorithm", ("rsa-sha256", "ed25519-sha256"), "rsa-sha256")

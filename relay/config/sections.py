@@ -127,9 +127,15 @@ def read_retry(t: Table) -> RetryConfig:
     jitter = t.bounded("jitter", _fraction, default(RetryConfig, "jitter"),
                        expected="a fraction", min=0.0, max=0.9)
     lifetime = duration(t, "lifetime", RetryConfig, min=0.001)
-    if most < first:
-        raise t.error("max", "retry.max is shorter than retry.first", got=show(t.raw.get("max")),
+    if most < first and "max" in t.raw:
+        raise t.error("max", "retry.max is shorter than retry.first", got=show(t.raw["max"]),
                       expected=f"at least {first:g} seconds")
+    if most < first:
+        raise t.error("first", f"retry.first is longer than retry.max (not set: {most:g} "
+                      "seconds by default)", got=show(t.raw["first"]),
+                      expected=f"at most {most:g} seconds",
+                      hint=f"lower retry.first, or set retry.max to at least {first:g} "
+                           "seconds too")
     t.finish()
     return RetryConfig(first=first, max=most, jitter=jitter, lifetime=lifetime)
 

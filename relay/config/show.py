@@ -2,6 +2,9 @@
 
 Secrets are shown by where they come from (``password_env = "VAR"``), never by value.
 Sizes are bytes, durations seconds, named address sets already expanded into ``allow``.
+Every address set and profile in effect is written out, and ``[relay] address_sets`` and
+``profiles`` are empty, so the output is a whole config: ``relay config check`` passes it
+as it passed the original, with no warning about entries replacing shipped ones.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ def render(config: Config) -> str:
     for attr, section, many in _SECTIONS:
         value = getattr(config, attr)
         for item in value if many else (value,):
-            out.extend(_table(section, item, many))
+            extra = _SELF_CONTAINED if section == "relay" else ()
+            out.extend(_table(section, item, many, extra))
     for name, nets in config.address_sets.items():
         out.append("[[address_set]]")
         out.append(f"name = {_scalar(name)}")
@@ -60,7 +64,11 @@ def render(config: Config) -> str:
     return "\n".join(out)
 
 
-def _table(header: str, obj: object, many: bool) -> list[str]:
+_SELF_CONTAINED = ("address_sets = []                      # every set in effect is below",
+                   "profiles = []                          # every profile in effect is below")
+
+
+def _table(header: str, obj: object, many: bool, extra: tuple[str, ...] = ()) -> list[str]:
     out = [f"[[{header}]]" if many else f"[{header}]"]
     if isinstance(obj, ProxyConfig):           # shown the way it is written: a url
         user = f"{obj.username}@" if obj.username else ""
@@ -88,7 +96,7 @@ def _table(header: str, obj: object, many: bool) -> list[str]:
                          for g in dataclasses.fields(value))
         else:
             out.append(f"{f.name} = {_scalar(value)}")
-    return [*out, *later, ""]
+    return [*out, *extra, *later, ""]
 
 
 def _secret(name: str, secret: Secret) -> str:

@@ -192,6 +192,15 @@ def is_name(value: str) -> bool:
     return bool(_NAME_RE.match(value))
 
 
+_SELECTOR_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?"
+                          r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?)*$")
+
+
+def is_selector(value: str) -> bool:
+    """A DKIM selector: DNS labels (letters, digits, "-", "_"), dot-separated."""
+    return bool(_SELECTOR_RE.match(value))
+
+
 def is_header_name(value: str) -> bool:
     return bool(_HEADER_RE.match(value))
 
