@@ -37,18 +37,22 @@ class Login:
 async def walk_mailbox(report: Report, cfg: UpstreamConfig, transport: Transport,
                        ctx: ssl.SSLContext | None, login: Login, token_for: TokenFor,
                        token_detail: Callable[[str], str],
-                       probe: Callable[[], Awaitable[bytes | None]]) -> None:
+                       probe: Callable[[], Awaitable[bytes | None]], *,
+                       provider: str = "") -> None:
     """TLS, greeting, capabilities, token, login, logout, as the proxy does them.
 
     ``transport`` hands out the connection the transport steps opened; ``probe`` fetches
-    the server certificate unverified, to explain a certificate failure.
+    the server certificate unverified, to explain a certificate failure; ``provider``
+    (``microsoft``, ``google``) when relay knows whose server it is, for the hints.
     """
     creds = None if login.mechanism in ("none", "passthrough") else \
         UpstreamCredentials(login.username, login.password, login.token_source)
     failures: list[Stage] = []
 
     def observe(stage: Stage) -> None:
-        if stage.error is not None:
+        if stage.running:
+            report.waiting(stage.name, stage.detail)
+        elif stage.error is not None:
             failures.append(stage)
         elif stage.name == "token":
             report.passed("token", stage.seconds, token_detail(login.token_source or ""))
@@ -62,7 +66,7 @@ async def walk_mailbox(report: Report, cfg: UpstreamConfig, transport: Transport
         opened = await login_upstream(cfg, creds, transport=transport, token_for=token_for,
                                       tls_context=ctx, observer=observe, capability=True)
     except (TransportError, OAuthError, ProxyUpstreamError) as exc:
-        await _failed(report, cfg, failures[0] if failures else None, exc, probe)
+        await _failed(report, cfg, failures[0] if failures else None, exc, probe, provider)
         return
     except OSError as exc:                    # below the login's own classification
         report.failed("session", None, f"{cfg.protocol.upper()} session failed: {exc}",
@@ -76,7 +80,8 @@ async def walk_mailbox(report: Report, cfg: UpstreamConfig, transport: Transport
 
 
 async def _failed(report: Report, cfg: UpstreamConfig, stage: Stage | None,
-                  exc: RelayError, probe: Callable[[], Awaitable[bytes | None]]) -> None:
+                  exc: RelayError, probe: Callable[[], Awaitable[bytes | None]],
+                  provider: str = "") -> None:
     """One failed step for the stage the login stopped at, explained for the operator."""
     step = stage.name if stage is not None else "auth"
     seconds = stage.seconds if stage is not None else None
@@ -87,7 +92,8 @@ async def _failed(report: Report, cfg: UpstreamConfig, stage: Stage | None,
         doing = stage.detail if stage is not None else "login"
         report.failed(step, seconds, f"{doing} refused: {exc.reply[:200]}",
                       reason="auth_failed" if exc.credentials else exc.reason,
-                      hint=explain_login_reply(exc.reply) if exc.credentials else exc.hint)
+                      hint=explain_login_reply(exc.reply, provider) if exc.credentials
+                      else exc.hint)
     elif isinstance(exc, ProxyUpstreamError) and exc.reply and step == "greeting":
         report.failed(step, seconds, f"unexpected greeting: {exc.reply[:200]}",
                       reason=exc.reason, hint="check the port and tls mode: it does not "

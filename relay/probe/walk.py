@@ -1,61 +1,40 @@
-"""The ``relay check`` engine: walk each upstream like a "Test connection" button.
+"""The ``relay check`` engine: walk each channel like a "Test connection" button.
 
-For every upstream: transport (proxy or bastion steps timed apart), TCP, TLS (certificate
-names and expiry), greeting, EHLO/CAPABILITY, AUTH (token fetch timed apart), each done by
-the code relay really runs: SmtpSession for SMTP, the proxy's upstream login for IMAP/POP3.
-No mail is sent unless ``send_test`` names a recipient. Each failure is explained with a
-hint.
+For every channel of every upstream (``relay.probe.channels``: its own credentials, each
+[[account]], or the ones given): transport (proxy or bastion steps timed apart), TCP, TLS
+(certificate names and expiry), greeting, EHLO/CAPABILITY, AUTH (token fetch timed
+apart), each done by the code relay really runs: SmtpSession for SMTP, the proxy's
+upstream login for IMAP/POP3. Channels are walked one after the other, each step told to
+the report's watcher as it ends; ``timeout`` bounds the whole walk. No mail is sent unless
+``send_test`` names a recipient (an outbox upstream gets a test file). Each failure is
+explained with a hint, naming a provider only when relay knows the server is theirs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import email.utils
 import os
 import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
-from relay.config.schema import Config, UpstreamConfig
+from relay.config.schema import Config, Secret, UpstreamConfig
 from relay.errors import OAuthError, RelayError
 from relay.oauth.tokens import TokenSources
+from relay.outbound.outbox import write_outbox
 from relay.outbound.session import Credentials, SessionError, SmtpSession
-from relay.probe.hints import explain_auth_reply
+from relay.probe.channels import Channel, plan
+from relay.probe.hints import explain_auth_reply, provider_of
 from relay.probe.mailbox import Login, probe_certificate, walk_mailbox
 from relay.probe.steps import Report, transport_steps
 from relay.timing import StageTimer
 from relay.tls import classify_tls_error, client_context, server_name, ssl_object_detail
 from relay.transports.factory import Transports, Via
-
-
-def login_for(config: Config, up: UpstreamConfig) -> Login:
-    """The identity ``relay check`` logs in with: the upstream's own, else its first account."""
-    if up.auth in ("none", "passthrough"):
-        note = ("auth = passthrough: clients' own credentials are used, nothing to test"
-                if up.auth == "passthrough" else "auth = none")
-        return Login(up.auth, note=note)
-    accounts = [a for a in config.accounts if a.upstream == up.name]
-    if up.auth == "password":
-        if up.username and up.password is not None:
-            return Login("password", up.username, up.password)
-        for a in accounts:
-            if a.password is not None:
-                return Login("password", a.username, a.password,
-                             note=f"credentials of the [[account]] for {a.user or a.sender}")
-    else:
-        source = up.token_source
-        if up.username and source:
-            return Login("xoauth2", up.username, token_source=source)
-        for a in accounts:
-            if a.token_source or source:
-                return Login("xoauth2", a.username or up.username,
-                             token_source=a.token_source or source,
-                             note=f"mailbox of the [[account]] for {a.user or a.sender}")
-    return Login("none", note=f"auth = {up.auth} but no credentials are configured to test")
 
 
 def _ssl_cause(exc: BaseException | None) -> ssl.SSLError | None:
@@ -96,8 +75,36 @@ class _Given:
         return None
 
 
+_DOING = {"connect": "connecting", "tls": "the TLS handshake",
+          "greeting": "the greeting and EHLO", "auth": "AUTH (a token fetch included)"}
+
+
+class _Watched(StageTimer):
+    """The stage timer SmtpSession fills, telling the report which stage is under way."""
+
+    def __init__(self, report: Report) -> None:
+        super().__init__()
+        self._report = report
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if name != "connect":
+            self._report.waiting(name, _DOING.get(name, ""))
+        with super().stage(name):
+            yield
+
+
+def provider(config: Config, up: UpstreamConfig, login: Login) -> str:
+    """Whose server this is, when relay knows: the host, or the token source's provider."""
+    names = [up.host, up.tls_server_name or ""]
+    if login.token_source:
+        with contextlib.suppress(KeyError):
+            names.append(config.token_source(login.token_source).provider)
+    return provider_of(*names)
+
+
 class Checker:
-    """Runs the walk for upstreams of one config, sharing transports and token sources."""
+    """Runs the walk for channels of one config, sharing transports and token sources."""
 
     def __init__(self, config: Config, *, send_test: str | None = None,
                  send_from: str | None = None) -> None:
@@ -116,18 +123,21 @@ class Checker:
     async def close(self) -> None:
         await self.transports.close()
 
-    async def check(self, up: UpstreamConfig) -> Report:
-        report = await self._check(up)
-        report.note_if_slow(self.config.relay.slow_delivery_threshold)
-        return report
+    @staticmethod
+    def report_for(channel: Channel) -> Report:
+        up = channel.upstream
+        return Report(up.name, up.protocol, f"{up.host}:{up.port}" if up.host else
+                      str(up.path), up.via or "direct", identity=channel.identity,
+                      username=channel.login.username)
 
-    async def _check(self, up: UpstreamConfig) -> Report:
-        via = up.via or "direct"
-        report = Report(up.name, up.protocol, f"{up.host}:{up.port}" if up.host else
-                        str(up.path), via)
+    async def check(self, report: Report, channel: Channel) -> None:
+        await self._check(report, channel.upstream, channel.login)
+        report.note_if_slow(self.config.relay.slow_delivery_threshold)
+
+    async def _check(self, report: Report, up: UpstreamConfig, login: Login) -> None:
         if up.protocol == "outbox":
             await self._outbox(report, up)
-            return report
+            return
         kind = "direct" if up.via is None else self.config.proxy(up.via).kind
         handle = self.transports.for_upstream(up)
         ctx: ssl.SSLContext | None = None
@@ -136,18 +146,17 @@ class Checker:
                 ctx = await asyncio.to_thread(client_context, up)
         except RelayError as exc:
             report.failed("tls", None, exc)
-            return report
+            return
         sock = await transport_steps(report, handle, kind, up.host, up.port,
                                      timeout=up.connect_timeout)
         if sock is None:
-            return report
-        login = login_for(self.config, up)
+            return
         if up.protocol == "smtp":
             await self._smtp(report, up, handle, sock, login)
         else:
             await walk_mailbox(report, up, _Given(sock), ctx, login, self.tokens.token,
-                               self.token_detail, lambda: probe_certificate(handle, up))
-        return report
+                               self.token_detail, lambda: probe_certificate(handle, up),
+                               provider=provider(self.config, up, login))
 
     async def _outbox(self, report: Report, up: UpstreamConfig) -> None:
         path = Path(up.path or ".")
@@ -159,6 +168,36 @@ class Checker:
             report.failed("outbox", time.monotonic() - t, f"{path} is not a writable folder",
                           reason="outbox_unwritable",
                           hint="create it and give the relay user write access")
+            return
+        if self.send_test:
+            await self._outbox_test(report, up, path)
+
+    async def _outbox_test(self, report: Report, up: UpstreamConfig, path: Path) -> None:
+        """The test message, written as delivery writes one (``write_outbox``)."""
+        assert self.send_test is not None
+        sender = self.send_from or f"postmaster@{self.config.relay.hostname}"
+        t = time.monotonic()
+        try:
+            written = await write_outbox(
+                path, queue_id=f"relay-check-{time.strftime('%Y%m%d-%H%M%S')}", sender=sender,
+                recipients=[self.send_test], all_recipients=(self.send_test,),
+                data=self._test_message(up, sender))
+        except RelayError as exc:
+            report.failed("send", time.monotonic() - t, exc)
+            return
+        report.passed("send", time.monotonic() - t,
+                      f"test message from {sender} to {self.send_test} written to {written} "
+                      "(an outbox upstream delivers into files; nothing was sent)")
+
+    def _test_message(self, up: UpstreamConfig, sender: str) -> bytes:
+        assert self.send_test is not None
+        return (f"From: <{sender}>\r\nTo: <{self.send_test}>\r\n"
+                f"Subject: relay check: test message via {up.name}\r\n"
+                f"Date: {email.utils.formatdate(localtime=True)}\r\n"
+                f"Message-ID: {email.utils.make_msgid('relay-check')}\r\n"
+                "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+                f"This message was sent by `relay check --send-test` through upstream "
+                f"{up.name}.\r\n").encode()
 
     async def _smtp(self, report: Report, up: UpstreamConfig, handle: Via,
                     sock: socket.socket, login: Login) -> None:
@@ -174,7 +213,10 @@ class Checker:
         creds = Credentials(
             mechanism="none" if login.mechanism == "passthrough" else login.mechanism,
             username=login.username, password=login.password, token_source=login.token_source)
-        timer = StageTimer()
+        timer = _Watched(report)
+        report.waiting("tls" if up.tls == "implicit" else "greeting",
+                       "the TLS handshake" if up.tls == "implicit" else
+                       "the greeting and EHLO")
         try:
             session = await SmtpSession.open(
                 up, transport=_Given(sock), helo_name=up.helo_name or
@@ -206,7 +248,8 @@ class Checker:
             ["greeting", "tls", "auth"]
         for stage in order:
             if failed is not None and failed.stage == stage:
-                self._smtp_failure(report, stage, stages.get(stage), failed, login, token_time)
+                self._smtp_failure(report, up, stage, stages.get(stage), failed, login,
+                                   token_time)
                 return
             if stage == "tls" and up.tls == "none":
                 report.skipped("tls", "tls = none: plain text (only sensible on loopback)")
@@ -238,7 +281,8 @@ class Checker:
                       f"authenticated as {login.username} ({how})"
                       + (f"; {login.note}" if login.note else ""))
 
-    def _smtp_failure(self, report: Report, stage: str, seconds: float | None,
+    def _smtp_failure(self, report: Report, up: UpstreamConfig, stage: str,
+                      seconds: float | None,
                       exc: SessionError, login: Login, token_time: list[float]) -> None:
         if stage == "auth" and exc.reason == "oauth_failed":
             cause = exc.__cause__
@@ -250,7 +294,7 @@ class Checker:
         hint = exc.hint
         if stage == "auth" and exc.reply:
             code = int(exc.reply[:3]) if exc.reply[:3].isdigit() else 535
-            hint = explain_auth_reply(code, exc.reply)
+            hint = explain_auth_reply(code, exc.reply, provider(self.config, up, login))
         report.failed(stage, seconds, exc, hint=hint)
 
     async def _send_test(self, report: Report, up: UpstreamConfig, session: SmtpSession,
@@ -258,13 +302,7 @@ class Checker:
         assert self.send_test is not None
         sender = self.send_from or (login.username if "@" in login.username else
                                     f"postmaster@{self.config.relay.hostname}")
-        msg = (f"From: <{sender}>\r\nTo: <{self.send_test}>\r\n"
-               f"Subject: relay check: test message via {up.name}\r\n"
-               f"Date: {email.utils.formatdate(localtime=True)}\r\n"
-               f"Message-ID: {email.utils.make_msgid('relay-check')}\r\n"
-               "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
-               f"This message was sent by `relay check --send-test` through upstream "
-               f"{up.name}.\r\n").encode()
+        msg = self._test_message(up, sender)
         t = time.monotonic()
         for args in ((b"MAIL", f"FROM:<{sender}>".encode()),
                      (b"RCPT", f"TO:<{self.send_test}>".encode())):
@@ -284,18 +322,41 @@ class Checker:
 
 
 async def run_check(config: Config, names: Sequence[str] = (), *,
-                    send_test: str | None = None,
-                    send_from: str | None = None) -> list[Report]:
-    """Check the named upstreams (all of them when none is named), concurrently."""
-    known = {u.name: u for u in config.upstreams}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise RelayError(f"no upstream named {', '.join(unknown)}",
-                         hint=f"configured upstreams: {', '.join(known) or 'none'}")
-    selected = [known[n] for n in names] if names else list(config.upstreams)
+                    send_test: str | None = None, send_from: str | None = None,
+                    account: str | None = None, user: str | None = None,
+                    password: Secret | None = None, timeout: float | None = None,
+                    begin: Callable[[Report], None] | None = None,
+                    end: Callable[[Report], None] | None = None) -> list[Report]:
+    """Walk every channel of the named upstreams (all when none is named), one after the
+    other, within ``timeout`` seconds in all; ``begin``/``end`` frame each channel."""
+    channels = plan(config, list(names), account=account, user=user, password=password)
     checker = Checker(config, send_test=send_test, send_from=send_from)
+    reports: list[Report] = []
     try:
-        results: list[Any] = await asyncio.gather(*(checker.check(u) for u in selected))
+        async with asyncio.timeout(timeout):
+            for channel in channels:
+                report = checker.report_for(channel)
+                reports.append(report)
+                if begin is not None:
+                    begin(report)
+                await checker.check(report, channel)
+                if end is not None:
+                    end(report)
+    except TimeoutError:
+        limit = timeout or 0.0
+        reports[-1].timed_out(limit)
+        if end is not None:
+            end(reports[-1])
+        for channel in channels[len(reports):]:
+            report = checker.report_for(channel)
+            reports.append(report)
+            if begin is not None:
+                begin(report)
+            report.failed("walk", None, f"not checked: the --timeout of {limit:g} s ran out "
+                          "before this channel's turn", reason="timeout",
+                          hint="raise --timeout, or check this upstream on its own")
+            if end is not None:
+                end(report)
     finally:
         await checker.close()
-    return list(results)
+    return reports

@@ -26,12 +26,14 @@ class Stage:
     own), ``tls`` (STARTTLS/STLS and the handshake), ``auth`` (detail: "logged in as U
     (MECHANISM)"). A stage that failed carries ``error``, which ``login_upstream`` raises
     right after; ``detail`` then says what was being done ("login as 'U' (LOGIN)").
+    A stage that just began is told with ``running`` (for a "still waiting for ..." line).
     """
 
     name: str
     seconds: float
     detail: str = ""
     error: RelayError | None = None
+    running: bool = False
 
 
 Observer = Callable[[Stage], None]
@@ -60,6 +62,8 @@ class Progress:
     def begin(self, name: str, doing: str = "") -> None:
         """The observer's stage ``name`` starts; ``doing`` describes it if it fails."""
         self.current, self.doing, self.started = name, doing, time.monotonic()
+        if self.observer is not None:
+            self.observer(Stage(name, 0.0, doing, running=True))
 
     def done(self, detail: Callable[[], str], seconds: float | None = None) -> None:
         """The current stage passed; ``detail`` is only worked out for an observer."""

@@ -161,9 +161,20 @@ async def test_silent_upstream_times_out() -> None:
 
 # ---- what relay check sees: the observer, the optional CAPABILITY, creds=None ----------
 
+BEGUN: list[str] = []
+
+
 def recorder() -> tuple[list[Stage], Observer]:
+    """The stages that ended; the ones that began go to BEGUN (a "still waiting" line)."""
     stages: list[Stage] = []
-    return stages, stages.append
+    BEGUN.clear()
+
+    def observe(stage: Stage) -> None:
+        if stage.running:
+            BEGUN.append(stage.name)
+        else:
+            stages.append(stage)
+    return stages, observe
 
 
 async def test_observer_sees_each_stage_and_changes_nothing_sent() -> None:
@@ -178,6 +189,7 @@ async def test_observer_sees_each_stage_and_changes_nothing_sent() -> None:
         watched.channel.close()
     assert seen == [b'R2 LOGIN "u" "p"\r\n'] * 2
     assert [s.name for s in stages] == ["connect", "greeting", "auth"]
+    assert BEGUN == ["greeting", "auth"]          # told as each began, before it ended
     assert stages[1].detail.startswith("* OK [CAPABILITY IMAP4rev1 SASL-IR] hi")
     assert stages[2].detail == "logged in as u (LOGIN)"
     assert all(s.error is None and s.seconds >= 0 for s in stages)
