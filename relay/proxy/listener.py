@@ -170,8 +170,8 @@ class ProxyListener:
             old = session.ctx
             if old.path is None or new.path is None or old.path == new.path:
                 continue
-            if not session.committed:
-                session.ctx = new                 # before login: it logs in the new way
+            if session.spliced is None:
+                session.ctx = new                 # not logged in yet: it logs in the new way
                 continue
             why = old.path.changes(new.path)
             if reconnect and session.reconnect(why):

@@ -78,9 +78,9 @@ def _fmt(value: object) -> str:
 class ProxySession:
     """A client connection from greeting to close."""
 
-    __slots__ = ("_idle_handle", "addr", "client", "committed", "ctx", "end", "flushed",
-                 "machine", "peer", "reconnecting", "spliced", "started", "to_upstream_extra",
-                 "upstream", "user", "watch")
+    __slots__ = ("_idle_handle", "addr", "client", "ctx", "end", "flushed", "machine", "peer",
+                 "reconnecting", "spliced", "started", "to_upstream_extra", "upstream", "user",
+                 "watch")
 
     def __init__(self, ctx: SessionContext, client: Channel, peer: tuple[str, int]) -> None:
         self.ctx = ctx
@@ -100,7 +100,6 @@ class ProxySession:
         self.to_upstream_extra = 0
         self.flushed = [0, 0]
         self._idle_handle: asyncio.TimerHandle | None = None
-        self.committed = False            # logging in upstream: its path is ctx.path
         self.watch: ImapWatch | Pop3Watch | None = None
         self.reconnecting = ""            # why it ends at its next safe point
 
@@ -223,7 +222,6 @@ class ProxySession:
             return "unavailable"
         if creds is None:
             return await self._bad_credentials("bad_credentials")
-        self.committed = True
         try:
             result = await login_upstream(
                 ctx.upstream, creds, transport=ctx.transport_for(ctx.upstream),
@@ -254,6 +252,7 @@ class ProxySession:
             self._count_failure("token")
             return "unavailable"
         ctx.failures.success(self.addr)
+        self._logged_in_through(ctx)
         self.upstream = result.channel
         self.client.write(self.machine.login_succeeded(result.capability, result.untagged))
         leftover = self.machine.leftover()
@@ -310,6 +309,14 @@ class ProxySession:
         await spliced.wait_closed(30)
 
     # -- after a reload that changed the way to the provider -----------------------------
+    def _logged_in_through(self, ctx: SessionContext) -> None:
+        """Keep the context this login used; if a reload swapped in another meanwhile (the
+        listener does so for sessions not spliced yet) whose way differs, end at once."""
+        newer, self.ctx = self.ctx, ctx
+        if newer is not ctx and newer.path is not None and ctx.path is not None and \
+                newer.path != ctx.path and newer.listener.on_upstream_change == "reconnect":
+            self.reconnecting = ctx.path.changes(newer.path)
+
     def reconnect(self, why: str) -> bool:
         """End at the next safe point so the client reconnects the new way; False if this
         session cannot tell its safe points (it logged in under "keep", or uses COMPRESS).
