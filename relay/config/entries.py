@@ -7,7 +7,7 @@ from typing import Literal, cast
 
 from relay.config.reader import Table
 from relay.config.schema import DkimKeyConfig, ProfileConfig, RouteConfig
-from relay.config.sections import read_header_rules, size
+from relay.config.sections import priority, read_header_rules, size
 from relay.config.values import is_domain, is_name
 
 _SELECTOR = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?"
@@ -27,6 +27,7 @@ def read_route(t: Table) -> RouteConfig:
         sender_domain=sender.lower() if sender else None,
         recipient_domain=recipient.lower() if recipient else None,
         header_rules=read_header_rules(t),
+        priority=priority(t, None),
         line=t.ctx.line(t.path) or 0,
     )
     t.finish()
@@ -63,6 +64,7 @@ def read_profile(t: Table) -> ProfileConfig:
         messages_per_minute=t.integer("messages_per_minute", None, min=1),
         bytes_per_5min=size(t, "bytes_per_5min", None),
         recipients_per_day=t.integer("recipients_per_day", None, min=1),
+        connections_per_mailbox=t.integer("connections_per_mailbox", None, min=1),
         line=t.ctx.line(t.path) or 0,
     )
     t.text("description")

@@ -1,0 +1,279 @@
+"""Quotas shared by replicas through Redis, with a conservative local share when it is gone.
+
+Every replica reserves each send with one server-side Lua script (redis-py's asyncio
+client, EVALSHA): the script reads Redis's own clock, prunes what left each window,
+checks every limit of every claim and records the send in all of them, or in none,
+atomically; so the fleet as a whole never exceeds a quota. Per limit a sorted set holds
+the sends (member ``ID#AMOUNT``, score the time in ms) and a counter their sum; a send
+in flight is scored in the future until ``settle`` re-stamps it with the time it ended
+(see ``relay.outbound.pacing``). Keys expire by themselves when a mailbox goes quiet.
+
+Each replica also keeps its own sends in a ``LocalQuotas``. When Redis does not answer
+within ``[pacing] timeout``, relay says so once in the log, sets
+``relay_pacing_shared`` to 0, counts ``relay_pacing_fallbacks_total`` and goes on
+delivering within a local share: each limit divided by ``[pacing] replicas``, counting
+what this replica sent. Every ``retry_interval`` a reservation tries Redis again; when
+it answers, the replica's sends still inside a window are written back (idempotently:
+Redis may have kept them, or restarted empty) and shared accounting resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from relay.config.schema import PacingSection
+from relay.metrics import Metrics
+from relay.outbound.pacing import (
+    Claim,
+    Limit,
+    LocalQuotas,
+    Ticket,
+    Verdict,
+    edge_margin,
+)
+
+log = logging.getLogger("relay.pacing")
+
+LEASE_MS = 3_600_000        # a send in flight counts this far ahead until it settles
+
+# KEYS: (zset, counter) per limit. ARGV: member id, lease ms, then per limit: span ms,
+# amount, need. Returns {0, now} when recorded, else {wait ms, index of the binding limit}.
+RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = #KEYS / 2
+local worst, which = 0, 0
+for i = 1, n do
+  local z, c = KEYS[2 * i - 1], KEYS[2 * i]
+  local span = tonumber(ARGV[3 * i]); local amount = tonumber(ARGV[3 * i + 1])
+  local need = tonumber(ARGV[3 * i + 2])
+  local old = redis.call('ZRANGEBYSCORE', z, '-inf', now - span)
+  if #old > 0 then
+    local freed = 0
+    for _, m in ipairs(old) do freed = freed + tonumber(string.match(m, '#(%d+)$')) end
+    redis.call('ZREMRANGEBYSCORE', z, '-inf', now - span)
+    redis.call('DECRBY', c, freed)
+  end
+  local used = tonumber(redis.call('GET', c) or '0')
+  if used > 0 and used + need > amount then
+    local wait, offset = -1, 0
+    while wait < 0 do
+      local batch = redis.call('ZRANGE', z, offset, offset + 99, 'WITHSCORES')
+      if #batch == 0 then break end
+      for j = 1, #batch, 2 do
+        local score = tonumber(batch[j + 1])
+        if score > now then wait = math.min(1000, span); break end
+        used = used - tonumber(string.match(batch[j], '#(%d+)$'))
+        if used <= 0 or used + need <= amount then wait = score + span - now; break end
+      end
+      offset = offset + 100
+    end
+    if wait < 0 then wait = math.min(1000, span) end
+    if wait > worst then worst, which = wait, i end
+  end
+end
+if worst > 0 then return {worst, which} end
+local lease = tonumber(ARGV[2])
+for i = 1, n do
+  local z, c = KEYS[2 * i - 1], KEYS[2 * i]
+  local span = tonumber(ARGV[3 * i]); local need = tonumber(ARGV[3 * i + 2])
+  redis.call('ZADD', z, now + lease, ARGV[1] .. '#' .. need)
+  redis.call('INCRBY', c, need)
+  redis.call('PEXPIRE', z, span + lease); redis.call('PEXPIRE', c, span + lease)
+end
+return {0, now}
+"""
+
+# KEYS: zsets; ARGV: the member of each. Re-stamps sends that ended with Redis's clock.
+SETTLE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 1, #KEYS do redis.call('ZADD', KEYS[i], 'XX', now, ARGV[i]) end
+return now
+"""
+
+# KEYS: (zset, counter) pairs; ARGV: per pair member, age ms, span ms, need. Adds the
+# sends Redis does not know (it restarted, or they were made while it was unreachable).
+REPLAY = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local added = 0
+for i = 1, #KEYS / 2 do
+  local z, c = KEYS[2 * i - 1], KEYS[2 * i]
+  local member = ARGV[4 * i - 3]; local age = tonumber(ARGV[4 * i - 2])
+  local span = tonumber(ARGV[4 * i - 1]); local need = tonumber(ARGV[4 * i])
+  if redis.call('ZADD', z, 'NX', now - age, member) == 1 then
+    redis.call('INCRBY', c, need)
+    added = added + 1
+  end
+  redis.call('PEXPIRE', z, span + LEASE); redis.call('PEXPIRE', c, span + LEASE)
+end
+return added
+""".replace("LEASE", str(LEASE_MS))
+
+
+def _span_ms(limit: Limit) -> int:
+    return int((limit.window + edge_margin(limit.window)) * 1000)
+
+
+class RedisQuotas:
+    """The shared quota store (``[pacing] backend = "redis"``)."""
+
+    def __init__(self, cfg: PacingSection, *, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 client: Any = None) -> None:
+        self._cfg = cfg
+        self._metrics = metrics
+        self._clock = clock
+        self._local = LocalQuotas(clock=clock)
+        self._me = uuid.uuid4().hex[:12]
+        self._seq = 0
+        self._limits: dict[str, tuple[Limit, ...]] = {}     # key -> limits, for replays
+        self._down_since: float | None = None
+        self._tried = 0.0
+        self._client = client if client is not None else aioredis.Redis.from_url(
+            cfg.redis_url, password=cfg.redis_password.reveal() if cfg.redis_password else None,
+            socket_timeout=cfg.timeout, socket_connect_timeout=cfg.timeout,
+            retry=Retry(NoBackoff(), 0), ssl_ca_certs=str(cfg.ca_file) if cfg.ca_file else None)
+        self._reserve = self._client.register_script(RESERVE)
+        self._settle = self._client.register_script(SETTLE)
+        self._replay = self._client.register_script(REPLAY)
+        if metrics is not None:
+            metrics.pacing_shared.set(1)
+
+    @property
+    def shared(self) -> bool:
+        """False while this replica counts only its local share."""
+        return self._down_since is None
+
+    def where(self) -> str:
+        """The Redis server, for log lines (never with a password: the loader refuses one
+        in the url)."""
+        return self._cfg.redis_url
+
+    def _key(self, key: str, limit: Limit) -> tuple[str, str]:
+        base = f"{self._cfg.key_prefix}:quota:{key}:{limit.dimension}:{int(limit.window)}"
+        return base, base + ":sum"
+
+    async def reserve(self, claims: Sequence[Claim]) -> Verdict:
+        now = self._clock()
+        if self._down_since is not None and now - self._tried < self._cfg.retry_interval:
+            return self._local_share(claims)
+        self._tried = now
+        for claim in claims:
+            if claim.limits:
+                self._limits[claim.key] = claim.limits
+        try:
+            if self._down_since is not None:
+                await self._catch_up()
+            return await self._reserve_shared(claims)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._went_down(exc)
+            return self._local_share(claims)
+
+    async def _reserve_shared(self, claims: Sequence[Claim]) -> Verdict:
+        keys: list[str] = []
+        args: list[Any] = []
+        order: list[tuple[Claim, Limit]] = []
+        for claim in claims:
+            for limit in claim.limits:
+                keys += self._key(claim.key, limit)
+                args += [_span_ms(limit), limit.amount, claim.cost.of(limit.dimension)]
+                order.append((claim, limit))
+        if not order:
+            return Verdict(0.0, ticket=Ticket(claims=tuple(claims)))
+        self._seq += 1
+        ident = f"{self._me}:{self._seq}"
+        async with asyncio.timeout(self._cfg.timeout):
+            wait_ms, which = await self._reserve(keys=keys, args=[ident, LEASE_MS, *args])
+        if int(wait_ms) > 0:
+            claim, limit = order[int(which) - 1]
+            return Verdict(int(wait_ms) / 1000.0, limit, key=claim.key)
+        ticket = self._local.record(claims, ident=ident)
+        ticket.shared = ident
+        return Verdict(0.0, ticket=ticket)
+
+    def _local_share(self, claims: Sequence[Claim]) -> Verdict:
+        """Reserve against this replica's share of each limit, in this process only."""
+        replicas = self._cfg.replicas
+        mine = [Claim(c.key, tuple(lim.shared(replicas) for lim in c.limits), c.cost)
+                for c in claims]
+        verdict = self._local.check(mine)
+        if verdict.wait > 0:
+            return verdict
+        self._seq += 1
+        ticket = self._local.record(claims, ident=f"{self._me}:{self._seq}")
+        return Verdict(0.0, ticket=ticket)
+
+    async def settle(self, ticket: Ticket) -> None:
+        self._local.settle_now(ticket)
+        if not ticket.shared or self._down_since is not None:
+            return
+        keys: list[str] = []
+        members: list[str] = []
+        for claim in ticket.claims:
+            for limit in claim.limits:
+                keys.append(self._key(claim.key, limit)[0])
+                members.append(f"{ticket.shared}#{claim.cost.of(limit.dimension)}")
+        if not keys:
+            return
+        try:
+            async with asyncio.timeout(self._cfg.timeout):
+                await self._settle(keys=keys, args=members)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._went_down(exc)
+
+    async def _catch_up(self) -> None:
+        """Redis answers again: write back this replica's sends it may not know."""
+        keys: list[str] = []
+        args: list[Any] = []
+        for key, age, cost, ident in self._local.entries():
+            for limit in self._limits.get(key, ()):
+                keys += self._key(key, limit)
+                args += [f"{ident}#{cost.of(limit.dimension)}", int(age * 1000),
+                         _span_ms(limit), cost.of(limit.dimension)]
+        added = 0
+        for start in range(0, len(keys), 200):       # bounded script calls
+            async with asyncio.timeout(self._cfg.timeout):
+                added += int(await self._replay(keys=keys[start:start + 200],
+                                                args=args[start * 2:start * 2 + 400]))
+        assert self._down_since is not None
+        log.info("pacing: Redis at %s answers again after %.0f s; quotas are shared by "
+                 "the replicas again (%d send(s) of this replica written back)", self.where(),
+                 self._clock() - self._down_since, added)
+        self._down_since = None
+        if self._metrics is not None:
+            self._metrics.pacing_shared.set(1)
+
+    def _went_down(self, exc: BaseException) -> None:
+        if self._down_since is not None:
+            return
+        self._down_since = self._clock()
+        share = f"1/{self._cfg.replicas}" if self._cfg.replicas > 1 else "all (replicas = 1)"
+        log.warning("pacing: Redis at %s is unreachable (%s); delivering within a local "
+                    "share of each quota (%s) until it answers again, tried every %g s "
+                    "(hint: check the Redis server and the network; [pacing] replicas must "
+                    "say how many relays share the quotas)", self.where(),
+                    _describe(exc), share, self._cfg.retry_interval)
+        if self._metrics is not None:
+            self._metrics.pacing_shared.set(0)
+            self._metrics.pacing_fallbacks.inc()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
