@@ -53,8 +53,6 @@ class Limit:
             what = str(self.amount) + (" recipients" if self.dimension == "recipients" else "")
         per = {60.0: "/min", 3600.0: "/hour", 86400.0: "/day"}.get(self.window)
         text = f"{what}{per}" if per else f"{what} per {_span(self.window)}"
-        if self.scope == "upstream":
-            text += " for the whole upstream"
         return f"{text} of {self.source}" if self.source else text
 
     def shared(self, replicas: int) -> Limit:
