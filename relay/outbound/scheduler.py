@@ -6,15 +6,13 @@ message's lifetime, after which the remaining recipients are bounced. After each
 attempt the state is saved atomically, or the message removed when every recipient is
 delivered or bounced. Held messages are never attempted.
 
-A due message joins its mailbox's line (``relay.outbound.lines``), which lets it go when
-nothing holds it back (``admit``): a provider pause after a throttle reply
-(``relay.outbound.holds``, from the table in ``relay.outbound.throttle_table``), the
-upstream's fail-fast window after a connection failure, the mailbox's and upstream's
-connection caps, and its quotas (``relay.outbound.pacing``, reserved in the quota store
-before the attempt and settled when it ends). Waiting is never an attempt. A throttle
-reply, even a 5xx, never bounces: the recipient is deferred and its mailbox (or the
-upstream) paused. An operator's retry and a reload that changes an upstream clear the
-pauses and the fail-fast window and try at once; quotas are never bypassed.
+A due message joins its mailbox's line, which lets it go when nothing holds it back
+(``relay.outbound.admission``: provider pauses, the fail-fast window after a connection
+failure, connection caps, quotas reserved before the attempt and settled when it ends).
+Waiting is never an attempt. A throttle reply, even a 5xx, never bounces: the recipient
+is deferred and its mailbox (or the upstream) paused. An operator's retry and a reload
+that changes an upstream end the pauses and the fail-fast window and try at once;
+quotas are never bypassed.
 """
 
 from __future__ import annotations
@@ -35,12 +33,12 @@ from relay.envelope import Envelope
 from relay.errors import DeliveryError, RelayError
 from relay.maillog import MailLog
 from relay.metrics import Metrics
+from relay.outbound.admission import Admission, Groups, Plan
 from relay.outbound.attempt import Deliverer
 from relay.outbound.courier import RcptResult
 from relay.outbound.dsn import Bouncer, Failure
-from relay.outbound.holds import Pauses
-from relay.outbound.lines import Line, LineBook, Wait, at
-from relay.outbound.pacing import LocalQuotas, QuotaStore, Ticket
+from relay.outbound.lines import Line
+from relay.outbound.pacing import QuotaStore, Ticket
 from relay.outbound.smtp_courier import SUSPENDED
 from relay.outbound.throttle_table import ThrottleTable
 from relay.routing import Router
@@ -85,10 +83,8 @@ class Scheduler:
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._reload_after: set[str] = set()
         self._bypass: set[str] = set()            # retried by an operator: try at once
-        self._quotas: QuotaStore = quotas if quotas is not None else LocalQuotas()
-        self._throttles = throttles or ThrottleTable(())
-        self._pauses = Pauses(metrics=metrics, clock=clock)
-        self._book = LineBook(self, metrics=metrics, clock=clock)
+        self._gate = Admission(self, quotas=quotas, throttles=throttles, metrics=metrics,
+                               clock=clock)
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
@@ -119,7 +115,7 @@ class Scheduler:
         self._bypass.add(queue_id)
         msg = self._msgs.get(queue_id)
         if msg is not None:
-            self._unhold(msg)
+            self._gate.unhold(msg, self._route(msg)[0], self._deliverer)
         self.reschedule(queue_id)
 
     def forget(self, queue_id: str) -> None:
@@ -127,14 +123,11 @@ class Scheduler:
         self._msgs.pop(queue_id, None)
         self._due.pop(queue_id, None)
         self._reload_after.discard(queue_id)
-        self._book.leave(queue_id)
+        self._gate.book.leave(queue_id)
 
     def waiting(self, queue_id: str) -> dict[str, Any] | None:
         """What a due message waits for, in the operator's words (None: it does not)."""
-        wait = self._book.waiting(queue_id)
-        if wait is None:
-            return None
-        return {"reason": wait.reason, "until": wait.until, "text": wait.text}
+        return self._gate.waiting(queue_id)
 
     def in_flight(self, queue_id: str) -> bool:
         return queue_id in self._inflight
@@ -164,7 +157,7 @@ class Scheduler:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
-        await self._book.close()
+        await self._gate.book.close()
         tasks = list(self._inflight.values()) + self._side.pending()
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=grace)
@@ -182,18 +175,17 @@ class Scheduler:
         mail of each ``changed`` upstream is due at once, its pauses cleared."""
         self._router, self._deliverer, self._retry = router, deliverer, retry
         if throttles is not None:
-            self._throttles = throttles
+            self._gate.throttles = throttles
         for upstream in changed:
             self.retry_upstream(upstream)
-        self._book.wake()
+        self._gate.book.wake()
         self._wake.set()
 
     def retry_upstream(self, upstream: str) -> int:
         """Every deferred message with recipients for ``upstream`` is due now, and the
         upstream's pauses and fail-fast window end (its address, tunnel or credentials
         changed). Returns how many were rescheduled."""
-        self._pauses.clear(upstream)
-        self._deliverer.clear_suspension(upstream)
+        self._gate.changed(upstream, self._deliverer)
         now, moved = self._clock(), 0
         for qid, due in list(self._due.items()):
             msg = self._msgs.get(qid)
@@ -205,12 +197,11 @@ class Scheduler:
                 moved += 1
         if moved:
             log.info("%s changed: %d deferred message(s) for it are due now", upstream, moved)
-        self._book.wake(upstream)
         return moved
 
     def update_metrics(self) -> None:
         """Waiting messages by upstream and reason (called before a metrics scrape)."""
-        self._book.update_metrics(self._deliverer.upstream_names())
+        self._gate.book.update_metrics(self._deliverer.upstream_names())
 
     # ---- scheduling ------------------------------------------------------------------------
 
@@ -238,7 +229,7 @@ class Scheduler:
             return
         if queue_id in self._bypass:
             self._bypass.discard(queue_id)
-            self._unhold(msg)
+            self._gate.unhold(msg, self._route(msg)[0], self._deliverer)
         self._schedule(msg, msg.state.next_attempt)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -257,9 +248,9 @@ class Scheduler:
                 async with asyncio.timeout(max(timeout, 0.0)):
                     await self._wake.wait()
 
-    def _route(self, msg: QueuedMessage) -> tuple[dict[str, list[str]], dict[str, RcptResult]]:
+    def _route(self, msg: QueuedMessage) -> tuple[Groups, dict[str, RcptResult]]:
         """Pending recipients by upstream; those without a route, with their verdict."""
-        groups: dict[str, list[str]] = {}
+        groups: Groups = {}
         unrouted: dict[str, RcptResult] = {}
         for rcpt in (r.address for r in msg.state.recipients if r.status is RcptStatus.PENDING):
             try:
@@ -277,93 +268,21 @@ class Scheduler:
         self._due.pop(qid, None)
         groups, unrouted = self._route(msg)
         if not groups:
-            self._launch(msg, {}, unrouted, self._deliverer, None, None)
+            self.launch(msg, {}, unrouted, self._deliverer, None, None)
             return
-        upstream = min(groups, key=lambda u: (-len(groups[u]), u))   # its main upstream
-        route = self._router.matching_rule(msg.envelope.sender, groups[upstream][0])
-        priority = route.priority if route is not None and route.priority is not None \
-            else self._deliverer.priority(msg.envelope.listener)
-        key = (upstream, self._deliverer.mailbox_of(upstream, msg))
-        self._book.join(key, qid, priority)
+        self._gate.join(msg, groups, self._deliverer, self._router)
 
-    async def admit(self, line: Line, qid: str) -> Wait | None:
-        """The head of ``line`` may go now (an attempt starts), or what it waits for."""
-        msg = self._msgs.get(qid)
-        if msg is None or qid in self._inflight or qid in self._due or self._stopping:
-            self._book.leave(qid)
+    def plan(self, queue_id: str) -> Plan | None:
+        """For admission: what to send now, or None (forgotten, in flight, due later)."""
+        msg = self._msgs.get(queue_id)
+        if (msg is None or queue_id in self._inflight or queue_id in self._due
+                or self._stopping):
             return None
         groups, unrouted = self._route(msg)
-        d = self._deliverer
-        if not groups:
-            self._book.leave(qid)
-            self._launch(msg, {}, unrouted, d, None, None)
-            return None
-        hold = self._held(msg, groups)
-        if hold is not None:
-            return hold
-        cap = d.connections_per_mailbox(line.upstream)
-        if cap is not None and line.inflight >= cap:
-            return Wait("connections", 0.0, f"waiting for a connection: {line.mailbox} has "
-                                            f"{cap} to {line.upstream} in use, its limit")
-        taken: list[str] = []
-        for upstream in sorted(groups):
-            if not self._book.slots.take(upstream, d.concurrency(upstream), line):
-                for u in taken:
-                    self._book.slots.give_back(u)
-                return Wait("connections", 0.0, f"waiting for a connection to {upstream} "
-                                                f"({d.concurrency(upstream)} in use)")
-            taken.append(upstream)
-        claims = [c for u, r in groups.items() for c in d.claims(u, msg, len(r))]
-        verdict = await self._quotas.reserve(claims)
-        if self._msgs.get(qid) is not msg or qid not in line.members or verdict.wait > 0:
-            for u in taken:
-                self._book.slots.give_back(u)
-            if verdict.ticket is not None:
-                await self._quotas.settle(verdict.ticket)
-            if verdict.wait <= 0 or verdict.limit is None:
-                return None                             # forgotten meanwhile: look again
-            whom = (f"for {line.mailbox}" if verdict.limit.scope == "mailbox"
-                    else f"for every mailbox of {line.upstream}")
-            until = self._clock() + verdict.wait
-            return Wait("quota", until, f"waiting for quota: {verdict.limit.describe()} "
-                                        f"{whom}, next at {at(until)}")
-        joined = self._book.leave(qid)
-        if joined is not None and self._metrics is not None:
-            self._metrics.pacing_delay.labels(line.upstream).observe(
-                max(0.0, self._clock() - joined))
-        line.inflight += 1
-        self._launch(msg, groups, unrouted, d, line, verdict.ticket)
-        return None
+        return msg, groups, unrouted, self._deliverer
 
-    def _held(self, msg: QueuedMessage, groups: dict[str, list[str]]) -> Wait | None:
-        """A provider pause or relay's fail-fast window holding this message back."""
-        d = self._deliverer
-        for upstream in groups:
-            pause = self._pauses.holding(upstream, d.mailbox_of(upstream, msg))
-            if pause is not None:
-                return Wait("paused", pause.until, f"paused by provider until "
-                                                   f"{at(pause.until)} ({pause.reply})")
-            suspended = d.suspension(upstream, msg)
-            if suspended is not None:
-                until = self._clock() + suspended[0]
-                return Wait("suspended", until, f"waiting for {upstream} to recover after: "
-                                                f"{suspended[1]}; next try at {at(until)}")
-        return None
-
-    def _unhold(self, msg: QueuedMessage) -> None:
-        """End the pauses and fail-fast windows holding ``msg`` (an operator's retry)."""
-        groups, _ = self._route(msg)
-        for upstream in groups:
-            mailbox = self._deliverer.mailbox_of(upstream, msg)
-            if self._pauses.clear(upstream, mailbox):
-                log.info("%s: operator's retry ends the provider pause of %s at %s",
-                         msg.queue_id, mailbox, upstream)
-            self._deliverer.clear_suspension(upstream)
-            self._book.wake(upstream)
-
-    def _launch(self, msg: QueuedMessage, groups: dict[str, list[str]],
-                unrouted: dict[str, RcptResult], deliverer: Deliverer, line: Line | None,
-                ticket: Ticket | None) -> None:
+    def launch(self, msg: QueuedMessage, groups: Groups, unrouted: dict[str, RcptResult],
+               deliverer: Deliverer, line: Line | None, ticket: Ticket | None) -> None:
         qid = msg.queue_id
         self._due.pop(qid, None)
         task = asyncio.get_running_loop().create_task(
@@ -383,7 +302,7 @@ class Scheduler:
 
     # ---- one attempt -------------------------------------------------------------------------
 
-    async def _attempt(self, msg: QueuedMessage, groups: dict[str, list[str]],
+    async def _attempt(self, msg: QueuedMessage, groups: Groups,
                        unrouted: dict[str, RcptResult], deliverer: Deliverer,
                        line: Line | None, ticket: Ticket | None) -> None:
         qid = msg.queue_id
@@ -405,7 +324,7 @@ class Scheduler:
                     return await deliverer.deliver(upstream, msg, data, rcpts)
                 finally:
                     released.add(upstream)
-                    self._book.slots.give_back(upstream)
+                    self._gate.book.slots.give_back(upstream)
 
             outcomes = await asyncio.gather(*(one(u, r) for u, r in groups.items()))
             results: dict[str, tuple[str, RcptResult]] = {
@@ -423,11 +342,11 @@ class Scheduler:
         finally:
             for upstream in groups:
                 if upstream not in released:
-                    self._book.slots.give_back(upstream)
+                    self._gate.book.slots.give_back(upstream)
             if line is not None:
-                self._book.ended(line)
+                self._gate.book.ended(line)
             if ticket is not None:
-                await self._quotas.settle(ticket)
+                await self._gate.quotas.settle(ticket)
 
     def _retry_later(self, msg: QueuedMessage) -> None:
         if msg.queue_id in self._msgs and not self._stopping:
@@ -445,11 +364,9 @@ class Scheduler:
             if rcpt.address not in results:
                 continue
             upstream, res = results[rcpt.address]
-            if upstream and not res.ok:
-                res, until = self._throttled(upstream, msg, res)
+            if upstream:
+                res, until = self._gate.throttled(upstream, msg, res, self._deliverer)
                 paused = max(paused, until)
-            elif upstream:
-                self._pauses.delivered(upstream, self._deliverer.mailbox_of(upstream, msg))
             rcpt.attempts += 1
             rcpt.last_reply = res.reply
             if res.ok:
@@ -499,19 +416,6 @@ class Scheduler:
             self.forget(qid)
             with contextlib.suppress(KeyError):
                 await self._spool.remove(qid)
-
-    def _throttled(self, upstream: str, msg: QueuedMessage,
-                   res: RcptResult) -> tuple[RcptResult, float]:
-        """A reply the throttle table knows: pause, and defer (never bounce) the recipient.
-        Returns the verdict to record and the pause's end (0: not a throttle reply)."""
-        mailbox = self._deliverer.mailbox_of(upstream, msg)
-        throttle = self._throttles.throttle(res.reply, res.code,
-                                            repeat=self._pauses.repeat(upstream, mailbox))
-        if throttle is None:
-            return res, 0.0
-        pause = self._pauses.pause(upstream, mailbox, throttle)
-        self._book.wake(upstream)
-        return RcptResult(res.code, res.reply, False, "throttled", res.remote), pause.until
 
     async def _bounce(self, msg: QueuedMessage, data: bytes,
                       failures: list[tuple[Failure, str]]) -> None:

@@ -416,8 +416,8 @@ async def test_rate_limits_hold_for_a_recovered_burst(rigs: list[Rig],
         await before.send(BODY, rcpts=(f"r{i}@example.net",))
     before.spool.close()
     r = await rig(rigs, tmp_path, upstream(p.port, profile="tight"), profiles={"up": profile})
-    await until(lambda: len(p.received) == 2 and len(
-        [q for q in r.spool.queue_ids() if r.scheduler.waiting(q)]) == 2)
+    await until(lambda: len(p.received) == 2 and len(r.spool.queue_ids()) == 2 and all(
+        r.scheduler.waiting(q) for q in r.spool.queue_ids()))
     waiting = {q: r.scheduler.waiting(q) for q in r.spool.queue_ids()}
     assert all(w is not None and 50 < w["until"] - time.time() <= 61 for w in waiting.values())
     assert all(r.spool.load(q).state.attempts == 0 for q in waiting)
