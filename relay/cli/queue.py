@@ -44,9 +44,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        ("release", "let a held message be delivered again"),
                        ("delete", "remove a message without delivering it")):
         verbs.add_parser(name, parents=[common], help=text).add_argument("id", metavar="ID")
-    retry = verbs.add_parser("retry", parents=[common], help="attempt delivery now")
+    retry = verbs.add_parser("retry", parents=[common], help="attempt delivery now",
+                             description="Attempt delivery now, past a provider's pause and "
+                                         "relay's wait after a connection failure (never "
+                                         "past a quota).")
     which = retry.add_mutually_exclusive_group(required=True)
-    which.add_argument("id", metavar="ID", nargs="?", help="the message to retry")
+    which.add_argument("id", metavar="ID", nargs="*", default=[],
+                       help="the message(s) to retry")
     which.add_argument("--all", action="store_true", help="every message that is not held")
     parser.set_defaults(func=queue_command)
 
@@ -56,6 +60,13 @@ def queue_command(args: argparse.Namespace) -> int:
     cmd_args: dict[str, Any] = {}
     if getattr(args, "all", False):
         cmd_args["all"] = True
+    elif command == "retry" and len(args.id) > 1:
+        cmd_args["ids"] = [check_id(i) for i in args.id]
+    elif command == "retry":
+        if not args.id:
+            raise ControlError("which messages?", code="bad_request",
+                               hint="relay queue retry ID [ID ...] or relay queue retry --all")
+        cmd_args["id"] = check_id(args.id[0])
     elif command != "list":
         cmd_args["id"] = check_id(args.id)
     root, sock = _locate(args)
@@ -133,6 +144,12 @@ def _size(n: int) -> str:
 
 
 def _state_line(m: dict[str, Any], now: float) -> str:
+    waiting = m.get("waiting")
+    if waiting and not m["in_flight"]:       # "waiting for quota: 10/min of ..., next at"
+        parts = [_clean(waiting["text"])]
+        if m["attempts"]:
+            parts.append(f"{m['attempts']} attempt{'s' if m['attempts'] != 1 else ''}")
+        return ", ".join(parts)
     parts = [m["state"] + (" (attempt in flight)" if m["in_flight"] else "")]
     if m["attempts"]:
         parts.append(f"{m['attempts']} attempt{'s' if m['attempts'] != 1 else ''}")
@@ -166,9 +183,10 @@ def render_list(result: dict[str, Any]) -> str:
         for r in m["recipients"]:
             out.append(f"{'':>50}to {_rcpt_line(r)}")
     c = result["counts"]
+    waiting = f", {c['waiting']} waiting" if c.get("waiting") else ""
     out.append(f"-- {result['count']} message{'s' if result['count'] != 1 else ''}, "
-               f"{_size(result['size'])} ({c['active']} active, {c['deferred']} deferred, "
-               f"{c['held']} held)")
+               f"{_size(result['size'])} ({c['active']} active{waiting}, "
+               f"{c['deferred']} deferred, {c['held']} held)")
     return "\n".join(out)
 
 
