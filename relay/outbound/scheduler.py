@@ -299,6 +299,9 @@ class Scheduler:
             self._reload_after.discard(qid)
             if not self._stopping:
                 self._spawn(self._reload(qid))
+        elif qid in self._due:     # due again before its attempt ended: the heap skipped it
+            heapq.heappush(self._heap, (self._due[qid], next(self._seq), qid))
+            self._wake.set()
 
     # ---- one attempt -------------------------------------------------------------------------
 
