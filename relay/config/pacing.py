@@ -25,7 +25,7 @@ def read_pacing(t: Table) -> PacingSection:
     D = PacingSection
     backend = t.enum("backend", ("local", "redis"), default(D, "backend"))
     url = t.text("redis_url", expected='"redis://HOST:6379/0" or "rediss://HOST:6380/0"')
-    password = t.secret("redis_password")
+    password = t.secret("password")
     if url:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("redis", "rediss") or not parts.hostname:
@@ -33,8 +33,8 @@ def read_pacing(t: Table) -> PacingSection:
                           expected='"redis://HOST:6379/0" or "rediss://HOST:6380/0"')
         if parts.password:
             raise t.error("redis_url", "password inside the url is not accepted",
-                          expected="the url without it, with redis_password_env or "
-                                   "redis_password_file",
+                          expected="the url without it, with password_env or "
+                                   "password_file",
                           hint="move the password to an environment variable or a file")
     if backend == "redis" and not url:
         raise t.error("redis_url", 'backend = "redis" needs the Redis server',
@@ -43,16 +43,20 @@ def read_pacing(t: Table) -> PacingSection:
                            "\"Several replicas\" section")
     if backend == "local" and url:
         t.warn("redis_url", 'ignored: backend = "local" keeps quotas in this process')
+    ca_file = t.file("ca_file", exists=True, readable=True)
+    if ca_file is not None and not url.startswith("rediss://"):
+        raise t.error("ca_file", "a CA file without TLS to Redis", got=show(t.raw["ca_file"]),
+                      expected='redis_url = "rediss://..." (TLS), or no ca_file')
     cfg = PacingSection(
         backend=cast(Literal["local", "redis"], backend),
         redis_url=url,
-        redis_password=password,
+        password=password,
         replicas=t.integer("replicas", default(D, "replicas"), min=1, max=1000) or 1,
         key_prefix=t.text("key_prefix", default(D, "key_prefix"),
                           expected='a name such as "relay"', check=is_name),
         timeout=duration(t, "timeout", D, min=0.001, max=60.0),
         retry_interval=duration(t, "retry_interval", D, min=0.1),
-        ca_file=t.file("ca_file", exists=True, readable=True),
+        ca_file=ca_file,
     )
     t.finish()
     return cfg
@@ -134,7 +138,9 @@ def _codes(t: Table) -> tuple[int, ...]:
     for item in raw if isinstance(raw, list) else [raw]:
         if isinstance(item, bool) or not isinstance(item, int) or not 400 <= item <= 599:
             raise t.error("code", "not a reply code", got=show(raw),
-                          expected=expected + " (400 to 599)")
+                          expected=expected + " (400 to 599)",
+                          hint="a throttle reply is a 4xx or 5xx the provider sends instead "
+                               "of accepting the message")
         codes.append(item)
     return tuple(codes)
 

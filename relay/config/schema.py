@@ -86,7 +86,7 @@ class PacingSection:
 
     backend: Literal["local", "redis"] = "local"
     redis_url: str = ""                        # redis://host:6379/0 or rediss://...
-    redis_password: Secret | None = None
+    password: Secret | None = None             # AUTH to Redis (password_env / _file)
     replicas: int = 1                          # relays sharing the quotas (local share: 1/n)
     key_prefix: str = "relay"
     timeout: float = 0.5                       # one Redis round trip; longer means unreachable

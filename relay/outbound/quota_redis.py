@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from relay.config.schema import PacingSection
 from relay.metrics import Metrics
@@ -141,10 +141,11 @@ class RedisQuotas:
         self._limits: dict[str, tuple[Limit, ...]] = {}     # key -> limits, for replays
         self._down_since: float | None = None
         self._tried = 0.0
+        tls: dict[str, Any] = {"ssl_ca_certs": str(cfg.ca_file)} if cfg.ca_file else {}
         self._client = client if client is not None else aioredis.Redis.from_url(
-            cfg.redis_url, password=cfg.redis_password.reveal() if cfg.redis_password else None,
+            cfg.redis_url, password=cfg.password.reveal() if cfg.password else None,
             socket_timeout=cfg.timeout, socket_connect_timeout=cfg.timeout,
-            retry=Retry(NoBackoff(), 0), ssl_ca_certs=str(cfg.ca_file) if cfg.ca_file else None)
+            retry=Retry(NoBackoff(), 0), **tls)
         self._reserve = self._client.register_script(RESERVE)
         self._settle = self._client.register_script(SETTLE)
         self._replay = self._client.register_script(REPLAY)

@@ -35,7 +35,8 @@ def test_bad_config(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_secret_values_never_appear_in_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(BAD.parent)
-    for name in ("inline_password", "proxy_password_in_url", "inline_client_secret"):
+    for name in ("inline_password", "proxy_password_in_url", "inline_client_secret",
+                 "pacing_password_in_url"):
         with pytest.raises(ConfigError) as exc:
             load_config(f"bad_configs/{name}.toml", environ=ENV)
         assert "hunter2" not in exc.value.explain()
