@@ -255,6 +255,15 @@ class LocalQuotas:
                     usage.sent.append(_Sent(now, *entry))
         self._tidy(now)
 
+    def assume(self, key: str, at: float, cost: Cost) -> None:
+        """Count ``cost`` as sent at ``at`` (what other replicas sent, as last known); never
+        written back to a shared store."""
+        usage = self._keys.setdefault(key, _Usage())
+        i = len(usage.sent)
+        while i > 0 and usage.sent[i - 1].at > at:
+            i -= 1
+        usage.sent.insert(i, _Sent(at, cost))
+
     def entries(self) -> list[tuple[str, float, Cost, str]]:
         """Every send still inside some window: (key, seconds ago, cost, ident); those in
         flight count as made now. What a shared store is told after it lost track."""
@@ -262,8 +271,9 @@ class LocalQuotas:
         out: list[tuple[str, float, Cost, str]] = []
         for key, usage in self._keys.items():
             usage.prune(now, self._horizon)
-            out += [(key, now - s.at, s.cost, s.ident) for s in usage.sent]
-            out += [(key, 0.0, cost, ident) for cost, ident in usage.inflight.values()]
+            out += [(key, now - s.at, s.cost, s.ident) for s in usage.sent if s.ident]
+            out += [(key, 0.0, cost, ident) for cost, ident in usage.inflight.values()
+                    if ident]
         return out
 
     def _tidy(self, now: float) -> None:

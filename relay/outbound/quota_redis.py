@@ -12,9 +12,12 @@ Each replica also keeps its own sends in a ``LocalQuotas``. When Redis does not 
 within ``[pacing] timeout``, relay says so once in the log, sets
 ``relay_pacing_shared`` to 0, counts ``relay_pacing_fallbacks_total`` and goes on
 delivering within a local share: each limit divided by ``[pacing] replicas``, counting
-what this replica sent. Every ``retry_interval`` a reservation tries Redis again; when
-it answers, the replica's sends still inside a window are written back (idempotently:
-Redis may have kept them, or restarted empty) and shared accounting resumes.
+what this replica sent and, until it leaves the window, what the whole fleet had sent
+when Redis last answered (so a window that spans the outage holds at most what the fleet
+had sent plus the replicas' shares of what was left). Every ``retry_interval`` a
+reservation tries Redis again; when it answers, the replica's sends still inside a window
+are written back (idempotently: Redis may have kept them, or restarted empty) and shared
+accounting resumes.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from relay.config.schema import PacingSection
 from relay.metrics import Metrics
 from relay.outbound.pacing import (
     Claim,
+    Cost,
     Limit,
     LocalQuotas,
     Ticket,
@@ -47,7 +51,8 @@ log = logging.getLogger("relay.pacing")
 LEASE_MS = 3_600_000        # a send in flight counts this far ahead until it settles
 
 # KEYS: (zset, counter) per limit. ARGV: member id, lease ms, then per limit: span ms,
-# amount, need. Returns {0, now} when recorded, else {wait ms, index of the binding limit}.
+# amount, need. Returns {0, now, used...} when recorded (the fleet's usage of each limit,
+# this send included), else {wait ms, index of the binding limit}.
 RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -84,14 +89,15 @@ for i = 1, n do
 end
 if worst > 0 then return {worst, which} end
 local lease = tonumber(ARGV[2])
+local out = {0, now}
 for i = 1, n do
   local z, c = KEYS[2 * i - 1], KEYS[2 * i]
   local span = tonumber(ARGV[3 * i]); local need = tonumber(ARGV[3 * i + 2])
   redis.call('ZADD', z, now + lease, ARGV[1] .. '#' .. need)
-  redis.call('INCRBY', c, need)
+  out[i + 2] = redis.call('INCRBY', c, need)
   redis.call('PEXPIRE', z, span + lease); redis.call('PEXPIRE', c, span + lease)
 end
-return {0, now}
+return out
 """
 
 # KEYS: zsets; ARGV: the member of each. Re-stamps sends that ended with Redis's clock.
@@ -139,6 +145,7 @@ class RedisQuotas:
         self._me = uuid.uuid4().hex[:12]
         self._seq = 0
         self._limits: dict[str, tuple[Limit, ...]] = {}     # key -> limits, for replays
+        self._fleet: dict[str, tuple[float, dict[str, int]]] = {}   # key -> (when, usage)
         self._down_since: float | None = None
         self._tried = 0.0
         tls: dict[str, Any] = {"ssl_ca_certs": str(cfg.ca_file)} if cfg.ca_file else {}
@@ -196,10 +203,22 @@ class RedisQuotas:
         self._seq += 1
         ident = f"{self._me}:{self._seq}"
         async with asyncio.timeout(self._cfg.timeout):
-            wait_ms, which = await self._reserve(keys=keys, args=[ident, LEASE_MS, *args])
-        if int(wait_ms) > 0:
-            claim, limit = order[int(which) - 1]
-            return Verdict(int(wait_ms) / 1000.0, limit, key=claim.key)
+            answer = await self._reserve(keys=keys, args=[ident, LEASE_MS, *args])
+        wait_ms, which = int(answer[0]), int(answer[1])
+        if wait_ms > 0:
+            claim, limit = order[which - 1]
+            return Verdict(wait_ms / 1000.0, limit, key=claim.key)
+        now = self._clock()
+        for (claim, limit), used in zip(order, answer[2:], strict=True):
+            when, usage = self._fleet.get(claim.key, (now, {}))
+            usage = usage if when == now else {}
+            usage[limit.dimension] = max(usage.get(limit.dimension, 0), int(used))
+            self._fleet[claim.key] = (now, usage)
+        if len(self._fleet) > 10_000:                # bounded: forget quiet mailboxes
+            horizon = max((lim.window for lims in self._limits.values() for lim in lims),
+                          default=0.0)
+            for key in [k for k, (t, _) in self._fleet.items() if t < now - horizon]:
+                del self._fleet[key]
         ticket = self._local.record(claims, ident=ident)
         ticket.shared = ident
         return Verdict(0.0, ticket=ticket)
@@ -260,6 +279,11 @@ class RedisQuotas:
         if self._down_since is not None:
             return
         self._down_since = self._clock()
+        for key, (when, usage) in self._fleet.items():    # what the fleet had sent
+            self._local.assume(key, when, Cost(usage.get("messages", 0),
+                                               usage.get("recipients", 0),
+                                               usage.get("bytes", 0)))
+        self._fleet.clear()
         share = f"1/{self._cfg.replicas}" if self._cfg.replicas > 1 else "all (replicas = 1)"
         log.warning("pacing: Redis at %s is unreachable (%s); delivering within a local "
                     "share of each quota (%s) until it answers again, tried every %g s "

@@ -134,3 +134,15 @@ async def test_a_hung_redis_is_unreachable_after_the_timeout(
         assert verdict.ticket is not None and not a.shared       # its local share: 3
     finally:
         server.resume()
+
+
+async def test_a_window_across_the_outage_stays_within_the_quota(
+        server: RedisServer, stores: list[RedisQuotas]) -> None:
+    """The fleet used its whole quota unevenly (5 + 1 of 6) just before Redis went away:
+    neither replica's local share (3) may add to that window."""
+    a, b = replica(stores, server), replica(stores, server)
+    assert all(v.ticket for v in await take(a, 5) + await take(b, 1))
+    server.stop()
+    assert [v.ticket is not None for v in await take(b, 2) + await take(a, 1)] == [False] * 3
+    await asyncio.sleep(2.2)                             # that window has passed
+    assert [v.ticket is not None for v in await take(b, 4)] == [True, True, True, False]
