@@ -12,12 +12,15 @@ Each replica also keeps its own sends in a ``LocalQuotas``. When Redis does not 
 within ``[pacing] timeout``, relay says so once in the log, sets
 ``relay_pacing_shared`` to 0, counts ``relay_pacing_fallbacks_total`` and goes on
 delivering within a local share: each limit divided by ``[pacing] replicas``, counting
-what this replica sent and, until it leaves the window, what the whole fleet had sent
-when Redis last answered (so a window that spans the outage holds at most what the fleet
-had sent plus the replicas' shares of what was left). Every ``retry_interval`` a
+what this replica sent. The window that spans the outage is the dangerous one: the other
+replicas may have used the whole quota just before Redis went away, and nobody can know.
+So for quotas of up to an hour a replica first lets one window pass from the moment it
+found Redis gone; longer ones (a day's recipients) count what the fleet had sent when
+Redis last answered, rather than stop a mailbox for a day. Every ``retry_interval`` a
 reservation tries Redis again; when it answers, the replica's sends still inside a window
 are written back (idempotently: Redis may have kept them, or restarted empty) and shared
-accounting resumes.
+accounting resumes. The other replicas write theirs back when they next try, so for one
+window plus ``retry_interval`` after it came back a replica keeps to its local share too.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from relay.outbound.pacing import (
 log = logging.getLogger("relay.pacing")
 
 LEASE_MS = 3_600_000        # a send in flight counts this far ahead until it settles
+SHORT = 3600.0              # quotas up to this window wait one window when Redis goes away
 
 # KEYS: (zset, counter) per limit. ARGV: member id, lease ms, then per limit: span ms,
 # amount, need. Returns {0, now, used...} when recorded (the fleet's usage of each limit,
@@ -147,6 +151,7 @@ class RedisQuotas:
         self._limits: dict[str, tuple[Limit, ...]] = {}     # key -> limits, for replays
         self._fleet: dict[str, tuple[float, dict[str, int]]] = {}   # key -> (when, usage)
         self._down_since: float | None = None
+        self._back_since: float | None = None
         self._tried = 0.0
         tls: dict[str, Any] = {"ssl_ca_certs": str(cfg.ca_file)} if cfg.ca_file else {}
         self._client = client if client is not None else aioredis.Redis.from_url(
@@ -184,6 +189,10 @@ class RedisQuotas:
         try:
             if self._down_since is not None:
                 await self._catch_up()
+            if self._back_since is not None:           # the others may not have caught up
+                verdict = self._share(claims, self._back_since, grace=self._cfg.retry_interval)
+                if verdict.wait > 0:
+                    return verdict
             return await self._reserve_shared(claims)
         except (RedisError, OSError, TimeoutError) as exc:
             self._went_down(exc)
@@ -223,12 +232,35 @@ class RedisQuotas:
         ticket.shared = ident
         return Verdict(0.0, ticket=ticket)
 
-    def _local_share(self, claims: Sequence[Claim]) -> Verdict:
-        """Reserve against this replica's share of each limit, in this process only."""
+    def _share(self, claims: Sequence[Claim], since: float, *, grace: float = 0.0,
+               wait_out: bool = False) -> Verdict:
+        """How long until this fits this replica's share of each limit (0: now). With
+        ``wait_out``, quotas of up to an hour also wait one window from ``since`` (the
+        moment Redis went away: the others may have used it all just before). Without,
+        only sends within a window (plus ``grace``) of ``since`` are checked at all."""
         replicas = self._cfg.replicas
-        mine = [Claim(c.key, tuple(lim.shared(replicas) for lim in c.limits), c.cost)
+        now = self._clock()
+        mine = [Claim(c.key, tuple(lim.shared(replicas) for lim in c.limits
+                                   if wait_out or now < since + lim.window + grace), c.cost)
                 for c in claims]
         verdict = self._local.check(mine)
+        if not wait_out:
+            if all(not c.limits for c in mine):
+                self._back_since = None            # the grace is over for every window
+            return verdict
+        for claim in claims:
+            for limit in claim.limits:
+                if limit.window > SHORT:
+                    continue
+                wait = since + limit.window + edge_margin(limit.window) - now
+                if wait > verdict.wait:
+                    verdict = Verdict(wait, limit, key=claim.key)
+        return verdict
+
+    def _local_share(self, claims: Sequence[Claim]) -> Verdict:
+        """Reserve against this replica's share of each limit, in this process only."""
+        assert self._down_since is not None
+        verdict = self._share(claims, self._down_since, wait_out=True)
         if verdict.wait > 0:
             return verdict
         self._seq += 1
@@ -255,6 +287,8 @@ class RedisQuotas:
 
     async def _catch_up(self) -> None:
         """Redis answers again: write back this replica's sends it may not know."""
+        async with asyncio.timeout(self._cfg.timeout):
+            await self._client.ping()
         keys: list[str] = []
         args: list[Any] = []
         for key, age, cost, ident in self._local.entries():
@@ -272,6 +306,7 @@ class RedisQuotas:
                  "the replicas again (%d send(s) of this replica written back)", self.where(),
                  self._clock() - self._down_since, added)
         self._down_since = None
+        self._back_since = self._clock()
         if self._metrics is not None:
             self._metrics.pacing_shared.set(1)
 

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult
@@ -163,3 +166,33 @@ class QuotaProvider:
                 if proto.transport is not None:
                     proto.transport.close()
             await self._server.wait_closed()
+
+
+@contextlib.contextmanager
+def provider_thread(**kw: Any) -> Iterator[QuotaProvider]:
+    """A QuotaProvider served by its own event loop in a thread (for tests whose relay is
+    another process and whose own code blocks)."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder: list[QuotaProvider] = []
+
+    async def main() -> None:
+        p = QuotaProvider(**kw)
+        await p.start()
+        holder.append(p)
+        ready.set()
+        await asyncio.Event().wait()              # until cancelled
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    task = asyncio.run_coroutine_threadsafe(main(), loop)
+    if not ready.wait(10):
+        raise RuntimeError("the quota provider did not start")
+    try:
+        yield holder[0]
+    finally:
+        asyncio.run_coroutine_threadsafe(holder[0].stop(), loop).result(10)
+        task.cancel()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
