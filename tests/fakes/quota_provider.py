@@ -175,24 +175,27 @@ def provider_thread(**kw: Any) -> Iterator[QuotaProvider]:
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     holder: list[QuotaProvider] = []
+    stop: list[asyncio.Event] = []
 
     async def main() -> None:
         p = QuotaProvider(**kw)
         await p.start()
         holder.append(p)
+        stop.append(asyncio.Event())
         ready.set()
-        await asyncio.Event().wait()              # until cancelled
+        await stop[0].wait()
+        await p.stop()
 
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    task = asyncio.run_coroutine_threadsafe(main(), loop)
+    done = asyncio.run_coroutine_threadsafe(main(), loop)
     if not ready.wait(10):
         raise RuntimeError("the quota provider did not start")
     try:
         yield holder[0]
     finally:
-        asyncio.run_coroutine_threadsafe(holder[0].stop(), loop).result(10)
-        task.cancel()
+        loop.call_soon_threadsafe(stop[0].set)
+        done.result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
