@@ -334,5 +334,5 @@ def test_shipped_profiles_match_the_field_documents() -> None:
     assert (zd.messages_per_minute, zd.bytes_per_5min, zd.recipients_per_day,
             zd.max_message_bytes) == (10, 50 * MB, 10_000, 50 * MB)
     ex = conf.profile("exchange-online")
-    assert (ex.max_message_bytes, ex.messages_per_minute, ex.recipients_per_day) == (
-        35 * MB, 30, 10_000)
+    assert (ex.max_message_bytes, ex.messages_per_minute, ex.recipients_per_day,
+            ex.connections_per_mailbox) == (35 * MB, 30, 10_000, 3)
