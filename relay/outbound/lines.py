@@ -217,8 +217,9 @@ class LineBook:
                     continue
                 self._waits(line, wait)
                 await line.sleep(wait.seconds if wait.until else None)
+            self._waits(line, None)                 # the line is empty
         finally:
-            self._waits(line, None)
+            line.wait = None                        # (stopping: nothing to log)
             self.slots.leave(line)
             self._tidy(line)
 

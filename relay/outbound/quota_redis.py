@@ -51,7 +51,10 @@ from relay.outbound.pacing import (
 
 log = logging.getLogger("relay.pacing")
 
-LEASE_MS = 3_600_000        # a send in flight counts this far ahead until it settles
+# A send in flight counts as made this far ahead until it settles: long enough for nearly
+# every attempt, short enough that a replica killed mid-attempt does not hold a quota for
+# long. An attempt that outlasts it is counted again when it settles.
+LEASE_MS = 300_000
 SHORT = 3600.0              # quotas up to this window wait one window when Redis goes away
 
 # KEYS: (zset, counter) per limit. ARGV: member id, lease ms, then per limit: span ms,
@@ -104,13 +107,21 @@ end
 return out
 """
 
-# KEYS: zsets; ARGV: the member of each. Re-stamps sends that ended with Redis's clock.
+# KEYS: (zset, counter) pairs; ARGV: per pair the member, its amount and span ms.
+# Re-stamps sends that ended with Redis's clock (counting again one whose lease ran out).
 SETTLE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i = 1, #KEYS do redis.call('ZADD', KEYS[i], 'XX', now, ARGV[i]) end
+for i = 1, #KEYS / 2 do
+  local z, c = KEYS[2 * i - 1], KEYS[2 * i]
+  if redis.call('ZADD', z, now, ARGV[3 * i - 2]) == 1 then
+    redis.call('INCRBY', c, tonumber(ARGV[3 * i - 1]))
+  end
+  local span = tonumber(ARGV[3 * i])
+  redis.call('PEXPIRE', z, span + LEASE); redis.call('PEXPIRE', c, span + LEASE)
+end
 return now
-"""
+""".replace("LEASE", str(LEASE_MS))
 
 # KEYS: (zset, counter) pairs; ARGV: per pair member, age ms, span ms, need. Adds the
 # sends Redis does not know (it restarted, or they were made while it was unreachable).
@@ -141,12 +152,13 @@ class RedisQuotas:
 
     def __init__(self, cfg: PacingSection, *, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 client: Any = None) -> None:
+                 client: Any = None, lease: float = LEASE_MS / 1000) -> None:
         self._cfg = cfg
         self._metrics = metrics
         self._clock = clock
         self._local = LocalQuotas(clock=clock)
         self._me = uuid.uuid4().hex[:12]
+        self._lease_ms = int(lease * 1000)
         self._seq = 0
         self._limits: dict[str, tuple[Limit, ...]] = {}     # key -> limits, for replays
         self._fleet: dict[str, tuple[float, dict[str, int]]] = {}   # key -> (when, usage)
@@ -212,7 +224,7 @@ class RedisQuotas:
         self._seq += 1
         ident = f"{self._me}:{self._seq}"
         async with asyncio.timeout(self._cfg.timeout):
-            answer = await self._reserve(keys=keys, args=[ident, LEASE_MS, *args])
+            answer = await self._reserve(keys=keys, args=[ident, self._lease_ms, *args])
         wait_ms, which = int(answer[0]), int(answer[1])
         if wait_ms > 0:
             claim, limit = order[which - 1]
@@ -272,16 +284,17 @@ class RedisQuotas:
         if not ticket.shared or self._down_since is not None:
             return
         keys: list[str] = []
-        members: list[str] = []
+        args: list[Any] = []
         for claim in ticket.claims:
             for limit in claim.limits:
-                keys.append(self._key(claim.key, limit)[0])
-                members.append(f"{ticket.shared}#{claim.cost.of(limit.dimension)}")
+                need = claim.cost.of(limit.dimension)
+                keys += self._key(claim.key, limit)
+                args += [f"{ticket.shared}#{need}", need, _span_ms(limit)]
         if not keys:
             return
         try:
             async with asyncio.timeout(self._cfg.timeout):
-                await self._settle(keys=keys, args=members)
+                await self._settle(keys=keys, args=args)
         except (RedisError, OSError, TimeoutError) as exc:
             self._went_down(exc)
 

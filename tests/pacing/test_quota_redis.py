@@ -40,10 +40,11 @@ async def stores() -> AsyncIterator[list[RedisQuotas]]:
 
 
 def replica(stores: list[RedisQuotas], server: RedisServer, *, replicas: int = 2,
-            metrics: Metrics | None = None, retry: float = 0.2) -> RedisQuotas:
+            metrics: Metrics | None = None, retry: float = 0.2,
+            **kw: float) -> RedisQuotas:
     cfg = PacingSection(backend="redis", redis_url=server.url, replicas=replicas,
                         timeout=0.5, retry_interval=retry, key_prefix="t")
-    store = RedisQuotas(cfg, metrics=metrics)
+    store = RedisQuotas(cfg, metrics=metrics, **kw)
     stores.append(store)
     return store
 
@@ -82,6 +83,19 @@ async def test_a_send_counts_until_it_settles(server: RedisServer,
         await a.settle(v.ticket)
     verdict = await a.reserve(claims())                          # counted from now on
     assert verdict.ticket is None and 1.9 < verdict.wait <= 2.0 + edge_margin(2.0) + 0.05
+
+
+async def test_an_attempt_longer_than_its_lease_counts_again_when_it_ends(
+        server: RedisServer, stores: list[RedisQuotas]) -> None:
+    a = replica(stores, server, lease=0.3)
+    held = [await a.reserve(claims()) for _ in range(6)]
+    await asyncio.sleep(2.5)                    # lease and window over: no longer counted
+    extra = await a.reserve(claims())
+    assert extra.ticket is not None
+    for v in [*held, extra]:
+        assert v.ticket is not None
+        await a.settle(v.ticket)                # ... until they end: counted from now
+    assert (await a.reserve(claims())).wait > 1.9
 
 
 async def test_recipients_and_several_limits_in_one_script(
