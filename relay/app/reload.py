@@ -52,6 +52,10 @@ class ReloadPlan:
         if new.relay.smtp_processes != old.relay.smtp_processes:
             raise RelayError("relay.smtp_processes cannot change on reload",
                              hint="restart relay (systemctl restart relay) to change it")
+        if new.pacing != old.pacing:
+            raise RelayError("[pacing] cannot change on reload (where quota usage is kept)",
+                             hint="restart relay to change it; with several replicas, "
+                                  "change every replica's [pacing] alike, one at a time")
         staged = Transports(new.proxies)          # proves every proxy entry builds
         try:
             parts = build(new, spool=app.spool, transports=app.transports, tokens=app.tokens,

@@ -35,6 +35,11 @@ def test_a_reload_that_changes_the_upstream_tries_its_deferred_mail_now(
         relay.wait_log("sink changed: 1 deferred message")
         wait_until(lambda: len(sink.messages()) == 1, timeout=20)
         relay.wait_log(f"{qid}: delivered")
+        # where quotas are kept changes only with a restart: said, and the old one kept
+        relay.config.write_text(relay.config.read_text() + "\n[pacing]\nreplicas = 2\n")
+        relay.signal(signal.SIGHUP)
+        relay.wait_log(r"reload failed, still running the previous config: \[pacing\] "
+                       "cannot change on reload")
     finally:
         relay.stop()
         sink.stop()

@@ -75,7 +75,8 @@ def per_second(n: int, **kw: object) -> tuple[QuotaConfig, ...]:
 
 async def test_a_burst_drains_at_the_quota_rate_without_one_throttle_reply(
         rigs: list[Rig], providers: list[QuotaProvider | RecordingUpstream],
-        tmp_path: Path) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="relay.pacing")
     p = await provider(providers, limit=5, window=1.0)
     r = await rig(rigs, tmp_path, upstream(p.port, quotas=per_second(5)),
                   throttles=quick_table())
@@ -95,6 +96,12 @@ async def test_a_burst_drains_at_the_quota_rate_without_one_throttle_reply(
         [f"m{i:02d}" for i in range(k, k + 5)] for k in range(0, 25, 5)]
     assert r.lines("deferred") == [] and r.lines("bounced") == []
     assert sample(r.metrics, "relay_pacing_delay_seconds_count", upstream="up") == 25
+    # one line when the mailbox started waiting, one when it stopped
+    waits = [m for m in caplog.messages if m.startswith("up: alice@example.com ")]
+    assert len(waits) == 2 and " waits: waiting for quota: 5 per 1 s of upstream up " \
+        "for alice@example.com" in waits[0]
+    assert "no longer waits, after 4 s (line empty)" in waits[1] \
+        or "no longer waits, after 5 s (line empty)" in waits[1]
 
 
 async def test_waiting_is_visible_and_logged_once(
