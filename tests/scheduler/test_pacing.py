@@ -7,6 +7,7 @@ drains in seconds; the provider measures its own sliding window when it accepts 
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -96,12 +97,14 @@ async def test_a_burst_drains_at_the_quota_rate_without_one_throttle_reply(
         [f"m{i:02d}" for i in range(k, k + 5)] for k in range(0, 25, 5)]
     assert r.lines("deferred") == [] and r.lines("bounced") == []
     assert sample(r.metrics, "relay_pacing_delay_seconds_count", upstream="up") == 25
-    # one line when the mailbox started waiting, one when it stopped
+    # one line when the mailbox started waiting, one when it stopped (again if the line
+    # emptied while the burst was still being submitted, on a busy machine)
     waits = [m for m in caplog.messages if m.startswith("up: alice@example.com ")]
-    assert len(waits) == 2 and " waits: waiting for quota: 5 per 1 s of upstream up " \
-        "for alice@example.com" in waits[0]
-    assert "no longer waits, after 4 s (line empty)" in waits[1] \
-        or "no longer waits, after 5 s (line empty)" in waits[1]
+    assert waits and len(waits) % 2 == 0
+    for start, stop in zip(waits[::2], waits[1::2], strict=True):
+        assert " waits: waiting for quota: 5 per 1 s of upstream up for alice@example.com, " \
+            "next at " in start
+        assert re.search(r" no longer waits, after \d+ s \(line empty\)$", stop)
 
 
 async def test_waiting_is_visible_and_logged_once(
