@@ -112,7 +112,7 @@ class Line:
     members: dict[str, float] = field(default_factory=dict)          # id -> joined (wall)
     inflight: int = 0
     wait: Wait | None = None
-    waiting_since: float = 0.0
+    waiting_since: float = 0.0          # when "waits" was logged (0: not waiting)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     granted: collections.Counter[str] = field(default_factory=collections.Counter)
     task: asyncio.Task[None] | None = None
@@ -240,19 +240,17 @@ class LineBook:
     def _waits(self, line: Line, wait: Wait | None) -> None:
         """Record what the line waits for; one info line when it starts and when it stops
         (waits for a connection are too brief to log)."""
-        before = line.wait
         line.wait = wait
-        quiet = ("connections",)
-        if wait is not None and (before is None or before.reason in quiet) \
-                and wait.reason not in quiet:
+        if wait is not None and wait.reason != "connections" and not line.waiting_since:
             line.waiting_since = self._clock()
             log.info("%s: %s waits: %s (%d message%s in its line)", line.upstream,
                      line.mailbox, wait.text, len(line.members),
                      "" if len(line.members) == 1 else "s")
-        elif wait is None and before is not None and before.reason not in quiet:
+        elif wait is None and line.waiting_since:
             log.info("%s: %s no longer waits, after %.0f s (%s)", line.upstream, line.mailbox,
                      self._clock() - line.waiting_since,
                      f"{len(line.members)} in its line" if line.members else "line empty")
+            line.waiting_since = 0.0
 
     def update_metrics(self, upstreams: list[str]) -> None:
         """relay_messages_waiting{upstream,reason} from the lines (before a scrape)."""
