@@ -93,9 +93,11 @@ class Admission:
             return None
         hold = self._held(msg, groups, d)
         if hold is not None:
+            self.book.slots.leave(line)          # a paused line holds no connection
             return hold
         cap = d.connections_per_mailbox(line.upstream)
         if cap is not None and line.inflight >= cap:
+            self.book.slots.leave(line)
             return Wait("connections", 0.0, f"waiting for a connection: {line.mailbox} has "
                                             f"{cap} to {line.upstream} in use, its limit")
         taken: list[str] = []

@@ -324,3 +324,20 @@ async def test_waiting_for_quota_outlives_a_reload(
                 and w["reason"] == "quota")
     assert p.total == 2 and p.throttled == []
     await new.close()
+
+
+async def test_a_paused_mailbox_holds_no_connection(
+        rigs: list[Rig], providers: list[QuotaProvider | RecordingUpstream],
+        tmp_path: Path) -> None:
+    """One connection to the upstream; a mailbox the provider paused must not keep it from
+    the others while it waits."""
+    p = await provider(providers, limit=1, window=30.0)
+    r = await rig(rigs, tmp_path, upstream(p.port, max_connections=1),
+                  throttles=quick_table(20.0))
+    for i in range(3):
+        await r.send(body(f"p{i}"))                          # the 2nd is throttled: paused
+    await until(lambda: p.throttled)
+    for i in range(5):
+        await r.send(body(f"o{i}"), sender=f"other{i}@example.com")
+    await until(lambda: sum(len(p.accepted.get(f"other{i}@example.com", []))
+                            for i in range(5)) == 5, timeout=10)
