@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from relay.errors import DeliveryError
 from relay.metrics import Metrics
 from relay.outbound.attempt import Deliverer
 from relay.outbound.courier import RcptResult
@@ -26,12 +27,24 @@ from relay.outbound.lines import Line, LineBook, Wait, at
 from relay.outbound.pacing import LocalQuotas, QuotaStore, Ticket
 from relay.outbound.throttle_table import ThrottleTable
 from relay.routing import Router
-from relay.spool.records import QueuedMessage
+from relay.spool.records import QueuedMessage, RcptStatus
 
 log = logging.getLogger("relay.pacing")
 
 Groups = dict[str, list[str]]               # upstream -> its pending recipients
 Plan = tuple[QueuedMessage, Groups, dict[str, RcptResult], Deliverer]
+
+
+def route_pending(router: Router, msg: QueuedMessage) -> tuple[Groups, dict[str, RcptResult]]:
+    """Pending recipients by upstream; those without a route, with their verdict."""
+    groups: Groups = {}
+    unrouted: dict[str, RcptResult] = {}
+    for rcpt in (r.address for r in msg.state.recipients if r.status is RcptStatus.PENDING):
+        try:
+            groups.setdefault(router.route(msg.envelope, rcpt), []).append(rcpt)
+        except DeliveryError as exc:
+            unrouted[rcpt] = RcptResult(0, str(exc), False, exc.reason)
+    return groups, unrouted
 
 
 class Owner(Protocol):

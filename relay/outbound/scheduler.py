@@ -30,10 +30,10 @@ from typing import Any, Protocol
 
 from relay.config.schema import RetryConfig
 from relay.envelope import Envelope
-from relay.errors import DeliveryError, RelayError
+from relay.errors import RelayError
 from relay.maillog import MailLog
 from relay.metrics import Metrics
-from relay.outbound.admission import Admission, Groups, Plan
+from relay.outbound.admission import Admission, Groups, Plan, route_pending
 from relay.outbound.attempt import Deliverer
 from relay.outbound.courier import RcptResult
 from relay.outbound.dsn import Bouncer, Failure
@@ -186,16 +186,12 @@ class Scheduler:
         upstream's pauses and fail-fast window end (its address, tunnel or credentials
         changed). Returns how many were rescheduled."""
         self._gate.changed(upstream, self._deliverer)
-        now, moved = self._clock(), 0
-        for qid, due in list(self._due.items()):
-            msg = self._msgs.get(qid)
-            if msg is None or due <= now:
-                continue
-            groups, _ = self._route(msg)
-            if upstream in groups:
-                self._schedule(msg, 0.0)
-                moved += 1
-        if moved:
+        now = self._clock()
+        later = [m for q, due in list(self._due.items()) if due > now
+                 and (m := self._msgs.get(q)) is not None and upstream in self._route(m)[0]]
+        for msg in later:
+            self._schedule(msg, 0.0)
+        if moved := len(later):
             log.info("%s changed: %d deferred message(s) for it are due now", upstream, moved)
         return moved
 
@@ -249,15 +245,7 @@ class Scheduler:
                     await self._wake.wait()
 
     def _route(self, msg: QueuedMessage) -> tuple[Groups, dict[str, RcptResult]]:
-        """Pending recipients by upstream; those without a route, with their verdict."""
-        groups: Groups = {}
-        unrouted: dict[str, RcptResult] = {}
-        for rcpt in (r.address for r in msg.state.recipients if r.status is RcptStatus.PENDING):
-            try:
-                groups.setdefault(self._router.route(msg.envelope, rcpt), []).append(rcpt)
-            except DeliveryError as exc:
-                unrouted[rcpt] = RcptResult(0, str(exc), False, exc.reason)
-        return groups, unrouted
+        return route_pending(self._router, msg)
 
     def _dispatch(self, qid: str) -> None:
         """A message is due: it joins its mailbox's line (or, with nothing to send to an
