@@ -117,6 +117,9 @@ class Line:
     granted: collections.Counter[str] = field(default_factory=collections.Counter)
     task: asyncio.Task[None] | None = None
     closed: bool = False
+    _ranks: dict[str, int] = field(default_factory=dict)    # position cache (queue tools)
+    _ranked: int = -1                                       # ... valid for this version
+    version: int = 0                                        # bumped when members change
 
     def head(self) -> str | None:
         while self.heap and self.heap[0][2] not in self.members:
@@ -124,11 +127,13 @@ class Line:
         return self.heap[0][2] if self.heap else None
 
     def position(self, qid: str) -> int:
-        """How many messages are ahead of ``qid`` in this line."""
-        mine = next((e for e in self.heap if e[2] == qid), None)
-        if mine is None:
-            return 0
-        return sum(1 for e in self.heap if e < mine and e[2] in self.members)
+        """How many messages are ahead of ``qid`` in this line (listing a long line asks
+        for every position: computed once per change of the line)."""
+        if self._ranked != self.version:
+            ahead = sorted(e for e in self.heap if e[2] in self.members)
+            self._ranks = {e[2]: i for i, e in enumerate(ahead)}
+            self._ranked = self.version
+        return self._ranks.get(qid, 0)
 
     async def sleep(self, seconds: float | None) -> None:
         """Until woken (a change in the line, a connection handed over) or ``seconds``."""
@@ -171,6 +176,7 @@ class LineBook:
         line.closed = False
         if qid not in line.members:
             line.members[qid] = self._clock()
+            line.version += 1
             heapq.heappush(line.heap, (-priority, qid, qid))
         self._where[qid] = line
         line.wake.set()
@@ -184,6 +190,7 @@ class LineBook:
         if line is None:
             return None
         joined = line.members.pop(qid, None)
+        line.version += 1
         line.wake.set()
         return joined
 
