@@ -90,13 +90,17 @@ def test_deferred_mail_survives_kill9_and_queue_retry_sends_it(tmp_path: Path) -
     spool = tmp_path / "spool"
     cfg = config(spool=spool, listen=port, sink=sink.port, retry_first="1h", retry_max="1h")
     relay = Relay(tmp_path, cfg).start(port)
-    first = send(port, subject="d0")
-    relay.wait_log(f"{first}: deferred")
-    for i in (1, 2):                 # inside the fail-fast window: they wait, unattempted
-        send(port, subject=f"d{i}")
-    wait_until(lambda: relay.cli("queue", "list", "--json").stdout.count(
-        '"reason": "suspended"') == 2)
-    assert len(list((spool / "queue").glob("*.state"))) == 1
+    try:
+        first = send(port, subject="d0")
+        relay.wait_log(f"{first}: deferred")
+        for i in (1, 2):             # inside the fail-fast window: they wait, unattempted
+            send(port, subject=f"d{i}")
+        wait_until(lambda: relay.cli("queue", "list", "--json").stdout.count(
+            '"reason": "suspended"') == 2)
+        assert len(list((spool / "queue").glob("*.state"))) == 1
+    except BaseException:
+        relay.stop()                 # a failure here leaves no relay running
+        raise
     relay.kill9()
     sink.start()
     relay = Relay(tmp_path, cfg).start(port)
