@@ -21,6 +21,13 @@ STAGES = ("connect", "tls", "greeting", "auth", "envelope", "data")
 # Queue states, each always exported (0 when empty) so dashboards and alerts see them.
 QUEUE_STATES = ("active", "deferred", "held")
 
+# Why a due message waits (relay_messages_waiting{reason}).
+WAIT_REASONS = ("quota", "paused", "suspended", "connections")
+
+# Delay added by pacing: from a fraction of a second to a day (a daily quota).
+PACING_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+                  3600.0, 7200.0, 21600.0, 86400.0)
+
 # Buckets reaching past 10 s, with 10 s itself a bound (the Cisco document's threshold).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
                    60.0, 120.0)
@@ -75,6 +82,30 @@ class Metrics:
             "relay_upstream_connection_failures",
             "Upstream connection failures, by upstream and classified reason.",
             ["upstream", "reason"], registry=r)
+
+        # --- pacing
+        self.messages_waiting = Gauge(
+            "relay_messages_waiting",
+            "Messages due but waiting, by upstream and reason (quota, paused by the provider, "
+            "suspended after a connection failure, waiting for a connection).",
+            ["upstream", "reason"], registry=r)
+        self.pacing_delay = Histogram(
+            "relay_pacing_delay_seconds",
+            "Delay added by pacing: from when a message was due to when it was sent, by "
+            "upstream.", ["upstream"], buckets=PACING_BUCKETS, registry=r)
+        self.provider_pauses = Counter(
+            "relay_provider_pauses",
+            "Pauses after a provider's throttle reply, by upstream, scope (mailbox, "
+            "upstream) and throttle-reply rule.", ["upstream", "scope", "rule"], registry=r)
+        self.pacing_shared = Gauge(
+            "relay_pacing_shared",
+            "1 while quota accounting is whole (in this process, or shared through Redis); "
+            "0 while Redis is unreachable and this replica counts only its local share.",
+            registry=r)
+        self.pacing_fallbacks = Counter(
+            "relay_pacing_fallbacks",
+            "Times Redis became unreachable and this replica fell back to its local share "
+            "of each quota.", registry=r)
 
         # --- queue
         self.queue_messages = Gauge(
@@ -140,6 +171,7 @@ class Metrics:
             self.config_reloads.labels(result)
         for state in QUEUE_STATES:
             self.queue_messages.labels(state).set(0)
+        self.pacing_shared.set(1)
 
     def declare(self, *, listeners: Iterable[str] = (), upstreams: Iterable[str] = ()) -> None:
         """Create the zero-valued series of configured names (at start and after reload).
@@ -153,6 +185,8 @@ class Metrics:
             self.delivery_seconds.labels(upstream)
             for stage in STAGES:
                 self.slow_deliveries.labels(upstream, stage)
+            for reason in WAIT_REASONS:
+                self.messages_waiting.labels(upstream, reason)
 
     def update_queue(self, counts: Mapping[str, int], oldest_received: float | None, *,
                      now: float | None = None) -> None:

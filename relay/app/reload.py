@@ -7,8 +7,9 @@ new listeners and of the listener processes. Anything wrong raises there, and
 ``abandon`` undoes what was started: the running relay never sees half a config.
 ``commit`` then swaps, in an order that cannot fail half-way: proxies and token sources,
 listeners (new ones in, removed ones retired with their sessions finishing, the others
-reconfigured), the listener processes, the scheduler, the metrics endpoint. Mail in the
-spool is never touched.
+reconfigured), the listener processes, the scheduler (deferred mail of an upstream whose
+address, tunnel or credentials changed is due at once), the metrics endpoint. Mail in
+the spool is never touched.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from relay.app.components import Components, build
+from relay.config.changes import changed_upstreams
 from relay.config.schema import Config
 from relay.errors import RelayError
 from relay.listenproc.supervisor import Plan as WorkersPlan
 from relay.ops.certexpiry import update_listener_expiry
 from relay.ops.endpoint import MetricsServer
+from relay.outbound.throttle_table import ThrottleTable
 from relay.transports.factory import Transports, used_proxies
 
 if TYPE_CHECKING:
@@ -49,6 +52,10 @@ class ReloadPlan:
         if new.relay.smtp_processes != old.relay.smtp_processes:
             raise RelayError("relay.smtp_processes cannot change on reload",
                              hint="restart relay (systemctl restart relay) to change it")
+        if new.pacing != old.pacing:
+            raise RelayError("[pacing] cannot change on reload (where quota usage is kept)",
+                             hint="restart relay to change it; with several replicas, "
+                                  "change every replica's [pacing] alike, one at a time")
         staged = Transports(new.proxies)          # proves every proxy entry builds
         try:
             parts = build(new, spool=app.spool, transports=app.transports, tokens=app.tokens,
@@ -110,8 +117,12 @@ class ReloadPlan:
         old_parts = app.parts
         app.parts, app.config = parts, new
         assert app.scheduler is not None
+        # An upstream whose address, tunnel or credentials changed: its deferred mail is
+        # tried now through the new way, its pauses and fail-fast window end.
         app.scheduler.reconfigure(router=parts.router, deliverer=parts.deliverer,
-                                  retry=new.relay.retry)
+                                  retry=new.relay.retry,
+                                  throttles=ThrottleTable(new.throttle_replies),
+                                  changed=changed_upstreams(old, new))
         if old_parts is not None:
             app.background.spawn(old_parts.deliverer.close(), name="close-old-deliverer")
         app.background.spawn(app.transports.close_retired(), name="close-retired-transports")

@@ -35,7 +35,9 @@ from relay.ops.certexpiry import update_listener_expiry
 from relay.ops.endpoint import MetricsServer
 from relay.ops.sdnotify import SystemdNotifier
 from relay.outbound.dsn import Bouncer
+from relay.outbound.pacing import LocalQuotas, QuotaStore
 from relay.outbound.scheduler import Scheduler
+from relay.outbound.throttle_table import ThrottleTable
 from relay.probe.spf import warn_failing_domains
 from relay.proxy.listener import ProxyListener
 from relay.proxy.upstream_path import upstream_path
@@ -54,6 +56,17 @@ def pid_file(config: Config) -> Path:
 
 def control_path(config: Config) -> Path:
     return paths.control_path(config.relay)
+
+
+def quota_store(config: Config, metrics: Metrics) -> QuotaStore:
+    """Where quota usage is kept: this process, or Redis shared by replicas ([pacing])."""
+    if config.pacing.backend != "redis":
+        return LocalQuotas()
+    from relay.outbound.quota_redis import RedisQuotas  # redis-py only when configured
+
+    log.info("pacing: quotas shared through Redis at %s by %d replica(s)",
+             config.pacing.redis_url, config.pacing.replicas)
+    return RedisQuotas(config.pacing, metrics=metrics)
 
 
 class App:
@@ -83,6 +96,7 @@ class App:
         self._reload_lock = asyncio.Lock()
         self.background = Background("relay", log)
         self._lock: Any = None
+        self.quotas: QuotaStore | None = None
 
     # ---- start ------------------------------------------------------------------------
 
@@ -104,11 +118,13 @@ class App:
                       metrics=self.metrics)
         await update_listener_expiry(self.metrics, cfg.listeners)
         self.parts = parts
+        self.quotas = quota_store(cfg, self.metrics)
         self.scheduler = Scheduler(
             spool=self.spool, router=parts.router, deliverer=parts.deliverer,
             retry=cfg.relay.retry, maillog=self.maillog, metrics=self.metrics,
             bouncer=Bouncer(spool=self.spool, hostname=cfg.relay.hostname,
-                            bounce_from=cfg.relay.bounce_from, sign=self._sign_bounce))
+                            bounce_from=cfg.relay.bounce_from, sign=self._sign_bounce),
+            quotas=self.quotas, throttles=ThrottleTable(cfg.throttle_replies))
         self.spool.add_listener(self.scheduler.enqueue)
         await self.scheduler.start(recovered)
         for lp in self.local(parts).values():
@@ -138,9 +154,14 @@ class App:
         workers = self.workers
         return MetricsServer(metrics=self.metrics, listen=cfg.metrics.listen,
                              readiness=lambda: self.not_ready,
-                             before_scrape=self.spool.update_metrics,
+                             before_scrape=self._before_scrape,
                              refresh=workers.refresh_metrics if workers else None,
                              view=workers.merged.view if workers else None)
+
+    def _before_scrape(self) -> None:
+        self.spool.update_metrics()
+        if self.scheduler is not None:
+            self.scheduler.update_metrics()
 
     def local(self, parts: Components) -> dict[str, ListenerParts]:
         """The listeners this process serves (all, or the non-SMTP ones)."""
@@ -275,6 +296,8 @@ class App:
             await self.control.stop()
         if self.parts is not None:
             await self.parts.deliverer.close()
+        if self.quotas is not None:
+            await self.quotas.close()
         await self.transports.close()
         await self.background.close()
         if self.metrics_server is not None:

@@ -62,7 +62,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name, text in (("hold", "keep messages queued but stop delivering them"),
                        ("release", "let held messages be delivered again"),
                        ("delete", "remove messages without delivering them"),
-                       ("retry", "attempt delivery now (held messages are skipped)")):
+                       ("retry", "attempt delivery now, past a provider's pause and relay's wait "
+                                 "after a connection failure (never past a quota; held "
+                                 "messages are skipped)")):
         p = verbs.add_parser(
             name, parents=[common, filters], help=text,
             description=f"{text[0].upper()}{text[1:]}: one or more IDs, --all, or the "
@@ -220,6 +222,12 @@ def _size(n: int) -> str:
 
 
 def _state_line(m: dict[str, Any], now: float) -> str:
+    waiting = m.get("waiting")
+    if waiting and not m["in_flight"]:       # "waiting for quota: 10/min of ..., next at"
+        parts = [_clean(waiting["text"])]
+        if m["attempts"]:
+            parts.append(f"{m['attempts']} attempt{'s' if m['attempts'] != 1 else ''}")
+        return ", ".join(parts)
     parts = [m["state"] + (" (attempt in flight)" if m["in_flight"] else "")]
     if m["attempts"]:
         parts.append(f"{m['attempts']} attempt{'s' if m['attempts'] != 1 else ''}")
@@ -253,9 +261,10 @@ def render_list(result: dict[str, Any]) -> str:
         for r in m["recipients"]:
             out.append(f"{'':>50}to {_rcpt_line(r)}")
     c = result["counts"]
+    waiting = f", {c['waiting']} waiting" if c.get("waiting") else ""
     out.append(f"-- {result['count']} message{'s' if result['count'] != 1 else ''}, "
-               f"{_size(result['size'])} ({c['active']} active, {c['deferred']} deferred, "
-               f"{c['held']} held)")
+               f"{_size(result['size'])} ({c['active']} active{waiting}, "
+               f"{c['deferred']} deferred, {c['held']} held)")
     return "\n".join(out)
 
 

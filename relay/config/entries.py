@@ -6,7 +6,7 @@ from typing import Literal, cast
 
 from relay.config.reader import Table
 from relay.config.schema import DkimKeyConfig, ProfileConfig, RouteConfig
-from relay.config.sections import read_header_rules, size
+from relay.config.sections import priority, read_header_rules, size
 from relay.config.values import is_domain, is_name, is_selector
 
 _ROUTE_DOMAIN = 'a domain such as "example.com" or "*.example.com"'
@@ -24,6 +24,7 @@ def read_route(t: Table) -> RouteConfig:
         sender_domain=sender.lower() if sender else None,
         recipient_domain=recipient.lower() if recipient else None,
         header_rules=read_header_rules(t),
+        priority=priority(t, None),
         line=t.ctx.line(t.path) or 0,
     )
     t.finish()
@@ -60,6 +61,7 @@ def read_profile(t: Table) -> ProfileConfig:
         messages_per_minute=t.integer("messages_per_minute", None, min=1),
         bytes_per_5min=size(t, "bytes_per_5min", None),
         recipients_per_day=t.integer("recipients_per_day", None, min=1),
+        connections_per_mailbox=t.integer("connections_per_mailbox", None, min=1),
         line=t.ctx.line(t.path) or 0,
     )
     t.text("description")

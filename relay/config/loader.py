@@ -18,6 +18,7 @@ from pathlib import Path
 from relay.config import references
 from relay.config.addresses import AddressSets, read_sets
 from relay.config.entries import read_dkim, read_profile, read_route
+from relay.config.pacing import merged, read_pacing, throttle_table
 from relay.config.reader import Context, Table, render_path, show, suggest
 from relay.config.remote import read_account, read_proxy, read_token_source, read_upstream
 from relay.config.schema import (
@@ -26,13 +27,14 @@ from relay.config.schema import (
     ProfileConfig,
     RelaySection,
     RouteConfig,
+    ThrottleReplyConfig,
     UpstreamConfig,
 )
 from relay.config.sections import read_listener, read_metrics, read_relay
 from relay.errors import ConfigError
 
 SECTIONS = ("relay", "metrics", "listener", "upstream", "route", "proxy", "dkim",
-            "token_source", "account", "profile", "address_set")
+            "token_source", "account", "profile", "address_set", "pacing", "throttle_reply")
 _TOML_POS = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 _TOML_END = re.compile(r"\s*\(at end of document\)$")
 
@@ -116,6 +118,7 @@ def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None,
     relay_t = root.table("relay")
     set_files = _data_files(relay_t, "address_sets", base)
     profile_files = _data_files(relay_t, "profiles", base)
+    throttle_files = _data_files(relay_t, "throttle_replies", base)
 
     sets: AddressSets = {}
     for f in set_files:
@@ -128,10 +131,17 @@ def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None,
         _read_data_file(f, "profile", environ=ctx.environ,
                         read=lambda ts: _profiles(ts, profiles, shipped=frozenset()))
     _profiles(root.tables("profile"), profiles, shipped=frozenset(profiles))
+    shipped_throttles: dict[str, ThrottleReplyConfig] = {}
+    for f in throttle_files:
+        _read_data_file(f, "throttle_reply", environ=ctx.environ,
+                        read=lambda ts: throttle_table(ts, shipped_throttles))
+    own_throttles: dict[str, ThrottleReplyConfig] = {}
+    throttle_table(root.tables("throttle_reply"), own_throttles)
 
     relay = read_relay(relay_t)
     relay_t.finish()
     metrics = read_metrics(root.table("metrics"))
+    pacing = read_pacing(root.table("pacing"))
     sets_hint = _sets_hint(set_files)
     listeners = [read_listener(t, sets, sets_hint=sets_hint) for t in root.tables("listener")]
     upstream_tables = root.tables("upstream")
@@ -153,7 +163,8 @@ def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None,
         source=Path(path).resolve(), relay=relay, metrics=metrics,
         listeners=tuple(listeners), upstreams=tuple(upstreams), routes=tuple(routes),
         proxies=tuple(proxies), dkim=tuple(dkim), token_sources=tuple(token_sources),
-        accounts=tuple(accounts), profiles=tuple(profiles.values()), address_sets=sets)
+        accounts=tuple(accounts), profiles=tuple(profiles.values()), address_sets=sets,
+        pacing=pacing, throttle_replies=merged(own_throttles, shipped_throttles))
     _check_header_rules(ctx, config)
     return config
 
@@ -169,7 +180,7 @@ def load_relay_section(path: Path | str, *,
     ctx = Context(file, text, base=Path(path).resolve().parent,
                   environ=os.environ if environ is None else environ, secrets=False)
     relay_t = Table(ctx, (), data).table("relay")
-    relay_t.known.update(("address_sets", "profiles"))   # data files: not needed here
+    relay_t.known.update(("address_sets", "profiles", "throttle_replies"))   # data: not needed
     section = read_relay(relay_t)
     relay_t.finish()
     return section

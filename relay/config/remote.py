@@ -11,8 +11,9 @@ import logging
 import ssl
 import urllib.parse
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
+from relay.config.pacing import read_quotas
 from relay.config.reader import Table, show
 from relay.config.schema import AccountConfig, ProxyConfig, TokenSourceConfig, UpstreamConfig
 from relay.config.sections import (
@@ -54,7 +55,7 @@ def read_upstream(t: Table) -> UpstreamConfig:
         cfg = UpstreamConfig(name=name, protocol="outbox", tls="none", path=path,
                              max_connections=_int(t, "max_connections", D),
                              profile=t.opt_text("profile"), header_rules=read_header_rules(t),
-                             line=t.ctx.line(t.path) or 0)
+                             **_pacing(t), line=t.ctx.line(t.path) or 0)
         t.finish()
         return cfg
     if "path" in t:
@@ -92,6 +93,7 @@ def read_upstream(t: Table) -> UpstreamConfig:
         helo_name=t.opt_text("helo_name", expected="a host name", check=is_domain),
         profile=t.opt_text("profile"),
         header_rules=read_header_rules(t),
+        **_pacing(t),
         line=t.ctx.line(t.path) or 0,
     )
     t.finish()
@@ -107,6 +109,13 @@ def read_upstream(t: Table) -> UpstreamConfig:
     if tls == "none" and password is not None:
         t.warn("tls", f"upstream {name!r} sends its password without TLS")
     return cfg
+
+
+def _pacing(t: Table) -> dict[str, Any]:
+    """An upstream's pacing keys: [[upstream.quota]], connections_per_mailbox, mailbox."""
+    return {"quotas": read_quotas(t),
+            "connections_per_mailbox": t.integer("connections_per_mailbox", None, min=1),
+            "mailbox": t.enum("mailbox", ("account", "sender"), "account")}
 
 
 def _int(t: Table, key: str, cls: type) -> int:

@@ -66,6 +66,35 @@ class HeaderRule:
 
 
 @dataclass(frozen=True, slots=True)
+class ThrottleReplyConfig:
+    """One row of the throttle-reply table: a provider reply that means "slow down"."""
+
+    name: str
+    action: Literal["pause-mailbox", "pause-upstream"]
+    codes: tuple[int, ...] = ()                # reply codes; empty: any
+    status: str = ""                           # enhanced status code prefix ("4.7.", "5.4.5")
+    text: str = ""                             # regular expression on the reply (ignoring case)
+    pause: float = 60.0                        # first pause when the reply names no time
+    max_pause: float = 3600.0                  # repeated throttles double the pause up to this
+    provider: str = ""                         # description: who sends it
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PacingSection:
+    """Where quota usage is kept: in this process, or in Redis shared by replicas."""
+
+    backend: Literal["local", "redis"] = "local"
+    redis_url: str = ""                        # redis://host:6379/0 or rediss://...
+    password: Secret | None = None             # AUTH to Redis (password_env / _file)
+    replicas: int = 1                          # relays sharing the quotas (local share: 1/n)
+    key_prefix: str = "relay"
+    timeout: float = 0.5                       # one Redis round trip; longer means unreachable
+    retry_interval: float = 5.0                # probe an unreachable Redis this often
+    ca_file: Path | None = None                # rediss://: CA for the Redis server
+
+
+@dataclass(frozen=True, slots=True)
 class RelaySection:
     hostname: str = "localhost"
     spool: Path = Path("/var/spool/relay")
@@ -123,6 +152,7 @@ class ListenerConfig:
     # after a reload changes the upstream's proxy, tunnel or credentials: end open
     # sessions at a safe point so clients reconnect the new way, or keep them as they are
     on_upstream_change: Literal["reconnect", "keep"] = "reconnect"
+    priority: int = 0                          # within a mailbox's line, higher leaves first
     line: int = 0
 
 
@@ -165,6 +195,21 @@ class UpstreamConfig:
     path: Path | None = None                   # outbox: folder for .eml files
     profile: str | None = None
     header_rules: tuple[HeaderRule, ...] = ()
+    quotas: tuple[QuotaConfig, ...] = ()       # [[upstream.quota]]: override/add to profile's
+    connections_per_mailbox: int | None = None  # default: the profile's; None: no cap
+    mailbox: Literal["account", "sender"] = "account"   # whose sending a provider meters
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaConfig:
+    """A sending quota: at most these amounts per window, per mailbox or per upstream."""
+
+    window: float
+    scope: Literal["mailbox", "upstream"] = "mailbox"
+    messages: int | None = None
+    recipients: int | None = None
+    bytes: int | None = None
     line: int = 0
 
 
@@ -174,6 +219,7 @@ class RouteConfig:
     sender_domain: str | None = None           # None matches any; "*.example.com" wildcards
     recipient_domain: str | None = None
     header_rules: tuple[HeaderRule, ...] = ()
+    priority: int | None = None                # None: the listener's
     line: int = 0
 
 
@@ -234,6 +280,7 @@ class ProfileConfig:
     messages_per_minute: int | None = None
     bytes_per_5min: int | None = None
     recipients_per_day: int | None = None
+    connections_per_mailbox: int | None = None
     line: int = 0
 
 
@@ -251,6 +298,8 @@ class Config:
     accounts: tuple[AccountConfig, ...] = ()
     profiles: tuple[ProfileConfig, ...] = ()   # shipped relay/data/profiles.toml + config's own
     address_sets: dict[str, tuple[Network, ...]] = field(default_factory=dict)
+    pacing: PacingSection = field(default_factory=PacingSection)
+    throttle_replies: tuple[ThrottleReplyConfig, ...] = ()   # relay/data/throttle_replies.toml
 
     def upstream(self, name: str) -> UpstreamConfig:
         for u in self.upstreams:

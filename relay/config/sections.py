@@ -83,6 +83,11 @@ def hostport(t: Table, key: str, dflt: HostPort | None, *, default_port: int | N
     return t.parsed(key, parse, dflt, expected='"HOST:PORT" such as "127.0.0.1:2525"')
 
 
+def priority(t: Table, dflt: int | None) -> int | None:
+    """A line priority: within one mailbox's line, higher leaves first (default 0)."""
+    return t.integer("priority", dflt, min=-100, max=100)
+
+
 def read_relay(t: Table) -> RelaySection:
     D = RelaySection
     hostname = t.text("hostname", socket.gethostname() or "localhost",
@@ -238,6 +243,7 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
         max_line=t.integer("max_line", default(D, "max_line"), min=64) or 64,
         on_upstream_change=cast(Literal["reconnect", "keep"], t.enum(
             "on_upstream_change", ("reconnect", "keep"), default(D, "on_upstream_change"))),
+        priority=priority(t, default(D, "priority")) or 0,
         line=t.ctx.line(t.path) or 0,
     )
     t.finish()
@@ -246,10 +252,10 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
 
 
 SMTP_ONLY = ("relay_domains", "max_message_size", "max_recipients", "command_timeout",
-             "data_timeout", "spf", "dkim_verify", "profile", "header_rule")
+             "data_timeout", "spf", "dkim_verify", "profile", "header_rule", "priority")
 PROXY_ONLY = ("upstream", "login_timeout", "idle_timeout", "max_line", "on_upstream_change")
 SMTP_UPSTREAM_ONLY = ("helo_name", "max_messages_per_connection", "data_timeout", "profile",
-                      "header_rule")
+                      "header_rule", "quota", "connections_per_mailbox", "mailbox")
 
 
 def _listener_rules(t: Table, cfg: ListenerConfig) -> None:

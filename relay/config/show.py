@@ -29,15 +29,19 @@ _SECTIONS = (("relay", "relay", False), ("metrics", "metrics", False),
              ("listeners", "listener", True), ("upstreams", "upstream", True),
              ("routes", "route", True), ("proxies", "proxy", True), ("dkim", "dkim", True),
              ("token_sources", "token_source", True), ("accounts", "account", True),
-             ("profiles", "profile", True))
+             ("profiles", "profile", True), ("pacing", "pacing", False),
+             ("throttle_replies", "throttle_reply", True))
 _SKIP = frozenset({"line"})
-_OUTBOX = frozenset({"name", "protocol", "path", "max_connections", "profile", "header_rules"})
+_OUTBOX = frozenset({"name", "protocol", "path", "max_connections", "profile", "header_rules",
+                     "quotas", "connections_per_mailbox", "mailbox"})
+_KEYS = {"codes": "code"}          # field name -> the key the loader reads
 
 
 def _not_applicable(obj: object) -> frozenset[str]:
     """Fields the loader refuses for this entry's protocol (so they are not shown)."""
     def fields(keys: tuple[str, ...]) -> frozenset[str]:
-        return frozenset("header_rules" if k == "header_rule" else k for k in keys)
+        plural = {"header_rule": "header_rules", "quota": "quotas"}
+        return frozenset(plural.get(k, k) for k in keys)
     if isinstance(obj, ListenerConfig):
         return fields(PROXY_ONLY if obj.protocol == "smtp" else SMTP_ONLY)
     if isinstance(obj, UpstreamConfig) and obj.protocol in ("imap", "pop3"):
@@ -65,7 +69,8 @@ def render(config: Config) -> str:
 
 
 _SELF_CONTAINED = ("address_sets = []                      # every set in effect is below",
-                   "profiles = []                          # every profile in effect is below")
+                   "profiles = []                          # every profile in effect is below",
+                   "throttle_replies = []                  # every throttle reply is below")
 
 
 def _table(header: str, obj: object, many: bool, extra: tuple[str, ...] = ()) -> list[str]:
@@ -90,12 +95,18 @@ def _table(header: str, obj: object, many: bool, extra: tuple[str, ...] = ()) ->
                 later.append(f"[[{header}.header_rule]]")
                 later.extend(f"{k} = {_scalar(getattr(rule, k))}" for k in
                              ("action", "header", "value") if getattr(rule, k) != "")
+        elif f.name == "quotas":
+            for quota in value:
+                later.append(f"[[{header}.quota]]")
+                later.extend(f"{g.name} = {_scalar(getattr(quota, g.name))}"
+                             for g in dataclasses.fields(quota)
+                             if g.name != "line" and getattr(quota, g.name) is not None)
         elif dataclasses.is_dataclass(value) and not isinstance(value, HostPort):
             later.append(f"[{header}.{f.name}]")
             later.extend(f"{g.name} = {_scalar(getattr(value, g.name))}"
                          for g in dataclasses.fields(value))
         else:
-            out.append(f"{f.name} = {_scalar(value)}")
+            out.append(f"{_KEYS.get(f.name, f.name)} = {_scalar(value)}")
     return [*out, *extra, *later, ""]
 
 

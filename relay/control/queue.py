@@ -37,9 +37,11 @@ class SchedulerHook(Protocol):
     """What the queue tools need from the running scheduler (``relay.outbound.scheduler``)."""
 
     def reschedule(self, queue_id: str) -> None: ...
+    def retry_now(self, queue_id: str) -> None: ...      # reschedule, past pauses
     def forget(self, queue_id: str) -> None: ...
     def in_flight(self, queue_id: str) -> bool: ...
     async def wait_idle(self, queue_id: str) -> None: ...
+    def waiting(self, queue_id: str) -> dict[str, Any] | None: ...   # why a due one waits
 
 
 def check_id(queue_id: object) -> str:
@@ -101,7 +103,7 @@ class QueueManager:
         entries = [self._entry(m, now) for m in msgs]
         if selection is not None:
             entries = [e for e in entries if matches(e, selection)]
-        counts = {"active": 0, "deferred": 0, "held": 0}
+        counts = {"active": 0, "deferred": 0, "held": 0, "waiting": 0}
         for e in entries:
             counts[e["state"]] += 1
         return {"now": now, "count": len(entries), "size": sum(e["size"] for e in entries),
@@ -141,10 +143,13 @@ class QueueManager:
     def _entry(self, msg: QueuedMessage, now: float) -> dict[str, Any]:
         st = msg.state
         in_flight = self._scheduler is not None and self._scheduler.in_flight(msg.queue_id)
+        waiting = None if in_flight or self._scheduler is None else \
+            self._scheduler.waiting(msg.queue_id)
+        state = "active" if in_flight else "waiting" if waiting else state_name(st, now)
         return {
             "id": msg.queue_id, "size": msg.size, "received_at": msg.envelope.received_at,
             "age": max(0.0, now - msg.envelope.received_at),
-            "state": "active" if in_flight else state_name(st, now), "in_flight": in_flight,
+            "state": state, "in_flight": in_flight, "waiting": waiting,
             "held": st.held, "sender": msg.envelope.sender, "attempts": st.attempts,
             "next_attempt": st.next_attempt, "last_attempt": st.last_attempt,
             "upstream": st.upstream, "last_error": st.last_error,
@@ -204,8 +209,8 @@ class QueueManager:
         if msg.state.next_attempt > 0:      # fresh messages are due already: no state write
             msg.state.next_attempt = 0.0
             await self._save(msg)
-        if self._scheduler is not None:
-            self._scheduler.reschedule(queue_id)
+        if self._scheduler is not None:     # tried now: past a provider pause, relay's
+            self._scheduler.retry_now(queue_id)   # fail-fast window (never past a quota)
         return True
 
     async def hold(self, queue_id: str) -> dict[str, Any]:

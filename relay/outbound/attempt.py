@@ -1,27 +1,29 @@
 """One delivery attempt: who relay is toward the provider, pacing, the courier, stage timing.
 
 The deliverer picks the identity (auth translation: an ``[[account]]`` for the sender or
-relay user, else the upstream's own credentials), waits for the upstream profile's rate
-limits, hands the message to the upstream's courier (``relay.outbound.courier``) and
-records how long each stage took. Rate limits (per mailbox: the provider username, else
-the envelope sender) only delay: the scheduler asks ``pace()`` before an attempt and waits
-instead of trying. Stage times of session set-up (connect, tls, greeting, auth) count
-toward the message that opened the session only; later messages on it record envelope
-(RSET, MAIL, RCPT) and data.
+relay user, else the upstream's own credentials), hands the message to the upstream's
+courier (``relay.outbound.courier``) and records how long each stage took. It also
+answers the scheduler's pacing questions for one config: whose sending a provider
+meters (``mailbox_of``: the account, else the sender), which quotas apply
+(``claims``: profile rate limits and ``[[upstream.quota]]``), how many connections one
+mailbox may hold, and whether the upstream's fail-fast window after a connection failure
+is running (``suspension``). Quotas only delay: the scheduler reserves them before an
+attempt. Stage times of session set-up (connect, tls, greeting, auth) count toward the
+message that opened the session only; later messages on it record envelope (RSET, MAIL,
+RCPT) and data.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from relay.config.schema import AccountConfig, Config, ProfileConfig, UpstreamConfig
 from relay.metrics import Metrics
 from relay.outbound.courier import Courier, RcptResult, transient
 from relay.outbound.outbox import OutboxCourier
-from relay.outbound.pacing import RateLimiter
+from relay.outbound.pacing import Claim, Cost, Limit, limits_for
 from relay.outbound.session import Credentials, TokenFor, has_bare_cr_or_lf
 from relay.outbound.smtp_courier import SmtpCourier
 from relay.spool.records import QueuedMessage
@@ -41,7 +43,8 @@ class Deliverer:
                  metrics: Metrics | None = None, fsync: bool = True,
                  idle_timeout: float = 30.0, probe_idle: float = 1.0,
                  profiles: Mapping[str, ProfileConfig] | None = None,
-                 suspend_for: float = 30.0) -> None:
+                 suspend_for: float = 30.0, replicas: int = 1,
+                 priorities: Mapping[str, int] | None = None) -> None:
         self._upstreams = {u.name: u for u in upstreams}
         self._accounts = tuple(accounts)
         self._slow = slow_threshold
@@ -55,10 +58,20 @@ class Deliverer:
                     up, transport=transport_for(up), hostname=hostname, token_for=token_for,
                     metrics=metrics, idle_timeout=idle_timeout, probe_idle=probe_idle,
                     suspend_for=suspend_for)
-        # upstream name -> its profile's rate limiter (profiles: upstream name -> profile)
-        self._limiters = {name: RateLimiter(p) for name, p in (profiles or {}).items()
-                          if name in self._upstreams}
-        self._tidied = time.monotonic()
+        # upstream name -> (mailbox limits, upstream limits): profile rates and overrides
+        profiles = profiles or {}
+        self._limits: dict[str, tuple[tuple[Limit, ...], tuple[Limit, ...]]] = {}
+        self._per_mailbox: dict[str, int] = {}
+        for up in upstreams:
+            found = limits_for(up, profiles.get(up.name))
+            self._limits[up.name] = (tuple(x for x in found if x.scope == "mailbox"),
+                                     tuple(x for x in found if x.scope == "upstream"))
+            cap = up.connections_per_mailbox
+            if cap is None and up.name in profiles:
+                cap = profiles[up.name].connections_per_mailbox
+            if cap is not None:      # several replicas: each holds its share of the cap
+                self._per_mailbox[up.name] = max(1, cap // max(1, replicas))
+        self._priorities = dict(priorities or {})
 
     @classmethod
     def from_config(cls, config: Config, *,
@@ -75,12 +88,17 @@ class Deliverer:
                    # never hold a recovered upstream back longer than the retry cadence
                    suspend_for=min(30.0, config.relay.retry.first),
                    profiles={u.name: by_name[u.profile] for u in ups
-                             if u.profile is not None and u.profile in by_name})
+                             if u.profile is not None and u.profile in by_name},
+                   replicas=config.pacing.replicas if config.pacing.backend == "redis" else 1,
+                   priorities={x.name: x.priority for x in config.listeners})
 
     async def close(self) -> None:
         """QUIT every idle session; sessions still in use are QUIT when their attempt ends
         (after a reload the old deliverer is closed while its last attempts finish)."""
         await asyncio.gather(*(c.close() for c in self._couriers.values()))
+
+    def upstream_names(self) -> list[str]:
+        return list(self._upstreams)
 
     def concurrency(self, upstream: str) -> int:
         """How many attempts may run at once toward ``upstream`` (the scheduler's cap)."""
@@ -88,20 +106,51 @@ class Deliverer:
         return max(1, up.max_connections) if up else 1
 
     def mailbox(self, up: UpstreamConfig, msg: QueuedMessage) -> str:
-        """Whose sending a provider meters: the mailbox relay logs in as, else the sender."""
+        """Whose sending a provider meters: the mailbox relay logs in as, else the sender
+        (``mailbox = "sender"``: always the sender, for one account sending as many)."""
+        if up.mailbox == "sender":
+            return msg.envelope.sender.lower()
         creds = self.credentials_for(up, msg.envelope.sender, msg.envelope.auth_user)
         return (creds.username or msg.envelope.sender).lower()
 
-    def pace(self, upstream: str, msg: QueuedMessage, recipients: int) -> float:
-        """Seconds until the upstream's rate limits let this message go (0: now)."""
-        limiter, up = self._limiters.get(upstream), self._upstreams.get(upstream)
-        if limiter is None or up is None:
-            return 0.0
-        if time.monotonic() - self._tidied > 300:
-            self._tidied = time.monotonic()
-            for lim in self._limiters.values():
-                lim.forget_idle()
-        return limiter.delay(self.mailbox(up, msg), recipients=recipients, size=msg.size)
+    def mailbox_of(self, upstream: str, msg: QueuedMessage) -> str:
+        up = self._upstreams.get(upstream)
+        return self.mailbox(up, msg) if up is not None else msg.envelope.sender.lower()
+
+    def claims(self, upstream: str, msg: QueuedMessage, recipients: int) -> list[Claim]:
+        """What sending ``msg`` to ``recipients`` of it via ``upstream`` uses of its quotas."""
+        mailbox_limits, upstream_limits = self._limits.get(upstream, ((), ()))
+        cost = Cost(1, recipients, msg.size)
+        out = []
+        if mailbox_limits:
+            out.append(Claim(f"{upstream}/{self.mailbox_of(upstream, msg)}", mailbox_limits,
+                             cost))
+        if upstream_limits:
+            out.append(Claim(upstream, upstream_limits, cost))
+        return out
+
+    def connections_per_mailbox(self, upstream: str) -> int | None:
+        """How many attempts one mailbox may have in flight to ``upstream`` (None: any)."""
+        return self._per_mailbox.get(upstream)
+
+    def priority(self, listener: str) -> int:
+        """The ``priority`` of the listener a message came in on (0 by default)."""
+        return self._priorities.get(listener, 0)
+
+    def suspension(self, upstream: str, msg: QueuedMessage) -> tuple[float, str] | None:
+        """(seconds left, reply) while the upstream's fail-fast window after a failure to
+        connect or log in holds this message's identity back; None otherwise."""
+        courier, up = self._couriers.get(upstream), self._upstreams.get(upstream)
+        if not isinstance(courier, SmtpCourier) or up is None:
+            return None
+        creds = self.credentials_for(up, msg.envelope.sender, msg.envelope.auth_user)
+        return courier.suspended(creds.key)
+
+    def clear_suspension(self, upstream: str) -> None:
+        """End the fail-fast window (an operator's retry, a changed upstream)."""
+        courier = self._couriers.get(upstream)
+        if isinstance(courier, SmtpCourier):
+            courier.clear_suspension()
 
     def credentials_for(self, up: UpstreamConfig, sender: str, auth_user: str) -> Credentials:
         """Auth translation: an [[account]] for this sender (first) or relay user, else the
@@ -122,10 +171,7 @@ class Deliverer:
     async def deliver(self, upstream: str, msg: QueuedMessage, data: bytes,
                       recipients: list[str]) -> dict[str, RcptResult]:
         """One attempt to ``upstream`` for ``recipients``; a verdict for each of them.
-
-        Nothing before the rate limiter records this message awaits, so ``pace()``
-        returning 0 followed at once by ``deliver()`` reserves the window atomically.
-        """
+        The scheduler has reserved the quotas (``claims``) before calling this."""
         up, courier = self._upstreams.get(upstream), self._couriers.get(upstream)
         if up is None or courier is None:
             return {r: transient(f"upstream {upstream!r} is not configured (or not SMTP)",
@@ -135,10 +181,6 @@ class Deliverer:
                                   "to send it (it could smuggle headers or messages)", True,
                              "bare_cr_lf")
             return dict.fromkeys(recipients, res)
-        limiter = self._limiters.get(upstream)
-        if limiter is not None:        # the scheduler paced; this only waits after a race
-            await limiter.acquire(self.mailbox(up, msg), recipients=len(recipients),
-                                  size=len(data))
         creds = self.credentials_for(up, msg.envelope.sender, msg.envelope.auth_user)
         timer = StageTimer()
         try:

@@ -1,19 +1,23 @@
-"""The scheduler: delivers due messages, caps concurrency per upstream, backs off, gives up.
+"""The scheduler: delivers due messages through per-mailbox lines, backs off, gives up.
 
-New messages (the spool's listener callback) are attempted at once; failed ones wait
+New messages (the spool's listener callback) are due at once; failed ones wait
 ``first * 2**(n-1)`` seconds (capped at ``max``, +/- ``jitter``), never past the
 message's lifetime, after which the remaining recipients are bounced. After each
 attempt the state is saved atomically, or the message removed when every recipient is
-delivered or bounced. A message whose upstream is at its concurrency cap waits in a
-FIFO for a free slot instead of holding a task; one that an upstream profile's rate
-limit (per mailbox) does not allow yet is scheduled for when it will be, without
-spending an attempt. Held messages are never attempted.
+delivered or bounced. Held messages are never attempted.
+
+A due message joins its mailbox's line, which lets it go when nothing holds it back
+(``relay.outbound.admission``: provider pauses, the fail-fast window after a connection
+failure, connection caps, quotas reserved before the attempt and settled when it ends).
+Waiting is never an attempt. A throttle reply, even a 5xx, never bounces: the recipient
+is deferred and its mailbox (or the upstream) paused. An operator's retry and a reload
+that changes an upstream end the pauses and the fail-fast window and try at once;
+quotas are never bypassed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import heapq
@@ -21,17 +25,22 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
 from relay.config.schema import RetryConfig
 from relay.envelope import Envelope
-from relay.errors import DeliveryError, RelayError
+from relay.errors import RelayError
 from relay.maillog import MailLog
 from relay.metrics import Metrics
+from relay.outbound.admission import Admission, Groups, Plan, route_pending
 from relay.outbound.attempt import Deliverer
 from relay.outbound.courier import RcptResult
 from relay.outbound.dsn import Bouncer, Failure
+from relay.outbound.lines import Line
+from relay.outbound.pacing import QuotaStore, Ticket
+from relay.outbound.smtp_courier import SUSPENDED
+from relay.outbound.throttle_table import ThrottleTable
 from relay.routing import Router
 from relay.spool.records import QueuedMessage, RcptStatus
 from relay.tasks import Background
@@ -61,7 +70,8 @@ class Scheduler:
     def __init__(self, *, spool: SpoolSeam, router: Router, deliverer: Deliverer,
                  retry: RetryConfig, maillog: MailLog, bouncer: Bouncer,
                  metrics: Metrics | None = None, clock: Callable[[], float] = time.time,
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random, quotas: QuotaStore | None = None,
+                 throttles: ThrottleTable | None = None) -> None:
         self._spool = spool
         self._router, self._deliverer, self._retry = router, deliverer, retry
         self._maillog, self._bouncer, self._metrics = maillog, bouncer, metrics
@@ -71,9 +81,10 @@ class Scheduler:
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
         self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._busy: collections.Counter[str] = collections.Counter()
-        self._parked: dict[str, collections.deque[str]] = {}
         self._reload_after: set[str] = set()
+        self._bypass: set[str] = set()            # retried by an operator: try at once
+        self._gate = Admission(self, quotas=quotas, throttles=throttles, metrics=metrics,
+                               clock=clock)
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
@@ -98,11 +109,25 @@ class Scheduler:
             return
         self._spawn(self._reload(queue_id))
 
+    def retry_now(self, queue_id: str) -> None:
+        """An operator's retry: like ``reschedule``, and the provider's pause and relay's
+        fail-fast window for its mailbox and upstream end, so it is tried at once."""
+        self._bypass.add(queue_id)
+        msg = self._msgs.get(queue_id)
+        if msg is not None:
+            self._gate.unhold(msg, self._route(msg)[0], self._deliverer)
+        self.reschedule(queue_id)
+
     def forget(self, queue_id: str) -> None:
         """Drop from the schedule (hold/delete); an attempt in flight still finishes."""
         self._msgs.pop(queue_id, None)
         self._due.pop(queue_id, None)
         self._reload_after.discard(queue_id)
+        self._gate.book.leave(queue_id)
+
+    def waiting(self, queue_id: str) -> dict[str, Any] | None:
+        """What a due message waits for, in the operator's words (None: it does not)."""
+        return self._gate.waiting(queue_id)
 
     def in_flight(self, queue_id: str) -> bool:
         return queue_id in self._inflight
@@ -132,6 +157,7 @@ class Scheduler:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
+        await self._gate.book.close()
         tasks = list(self._inflight.values()) + self._side.pending()
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=grace)
@@ -142,10 +168,36 @@ class Scheduler:
                             "they are retried after restart", len(pending), grace)
                 await asyncio.wait(pending)
 
-    def reconfigure(self, *, router: Router, deliverer: Deliverer, retry: RetryConfig) -> None:
-        """New attempts use these; attempts in flight finish with the old ones."""
+    def reconfigure(self, *, router: Router, deliverer: Deliverer, retry: RetryConfig,
+                    throttles: ThrottleTable | None = None,
+                    changed: Iterable[str] = ()) -> None:
+        """New attempts use these; attempts in flight finish with the old ones. Deferred
+        mail of each ``changed`` upstream is due at once, its pauses cleared."""
         self._router, self._deliverer, self._retry = router, deliverer, retry
+        if throttles is not None:
+            self._gate.throttles = throttles
+        for upstream in changed:
+            self.retry_upstream(upstream)
+        self._gate.book.wake()
         self._wake.set()
+
+    def retry_upstream(self, upstream: str) -> int:
+        """Every deferred message with recipients for ``upstream`` is due now, and the
+        upstream's pauses and fail-fast window end (its address, tunnel or credentials
+        changed). Returns how many were rescheduled."""
+        self._gate.changed(upstream, self._deliverer)
+        now = self._clock()
+        later = [m for q, due in list(self._due.items()) if due > now
+                 and (m := self._msgs.get(q)) is not None and upstream in self._route(m)[0]]
+        for msg in later:
+            self._schedule(msg, 0.0)
+        if moved := len(later):
+            log.info("%s changed: %d deferred message(s) for it are due now", upstream, moved)
+        return moved
+
+    def update_metrics(self) -> None:
+        """Waiting messages by upstream and reason (called before a metrics scrape)."""
+        self._gate.book.update_metrics(self._deliverer.upstream_names())
 
     # ---- scheduling ------------------------------------------------------------------------
 
@@ -171,6 +223,9 @@ class Scheduler:
         except RelayError as exc:
             log.error("%s: cannot reload state: %s", queue_id, exc)
             return
+        if queue_id in self._bypass:
+            self._bypass.discard(queue_id)
+            self._gate.unhold(msg, self._route(msg)[0], self._deliverer)
         self._schedule(msg, msg.state.next_attempt)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -189,51 +244,39 @@ class Scheduler:
                 async with asyncio.timeout(max(timeout, 0.0)):
                     await self._wake.wait()
 
+    def _route(self, msg: QueuedMessage) -> tuple[Groups, dict[str, RcptResult]]:
+        return route_pending(self._router, msg)
+
     def _dispatch(self, qid: str) -> None:
+        """A message is due: it joins its mailbox's line (or, with nothing to send to an
+        upstream, its unroutable recipients are recorded at once)."""
         msg = self._msgs.get(qid)
         if msg is None:
             return
-        pending = [r.address for r in msg.state.recipients if r.status is RcptStatus.PENDING]
-        groups: dict[str, list[str]] = {}
-        unrouted: dict[str, RcptResult] = {}
-        for rcpt in pending:
-            try:
-                groups.setdefault(self._router.route(msg.envelope, rcpt), []).append(rcpt)
-            except DeliveryError as exc:
-                unrouted[rcpt] = RcptResult(0, str(exc), False, exc.reason)
-        deliverer = self._deliverer
-        wait = max((deliverer.pace(u, msg, len(r)) for u, r in groups.items()), default=0.0)
-        if wait > 0:           # a provider rate limit: wait, without spending an attempt
-            log.debug("%s: paced for %.1f s by the upstream's rate limits", qid, wait)
-            self._due.pop(qid, None)
-            self._schedule(msg, self._clock() + wait)
+        self._due.pop(qid, None)
+        groups, unrouted = self._route(msg)
+        if not groups:
+            self.launch(msg, {}, unrouted, self._deliverer, None, None)
             return
-        for upstream in groups:
-            if self._busy[upstream] >= deliverer.concurrency(upstream):
-                self._parked.setdefault(upstream, collections.deque()).append(qid)
-                self._due.pop(qid, None)
-                return
-        for upstream in groups:
-            self._busy[upstream] += 1
+        self._gate.join(msg, groups, self._deliverer, self._router)
+
+    def plan(self, queue_id: str) -> Plan | None:
+        """For admission: what to send now, or None (forgotten, in flight, due later)."""
+        msg = self._msgs.get(queue_id)
+        if (msg is None or queue_id in self._inflight or queue_id in self._due
+                or self._stopping):
+            return None
+        groups, unrouted = self._route(msg)
+        return msg, groups, unrouted, self._deliverer
+
+    def launch(self, msg: QueuedMessage, groups: Groups, unrouted: dict[str, RcptResult],
+               deliverer: Deliverer, line: Line | None, ticket: Ticket | None) -> None:
+        qid = msg.queue_id
         self._due.pop(qid, None)
         task = asyncio.get_running_loop().create_task(
-            self._attempt(msg, groups, unrouted, deliverer), name=f"deliver {qid}")
+            self._attempt(msg, groups, unrouted, deliverer, line, ticket), name=f"deliver {qid}")
         self._inflight[qid] = task
         task.add_done_callback(functools.partial(self._attempt_done, qid))
-
-    def _release(self, upstream: str) -> None:
-        self._busy[upstream] -= 1
-        if self._busy[upstream] <= 0:
-            del self._busy[upstream]
-        parked = self._parked.get(upstream)
-        while parked:
-            qid = parked.popleft()
-            msg = self._msgs.get(qid)
-            if msg is not None and qid not in self._due and qid not in self._inflight:
-                self._schedule(msg, 0.0)
-                break
-        if parked is not None and not parked:
-            del self._parked[upstream]
 
     def _attempt_done(self, qid: str, task: asyncio.Task[None]) -> None:
         self._inflight.pop(qid, None)
@@ -244,11 +287,15 @@ class Scheduler:
             self._reload_after.discard(qid)
             if not self._stopping:
                 self._spawn(self._reload(qid))
+        elif qid in self._due:     # due again before its attempt ended: the heap skipped it
+            heapq.heappush(self._heap, (self._due[qid], next(self._seq), qid))
+            self._wake.set()
 
     # ---- one attempt -------------------------------------------------------------------------
 
-    async def _attempt(self, msg: QueuedMessage, groups: dict[str, list[str]],
-                       unrouted: dict[str, RcptResult], deliverer: Deliverer) -> None:
+    async def _attempt(self, msg: QueuedMessage, groups: Groups,
+                       unrouted: dict[str, RcptResult], deliverer: Deliverer,
+                       line: Line | None, ticket: Ticket | None) -> None:
         qid = msg.queue_id
         released: set[str] = set()
         try:
@@ -263,30 +310,22 @@ class Scheduler:
                 self._retry_later(msg)
                 return
 
-            paced: list[float] = []
-
             async def one(upstream: str, rcpts: list[str]) -> dict[str, RcptResult]:
                 try:
-                    # Checked again here: an attempt started since dispatch may have used
-                    # the window. pace() then deliver() records with no await in between.
-                    wait = deliverer.pace(upstream, msg, len(rcpts))
-                    if wait > 0:
-                        paced.append(wait)
-                        return {}
                     return await deliverer.deliver(upstream, msg, data, rcpts)
                 finally:
                     released.add(upstream)
-                    self._release(upstream)
+                    self._gate.book.slots.give_back(upstream)
 
             outcomes = await asyncio.gather(*(one(u, r) for u, r in groups.items()))
             results: dict[str, tuple[str, RcptResult]] = {
                 r: ("", res) for r, res in unrouted.items()}
             for upstream, outcome in zip(groups, outcomes, strict=True):
                 results.update({r: (upstream, res) for r, res in outcome.items()})
-            if paced and not results:     # only waited for a rate limit: not an attempt
-                self._schedule(msg, self._clock() + max(paced))
+            if results and all(res.reason == SUSPENDED for _, res in results.values()):
+                self._schedule(msg, 0.0)        # held back by the fail-fast window: waits
                 return
-            await self._apply(msg, data, results, paced=max(paced, default=0.0))
+            await self._apply(msg, data, results)
         except Exception:
             # Never lose track of a message: log, and try again after the longest backoff.
             log.exception("%s: delivery attempt failed unexpectedly", qid)
@@ -294,23 +333,31 @@ class Scheduler:
         finally:
             for upstream in groups:
                 if upstream not in released:
-                    self._release(upstream)
+                    self._gate.book.slots.give_back(upstream)
+            if line is not None:
+                self._gate.book.ended(line)
+            if ticket is not None:
+                await self._gate.quotas.settle(ticket)
 
     def _retry_later(self, msg: QueuedMessage) -> None:
         if msg.queue_id in self._msgs and not self._stopping:
             self._schedule(msg, self._clock() + self._retry.max)
 
     async def _apply(self, msg: QueuedMessage, data: bytes,
-                     results: dict[str, tuple[str, RcptResult]], *, paced: float = 0.0) -> None:
+                     results: dict[str, tuple[str, RcptResult]]) -> None:
         """Record verdicts, log them, bounce what failed, then save state or remove."""
         qid, state, now = msg.queue_id, msg.state, self._clock()
         delay = f"{max(0.0, now - msg.envelope.received_at):.2f}"
         failures: list[tuple[Failure, str]] = []
         last_error = ""
+        paused = 0.0
         for rcpt in state.recipients:
             if rcpt.address not in results:
                 continue
             upstream, res = results[rcpt.address]
+            if upstream:
+                res, until = self._gate.throttled(upstream, msg, res, self._deliverer)
+                paused = max(paused, until)
             rcpt.attempts += 1
             rcpt.last_reply = res.reply
             if res.ok:
@@ -343,8 +390,8 @@ class Scheduler:
             await self._bounce(msg, data, failures)
         if any(r.status is RcptStatus.PENDING for r in state.recipients):
             due = now + backoff(retry, state.attempts, self._rng)
-            if paced:                  # recipients held back by a rate limit go when it allows
-                due = min(due, now + paced)
+            if paused:                 # throttled: its line waits for the pause, not backoff
+                due = now
             due = min(due, max(msg.envelope.received_at + retry.lifetime, now + 1.0))
             state.next_attempt = due
             try:

@@ -8,6 +8,8 @@ first when its last transaction was left unfinished or it sat idle for over
 the message is tried once more on a fresh session instead of being deferred. After a
 failure to set a session up, further attempts fail fast for ``suspend_for`` seconds
 (like Postfix's dead-host cache): for the whole upstream, or per identity for AUTH.
+The scheduler asks ``suspended`` and waits for the window's end without an attempt; mail
+that reaches the courier inside it anyway gets reason ``suspended`` and is not counted.
 
 Per recipient: 2xx delivered; 5xx permanent; 4xx, transport, TLS, AUTH, timeout or
 anything unknown transient. 552 at RCPT is treated as 452 (RFC 5321 4.5.3.1.10). A
@@ -33,6 +35,7 @@ from relay.transports.base import Transport
 log = logging.getLogger("relay.delivery")
 
 _Identity = tuple[str, str, str] | None     # Credentials.key; None: the whole upstream
+SUSPENDED = "suspended"     # RcptResult.reason of mail held back by the window: not tried
 
 
 class SmtpCourier:
@@ -58,25 +61,35 @@ class SmtpCourier:
     async def close(self) -> None:
         await self._pool.close()
 
-    def _suspension(self, identity: _Identity) -> tuple[str, str] | None:
+    def _suspension(self, identity: _Identity) -> tuple[float, str, str] | None:
         now = time.monotonic()
+        found: tuple[float, str, str] | None = None
         for key in (None, identity):
             entry = self._suspended.get(key)
             if entry is not None:
-                if entry[0] > now:
-                    return entry[1], entry[2]
-                del self._suspended[key]
-        return None
+                if entry[0] <= now:
+                    del self._suspended[key]
+                elif found is None or entry[0] > found[0]:
+                    found = entry
+        return found
+
+    def suspended(self, identity: tuple[str, str, str]) -> tuple[float, str] | None:
+        """(seconds left, reply) while the fail-fast window holds ``identity`` back."""
+        found = self._suspension(identity)
+        return None if found is None else (found[0] - time.monotonic(), found[1])
+
+    def clear_suspension(self) -> None:
+        """Try at once again (an operator's retry, a reload that changed the upstream)."""
+        self._suspended.clear()
 
     async def carry(self, msg: QueuedMessage, data: bytes, recipients: list[str], *,
                     credentials: Credentials, timer: StageTimer) -> dict[str, RcptResult]:
         up, pool, creds = self.upstream, self._pool, credentials
         results: dict[str, RcptResult] = {}
         suspended = self._suspension(creds.key)
-        if suspended is not None:
-            reply, reason = suspended
-            return {r: transient(f"delivery temporarily suspended: {reply}", reason)
-                    for r in recipients}
+        if suspended is not None:       # the scheduler waits instead; this is only a race
+            return {r: transient(f"delivery temporarily suspended: {suspended[1]}",
+                                 SUSPENDED) for r in recipients}
         async with pool.sem:
             session: SmtpSession | None = None
             try:

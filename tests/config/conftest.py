@@ -53,6 +53,7 @@ def example_dir(tmp_path: Path) -> Path:
     (tmp_path / "relay.toml").write_text(text)
     shutil.copy(DATA / "address_sets.toml", tmp_path / "address_sets.toml")
     shutil.copy(DATA / "profiles.toml", tmp_path / "profiles.toml")
+    shutil.copy(DATA / "throttle_replies.toml", tmp_path / "throttle_replies.toml")
     return tmp_path
 
 

@@ -49,7 +49,8 @@ def test_secret_values_never_appear_in_errors(monkeypatch: pytest.MonkeyPatch,
                                              tmp_path: Path) -> None:
     private_copy(tmp_path)
     monkeypatch.chdir(tmp_path)
-    for name in ("inline_password", "proxy_password_in_url", "inline_client_secret"):
+    for name in ("inline_password", "proxy_password_in_url", "inline_client_secret",
+                 "pacing_password_in_url"):
         with pytest.raises(ConfigError) as exc:
             load_config(f"bad_configs/{name}.toml", environ=ENV)
         assert "hunter2" not in exc.value.explain()

@@ -70,7 +70,8 @@ def test_example_documents_every_option(example_dir: Path,
     assert not missing, f"conf/relay.example.toml does not document: {sorted(missing)}"
     for section in ("relay", "metrics", "listener", "upstream", "route", "proxy", "dkim",
                     "token_source", "account", "profile", "address_set",
-                    "listener.header_rule", "route.header_rule", "upstream.header_rule"):
+                    "listener.header_rule", "route.header_rule", "upstream.header_rule",
+                    "pacing", "throttle_reply", "upstream.quota"):
         assert section in seen, section
 
 

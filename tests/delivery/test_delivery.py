@@ -175,10 +175,12 @@ async def test_failed_setup_suspends_the_upstream_briefly(
     port = free_port()
     metrics = Metrics()
     d = deliverer(upstream(port), metrics=metrics, suspend_for=0.5)
-    for qid in ("Q1", "Q2", "Q3"):
+    for qid, reason in (("Q1", "connect_refused"), ("Q2", "suspended"), ("Q3", "suspended")):
         v = (await d.deliver("up", message(qid), BODY, ["b@example.net"]))["b@example.net"]
-        assert not v.permanent and v.reason == "connect_refused"
+        assert not v.permanent and v.reason == reason
     assert v.reply.startswith("delivery temporarily suspended: connect to 127.0.0.1")
+    left = d.suspension("up", message("Q5"))            # what the scheduler waits for
+    assert left is not None and 0 < left[0] <= 0.5 and left[1].startswith("connect to")
     assert sample(metrics, "relay_upstream_connection_failures_total", upstream="up",
                   reason="connect_refused") == 1          # one connection tried, not three
     peer = RecordingUpstream()

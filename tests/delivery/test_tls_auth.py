@@ -181,9 +181,11 @@ async def test_auth_failure_suspends_only_that_identity(started: list[RecordingU
     accounts = [AccountConfig(upstream="up", sender="sales@example.com",
                               username="sales@example.com", password=Secret("pw2"))]
     d = deliverer(up, accounts=accounts, suspend_for=60.0)
-    for qid in ("Q1", "Q2", "Q3"):
+    for qid, reason in (("Q1", "auth_failed"), ("Q2", "suspended"), ("Q3", "suspended")):
         v = (await d.deliver("up", message(qid), BODY, ["b@example.net"]))["b@example.net"]
-        assert v.reason == "auth_failed" and v.reply.split(": ")[-1].startswith("535"), v
+        assert v.reason == reason and v.reply.split(": ")[-1].startswith("535"), v
+    assert d.suspension("up", message("Q5")) is not None     # what the scheduler waits for
+    assert d.suspension("up", message("Q6", sender="sales@example.com")) is None
     assert peer.auth_attempts == [("PLAIN", "cc@example.com")]
     other = await d.deliver("up", message("Q4", sender="sales@example.com"), BODY,
                             ["b@example.net"])

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
+import heapq
+import random
 
 import pytest
 
@@ -13,8 +14,8 @@ from relay.checks.profile import (
     check_sender,
     decoded_header,
 )
-from relay.config.schema import ProfileConfig
-from relay.outbound.pacing import RateLimiter
+from relay.config.schema import ProfileConfig, QuotaConfig, UpstreamConfig
+from relay.outbound.pacing import Claim, Cost, Limit, LocalQuotas, Ticket, edge_margin, limits_for
 from relay.verdict import Refusal
 
 pytestmark = pytest.mark.fast
@@ -142,90 +143,178 @@ def test_no_limits_no_refusal() -> None:
 
 
 class FakeTime:
-    """A clock that only moves when the limiter sleeps (deterministic, no real waiting)."""
+    """A clock that only moves when the test says (deterministic, no real waiting)."""
 
     def __init__(self) -> None:
         self.now = 1000.0
-        self.slept: list[float] = []
 
     def clock(self) -> float:
         return self.now
 
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
-        await asyncio.sleep(0)
+
+def claim(profile: ProfileConfig, *, recipients: int = 1, size: int = 0,
+          key: str = "up/mbx") -> list[Claim]:
+    limits = limits_for(UpstreamConfig(name="up", protocol="smtp"), profile)
+    return [Claim(key, limits, Cost(1, recipients, size))]
+
+
+async def send(q: LocalQuotas, claims: list[Claim]) -> float:
+    """Reserve and, if it fits, settle at once (a delivery that took no time)."""
+    verdict = await q.reserve(claims)
+    if verdict.ticket is not None:
+        await q.settle(verdict.ticket)
+    return verdict.wait
 
 
 async def test_messages_per_minute_delays_the_eleventh() -> None:
     t = FakeTime()
-    rl = RateLimiter(ZENDESK, clock=t.clock, sleep=t.sleep)
+    q = LocalQuotas(clock=t.clock)
     for _ in range(10):
-        assert await rl.acquire("mbx", size=1000) == 0.0
+        assert await send(q, claim(ZENDESK, size=1000)) == 0.0
         t.now += 1.0                       # one message a second
-    waited = await rl.acquire("mbx", size=1000)
-    # the first went at 1000; the 11th is at 1010 and must wait until 1060
-    assert waited == pytest.approx(50.0)
-    assert t.now == pytest.approx(1060.0)
-    assert await rl.acquire("other-mailbox") == 0.0     # per mailbox
+    verdict = await q.reserve(claim(ZENDESK, size=1000))
+    # the first went at 1000; the 11th is at 1010 and waits until 1060 (+ the edge margin)
+    assert verdict.wait == pytest.approx(50.0 + edge_margin(60.0))
+    assert verdict.limit is not None
+    assert verdict.limit.describe() == "10/min of zendesk-exchange-connector"
+    assert await send(q, claim(ZENDESK, key="up/other-mailbox")) == 0.0     # per mailbox
 
 
 async def test_bytes_per_5_minutes() -> None:
     t = FakeTime()
-    rl = RateLimiter(ZENDESK, clock=t.clock, sleep=t.sleep)
-    await rl.acquire("m", size=30 * MB)
+    q = LocalQuotas(clock=t.clock)
+    await send(q, claim(ZENDESK, size=30 * MB))
     t.now += 10
-    assert await rl.acquire("m", size=20 * MB) == 0.0          # exactly 50 MB: fits
+    assert await send(q, claim(ZENDESK, size=20 * MB)) == 0.0       # exactly 50 MB: fits
     t.now += 10
-    waited = await rl.acquire("m", size=1)
-    assert waited == pytest.approx(280.0)                      # until the first leaves
-    # a message bigger than the whole window is delayed until the window is empty, not refused
-    waited = await rl.acquire("m", size=60 * MB)
-    assert waited == pytest.approx(300.0) and t.now == pytest.approx(1600.0)  # 1-byte one left
+    verdict = await q.reserve(claim(ZENDESK, size=1))
+    assert verdict.wait == pytest.approx(280.0 + edge_margin(300.0))  # until the first leaves
+    assert verdict.limit is not None and verdict.limit.describe() == (
+        "50 MB per 5 min of zendesk-exchange-connector")
+    # a message bigger than the whole window waits until the window is empty, never refused
+    t.now += 280
+    verdict = await q.reserve(claim(ZENDESK, size=60 * MB))
+    assert verdict.wait == pytest.approx(10.0 + edge_margin(300.0))
+    t.now += verdict.wait
+    assert await send(q, claim(ZENDESK, size=60 * MB)) == 0.0
 
 
 async def test_recipients_per_day() -> None:
     t = FakeTime()
-    rl = RateLimiter(EXCHANGE, clock=t.clock, sleep=t.sleep)
-    await rl.acquire("m", recipients=9_999)
+    q = LocalQuotas(clock=t.clock)
+    await send(q, claim(EXCHANGE, recipients=9_999))
     t.now += 3600
-    assert await rl.acquire("m", recipients=1) == 0.0
+    assert await send(q, claim(EXCHANGE, recipients=1)) == 0.0
     t.now += 60
-    waited = await rl.acquire("m", recipients=5)
-    assert waited == pytest.approx(86400 - 3660)
+    verdict = await q.reserve(claim(EXCHANGE, recipients=5))
+    assert verdict.wait == pytest.approx(86400 - 3660 + edge_margin(86400.0))
+    assert verdict.limit is not None
+    assert verdict.limit.describe() == "10000 recipients/day of exchange-online"
 
 
-async def test_concurrent_acquirers_are_served_in_order() -> None:
+async def test_a_send_counts_from_when_its_attempt_ended() -> None:
+    """The provider counts at acceptance, after relay decided: a send in flight counts,
+    and once it ends it counts again from that moment."""
     t = FakeTime()
-    rl = RateLimiter(ProfileConfig(name="p", messages_per_minute=2), clock=t.clock,
-                     sleep=t.sleep)
-    order: list[int] = []
+    q = LocalQuotas(clock=t.clock)
+    tight = ProfileConfig(name="p", messages_per_minute=2)
+    first = await q.reserve(claim(tight))
+    second = await q.reserve(claim(tight))
+    assert first.ticket is not None and second.ticket is not None
+    assert (await q.reserve(claim(tight))).wait > 0          # two in flight: full
+    t.now += 30
+    await q.settle(first.ticket)                             # took 30 s
+    t.now += 10
+    await q.settle(second.ticket)                            # took 40 s
+    t.now += 40                                              # 80 s after they were reserved
+    verdict = await q.reserve(claim(tight))
+    assert verdict.wait == pytest.approx(1030 + 60 + edge_margin(60.0) - t.now)
 
-    async def send(i: int) -> None:
-        await rl.acquire("m")
-        order.append(i)
 
-    await asyncio.wait_for(asyncio.gather(*(send(i) for i in range(6))), timeout=10)
-    assert order == list(range(6))
-    assert t.now == pytest.approx(1120.0)      # 2 now, 2 after 60 s, 2 after 120 s
+async def test_upstream_quota_overrides_and_adds_to_the_profile() -> None:
+    up = UpstreamConfig(name="o365", protocol="smtp", quotas=(
+        QuotaConfig(window=60.0, messages=20),                       # replaces 30/min
+        QuotaConfig(window=3600.0, scope="upstream", messages=500)))  # adds, every mailbox
+    limits = limits_for(up, EXCHANGE)
+    assert sorted((x.scope, x.dimension, x.amount, x.window) for x in limits) == [
+        ("mailbox", "messages", 20, 60.0), ("mailbox", "recipients", 10_000, 86400.0),
+        ("upstream", "messages", 500, 3600.0)]
+    assert [x.describe() for x in limits if x.scope == "upstream"] == [
+        "500/hour of upstream o365"]
+    assert Limit("messages", 30, 60.0).shared(3).amount == 10      # a replica's local share
+    assert Limit("messages", 2, 60.0).shared(3).amount == 1        # never zero
 
 
 async def test_no_rate_limits_never_waits() -> None:
     t = FakeTime()
-    rl = RateLimiter(GENESYS, clock=t.clock, sleep=t.sleep)
+    q = LocalQuotas(clock=t.clock)
     for _ in range(100):
-        assert await rl.acquire("m", recipients=1, size=MB) == 0.0
-    assert t.slept == []
+        assert await send(q, claim(GENESYS, recipients=1, size=MB)) == 0.0
 
 
-async def test_forget_idle_bounds_memory() -> None:
+async def test_idle_mailboxes_are_forgotten() -> None:
     t = FakeTime()
-    rl = RateLimiter(ZENDESK, clock=t.clock, sleep=t.sleep)
+    q = LocalQuotas(clock=t.clock)
     for i in range(50):
-        await rl.acquire(f"m{i}")
-    t.now += 86400 + 1
-    rl.forget_idle()
-    assert rl._boxes == {}
+        await send(q, claim(ZENDESK, key=f"up/m{i}"))
+    t.now += 86400 + 1000
+    await send(q, claim(ZENDESK, key="up/late"))
+    assert list(q._keys) == ["up/late"]
+
+
+def provider_peak(accepted: list[float], window: float) -> int:
+    """The most acceptances the provider sees in any window of ``window`` seconds."""
+    accepted = sorted(accepted)
+    peak, start = 0, 0
+    for end, ts in enumerate(accepted):
+        while accepted[start] <= ts - window:
+            start += 1
+        peak = max(peak, end - start + 1)
+    return peak
+
+
+async def simulate(latencies: list[float], *, per_minute: int = 600) -> list[float]:
+    """Send as fast as the quota allows; each delivery takes its latency, and the provider
+    counts it just before relay sees the reply. Returns the provider's acceptance times."""
+    t = FakeTime()
+    q = LocalQuotas(clock=t.clock)
+    profile = ProfileConfig(name="genesys", messages_per_minute=per_minute)
+    running: list[tuple[float, int, Ticket]] = []        # (ends at, seq, ticket)
+    accepted: list[float] = []
+    todo = list(latencies)
+    while todo or running:
+        while running and running[0][0] <= t.now:
+            await q.settle(heapq.heappop(running)[2])
+        wait = 0.0
+        while todo:
+            verdict = await q.reserve(claim(profile))
+            if verdict.ticket is None:
+                wait = verdict.wait
+                break
+            latency = todo.pop(0)
+            accepted.append(t.now + latency * 0.99)
+            heapq.heappush(running, (t.now + latency, len(accepted), verdict.ticket))
+        nxt = [t.now + wait] if todo and wait > 0 else []
+        t.now = min([*nxt, *(r[0] for r in running[:1])] or [t.now])
+    return accepted
+
+
+@pytest.mark.parametrize("pattern", ["slow-then-fast", "random", "steady"])
+async def test_the_provider_never_sees_more_than_the_quota_in_any_window(pattern: str) -> None:
+    """600/min measured at the provider's side, with deliveries that take different times:
+    slow first sends and fast later ones crowd acceptances together at a window's edge."""
+    rng = random.Random(11)
+    n = 3000
+    latencies = {"slow-then-fast": [3.0 if (i // 600) % 2 == 0 else 0.01 for i in range(n)],
+                 "random": [rng.uniform(0.005, 4.0) for _ in range(n)],
+                 "steady": [0.2] * n}[pattern]
+    accepted = await simulate(latencies)
+    assert len(accepted) == n
+    assert provider_peak(accepted, 60.0) <= 600
+    # and as fast as the quota allows: 3000 at 600/min is 4 full windows after the first
+    # 600, each window counted from when its oldest send ended
+    worst = max(latencies)
+    assert max(accepted) - min(accepted) < 4 * (60 + edge_margin(60.0) + worst) + worst
 
 
 def test_shipped_profiles_match_the_field_documents() -> None:
@@ -245,5 +334,5 @@ def test_shipped_profiles_match_the_field_documents() -> None:
     assert (zd.messages_per_minute, zd.bytes_per_5min, zd.recipients_per_day,
             zd.max_message_bytes) == (10, 50 * MB, 10_000, 50 * MB)
     ex = conf.profile("exchange-online")
-    assert (ex.max_message_bytes, ex.messages_per_minute, ex.recipients_per_day) == (
-        35 * MB, 30, 10_000)
+    assert (ex.max_message_bytes, ex.messages_per_minute, ex.recipients_per_day,
+            ex.connections_per_mailbox) == (35 * MB, 30, 10_000, 3)

@@ -8,7 +8,7 @@ from typing import Any
 
 from tests.operator.support import relay_cli
 from tests.peers import free_port, wait_until
-from tests.peers.relayproc import Relay, config, send
+from tests.peers.relayproc import Relay, Sink, config, send
 
 
 def states(result: dict[str, Any]) -> list[tuple[str, str, int, float]]:
@@ -18,8 +18,11 @@ def states(result: dict[str, Any]) -> list[tuple[str, str, int, float]]:
 
 def test_the_stopped_list_shows_the_live_states(tmp_path: Path) -> None:
     port = free_port()
-    dead = free_port()                                      # nothing listens: deferred
-    text = config(spool=tmp_path / "spool", listen=port, sink=dead, retry_first="1h",
+    # A provider that answers every RCPT with a 4xx: each message is tried once and
+    # deferred (a refused connection would instead make the later ones wait for the
+    # upstream's fail-fast window, a state only a running relay has).
+    busy = Sink(tmp_path, "-r", "RCPT").start()
+    text = config(spool=tmp_path / "spool", listen=port, sink=busy.port, retry_first="1h",
                   retry_max="2h")
     relay = Relay(tmp_path, text).start(port)
     try:
@@ -35,9 +38,10 @@ def test_the_stopped_list_shows_the_live_states(tmp_path: Path) -> None:
         assert relay_cli("queue", "hold", ids[1], "-c", cfg).returncode == 0
         before = live()
         assert [s for _, s, _, _ in states(before)] == ["deferred", "held", "deferred"]
-        assert before["counts"] == {"active": 0, "deferred": 2, "held": 1}
+        assert before["counts"] == {"active": 0, "deferred": 2, "held": 1, "waiting": 0}
     finally:
         assert relay.stop() == 0
+        busy.stop()
     out = relay_cli("queue", "list", "--json", "--spool", str(tmp_path / "spool"))
     assert out.returncode == 0, out.stderr
     stopped = json.loads(out.stdout)

@@ -35,6 +35,10 @@ def populate(m: Metrics) -> None:
     m.oauth_token_expiry.labels("o365").set(3000)
     m.tls_cert_expiry.labels("platform").set(2e9)
     m.record_reload(success=True, now=1700000000.0)
+    m.messages_waiting.labels("office365", "quota").set(37)
+    m.pacing_delay.labels("office365").observe(42.0)
+    m.provider_pauses.labels("office365", "mailbox", "exchange-submission-quota").inc()
+    m.pacing_fallbacks.inc()
 
 
 async def http(port: int, request: bytes, *, host: str = "127.0.0.1",

@@ -100,6 +100,8 @@ def test_probes_ports_and_grace_match_the_config(tmp_path: Path) -> None:
     grace = sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > pause + cfg.relay.shutdown_grace + 10
     for svc in kinds["Service"]:
+        if svc["spec"]["selector"] != sts["spec"]["selector"]["matchLabels"]:
+            continue                                 # another workload's (Redis)
         for p in svc["spec"]["ports"]:
             assert p["targetPort"] in ports, f"{svc['metadata']['name']}: {p}"
 
@@ -128,6 +130,31 @@ def test_security_context_and_secrets(tmp_path: Path) -> None:
     for v in pod["volumes"]:
         if "secret" in v:
             assert v["secret"]["secretName"] in example
+
+
+def test_replicas_share_quotas_through_one_redis(tmp_path: Path) -> None:
+    """Several pods, each its own spool volume, one Redis for the quotas (README)."""
+    kinds, cfg = loaded(tmp_path)
+    (sts,) = kinds["StatefulSet"]
+    assert sts["spec"]["replicas"] >= 2 and sts["spec"]["volumeClaimTemplates"]
+    assert cfg.pacing.backend == "redis"
+    assert cfg.pacing.replicas == sts["spec"]["replicas"]
+    (redis,) = kinds["Deployment"]
+    assert redis["spec"]["replicas"] == 1
+    services = {s["metadata"]["name"]: s for s in kinds["Service"]}
+    host_port = cfg.pacing.redis_url.split("//")[1].split("/")[0]
+    host, port = host_port.split(":")
+    svc = services[host]
+    assert svc["spec"]["selector"] == redis["spec"]["selector"]["matchLabels"]
+    (svc_port,) = svc["spec"]["ports"]
+    assert svc_port["port"] == int(port)
+    pod = redis["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert {p["name"] for p in c["ports"]} == {svc_port["targetPort"]}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert "--save" in c["args"] and "--appendonly" in c["args"]      # nothing to persist
 
 
 def test_reload_sidecar_signals_the_pid_file(tmp_path: Path) -> None:

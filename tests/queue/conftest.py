@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,10 +27,17 @@ class FakeScheduler:
         self.spool = spool
         self.calls: list[tuple[str, str]] = []
         self._inflight: dict[str, tuple[QueuedMessage, asyncio.Event]] = {}
-        self.waiting = asyncio.Event()          # someone waits in wait_idle()
+        self.idle_waited = asyncio.Event()      # someone waits in wait_idle()
+        self.waits: dict[str, dict[str, Any]] = {}   # what due messages wait for
 
     def reschedule(self, queue_id: str) -> None:
         self.calls.append(("reschedule", queue_id))
+
+    def retry_now(self, queue_id: str) -> None:
+        self.calls.append(("retry_now", queue_id))
+
+    def waiting(self, queue_id: str) -> dict[str, Any] | None:
+        return self.waits.get(queue_id)
 
     def forget(self, queue_id: str) -> None:
         self.calls.append(("forget", queue_id))
@@ -41,7 +49,7 @@ class FakeScheduler:
         self.calls.append(("wait_idle", queue_id))
         entry = self._inflight.get(queue_id)
         if entry is not None:
-            self.waiting.set()
+            self.idle_waited.set()
             await entry[1].wait()
 
     def start_attempt(self, queue_id: str) -> None:

@@ -121,6 +121,6 @@ async def test_a_backlog_through_the_running_relay(queue: Queue) -> None:
         assert [m["id"] for m in result["selected"]] == queue.ids
         assert result["result"]["done"] == queue.ids[:2]
         assert result["result"]["held"] == [queue.ids[2]]
-        assert ("reschedule", queue.ids[1]) in hook.calls   # the scheduler was told
+        assert ("retry_now", queue.ids[1]) in hook.calls    # the scheduler was told
     finally:
         await srv.stop()

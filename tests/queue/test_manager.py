@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 import pytest
 
@@ -29,7 +30,8 @@ async def test_list(queue: Queue, mgr: QueueManager, hook: FakeScheduler) -> Non
     fresh, deferred, held = queue.ids
     hook.start_attempt(fresh)
     result = await mgr.handle("list", {})
-    assert result["count"] == 3 and result["counts"] == {"active": 1, "deferred": 1, "held": 1}
+    assert result["count"] == 3 and result["counts"] == {"active": 1, "deferred": 1, "held": 1,
+                                                          "waiting": 0}
     assert [m["id"] for m in result["messages"]] == queue.ids
     by_id = {m["id"]: m for m in result["messages"]}
     assert by_id[fresh]["state"] == "active" and by_id[fresh]["in_flight"]
@@ -75,7 +77,7 @@ async def test_retry(queue: Queue, mgr: QueueManager, hook: FakeScheduler) -> No
     assert await mgr.handle("retry", {"id": deferred}) == {"retried": [deferred],
                                                           "skipped_held": 0}
     assert queue.spool.load(deferred).state.next_attempt == 0
-    assert ("reschedule", deferred) in hook.calls
+    assert ("retry_now", deferred) in hook.calls        # past pauses, not just rescheduled
     with pytest.raises(ControlError) as err:
         await mgr.handle("retry", {"id": held})
     assert err.value.code == "held" and f"relay queue release {held}" in err.value.hint
@@ -83,6 +85,27 @@ async def test_retry(queue: Queue, mgr: QueueManager, hook: FakeScheduler) -> No
     result = await mgr.handle("retry", {"all": True})
     assert result == {"retried": [fresh, deferred], "skipped_held": 1}
     assert fresh + ".state" not in os.listdir(queue.spool.queue)   # nothing to write
+
+
+async def test_retry_several(queue: Queue, mgr: QueueManager, hook: FakeScheduler) -> None:
+    fresh, deferred, held = queue.ids
+    result = await mgr.handle("retry", {"ids": [deferred, held, fresh.lower()]})
+    assert result["done"] == [deferred, fresh] and result["held"] == [held]
+    assert [c for c in hook.calls if c[0] == "retry_now"] == [("retry_now", deferred),
+                                                              ("retry_now", fresh)]
+    result = await mgr.handle("retry", {"ids": [deferred, "0" * 17]})
+    assert result["done"] == [deferred] and result["missing"] == ["0" * 17]
+
+
+async def test_list_says_what_a_due_message_waits_for(queue: Queue, mgr: QueueManager,
+                                                      hook: FakeScheduler) -> None:
+    fresh = queue.ids[0]
+    text = "waiting for quota: 10/min of zendesk-exchange-connector for support@example.com"
+    hook.waits[fresh] = {"reason": "quota", "until": time.time() + 30, "text": text}
+    result = await mgr.handle("list", {})
+    entry = next(m for m in result["messages"] if m["id"] == fresh)
+    assert entry["state"] == "waiting" and entry["waiting"]["text"] == text
+    assert result["counts"]["waiting"] == 1 and result["counts"]["active"] == 0
 
 
 async def test_hold_and_release(queue: Queue, mgr: QueueManager, hook: FakeScheduler,
@@ -109,7 +132,7 @@ async def test_hold_during_an_attempt_survives_the_attempts_own_save(
     qid = queue.ids[0]
     hook.start_attempt(qid)
     holding = asyncio.ensure_future(mgr.hold(qid))
-    await asyncio.wait_for(hook.waiting.wait(), 10)
+    await asyncio.wait_for(hook.idle_waited.wait(), 10)
     assert not holding.done()                      # waits for the attempt to end
     await hook.finish(qid)                         # the attempt saves its state first
     assert await asyncio.wait_for(holding, 10) == {"held": qid, "already": False}
@@ -125,7 +148,7 @@ async def test_delete_waits_for_the_attempt_in_flight(
     qid = queue.ids[1]
     hook.start_attempt(qid)
     deleting = asyncio.ensure_future(mgr.handle("delete", {"id": qid}))
-    await asyncio.wait_for(hook.waiting.wait(), 10)
+    await asyncio.wait_for(hook.idle_waited.wait(), 10)
     assert not deleting.done() and qid in queue.spool.queue_ids()
     await hook.finish(qid)
     assert await asyncio.wait_for(deleting, 10) == {"deleted": qid, "waited_for_attempt": True}

@@ -50,6 +50,21 @@ def test_list_is_a_readable_table() -> None:
     assert "\x1b" not in text
 
 
+def test_waiting_is_said_in_words() -> None:
+    wait = "waiting for quota: 10/min of zendesk-exchange-connector for support@example.com" \
+           ", next at 14:03:10"
+    paused = "paused by provider until 14:05:00 (421 4.7.0 \x1b[2Jtry again later)"
+    msgs = [_msg(state="waiting", attempts=0, waiting={"reason": "quota", "text": wait}),
+            _msg(state="waiting", waiting={"reason": "paused", "text": paused})]
+    text = render_list({"now": time.time(), "count": 2, "size": 4096, "messages": msgs,
+                        "counts": {"active": 0, "deferred": 0, "held": 0, "waiting": 2}})
+    lines = text.splitlines()
+    assert lines[1].endswith(f"  {wait}")
+    assert lines[5].endswith("  paused by provider until 14:05:00 (421 4.7.0 \\x1b[2Jtry "
+                             "again later), 2 attempts")
+    assert lines[-1] == "-- 2 messages, 4.0 KB (0 active, 2 waiting, 0 deferred, 0 held)"
+
+
 def test_empty_queue() -> None:
     assert render_list({"now": 0, "count": 0, "size": 0, "messages": [],
                         "counts": {}}) == "Mail queue is empty"

@@ -17,6 +17,7 @@ from relay.maillog import MailLog
 from relay.metrics import Metrics
 from relay.outbound.dsn import Bouncer
 from relay.outbound.scheduler import Scheduler
+from relay.outbound.throttle_table import ThrottleTable
 from relay.routing import Router
 from relay.spool.store import Spool
 from tests.delivery.helpers import deliverer
@@ -53,7 +54,7 @@ async def until(cond: Callable[[], object], timeout: float = 20.0) -> None:
 class Rig:
     def __init__(self, root: Path, *ups: UpstreamConfig, retry: RetryConfig = FAST,
                  routes: tuple[RouteConfig, ...] = (), default: str | None = "up",
-                 **deliverer_kw: Any) -> None:
+                 throttles: ThrottleTable | None = None, **deliverer_kw: Any) -> None:
         self.metrics = Metrics()
         self.spool = Spool(root / "spool", fsync=False, metrics=self.metrics)
         self.deliverer = deliverer(*ups, metrics=self.metrics, **deliverer_kw)
@@ -67,7 +68,7 @@ class Rig:
         self.scheduler = Scheduler(spool=self.spool, router=self.router,
                                    deliverer=self.deliverer, retry=retry,
                                    maillog=MailLog(logger), bouncer=self.bouncer,
-                                   metrics=self.metrics)
+                                   metrics=self.metrics, throttles=throttles)
 
     @property
     def log(self) -> list[str]:

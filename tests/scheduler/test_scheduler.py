@@ -395,7 +395,12 @@ async def test_rate_limits_delay_per_mailbox(rigs: list[Rig], peers: list[Record
     assert other not in r.spool.queue_ids()
     [paced] = [q for q in ids if q in r.spool.queue_ids()]
     assert r.spool.load(paced).state.attempts == 0          # waiting is not failing
-    assert 50 < r.scheduler.scheduled()[paced] - time.time() <= 60
+    await until(lambda: r.scheduler.waiting(paced) is not None)
+    wait = r.scheduler.waiting(paced)
+    assert wait is not None and wait["reason"] == "quota"
+    assert 50 < wait["until"] - time.time() <= 61
+    assert wait["text"].startswith("waiting for quota: 2/min of tight for alice@example.com, "
+                                   "next at ")
     assert r.lines("deferred") == []
 
 
@@ -411,9 +416,10 @@ async def test_rate_limits_hold_for_a_recovered_burst(rigs: list[Rig],
         await before.send(BODY, rcpts=(f"r{i}@example.net",))
     before.spool.close()
     r = await rig(rigs, tmp_path, upstream(p.port, profile="tight"), profiles={"up": profile})
-    await until(lambda: len(p.received) == 2 and len(r.scheduler.scheduled()) == 2)
-    waiting = r.scheduler.scheduled()
-    assert all(50 < due - time.time() <= 60 for due in waiting.values())
+    await until(lambda: len(p.received) == 2 and len(r.spool.queue_ids()) == 2 and all(
+        r.scheduler.waiting(q) for q in r.spool.queue_ids()))
+    waiting = {q: r.scheduler.waiting(q) for q in r.spool.queue_ids()}
+    assert all(w is not None and 50 < w["until"] - time.time() <= 61 for w in waiting.values())
     assert all(r.spool.load(q).state.attempts == 0 for q in waiting)
     assert r.lines("deferred") == []
 
