@@ -122,6 +122,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=0, help="repetitions (default 3, quick 1)")
     ap.add_argument("--only", action="append", choices=NAMES,
                     help="run only this contestant (repeatable)")
+    ap.add_argument("--messages", type=int, default=0, help="messages per 1 KB run (100 KB "
+                    "runs send half); default 3000, quick 300")
     ap.add_argument("--breakdown", action="store_true", help="relay's CPU per process")
     ap.add_argument("--relay-extra", default="", help="lines added to relay's [relay] "
                     "section, e.g. 'smtp_processes = 2' (for locating bottlenecks)")
@@ -130,7 +132,8 @@ def main() -> int:
         print("bench/smtp_bench.py needs root (cgroups, smtp-sink -u)", file=sys.stderr)
         return 2
     reps = args.reps or (1 if args.quick else 3)
-    counts = {1024: 300, 100 * 1024: 150} if args.quick else {1024: 3000, 100 * 1024: 1500}
+    small = args.messages or (300 if args.quick else 3000)
+    counts = {1024: small, 100 * 1024: small // 2}
     names = args.only or NAMES
     key = generate("rsa", 2048)
     pem, record = private_pem(key), txt_record(key).encode()

@@ -61,16 +61,21 @@ class Cgroup:
         return [int(p) for p in (self.cpu / "cgroup.procs").read_text().split()]
 
     def per_process_cpu(self) -> dict[str, float]:
-        """CPU seconds so far by process name (threads included), for the breakdown."""
+        """CPU seconds so far by process name, relay's split into its event-loop thread
+        and its other threads (fsync and signing workers), for the breakdown."""
         out: dict[str, float] = {}
         tick = os.sysconf("SC_CLK_TCK")
         for pid in self.pids():
             with contextlib.suppress(OSError):
                 stat = Path(f"/proc/{pid}/stat").read_text()
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                fields = stat.rsplit(")", 1)[1].split()
                 name = _process_name(stat, cmd)
-                out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+                if not name.startswith("relay"):
+                    out[name] = out.get(name, 0.0) + _cpu(stat) / tick
+                    continue
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    part = f"{name} {'loop' if task.name == str(pid) else 'threads'}"
+                    out[part] = out.get(part, 0.0) + _cpu((task / "stat").read_text()) / tick
         return out
 
     def peak_mb(self) -> float:
@@ -100,12 +105,17 @@ class Cgroup:
                 time.sleep(0.1)
 
 
+def _cpu(stat: str) -> int:
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])            # utime + stime, in ticks
+
+
 def _process_name(stat: str, cmd: list[bytes]) -> str:
     comm = stat[stat.index("(") + 1:stat.rindex(")")]
     if b"relay.listenproc" in cmd:
-        return "relay listener process"
+        return "relay listener"
     if b"relay" in cmd and comm.startswith("python"):
-        return "relay main process"
+        return "relay main"
     return comm
 
 
