@@ -260,6 +260,9 @@ class ProxySession:
                 log.warning("kernel splice unavailable (%s); using the transport pump", exc)
         if self.spliced is None:
             self.spliced = TransportSplice(self.client, result.channel, to_upstream=leftover)
+        if ctx.metrics is not None:
+            path = "kernel" if isinstance(self.spliced, zerocopy.KernelSplice) else "transport"
+            ctx.metrics.proxy_splices.labels(ctx.listener.name, path).inc()
         return None
 
     async def _bad_credentials(self, reason: str) -> LoginFailure:
