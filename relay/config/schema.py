@@ -114,7 +114,7 @@ class ListenerConfig:
     relay_domains: tuple[str, ...] = ()        # inbound: accept these recipient domains from anyone
     max_message_size: int = 35 * 1024 * 1024
     max_recipients: int = 100
-    max_connections: int = 200                 # imap/pop3 from a config file: PROXY_...
+    max_connections: int = 200                 # imap/pop3 in a config file: PROXY_MAX_...
     max_connections_per_client: int = 20
     command_timeout: float = 300.0
     data_timeout: float = 600.0
