@@ -29,6 +29,7 @@ import argparse
 import os
 import smtplib
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -81,7 +82,7 @@ def run_scenario(target: Target, sink: Sink, *, size: int, sessions: int, count:
 
 
 def subprocess_run(argv: list[str], timeout: float) -> str:
-    import subprocess
+    """Run ``argv``; its stderr if it failed, else an empty string."""
     proc = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
     return "" if proc.returncode == 0 else proc.stderr.decode(errors="replace")
 
