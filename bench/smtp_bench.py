@@ -125,7 +125,7 @@ def main() -> int:
                     help="run only this contestant (repeatable)")
     ap.add_argument("--messages", type=int, default=0, help="messages per 1 KB run (100 KB "
                     "runs send half); default 3000, quick 300")
-    ap.add_argument("--breakdown", action="store_true", help="relay's CPU per process")
+    ap.add_argument("--breakdown", action="store_true", help="relay's CPU per process and thread")
     ap.add_argument("--relay-extra", default="", help="lines added to relay's [relay] "
                     "section, e.g. 'smtp_processes = 2' (for locating bottlenecks)")
     args = ap.parse_args()
