@@ -1,236 +1,72 @@
-"""End-to-end SMTP relay throughput: relay vs a private Postfix relay, side by side.
+"""End-to-end SMTP relay bench: Postfix, Postfix + OpenDKIM, relay, relay + DKIM, side by side.
 
-Both relays accept from Postfix's ``smtp-source`` and deliver to one ``smtp-sink`` on
-loopback, with their own fsynced queues. For each scenario (message size x concurrent
-sessions) the bench sends N messages, waits until the sink has counted all N deliveries,
-and prints messages/s, CPU seconds per message (from a cgroup around each relay's
-processes, so Postfix's many processes count too) and peak memory.
+All four contestants (``bench/smtp_peers.py``) run in the same invocation, accept from
+Postfix's ``smtp-source`` and deliver to one ``smtp-sink`` on loopback, each with its own
+fsynced queue. DKIM is RSA-2048, relaxed/relaxed, the same key on both sides: Debian's
+OpenDKIM as Postfix's milter, relay's own signer. Before timing, one message through each
+contestant is fetched from a dumping sink and its signature checked with dkimpy (signed
+by exactly the two DKIM contestants, unsigned by the others).
 
-    python bench/smtp_bench.py                 # the issue's four scenarios
-    python bench/smtp_bench.py --quick         # fewer messages, for a smoke run
+For each scenario (1 KB x 20 sessions, 100 KB x 20, 1 KB x 1) and repetition (3, the
+contestants' order rotating) the bench sends N messages and waits until the sink has
+counted all N deliveries. It prints the median messages/s, CPU milliseconds per message
+(the cgroup around each contestant: Postfix's processes and the milter, relay's main and
+listener processes), cores kept busy (CPU seconds / wall seconds), peak memory, and the
+ratios the issue sets targets for.
 
-Needs root (cgroups, smtp-sink -u) and Debian's postfix package (scripts/test installs it).
+    python bench/smtp_bench.py                 # the full run (about 15 minutes)
+    python bench/smtp_bench.py --quick         # fewer messages, one repetition (smoke run)
+    python bench/smtp_bench.py --breakdown     # also relay's CPU by process
+
+Needs root (cgroups, smtp-sink -u) and Debian's postfix, opendkim and opendkim-tools
+(``apt-get install -y postfix opendkim opendkim-tools``). Take figures on a quiet machine:
+``uptime`` under 1.0 on the 2-core reference VM; the load is printed with the results.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import re
-import shutil
-import signal
-import socket
+import smtplib
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-CG_CPU = Path("/sys/fs/cgroup/cpuacct")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import dkim
+from smtp_peers import DOMAIN, SELECTOR, OpenDkim, Postfix, Relay, Sink, Sinks, Target
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from relay.dkim.keys import generate, private_pem, txt_record
 
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
-
-
-class Cgroup:
-    """A cgroup-v1 cpuacct group: CPU of all its processes, and their peak RSS."""
-
-    def __init__(self, name: str) -> None:
-        self.cpu = CG_CPU / name
-        self.cpu.mkdir(exist_ok=True)
-
-    def wrap(self, argv: list[str]) -> list[str]:
-        """argv run inside this group (the shell joins it, then execs argv)."""
-        join = f"echo $$ > {self.cpu}/cgroup.procs; "
-        return ["sh", "-c", join + 'exec "$@"', "sh", *argv]
-
-    def cpu_seconds(self) -> float:
-        return int((self.cpu / "cpuacct.usage").read_text()) / 1e9
-
-    def peak_mb(self) -> float:
-        """Sum of the peak resident set (VmHWM) of the group's live processes.
-
-        The memory cgroup's own peak counts page cache (the spool files), which says
-        nothing about the relay's footprint, so resident memory is read per process.
-        """
-        total = 0
-        for pid in (self.cpu / "cgroup.procs").read_text().split():
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        total += int(line.split()[1])
-        return total / 1024
-
-    def remove(self) -> None:
-        for pid in (self.cpu / "cgroup.procs").read_text().split():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                self.cpu.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
-
-
-class Sink:
-    """smtp-sink counting DATA completions; ``count()`` reads its running counter."""
-
-    def __init__(self, work: Path) -> None:
-        self.port = free_port()
-        self.out = work / "sink.out"
-        with open(self.out, "wb") as out:
-            self.proc = subprocess.Popen(
-                ["smtp-sink", "-u", "nobody", "-c", f"127.0.0.1:{self.port}", "1024"],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_port(self.port)
-
-    def count(self) -> int:
-        found = re.findall(rb"mesg=(\d+)", self.out.read_bytes()[-128:])
-        return int(found[-1]) if found else 0
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait()
+SCENARIOS = [(1024, 20), (100 * 1024, 20), (1024, 1)]
+NAMES = ["postfix", "postfix+opendkim", "relay", "relay+dkim"]
 
 
 @dataclass
-class Result:
+class Run:
     rate: float
-    cpu_per_msg: float
-    peak_mb: float
-    elapsed: float
+    cpu_ms: float
+    busy: float                 # cores: CPU seconds per wall second
+    by_process: dict[str, float] = field(default_factory=dict)   # CPU ms/msg
 
 
-class Postfix:
-    name = "postfix"
-
-    def __init__(self, work: Path, sink_port: int) -> None:
-        self.dir = work / "postfix"
-        conf, queue, data = self.dir / "conf", self.dir / "queue", self.dir / "data"
-        for d in (conf, queue, data):
-            d.mkdir(parents=True)
-        shutil.chown(data, "postfix")
-        self.port = free_port()
-        master = Path("/etc/postfix/master.cf").read_text().splitlines()
-        master = [f"127.0.0.1:{self.port} inet n - n - - smtpd"
-                  if line.startswith("smtp      inet") else line for line in master]
-        (conf / "master.cf").write_text("\n".join(master) + "\n")
-        (conf / "main.cf").write_text(f"""compatibility_level = 3.6
-queue_directory = {queue}
-data_directory = {data}
-myhostname = bench.localdomain
-mydestination =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-relayhost = [127.0.0.1]:{sink_port}
-smtpd_relay_restrictions = permit_mynetworks, reject
-alias_maps =
-alias_database =
-local_recipient_maps =
-smtp_tls_security_level = none
-default_destination_concurrency_limit = 20
-maillog_file = {self.dir}/maillog
-maillog_file_prefixes = {self.dir}
-""")
-        self.conf = conf
-        self.cg = Cgroup(f"relaybench-postfix-{os.getpid()}")
-
-    def start(self) -> None:
-        subprocess.run(self.cg.wrap(["postfix", "-c", str(self.conf), "start"]), check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
-
-    def stop(self) -> None:
-        subprocess.run(["postfix", "-c", str(self.conf), "stop"], check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.cg.remove()
-
-
-class Relay:
-    name = "relay"
-
-    def __init__(self, work: Path, sink_port: int, *, fsync: bool = True) -> None:
-        self.dir = work / "relay"
-        self.dir.mkdir()
-        self.port = free_port()
-        self.config = self.dir / "relay.toml"
-        self.config.write_text(f"""[relay]
-hostname = "bench.localdomain"
-spool = "{self.dir / 'spool'}"
-default_upstream = "sink"
-fsync = {'true' if fsync else 'false'}
-
-[metrics]
-enabled = false
-
-[[listener]]
-name = "bench"
-protocol = "smtp"
-listen = "127.0.0.1:{self.port}"
-tls = "none"
-auth = "none"
-allow = ["127.0.0.0/8"]
-max_connections = 500
-max_connections_per_client = 500
-
-[[upstream]]
-name = "sink"
-protocol = "smtp"
-host = "127.0.0.1"
-port = {sink_port}
-tls = "none"
-max_connections = 20
-""")
-        self.cg = Cgroup(f"relaybench-relay-{os.getpid()}")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.dir / "relay.log", "wb") as log:
-            self.proc = subprocess.Popen(
-                self.cg.wrap([sys.executable, "-m", "relay", "run", "-c", str(self.config)]),
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_port(self.port)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.cg.remove()
-
-
-def run_scenario(target: Postfix | Relay, sink: Sink, *, size: int, sessions: int,
-                 count: int, timeout: float) -> Result:
+def run_scenario(target: Target, sink: Sink, *, size: int, sessions: int, count: int,
+                 timeout: float) -> Run:
     base = sink.count()
     cpu0 = target.cg.cpu_seconds()
+    proc0 = target.cg.per_process_cpu()
     t0 = time.monotonic()
-    src = subprocess.run(
-        ["smtp-source", "-s", str(sessions), "-m", str(count), "-l", str(size),
-         "-f", "bench@example.com", "-t", "sink@example.net", "-M", "bench.localdomain",
-         f"127.0.0.1:{target.port}"], capture_output=True, timeout=timeout, check=False)
-    if src.returncode != 0:
-        raise RuntimeError(f"smtp-source against {target.name} failed: {src.stderr!r}")
+    src = subprocess_run(["smtp-source", "-s", str(sessions), "-m", str(count), "-l",
+                          str(size), "-f", f"bench@{DOMAIN}", "-t", "sink@example.net",
+                          "-M", "bench.localdomain", f"127.0.0.1:{target.port}"], timeout)
+    if src:
+        raise RuntimeError(f"smtp-source against {target.name} failed: {src}")
     deadline = t0 + timeout
     while sink.count() - base < count:
         if time.monotonic() > deadline:
@@ -239,71 +75,191 @@ def run_scenario(target: Postfix | Relay, sink: Sink, *, size: int, sessions: in
         time.sleep(0.01)
     elapsed = time.monotonic() - t0
     cpu = target.cg.cpu_seconds() - cpu0
-    return Result(count / elapsed, cpu / count, target.cg.peak_mb(), elapsed)
+    proc1 = target.cg.per_process_cpu()
+    by_process = {name: (proc1[name] - proc0.get(name, 0.0)) * 1000 / count
+                  for name in proc1 if proc1[name] - proc0.get(name, 0.0) > 0}
+    return Run(count / elapsed, cpu * 1000 / count, cpu / elapsed, by_process)
 
 
-@contextlib.contextmanager
-def started(target: Postfix | Relay) -> Iterator[Postfix | Relay]:
-    target.start()
-    try:
-        yield target
-    finally:
-        target.stop()
+def subprocess_run(argv: list[str], timeout: float) -> str:
+    """Run ``argv``; its stderr if it failed, else an empty string."""
+    proc = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+    return "" if proc.returncode == 0 else proc.stderr.decode(errors="replace")
+
+
+def verify_signing(targets: list[Target], check: Sink, record: bytes) -> None:
+    """One message through each contestant: signed by exactly the DKIM ones, and valid."""
+    for t in targets:
+        with smtplib.SMTP("127.0.0.1", t.port, timeout=30) as s:
+            s.sendmail(f"bench@{DOMAIN}", [f"{t.name}@check.example"],
+                       f"From: <bench@{DOMAIN}>\r\nTo: <{t.name}@check.example>\r\n"
+                       f"Subject: which one signs\r\nDate: Sun, 6 Dec 2026 07:58:44 +0000\r\n"
+                       f"Message-Id: <check.{t.name}@{DOMAIN}>\r\n\r\nchecked   body \r\n"
+                       "\r\n\r\n")
+    deadline = time.monotonic() + 60
+    while len(check.messages()) < len(targets):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(check.messages())}/{len(targets)} check messages")
+        time.sleep(0.05)
+
+    def dns(name: bytes, timeout: int = 5) -> bytes:
+        return record if name == f"{SELECTOR}._domainkey.{DOMAIN}.".encode() else b""
+
+    for msg in check.messages():
+        who = next(t for t in targets if f"<{t.name}@check.example>".encode() in msg)
+        sigs = msg.count(b"\nDKIM-Signature:") + msg.startswith(b"DKIM-Signature:")
+        want = 1 if "dkim" in who.name else 0
+        # smtp-sink prepends X-* lines and its own Received: the signature covers neither.
+        if sigs != want or (want and not dkim.verify(msg, dnsfunc=dns)):
+            raise SystemExit(f"{who.name}: {sigs} DKIM signature(s), want {want} valid; "
+                             f"message:\n{msg.decode(errors='replace')}")
+    print(f"checked: {', '.join(t.name for t in targets if 'dkim' in t.name)} sign "
+          "(dkimpy verifies); the others do not", flush=True)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer messages (smoke run)")
-    ap.add_argument("--only", choices=["relay", "postfix"], help="run one side only")
-    ap.add_argument("--no-fsync", action="store_true", help="relay without fsync (not a fair "
-                    "comparison: for locating bottlenecks only)")
+    ap.add_argument("--quick", action="store_true", help="fewer messages, one repetition")
+    ap.add_argument("--reps", type=int, default=0, help="repetitions (default 3, quick 1)")
+    ap.add_argument("--only", action="append", choices=NAMES,
+                    help="run only this contestant (repeatable)")
+    ap.add_argument("--messages", type=int, default=0, help="messages per 1 KB run (100 KB "
+                    "runs send half); default 3000, quick 300")
+    ap.add_argument("--breakdown", action="store_true", help="relay's CPU per process and thread")
+    ap.add_argument("--relay-extra", default="", help="lines added to relay's [relay] "
+                    "section, e.g. 'smtp_processes = 2' (for locating bottlenecks)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/smtp_bench.py needs root (cgroups, smtp-sink -u)", file=sys.stderr)
         return 2
-    scenarios = [(1024, 1), (1024, 20), (100 * 1024, 1), (100 * 1024, 20)]
-    counts = {1024: 3000, 100 * 1024: 1500}
-    if args.quick:
-        counts = {1024: 300, 100 * 1024: 150}
-    rows: list[tuple[int, int, Result | None, Result | None]] = []
+    reps = args.reps or (1 if args.quick else 3)
+    small = args.messages or (300 if args.quick else 3000)
+    counts = {1024: small, 100 * 1024: small // 2}
+    names = args.only or NAMES
+    key = generate("rsa", 2048)
+    pem, record = private_pem(key), txt_record(key).encode()
+    load0 = os.getloadavg()
+    results: dict[tuple[str, int, int], list[Run]] = {}
+    peaks: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="relaybench-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)
-        sink = Sink(work)
+        sinks = Sinks(Sink(work), Sink(work, dump=work / "checked"))
+        factories = {
+            "postfix": lambda: Postfix(work, "postfix", sinks),
+            "postfix+opendkim": lambda: Postfix(work, "postfix+opendkim", sinks,
+                                                milter=OpenDkim(work, pem)),
+            "relay": lambda: Relay(work, "relay", sinks, extra=args.relay_extra),
+            "relay+dkim": lambda: Relay(work, "relay+dkim", sinks, key_pem=pem,
+                                        extra=args.relay_extra),
+        }
+        targets: list[Target] = []
         try:
-            results: dict[str, dict[tuple[int, int], Result]] = {"postfix": {}, "relay": {}}
-            targets: list[Postfix | Relay] = []
-            if args.only != "relay":
-                targets.append(Postfix(work, sink.port))
-            if args.only != "postfix":
-                targets.append(Relay(work, sink.port, fsync=not args.no_fsync))
-            for target in targets:
-                with started(target):
-                    for size, sessions in scenarios:
-                        res = run_scenario(target, sink, size=size, sessions=sessions,
-                                           count=counts[size], timeout=300)
-                        results[target.name][(size, sessions)] = res
-                        print(f"  {target.name:8} {size // 1024:4d} KB x{sessions:<3d} "
-                              f"{res.rate:7.0f} msg/s  {res.cpu_per_msg * 1000:6.2f} ms CPU/msg"
-                              f"  peak RSS {res.peak_mb:6.1f} MB", flush=True)
-            for size, sessions in scenarios:
-                rows.append((size, sessions, results["postfix"].get((size, sessions)),
-                             results["relay"].get((size, sessions))))
+            for name in names:
+                target = factories[name]()
+                targets.append(target)
+                target.start()
+            verify_signing(targets, sinks.check, record)
+            for t in targets:                 # warm-up: pools, imports, page cache
+                run_scenario(t, sinks.bench, size=1024, sessions=20, count=100, timeout=120)
+            for rep in range(reps):
+                order = targets[rep % len(targets):] + targets[:rep % len(targets)]
+                for size, sessions in SCENARIOS:
+                    for t in order:
+                        r = run_scenario(t, sinks.bench, size=size, sessions=sessions,
+                                         count=counts[size], timeout=600)
+                        results.setdefault((t.name, size, sessions), []).append(r)
+                        print(f"  rep {rep + 1} {t.name:17} {size // 1024:4d} KB x{sessions:<3d}"
+                              f"{r.rate:7.0f} msg/s {r.cpu_ms:6.2f} ms CPU/msg "
+                              f"{r.busy:4.2f} cores busy", flush=True)
+                        if args.breakdown and t.name.startswith("relay"):
+                            print("      " + ", ".join(f"{k} {v:.2f} ms" for k, v in
+                                                       sorted(r.by_process.items())))
+            for t in targets:
+                peaks[t.name] = t.cg.peak_mb()
         finally:
-            sink.stop()
-    print()
-    print(f"{'scenario':<16}{'postfix msg/s':>14}{'relay msg/s':>13}{'ratio':>8}"
-          f"{'postfix ms CPU':>16}{'relay ms CPU':>14}{'relay peak MB':>15}")
-    for size, sessions, pf, rl in rows:
-        ratio = f"{rl.rate / pf.rate:.2f}x" if pf and rl else "-"
-        print(f"{f'{size // 1024} KB x{sessions}':<16}"
-              f"{(f'{pf.rate:.0f}' if pf else '-'):>14}{(f'{rl.rate:.0f}' if rl else '-'):>13}"
-              f"{ratio:>8}{(f'{pf.cpu_per_msg * 1000:.2f}' if pf else '-'):>16}"
-              f"{(f'{rl.cpu_per_msg * 1000:.2f}' if rl else '-'):>14}"
-              f"{(f'{rl.peak_mb:.0f}' if rl else '-'):>15}")
-    print("\ntargets (issue 2): relay >= 1.0x postfix at 1 KB x20, >= 0.8x at 100 KB x20, "
-          "peak memory < 150 MB")
+            for t in targets:
+                t.stop()
+            sinks.bench.stop()
+            sinks.check.stop()
+    report(results, peaks, names, reps, load0, os.getloadavg())
     return 0
+
+
+def report(results: dict[tuple[str, int, int], list[Run]], peaks: dict[str, float],
+           names: list[str], reps: int, load0: tuple[float, float, float],
+           load1: tuple[float, float, float]) -> None:
+    def med(name: str, size: int, sessions: int, what: str) -> float | None:
+        runs = results.get((name, size, sessions))
+        return statistics.median(getattr(r, what) for r in runs) if runs else None
+
+    def fmt(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return "-" if a is None or b is None else f"{a / b:.2f}x"
+
+    print(f"\nmedians of {reps}; load average {load0[0]:.2f} before, {load1[0]:.2f} after, "
+          f"{os.cpu_count()} CPUs; fsync on everywhere")
+    if max(load0[0], load1[0]) > 1.0:
+        print("the machine was busy (load average above 1.0): msg/s and cores busy are not "
+              "comparable with a quiet run; CPU per message is the steadier figure")
+    print(f"{'scenario':<13}{'contestant':<18}{'msg/s':>8}{'CPU ms/msg':>12}{'cores busy':>12}"
+          f"{'peak MB':>9}")
+    for size, sessions in SCENARIOS:
+        for name in names:
+            print(f"{f'{size // 1024} KB x{sessions}':<13}{name:<18}"
+                  f"{fmt(med(name, size, sessions, 'rate'), '.0f'):>8}"
+                  f"{fmt(med(name, size, sessions, 'cpu_ms'), '.2f'):>12}"
+                  f"{fmt(med(name, size, sessions, 'busy'), '.2f'):>12}"
+                  f"{fmt(peaks.get(name), '.0f'):>9}")
+    print(f"\n{'scenario':<13}{'relay/postfix':>15}{'CPU ratio':>11}{'relay+dkim/':>13}"
+          f"{'CPU ratio':>11}{'DKIM adds':>11}")
+    print(f"{'':<13}{'msg/s':>15}{'':>11}{'pf+opendkim':>13}{'':>11}{'ms CPU':>11}")
+    for size, sessions in SCENARIOS:
+        r, p = med("relay", size, sessions, "rate"), med("postfix", size, sessions, "rate")
+        rd = med("relay+dkim", size, sessions, "rate")
+        pd = med("postfix+opendkim", size, sessions, "rate")
+        rc, pc = med("relay", size, sessions, "cpu_ms"), med("postfix", size, sessions, "cpu_ms")
+        rdc = med("relay+dkim", size, sessions, "cpu_ms")
+        pdc = med("postfix+opendkim", size, sessions, "cpu_ms")
+        adds = "-" if rdc is None or rc is None else f"{rdc - rc:.2f}"
+        print(f"{f'{size // 1024} KB x{sessions}':<13}{ratio(r, p):>15}{ratio(pc, rc):>11}"
+              f"{ratio(rd, pd):>13}{ratio(pdc, rdc):>11}{adds:>11}")
+    print("\n(CPU ratio: the reference's CPU per message over relay's: above 1 means relay "
+          "spends less)")
+    print("targets (issue 13, 20 sessions, medians):")
+
+    def check(what: str, value: float | None, ok: bool | None, shown: str) -> None:
+        verdict = "-" if value is None else "PASS" if ok else "MISS"
+        print(f"  {what:<46}{'-' if value is None else shown:>10}  {verdict}")
+
+    def rate_ratio(a: str, b: str, size: int) -> float | None:
+        x, y = med(a, size, 20, "rate"), med(b, size, 20, "rate")
+        return None if x is None or y is None else x / y
+
+    def dkim_adds(size: int) -> float | None:
+        x, y = med("relay+dkim", size, 20, "cpu_ms"), med("relay", size, 20, "cpu_ms")
+        return None if x is None or y is None else x - y
+
+    for what, value, limit, above in (
+            ("relay+dkim / postfix+opendkim, 1 KB (>= 2.0x)",
+             rate_ratio("relay+dkim", "postfix+opendkim", 1024), 2.0, True),
+            ("relay+dkim / postfix+opendkim, 100 KB (>= 1.5x)",
+             rate_ratio("relay+dkim", "postfix+opendkim", 100 * 1024), 1.5, True),
+            ("relay / postfix, 1 KB (>= 1.5x)", rate_ratio("relay", "postfix", 1024), 1.5, True),
+            ("relay / postfix, 100 KB (>= 1.5x)",
+             rate_ratio("relay", "postfix", 100 * 1024), 1.5, True),
+            ("DKIM adds, ms CPU per 1 KB message (<= 0.4)", dkim_adds(1024), 0.4, False),
+            ("DKIM adds, ms CPU per 100 KB message (<= 0.8)", dkim_adds(100 * 1024), 0.8, False),
+            ("relay ms CPU per 1 KB message (<= 1.2)", med("relay", 1024, 20, "cpu_ms"), 1.2,
+             False)):
+        ok = None if value is None else value >= limit if above else value <= limit
+        check(what, value, ok, f"{value:.2f}" if value is not None else "-")
+    for name in ("relay", "relay+dkim"):
+        peak = peaks.get(name)
+        check(f"{name} peak memory, MB (< 150)", peak, None if peak is None else peak < 150,
+              f"{peak:.0f}" if peak is not None else "-")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,10 @@ class Metrics:
         self.proxy_bytes = Counter(
             "relay_proxy_bytes", "Bytes spliced by proxy sessions, by listener and direction.",
             ["listener", "direction"], registry=r)
+        self.proxy_splices = Counter(
+            "relay_proxy_splices", "Logged-in proxy sessions by how their bytes move: "
+            "path=kernel (splice(2), neither side TLS) or transport (through asyncio).",
+            ["listener", "path"], registry=r)
         self.proxy_connect_seconds = Histogram(
             "relay_proxy_upstream_connect_seconds",
             "Upstream connect time of proxy sessions, by upstream and stage.",

@@ -119,6 +119,15 @@ class MetricsConfig:
     listen: HostPort = HostPort("127.0.0.1", 9325)
 
 
+# IMAP/POP3 listeners' limits when the config sets none. A contact-center platform opens
+# one proxy session per mailbox, all from one host (a thousand mailboxes from one address
+# is normal), and a logged-in idle session costs about 8 KB and two file descriptors: so
+# ten thousand sessions, any number of them from one address. Failed logins are limited
+# per address by auth_fail_limit instead. (SMTP keeps 200 and 20 per client.)
+PROXY_MAX_CONNECTIONS = 10_000
+PROXY_MAX_CONNECTIONS_PER_CLIENT = 10_000
+
+
 @dataclass(frozen=True, slots=True)
 class ListenerConfig:
     name: str
@@ -134,7 +143,7 @@ class ListenerConfig:
     relay_domains: tuple[str, ...] = ()        # inbound: accept these recipient domains from anyone
     max_message_size: int = 35 * 1024 * 1024
     max_recipients: int = 100
-    max_connections: int = 200
+    max_connections: int = 200                 # imap/pop3 in a config file: PROXY_MAX_...
     max_connections_per_client: int = 20
     command_timeout: float = 300.0
     data_timeout: float = 600.0

@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from relay.config.addresses import AddressSets, expand
 from relay.config.reader import Table, show
 from relay.config.schema import (
+    PROXY_MAX_CONNECTIONS,
+    PROXY_MAX_CONNECTIONS_PER_CLIENT,
     HeaderRule,
     HostPort,
     ListenerConfig,
@@ -212,6 +214,7 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
                                check=is_domain)
     upstream = t.opt_text("upstream")
     spf = t.enum("spf", ("off", "tag", "reject"), default(D, "spf"))
+    proxy = protocol != "smtp"
     cfg = ListenerConfig(
         name=name,
         protocol=cast(Literal["smtp", "imap", "pop3"], protocol),
@@ -226,9 +229,11 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
         relay_domains=tuple(d.lower().rstrip(".") for d in relay_domains),
         max_message_size=size(t, "max_message_size", default(D, "max_message_size")) or 0,
         max_recipients=t.integer("max_recipients", default(D, "max_recipients"), min=1) or 1,
-        max_connections=t.integer("max_connections", default(D, "max_connections"), min=1) or 1,
-        max_connections_per_client=t.integer("max_connections_per_client",
-                                         default(D, "max_connections_per_client"), min=1) or 1,
+        max_connections=t.integer("max_connections", PROXY_MAX_CONNECTIONS if proxy
+                                  else default(D, "max_connections"), min=1) or 1,
+        max_connections_per_client=t.integer(
+            "max_connections_per_client", PROXY_MAX_CONNECTIONS_PER_CLIENT if proxy
+            else default(D, "max_connections_per_client"), min=1) or 1,
         command_timeout=duration(t, "command_timeout", D, min=0.001),
         data_timeout=duration(t, "data_timeout", D, min=0.001),
         auth_fail_limit=t.integer("auth_fail_limit", default(D, "auth_fail_limit"), min=1) or 1,

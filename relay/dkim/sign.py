@@ -1,17 +1,16 @@
 """DKIM signing: relaxed/relaxed, over-signed identity headers, RSA/Ed25519 via cryptography.
 
-Canonicalisation and header selection are dkimpy's (``dkim.canonicalization.Relaxed``,
-``dkim.select_headers``); only the public-key step is done with ``cryptography``, which is
-about twenty times faster than dkimpy's pure-Python RSA. Signing is the last change relay
-makes to a message: the signature headers are prepended and nothing else is touched.
+dkimpy parses the header fields; canonicalisation, header selection and hashing are
+``relay.dkim.canon`` (bytes operations in C, dkimpy's exact results) and the public-key
+step is ``cryptography`` (OpenSSL), about twenty times faster than dkimpy's pure-Python
+RSA. Signing is the last change relay makes to a message: the signature headers are
+prepended and nothing else is touched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
-import re
 import time
 from collections.abc import Callable, Sequence
 from email.utils import getaddresses
@@ -20,14 +19,16 @@ import dkim
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from dkim.canonicalization import Relaxed, correct_empty_body, strip_trailing_lines
 
+from relay.dkim import canon
+from relay.dkim.canon import relaxed_body
 from relay.dkim.keys import DkimKey, DkimKeys, load_keys
 from relay.envelope import Envelope
 from relay.errors import DkimError
 from relay.metrics import Metrics
 
-__all__ = ["OVERSIGNED", "SIGNED_HEADERS", "DkimKeys", "Signer", "from_domain", "load_keys"]
+__all__ = ["OVERSIGNED", "SIGNED_HEADERS", "DkimKeys", "Signer", "from_domain", "load_keys",
+           "relaxed_body"]
 
 # Signed when present, in this order (the issue's list).
 SIGNED_HEADERS: tuple[str, ...] = (
@@ -45,23 +46,6 @@ OVERSIGNED_ABSENT: tuple[str, ...] = ("from", "cc", "subject", "reply-to")
 _PKCS1 = padding.PKCS1v15()
 _PREHASHED = Prehashed(hashes.SHA256())
 _LINE_WIDTH = 76
-
-
-_TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
-_WSP_RUN = re.compile(rb"[\t ]+")
-
-
-def relaxed_body(body: bytes) -> bytes:
-    """RFC 6376 3.4.4 relaxed body canonicalisation of a CRLF body.
-
-    Same result as dkimpy's ``Relaxed.canonicalize_body`` (a property test checks it), but
-    skips the regular expressions when a body has nothing for them to do.
-    """
-    if b" \r\n" in body or b"\t\r\n" in body:
-        body = _TRAILING_WSP.sub(b"\r\n", body)
-    if b"\t" in body or b"  " in body:
-        body = _WSP_RUN.sub(b" ", body)
-    return bytes(correct_empty_body(strip_trailing_lines(body)))
 
 
 def parse(data: bytes) -> tuple[list[list[bytes]], bytes]:
@@ -162,14 +146,14 @@ class Signer:
             raise DkimError(f"no DKIM key for {sender_domain} or a parent domain",
                             hint="add a [[dkim]] key for the domain or do not sign its mail")
         keys = self.keys.for_domain(domain)
-        headers, body = parse(data)
+        head, body = canon.split(data)       # bytes operations; dkimpy parses the head only
+        headers, _ = parse(head)
         first_end = data.find(b"\n")
         linesep = "\r\n" if first_end > 0 and data[first_end - 1:first_end] == b"\r" else "\n"
         include = header_list(headers)
         # select first, canonicalise only what is signed (not every Received line)
-        selected = Relaxed.canonicalize_headers(dkim.select_headers(headers, include))
-        signed = b"".join(n + b":" + v for n, v in selected)
-        bh = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
+        signed = canon.relaxed_headers(canon.select_headers(headers, include))
+        bh = canon.body_hash(body)
         timestamp = int(self._clock())
         out = []
         for key in keys:   # the first configured key ends up on top
@@ -202,8 +186,7 @@ class Signer:
         tail = f"\tbh={bh.decode('ascii')};{linesep}\tb="
         unsigned = head + h + tail
         value = unsigned.split(":", 1)[1].encode("ascii")
-        canon_sig = Relaxed.canonicalize_headers([(b"DKIM-Signature", value)])[0]
-        digest = hashlib.sha256(signed + canon_sig[0] + b":" + canon_sig[1].rstrip()).digest()
+        digest = canon.header_digest(signed, b"DKIM-Signature", value)
         if isinstance(key.private, ed25519.Ed25519PrivateKey):
             sig = key.private.sign(digest)       # RFC 8463: Ed25519 over the SHA-256 digest
         else:

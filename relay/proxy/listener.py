@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 import socket
 from collections.abc import Callable
 
 from relay.config.schema import ListenerConfig, UpstreamConfig
-from relay.connlimits import ConnectionCounter
+from relay.connlimits import ConnectionCounter, descriptors_for
 from relay.errors import ConfigError
 from relay.metrics import Metrics
 from relay.proxy.pump import Channel
@@ -91,7 +90,7 @@ class ProxyListener:
                               line=cfg.line or None,
                               hint="another process may use the port, or binding below "
                                    "1024 needs CAP_NET_BIND_SERVICE") from exc
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        soft = descriptors_for(2 * cfg.max_connections + 64)
         if cfg.max_connections and soft < 2 * cfg.max_connections + 64:
             log.warning("listener %s: max_connections = %d needs about %d file descriptors "
                         "(two per session) but the limit is %d\n  hint: raise LimitNOFILE "

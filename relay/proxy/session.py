@@ -271,6 +271,9 @@ class ProxySession:
         if self.spliced is None:
             self.spliced = TransportSplice(self.client, result.channel, to_upstream=leftover,
                                            watch=self.watch)
+        if ctx.metrics is not None:
+            path = "kernel" if isinstance(self.spliced, zerocopy.KernelSplice) else "transport"
+            ctx.metrics.proxy_splices.labels(ctx.listener.name, path).inc()
         if self.reconnecting:                # the way changed while this one logged in
             self.reconnect(self.reconnecting)
         return None

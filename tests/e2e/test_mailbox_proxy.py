@@ -14,7 +14,7 @@ import pytest
 
 from tests.peers import free_port
 from tests.peers.dovecot import Dovecot, dovecot
-from tests.peers.relayproc import ROOT, Relay
+from tests.peers.relayproc import ROOT, Relay, sample, scrape
 
 MESSAGE = (b"From: customer@example.net\r\nTo: support@example.com\r\n"
            b"Subject: where is my order\r\nMessage-ID: <q1@example.net>\r\n\r\nhello\r\n")
@@ -146,3 +146,54 @@ def test_platform_reads_its_mailbox_through_relay_with_its_own_password(
             m.logout()
     finally:
         relay.stop()
+
+
+def test_shipped_defaults_splice_plain_sessions_in_the_kernel(tmp_path: Path) -> None:
+    """A config that sets no limits or buffers: plain TCP both legs takes splice(2), and one
+    client address holds more sessions than the old per-client cap of 20 (one per mailbox)."""
+    with dovecot(users={"support": "provider-secret"}, tls=False) as d:
+        d.deliver("support", MESSAGE)
+        imap, metrics = free_port(), free_port()
+        relay = Relay(tmp_path, f"""[relay]
+hostname = "relay.test"
+spool = "{tmp_path / 'spool'}"
+
+[metrics]
+listen = "127.0.0.1:{metrics}"
+
+[[listener]]
+name = "mailbox"
+protocol = "imap"
+listen = "127.0.0.1:{imap}"
+allow_plaintext_auth = true
+upstream = "provider"
+
+[[upstream]]
+name = "provider"
+protocol = "imap"
+host = "127.0.0.1"
+port = {d.imap}
+tls = "none"
+auth = "passthrough"
+""")
+        try:
+            relay.start(imap, metrics)
+            sessions = []
+            for _ in range(30):
+                m = imaplib.IMAP4("127.0.0.1", imap, timeout=30)
+                m.login("support", "provider-secret")
+                sessions.append(m)
+            assert sessions[-1].select("INBOX")[0] == "OK"
+            typ, msg = sessions[-1].fetch("1", "(BODY.PEEK[])")
+            assert typ == "OK" and msg[0][1] == MESSAGE
+            for m in sessions:
+                assert m.noop()[0] == "OK"
+                m.logout()
+            text = scrape(metrics)
+            assert sample(text, "relay_proxy_splices_total", listener="mailbox",
+                          path="kernel") == 30
+            assert sample(text, "relay_proxy_splices_total", listener="mailbox",
+                          path="transport") == 0
+            relay.wait_log(r"proxy session listener=mailbox .*splice=kernel end=", count=30)
+        finally:
+            relay.stop()

@@ -28,6 +28,7 @@ def populate(m: Metrics) -> None:
     m.proxy_sessions_total.labels("imap").inc()
     m.proxy_login_failures.labels("imap", "bad_credentials").inc()
     m.proxy_bytes.labels("imap", "upstream").inc(1234)
+    m.proxy_splices.labels("imap", "kernel").inc()
     m.proxy_connect_seconds.labels("o365-imap", "connect").observe(0.3)
     m.proxy_upstream_change.labels("imap", "reconnected").inc()
     m.dkim_signatures.labels("example.com", "signed").inc()

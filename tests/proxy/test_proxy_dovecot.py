@@ -270,6 +270,9 @@ async def test_50_mb_message_fetched_intact(dc: Dovecot, relay_cert: tuple,
             return body
         got = await asyncio.to_thread(client)
         await until(lambda: r.listener.session_count == 0)
+        other = {"kernel": "transport", "transport": "kernel"}[path]
+        assert r.metric("relay_proxy_splices_total", {"listener": "imap-in", "path": path}) == 1
+        assert not r.metric("relay_proxy_splices_total", {"listener": "imap-in", "path": other})
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(sent).hexdigest()
     (line,) = [rec.getMessage() for rec in caplog.records if "proxy session" in rec.getMessage()]
     assert f"splice={path}" in line

@@ -13,6 +13,7 @@ import pytest
 from relay.config.schema import Secret, TokenSourceConfig
 from relay.oauth.tokens import TokenSources
 from relay.transports.factory import Transports
+from tests.peers import wait_until
 from tests.peers.dovecot import Dovecot, Introspection, dovecot, introspection_server
 from tests.peers.token_server import TokenServer, token_server
 from tests.proxy.conftest import run_proxy
@@ -79,7 +80,8 @@ async def test_token_from_endpoint_validated_by_dovecot_introspection(
         assert await asyncio.to_thread(client) == sent
     assert len(tokens.issued) == 1 and len(tokens.requests) == 1
     assert tokens.issued[0] in introspect.requests
-    assert "user=<carol>, method=XOAUTH2" in odc.log_text()
+    # Dovecot's log process writes the line a moment after the login: wait for it.
+    await asyncio.to_thread(wait_until, lambda: "user=<carol>, method=XOAUTH2" in odc.log_text())
 
 
 async def test_token_the_provider_does_not_vouch_for(odc: Dovecot, introspect: Introspection,
