@@ -34,6 +34,12 @@ def populate(m: Metrics) -> None:
     m.oauth_token_expiry.labels("o365").set(3000)
     m.tls_cert_expiry.labels("platform").set(2e9)
     m.record_reload(success=True, now=1700000000.0)
+    m.declare_hostile("platform", "smtp")
+    m.connections_refused.labels("platform", "reserve").inc()
+    m.sessions_closed.labels("platform", "junk").inc()
+    m.auth_lockouts.labels("smtp", "account").inc()
+    m.accept_errors.labels("platform", "descriptors").inc()
+    m.tls_handshake_failures.labels("platform", "timeout").inc()
 
 
 async def http(port: int, request: bytes, *, host: str = "127.0.0.1",
