@@ -33,6 +33,7 @@ from relay.smtp.listener import SmtpListener
 from relay.spool.records import QueuedMessage
 from relay.spool.store import Spool
 from relay.tasks import Background
+from relay.throttle import FailureThrottle
 from relay.tls import server_context
 
 log = logging.getLogger("relay.listenproc")
@@ -49,6 +50,7 @@ class ListenerProcess:
         self.config: Config | None = None
         self.spool: Spool | None = None
         self.listeners: dict[str, tuple[int, SmtpListener]] = {}
+        self.accounts: FailureThrottle | None = None      # one for every listener here
         self._lock_fd: int | None = None
         self._configure_lock = asyncio.Lock()
         self._done = asyncio.Event()
@@ -97,6 +99,10 @@ class ListenerProcess:
             self._hold_lock(config)
         # Build and check everything first: an error leaves the running listeners alone.
         side = build_listeners(config, spool=self.spool, metrics=self.metrics, smtp_only=True)
+        if self.accounts is None:
+            self.accounts = FailureThrottle.for_accounts(
+                limit=config.relay.account_fail_limit,
+                window=config.relay.account_fail_window, metrics=self.metrics)
         hostname = config.relay.hostname
         for lp in side.listeners.values():
             if lp.cfg.tls != "none":
@@ -111,7 +117,8 @@ class ListenerProcess:
             assert lp.accept is not None
             fresh[name] = (token, SmtpListener(
                 lp.cfg, hostname=hostname, accept=lp.accept, maillog=self.maillog,
-                checks=lp.checks, users=lp.users, metrics=self.metrics))
+                checks=lp.checks, users=lp.users, metrics=self.metrics,
+                accounts=self.accounts))
         # Commit.
         for name, lp in side.listeners.items():
             if name not in fresh:
@@ -129,6 +136,8 @@ class ListenerProcess:
             await listener.start(socks)
             self.listeners[name] = (token, listener)
         self.config = config
+        self.accounts.configure(limit=config.relay.account_fail_limit,
+                                window=config.relay.account_fail_window)
         self.metrics.declare(listeners=list(side.listeners))
 
     def _hold_lock(self, config: Config) -> None:

@@ -40,6 +40,7 @@ from relay.proxy.listener import ProxyListener
 from relay.smtp.listener import SmtpListener
 from relay.spool.store import Spool
 from relay.tasks import Background
+from relay.throttle import FailureThrottle
 from relay.transports.factory import Transports
 
 log = logging.getLogger("relay")
@@ -68,6 +69,10 @@ class App:
         self.transports = Transports(config.proxies)
         self.tokens = TokenSources(config.token_sources, transports=self.transports,
                                    metrics=self.metrics)
+        # One per-account login throttle for every listener of this process.
+        self.accounts = FailureThrottle.for_accounts(
+            limit=config.relay.account_fail_limit, window=config.relay.account_fail_window,
+            metrics=self.metrics)
         self.parts: Components | None = None
         self.scheduler: Scheduler | None = None
         self.listeners: dict[str, Listener] = {}      # in this process
@@ -151,12 +156,13 @@ class App:
             assert lp.accept is not None
             return SmtpListener(lp.cfg, hostname=cfg.relay.hostname, accept=lp.accept,
                                 maillog=self.maillog, checks=lp.checks, users=lp.users,
-                                metrics=self.metrics)
+                                metrics=self.metrics, accounts=self.accounts)
         assert lp.authenticator is not None and lp.cfg.upstream is not None
         return ProxyListener(lp.cfg, upstream=cfg.upstream(lp.cfg.upstream),
                              authenticator=lp.authenticator,
                              transport_for=self.transports.for_upstream,
-                             token_for=self.tokens.token, metrics=self.metrics)
+                             token_for=self.tokens.token, metrics=self.metrics,
+                             accounts=self.accounts)
 
     def _write_pid(self, cfg: Config) -> None:
         path = pid_file(cfg)
