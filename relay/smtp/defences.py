@@ -157,8 +157,8 @@ class DefendedSession(AiosmtpdSession):
     async def on_unknown_command(self, verb: str, arg: str | None) -> None:
         if http_request(verb, arg):
             self._not_smtp("an HTTP request")
-        elif not verb.isalpha():
-            self._not_smtp("a line that is no command")
+        elif not verb.isprintable():
+            self._not_smtp("a command with control characters")
         elif not await self.junk_command():
             await self.push(f'500 5.5.2 Error: command "{verb[:16]}" not recognized')
 
