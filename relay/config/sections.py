@@ -330,10 +330,10 @@ def everywhere(allow: tuple[Network, ...]) -> str | None:
     v4 += [ipaddress.IPv4Network("0.0.0.0/0") for n in allow
            if n.version == 6 and mapped.subnet_of(n)]
     v6 = [n for n in allow if n.version == 6]
-    if any(n.prefixlen == 0 for n in ipaddress.collapse_addresses(v4)):
-        return "IPv4"
     if any(n.prefixlen == 0 for n in ipaddress.collapse_addresses(v6)):
         return "IPv6"
+    if any(n.prefixlen == 0 for n in ipaddress.collapse_addresses(v4)):
+        return "IPv4"
     return None
 
 
