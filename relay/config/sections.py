@@ -324,17 +324,16 @@ def _listener_rules(t: Table, cfg: ListenerConfig) -> None:
 
 
 def everywhere(allow: tuple[Network, ...]) -> str | None:
-    """The address family (``"IPv4"``/``"IPv6"``) whose every address ``allow`` covers."""
+    """The address families (``"IPv4"``, ``"IPv6"``, ``"IPv4 and IPv6"``) whose every
+    address ``allow`` covers, or None."""
     v4 = [n for n in allow if n.version == 4]
     mapped = ipaddress.IPv6Network("::ffff:0:0/96")
     v4 += [ipaddress.IPv4Network("0.0.0.0/0") for n in allow
            if n.version == 6 and mapped.subnet_of(n)]
     v6 = [n for n in allow if n.version == 6]
-    if any(n.prefixlen == 0 for n in ipaddress.collapse_addresses(v6)):
-        return "IPv6"
-    if any(n.prefixlen == 0 for n in ipaddress.collapse_addresses(v4)):
-        return "IPv4"
-    return None
+    families = [name for name, nets in (("IPv4", v4), ("IPv6", v6))
+                if any(n.prefixlen == 0 for n in ipaddress.collapse_addresses(nets))]
+    return " and ".join(families) or None
 
 
 def _open_relay(t: Table, cfg: ListenerConfig) -> None:

@@ -49,7 +49,7 @@ CASES = [
     # -- an open relay by accident ---------------------------------------------------------
     Bad("allow_every_ipv4", smtp('allow = ["0.0.0.0/0"]'), "would be an open relay",
         "listener[0].allow", "allow ="),
-    Bad("allow_every_ipv6", smtp('allow = ["::/0"]'), "every IPv6 address", "listener[0].allow",
+    Bad("allow_every_ipv6", smtp('allow = ["::/0"]'), "IPv6 address", "listener[0].allow",
         "allow ="),
     Bad("allow_two_halves_of_ipv4", smtp('allow = ["0.0.0.0/1", "128.0.0.0/1"]'),
         "would be an open relay", "listener[0].allow", "allow ="),
