@@ -63,7 +63,8 @@ class ListenerProcess:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._signalled)
-        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):   # the main process's
+            loop.add_signal_handler(sig, lambda: None)
         await self._done.wait()
         self.rpc.close()
         if self.spool is not None:

@@ -55,6 +55,11 @@ def control_path(config: Config) -> Path:
     return config.relay.control_socket or config.relay.spool / "control.sock"
 
 
+# Signals whose default action would end the process, which relay does not use: ignored
+# with a log line (scripts written for other daemons send USR1/USR2 to reopen logs).
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
 class App:
     """One running relay process."""
 
@@ -292,6 +297,8 @@ class App:
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload(), "reload"))
+        for sig in IGNORED_SIGNALS:            # a stray kill -USR1 must not stop the mail
+            loop.add_signal_handler(sig, self._ignored, sig)
         try:
             await self.start()
         except BaseException:
@@ -299,6 +306,10 @@ class App:
             raise
         await self._stop.wait()
         await self.drain()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *IGNORED_SIGNALS):
             loop.remove_signal_handler(sig)
         return 0
+
+    def _ignored(self, sig: signal.Signals) -> None:
+        log.warning("received %s and ignored it: SIGHUP reloads the config, SIGTERM stops "
+                    "relay", sig.name)
