@@ -138,6 +138,7 @@ PROTOCOL = Protocol(kind="imap", greeting="* OK [CAPABILITY", refused="* BYE",
                     in_sync=(b"z NOOP\r\n", "z OK NOOP completed."))
 
 
+@pytest.mark.fast
 def test_the_catalogue_is_plenty() -> None:
     assert len(CASES) >= 25 and len({c.name for c in CASES}) == len(CASES)
 

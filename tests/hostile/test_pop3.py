@@ -134,6 +134,7 @@ PROTOCOL = Protocol(kind="pop3", greeting="+OK relay ready.", refused="-ERR",
                     in_sync=(b"NOOP\r\n", "-ERR Command not allowed before login."))
 
 
+@pytest.mark.fast
 def test_the_catalogue_is_plenty() -> None:
     assert len(CASES) >= 25 and len({c.name for c in CASES}) == len(CASES)
 

@@ -148,6 +148,7 @@ def outbox(work: Path) -> list[Path]:
     return sorted(box.glob("*.eml")) if box.exists() else []
 
 
+@pytest.mark.fast
 def test_the_catalogue_is_plenty() -> None:
     assert len(CASES) >= 12 and len({c.name for c in CASES}) == len(CASES)
 

@@ -204,6 +204,7 @@ def protocol(tls: Callable[[], object] | None = None) -> Protocol:
                     in_sync=(b"NOOP\r\n", "250 2.0.0 OK"), tls=tls)  # type: ignore[arg-type]
 
 
+@pytest.mark.fast
 def test_the_catalogue_is_plenty() -> None:
     assert len(CASES) >= 45 and len({c.name for c in CASES}) == len(CASES)
 

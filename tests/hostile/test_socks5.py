@@ -126,6 +126,7 @@ class BadSocksServer:
         return head + rest + addr + await reader.readexactly(2)
 
 
+@pytest.mark.fast
 def test_the_catalogue_is_plenty() -> None:
     assert len(CASES) >= 20 and len({c.name for c in CASES}) == len(CASES)
 
