@@ -5,6 +5,7 @@ while relay runs in the test's event loop). Clients are named; ``c`` is opened a
 start from 127.0.0.1 unless the case opens its own. Steps:
 
 - ``Open(name, source)``: connect from a loopback address, read the greeting (``expect``);
+  ``Connect(name, source)``: connect only (an implicit-TLS port greets after TLS);
 - ``Send(data)`` / ``Trickle(data, every)``: bytes at once, or one byte at a time (stops
   quietly when relay hangs up, which is what trickle cases check);
 - ``Expect(prefix, times=1)``: the next reply (SMTP: a whole multi-line reply; IMAP and
@@ -37,6 +38,14 @@ class Open:
     name: str
     source: str = "127.0.0.1"
     expect: str = ""                    # the greeting's prefix ("" = protocol default)
+
+
+@dataclass(frozen=True)
+class Connect:
+    """Connect without waiting for a greeting (implicit TLS: the server waits for us)."""
+
+    name: str = "c"
+    source: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,7 @@ class Admitted:
     refused: str
 
 
-Step = Open | Send | Trickle | Expect | ExpectSome | Closed | StartTls | Flood | Admitted
+Step = Open | Connect | Send | Trickle | Expect | ExpectSome | Closed | StartTls | Flood | Admitted
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,7 @@ class Case:
     opts: dict[str, Any] = field(default_factory=dict)   # listener settings for the case
     stored: int = 0                                       # messages relay must have stored
     open_c: bool = True                                   # open client "c" first
+    log: str = ""                                         # text relay must have logged
 
 
 class PeerClosed(Exception):
@@ -256,6 +266,8 @@ def _step(step: Step, clients: dict[str, LineClient], flood: list[LineClient],
           facts: dict[str, Any], port: int, proto: Protocol) -> None:
     if isinstance(step, Open):
         _open(clients, step.name, step.source, step.expect, port, proto)
+    elif isinstance(step, Connect):
+        clients[step.name] = LineClient(port, kind=proto.kind, source=step.source)
     elif isinstance(step, Send):
         clients[step.to].send(step.data)
     elif isinstance(step, Trickle):

@@ -16,6 +16,7 @@ import pytest
 from tests.hostile.conftest import AGENT, StartProxy
 from tests.hostile.harness import (
     Case,
+    Connect,
     Expect,
     ExpectSome,
     Open,
@@ -106,15 +107,20 @@ CASES = [
          opts=STARTTLS),
     Case("starttls_then_garbage", (Send(b"a STARTTLS\r\n"), Expect("a OK Begin TLS"),
                                    Send(b"\x16\x03\x01\x00\x05hello" + b"x" * 100)),
-         end="closed", opts=STARTTLS),
+         end="closed", opts=STARTTLS, log="TLS handshake with 127.0.0.1 failed"),
     Case("starttls_stalled", (Send(b"a STARTTLS\r\n"), Expect("a OK Begin TLS")),
-         end="closed", opts={**STARTTLS, "tls_handshake_timeout": 0.5}),
+         end="closed", opts={**STARTTLS, "tls_handshake_timeout": 0.5},
+         log="did not finish within"),
     Case("starttls_injection_is_dropped", (Send(b"a STARTTLS\r\n" + LOGIN.replace(b"a ", b"b ")),
                                            Expect("a OK Begin TLS"), StartTls()),
          opts=STARTTLS),
     Case("starttls_twice", (Send(b"a STARTTLS\r\n"), Expect("a OK Begin TLS"), StartTls(),
                             Send(b"b STARTTLS\r\n"), Expect("b BAD TLS is already active.")),
          opts=STARTTLS),
+    Case("implicit_tls_stalled", (Connect(),), end="closed", open_c=False,
+         opts={"tls": "implicit", "tls_handshake_timeout": 0.5}, log="did not finish within"),
+    Case("implicit_tls_garbage", (Connect(), Send(b"a LOGIN x y\r\n" * 50)), end="closed",
+         open_c=False, opts={"tls": "implicit"}, log="TLS handshake with 127.0.0.1 failed"),
     # -- wrong passwords ----------------------------------------------------------------------
     Case("wrong_password_until_refused",
          (*[s for _ in range(4) for s in (Send(b"a LOGIN agent wrong\r\n"),
@@ -145,10 +151,13 @@ def test_the_catalogue_is_plenty() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 async def test_hostile_imap(case: Case, proxy_relay: StartProxy,
-                            errors: Callable[[], list[str]]) -> None:
+                            errors: Callable[[], list[str]],
+                            caplog: pytest.LogCaptureFixture) -> None:
     relay = await proxy_relay("imap", **case.opts)
     proto = Protocol(**{**PROTOCOL.__dict__, "tls": relay.tls})
     await run(play, case, relay.port, proto)
     assert relay.transport.connects == case.stored, "relay reached the provider"
     await until(lambda: relay.listener.session_count == 0)    # every session ended
     assert errors() == []
+    if case.log:
+        await until(lambda: any(case.log in r.getMessage() for r in caplog.records))

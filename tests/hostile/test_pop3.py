@@ -16,6 +16,7 @@ import pytest
 from tests.hostile.conftest import AGENT, StartProxy
 from tests.hostile.harness import (
     Case,
+    Connect,
     Expect,
     ExpectSome,
     Open,
@@ -106,11 +107,16 @@ CASES = [
          opts=STLS),
     Case("stls_then_garbage", (Send(b"STLS\r\n"), Expect("+OK Begin TLS"),
                                Send(b"\x16\x03\x01\x00\x05hello" + b"x" * 100)),
-         end="closed", opts=STLS),
+         end="closed", opts=STLS, log="TLS handshake with 127.0.0.1 failed"),
     Case("stls_stalled", (Send(b"STLS\r\n"), Expect("+OK Begin TLS")), end="closed",
-         opts={**STLS, "tls_handshake_timeout": 0.5}),
+         opts={**STLS, "tls_handshake_timeout": 0.5},
+         log="did not finish within"),
     Case("stls_injection_is_dropped", (Send(b"STLS\r\n" + LOGIN), Expect("+OK Begin TLS"),
                                        StartTls()), opts=STLS),
+    Case("implicit_tls_stalled", (Connect(),), end="closed", open_c=False,
+         opts={"tls": "implicit", "tls_handshake_timeout": 0.5}, log="did not finish within"),
+    Case("implicit_tls_garbage", (Connect(), Send(b"a LOGIN x y\r\n" * 50)), end="closed",
+         open_c=False, opts={"tls": "implicit"}, log="TLS handshake with 127.0.0.1 failed"),
     # -- wrong passwords ----------------------------------------------------------------------
     Case("wrong_password_until_refused",
          (*[s for _ in range(4) for s in (Send(b"USER agent\r\nPASS wrong\r\n"), Expect("+OK"),
@@ -141,10 +147,13 @@ def test_the_catalogue_is_plenty() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 async def test_hostile_pop3(case: Case, proxy_relay: StartProxy,
-                            errors: Callable[[], list[str]]) -> None:
+                            errors: Callable[[], list[str]],
+                            caplog: pytest.LogCaptureFixture) -> None:
     relay = await proxy_relay("pop3", **case.opts)
     proto = Protocol(**{**PROTOCOL.__dict__, "tls": relay.tls})
     await run(play, case, relay.port, proto)
     assert relay.transport.connects == case.stored, "relay reached the provider"
     await until(lambda: relay.listener.session_count == 0)    # every session ended
     assert errors() == []
+    if case.log:
+        await until(lambda: any(case.log in r.getMessage() for r in caplog.records))

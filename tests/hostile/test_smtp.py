@@ -19,6 +19,7 @@ from tests.hostile.conftest import PASSWORD, StartSmtp
 from tests.hostile.harness import (
     Admitted,
     Case,
+    Connect,
     Expect,
     ExpectSome,
     Flood,
@@ -171,12 +172,16 @@ CASES = [
     # -- TLS ------------------------------------------------------------------------------------
     Case("starttls_then_garbage", (*EHLO, Send(b"STARTTLS\r\n"), Expect("220"),
                                    Send(b"\x16\x03\x01\x00\x05hello" + b"x" * 100)),
-         end="closed"),
+         end="closed", log="TLS handshake with 127.0.0.1 failed"),
     Case("starttls_stalled_past_the_handshake_deadline",
          (*EHLO, Send(b"STARTTLS\r\n"), Expect("220")), end="closed",
-         opts={"tls_handshake_timeout": 0.5}),
+         opts={"tls_handshake_timeout": 0.5}, log="did not finish within"),
     Case("starttls_injection_is_dropped", (*EHLO, Send(b"STARTTLS\r\nRSET\r\n"), Expect("220"),
                                            StartTls(), Send(b"EHLO x\r\n"), Expect("250"))),
+    Case("implicit_tls_stalled", (Connect(),), end="closed", open_c=False,
+         opts={"tls": "implicit", "tls_handshake_timeout": 0.5}, log="did not finish within"),
+    Case("implicit_tls_garbage", (Connect(), Send(b"EHLO x\r\n" * 50)), end="closed",
+         open_c=False, opts={"tls": "implicit"}, log="TLS handshake with 127.0.0.1 failed"),
     Case("starttls_twice", (*EHLO, Send(b"STARTTLS\r\n"), Expect("220"), StartTls(), *EHLO,
                             Send(b"STARTTLS\r\n"), Expect("503 5.5.1"))),
     # -- connection slots ---------------------------------------------------------------------
@@ -211,17 +216,25 @@ def test_the_catalogue_is_plenty() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 async def test_hostile_smtp(case: Case, smtp_relay: StartSmtp,
-                            errors: Callable[[], list[str]]) -> None:
+                            errors: Callable[[], list[str]],
+                            caplog: pytest.LogCaptureFixture) -> None:
     relay = await smtp_relay(**case.opts)
     if case.name.startswith("slow_sessions") or case.name.startswith("connection_rate"):
         assert os.sysconf("SC_OPEN_MAX") > 1000
     await run(play, case, relay.port, protocol(relay.tls))
     assert len(relay.recorder.messages) == case.stored, "relay stored what it must not"
     assert errors() == []
+    if case.log:
+        await run(lambda: _wait_log(caplog, case.log))
     if case.end == "closed" and not case.name.startswith(("slow_sessions", "connection_rate",
                                                           "ipv4_prefix")):
         # a session closed on purpose gives its slot back
         await run(lambda: _wait_gauge(relay, 0.0))
+
+
+def _wait_log(caplog: pytest.LogCaptureFixture, text: str) -> None:
+    from tests.peers import wait_until
+    wait_until(lambda: any(text in r.getMessage() for r in caplog.records), timeout=10)
 
 
 def _wait_gauge(relay: object, value: float) -> None:
