@@ -114,14 +114,15 @@ class AcceptLoop:
             self._loops.append(loop.create_task(self._serve(sock), name=f"accept {self.name}"))
 
     def close(self) -> None:
-        """Stop accepting and close the listening sockets (sessions carry on)."""
-        for task in self._loops:
+        """Stop accepting and close the listening sockets. Sessions carry on; clients
+        still in their TLS handshake are dropped (they had not started a session)."""
+        for task in [*self._loops, *self._handshakes]:
             task.cancel()
         for sock in self.sockets:
             sock.close()
 
     async def wait_closed(self) -> None:
-        """Wait for the accept loops to end and handshakes in progress to finish."""
+        """Wait for the accept loops and the dropped handshakes to end."""
         pending = [*self._loops, *self._handshakes]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)

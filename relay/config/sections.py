@@ -331,8 +331,11 @@ def everywhere(allow: tuple[Network, ...]) -> str | None:
     v4 += [ipaddress.IPv4Network("0.0.0.0/0") for n in allow
            if n.version == 6 and mapped.subnet_of(n)]
     v6 = [n for n in allow if n.version == 6]
-    families = [name for name, nets in (("IPv4", v4), ("IPv6", v6))
-                if any(n.prefixlen == 0 for n in ipaddress.collapse_addresses(nets))]
+    families = []
+    if any(n.prefixlen == 0 for n in ipaddress.collapse_addresses(v4)):
+        families.append("IPv4")
+    if any(n.prefixlen == 0 for n in ipaddress.collapse_addresses(v6)):
+        families.append("IPv6")
     return " and ".join(families) or None
 
 
