@@ -133,7 +133,8 @@ CASES = [
              "a NO [AUTHENTICATIONFAILED]" if n < 5 else "a NO [UNAVAILABLE] Too many failed "
              "logins for this account", on=f"g{n}"))],
           *guess(9, "127.0.0.9", PASSWORD),
-          Expect("a NO [UNAVAILABLE] Too many failed logins for this account", on="g9"))),
+          Expect("a NO [UNAVAILABLE] Too many failed logins for this account", on="g9")),
+         log='account "agent" reached 5 failed logins'),
     # -- the control: a good login does reach the provider ------------------------------------
     Case("good_login_reaches_the_provider", (Send(LOGIN), ExpectSome("*", then="a OK"),
                                              Send(b"z LOGOUT\r\n"), ExpectSome("*", "z OK")),
@@ -159,5 +160,6 @@ async def test_hostile_imap(case: Case, proxy_relay: StartProxy,
     assert relay.transport.connects == case.stored, "relay reached the provider"
     await until(lambda: relay.listener.session_count == 0)    # every session ended
     assert errors() == []
+    assert not any(PASSWORD in r.getMessage() for r in caplog.records), "a password was logged"
     if case.log:
         await until(lambda: any(case.log in r.getMessage() for r in caplog.records))

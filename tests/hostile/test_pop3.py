@@ -129,7 +129,8 @@ CASES = [
              "-ERR [AUTH]" if n < 5 else "-ERR [SYS/TEMP] Too many failed logins for this "
              "account", on=f"g{n}"))],
           *guess(9, "127.0.0.9", PASSWORD),
-          Expect("-ERR [SYS/TEMP] Too many failed logins for this account", on="g9"))),
+          Expect("-ERR [SYS/TEMP] Too many failed logins for this account", on="g9")),
+         log='account "agent" reached 5 failed logins'),
     # -- the control: a good login does reach the provider ------------------------------------
     Case("good_login_reaches_the_provider", (Send(LOGIN), Expect("+OK"), Expect("+OK Logged in"),
                                              Send(b"QUIT\r\n"), Expect("+OK")),
@@ -155,5 +156,6 @@ async def test_hostile_pop3(case: Case, proxy_relay: StartProxy,
     assert relay.transport.connects == case.stored, "relay reached the provider"
     await until(lambda: relay.listener.session_count == 0)    # every session ended
     assert errors() == []
+    assert not any(PASSWORD in r.getMessage() for r in caplog.records), "a password was logged"
     if case.log:
         await until(lambda: any(case.log in r.getMessage() for r in caplog.records))

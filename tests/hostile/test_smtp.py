@@ -168,7 +168,7 @@ CASES = [
           *guess(9, "127.0.0.9", PASSWORD), Expect("454 4.7.0", on="g9"),
           Send(b"AUTH PLAIN " + plain("bob", "bobpw") + b"\r\n", to="g9"),
           Expect("235", on="g9")),
-         opts=PLAINTEXT_AUTH),
+         opts=PLAINTEXT_AUTH, log='account "alice" reached 5 failed logins'),
     # -- TLS ------------------------------------------------------------------------------------
     Case("starttls_then_garbage", (*EHLO, Send(b"STARTTLS\r\n"), Expect("220"),
                                    Send(b"\x16\x03\x01\x00\x05hello" + b"x" * 100)),
@@ -224,6 +224,7 @@ async def test_hostile_smtp(case: Case, smtp_relay: StartSmtp,
     await run(play, case, relay.port, protocol(relay.tls))
     assert len(relay.recorder.messages) == case.stored, "relay stored what it must not"
     assert errors() == []
+    assert not any(PASSWORD in r.getMessage() for r in caplog.records), "a password was logged"
     if case.log:
         await run(lambda: _wait_log(caplog, case.log))
     if case.end == "closed" and not case.name.startswith(("slow_sessions", "connection_rate",
