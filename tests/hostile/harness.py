@@ -56,12 +56,13 @@ class Send:
 
 @dataclass(frozen=True)
 class Trickle:
-    """One byte every ``every`` seconds; ``cut``: relay must hang up before the last."""
+    """``size`` bytes every ``every`` seconds; ``cut``: relay must hang up before the last."""
 
     data: bytes
     every: float
     to: str = "c"
     cut: bool = False
+    size: int = 1
 
 
 @dataclass(frozen=True)
@@ -140,11 +141,11 @@ class LineClient:
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise PeerClosed from exc
 
-    def trickle(self, data: bytes, every: float) -> bool:
-        """One byte at a time; False once relay has closed the connection."""
-        for i in range(len(data)):
+    def trickle(self, data: bytes, every: float, size: int = 1) -> bool:
+        """``size`` bytes at a time; False once relay has closed the connection."""
+        for i in range(0, len(data), size):
             try:
-                self.sock.sendall(data[i:i + 1])
+                self.sock.sendall(data[i:i + size])
             except (BrokenPipeError, ConnectionResetError):
                 return False
             if self._eof_waiting(every):
@@ -272,7 +273,7 @@ def _step(step: Step, clients: dict[str, LineClient], flood: list[LineClient],
         clients[step.to].send(step.data)
     elif isinstance(step, Trickle):
         started = time.monotonic()
-        complete = clients[step.to].trickle(step.data, step.every)
+        complete = clients[step.to].trickle(step.data, step.every, step.size)
         facts["trickle_seconds"] = time.monotonic() - started
         assert not (step.cut and complete), \
             f"relay let all {len(step.data)} bytes trickle in ({facts['trickle_seconds']:.1f} s)"
