@@ -15,6 +15,10 @@ failures from any address slow the replies for that account the same way, and at
 limit logins to the account are refused for its window, whoever tries, the right
 password included (it is not even checked). The start of each lockout is one WARNING
 line naming the account or network (never a password) and ``relay_auth_lockouts_total``.
+Across processes (SMTP listener processes and the main process with the IMAP/POP3
+proxy), a listener process keeps a quiet replica that forwards each failure
+(``on_failure``) to the main process's throttle, which counts them with its own and
+tells every listener process of each lockout (``on_lock`` → ``lock``).
 Memory is bounded: the least recently failing clients (or accounts) are forgotten first.
 """
 
@@ -69,7 +73,9 @@ class FailureThrottle:
                  clock: Callable[[], float] = time.monotonic,
                  key: Callable[[str], str] = client_key, scope: str = "network",
                  accounts: FailureThrottle | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, quiet: bool = False,
+                 on_failure: Callable[[str, str, str, str], None] | None = None,
+                 on_lock: Callable[[str, float], None] | None = None) -> None:
         self.limit = limit
         self.window = window
         self.base_delay = base_delay
@@ -77,6 +83,9 @@ class FailureThrottle:
         self.scope = scope
         self.accounts = accounts
         self.metrics = metrics
+        self.quiet = quiet                  # a replica: the main process logs and counts
+        self.on_failure = on_failure        # (name, client, listener, protocol) of each one
+        self.on_lock = on_lock              # (name, seconds) when a lockout starts here
         self._key = key
         self._max_tracked = max_tracked
         self._clock = clock
@@ -86,14 +95,17 @@ class FailureThrottle:
     @classmethod
     def for_accounts(cls, *, limit: int, window: float, base_delay: float = 1.0,
                      max_delay: float = 8.0, clock: Callable[[], float] = time.monotonic,
-                     metrics: Metrics | None = None) -> FailureThrottle:
+                     metrics: Metrics | None = None, quiet: bool = False,
+                     on_failure: Callable[[str, str, str, str], None] | None = None,
+                     on_lock: Callable[[str, float], None] | None = None) -> FailureThrottle:
         """The per-account throttle that every listener of a process shares."""
-        if metrics is not None:
+        if metrics is not None and not quiet:
             for protocol in ("smtp", "imap", "pop3"):
                 for scope in ("network", "account"):
                     metrics.auth_lockouts.labels(protocol, scope)
         return cls(limit=limit, window=window, base_delay=base_delay, max_delay=max_delay,
-                   clock=clock, key=account_key, scope="account", metrics=metrics)
+                   clock=clock, key=account_key, scope="account", metrics=metrics,
+                   quiet=quiet, on_failure=on_failure, on_lock=on_lock)
 
     def configure(self, *, limit: int, window: float,
                   key: Callable[[str], str] | None = None) -> None:
@@ -142,8 +154,26 @@ class FailureThrottle:
             delay, refused = max(delay, more), refused or locked
         return delay, refused
 
+    def failed_elsewhere(self, name: str, client: str, listener: str,
+                         protocol: str) -> tuple[float, bool]:
+        """Count a failure another process saw (``name`` is a network's address or an
+        account, as this throttle counts)."""
+        return self._count(self._key(name), name, listener, protocol, client)
+
+    def lock(self, name: str, seconds: float) -> None:
+        """Refuse ``name`` for ``seconds`` (a lockout decided in another process)."""
+        key = self._key(name)
+        self._blocked[key] = max(self._blocked.get(key, 0.0), self._clock() + seconds)
+        self._failures.pop(key, None)
+
+    def remaining(self, name: str) -> float:
+        """Seconds ``name`` stays refused (0 when it is not)."""
+        return max(0.0, self._blocked.get(self._key(name), 0.0) - self._clock())
+
     def _count(self, key: str, name: str, listener: str, protocol: str,
                client: str) -> tuple[float, bool]:
+        if self.on_failure is not None:
+            self.on_failure(name, client, listener, protocol)
         now = self._clock()
         times = self._failures.pop(key, None) or deque()
         while times and now - times[0] > self.window:
@@ -159,7 +189,10 @@ class FailureThrottle:
             if len(self._blocked) > self._max_tracked:
                 for stale in [k for k, t in self._blocked.items() if t <= now]:
                     del self._blocked[stale]
-            self._locked(name, key, listener, protocol, client)
+            if not self.quiet:
+                self._locked(name, key, listener, protocol, client)
+            if self.on_lock is not None:
+                self.on_lock(name, self.window)
             return 0.0, True
         if count < 2:
             return 0.0, False

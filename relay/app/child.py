@@ -33,7 +33,7 @@ from relay.smtp.listener import SmtpListener
 from relay.spool.records import QueuedMessage
 from relay.spool.store import Spool
 from relay.tasks import Background
-from relay.throttle import FailureThrottle
+from relay.throttle import FailureThrottle, shown
 from relay.tls import server_context
 
 log = logging.getLogger("relay.listenproc")
@@ -57,7 +57,8 @@ class ListenerProcess:
         self._draining = False
         self.background = Background("listener process", log)
         self.rpc = Rpc(sock, handlers={"configure": self._configure, "metrics": self._metrics,
-                                       "stop": self._stop}, notices={}, on_eof=self._main_gone)
+                                       "stop": self._stop},
+                       notices={"account_locked": self._account_locked}, on_eof=self._main_gone)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -100,10 +101,11 @@ class ListenerProcess:
             self._hold_lock(config)
         # Build and check everything first: an error leaves the running listeners alone.
         side = build_listeners(config, spool=self.spool, metrics=self.metrics, smtp_only=True)
-        if self.accounts is None:
-            self.accounts = FailureThrottle.for_accounts(
+        if self.accounts is None:               # a replica: the main process logs, counts
+            self.accounts = FailureThrottle.for_accounts(  # and tells us of its lockouts
                 limit=config.relay.account_fail_limit,
-                window=config.relay.account_fail_window, metrics=self.metrics)
+                window=config.relay.account_fail_window, quiet=True,
+                on_failure=self._auth_failed)
         hostname = config.relay.hostname
         for lp in side.listeners.values():
             if lp.cfg.tls != "none":
@@ -154,6 +156,17 @@ class ListenerProcess:
         self.background.spawn(retire(), name="retire-listener")
 
     # ---- notices and metrics ----------------------------------------------------------------
+
+    def _auth_failed(self, account: str, client: str, listener: str, protocol: str) -> None:
+        with contextlib.suppress(ChannelClosed):
+            self.rpc.notify("auth_failed", (account, client, listener, protocol))
+
+    def _account_locked(self, payload: tuple[str, float]) -> None:
+        if self.accounts is not None:
+            account, seconds = payload
+            self.accounts.lock(account, seconds)
+            log.info("account %s refused here too for %.0f s (locked out by the main "
+                     "process)", shown(account), seconds)
 
     def _stored(self, msg: QueuedMessage, data: bytes) -> None:
         # The bytes ride along (small ones) so the first delivery attempt needs no re-read.

@@ -77,13 +77,14 @@ class App:
         # One per-account login throttle for every listener of this process.
         self.accounts = FailureThrottle.for_accounts(
             limit=config.relay.account_fail_limit, window=config.relay.account_fail_window,
-            metrics=self.metrics)
+            metrics=self.metrics, on_lock=self._account_locked)
         self.parts: Components | None = None
         self.scheduler: Scheduler | None = None
         self.listeners: dict[str, Listener] = {}      # in this process
         self.workers: ListenerProcesses | None = None  # SMTP listener processes
         if config.relay.smtp_processes > 0:
             self.workers = ListenerProcesses(config.relay.smtp_processes, spool=self.spool)
+            self.workers.accounts = self.accounts       # SMTP AUTH counts with IMAP/POP3
         self.metrics_server: MetricsServer | None = None
         self.control: ControlServer | None = None
         self._stop = asyncio.Event()
@@ -309,6 +310,10 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *IGNORED_SIGNALS):
             loop.remove_signal_handler(sig)
         return 0
+
+    def _account_locked(self, account: str, seconds: float) -> None:
+        if self.workers is not None:
+            self.workers.tell_locked(account, seconds)
 
     def _ignored(self, sig: signal.Signals) -> None:
         log.warning("received %s and ignored it: SIGHUP reloads the config, SIGTERM stops "
