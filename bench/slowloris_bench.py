@@ -325,7 +325,7 @@ def main() -> int:
     print(f"{'N':>3} {'attempts':>8} | " + " | ".join(
         f"{s + ': held/refused/waiting':<28} {'newcomer':<36}" for s in sides))
     for n in args.addresses:
-        row = [f"{o.held:>4} /{o.refused:>4} /{o.waiting:>4}{'':<14} {o.newcomer:<36}"
+        row = [f"{o.held:>4} /{o.refused:>4} /{o.waiting:>4}{'':<14} {o.newcomer[:36]:<36}"
                for o in (results[(s, n)] for s in sides)]
         print(f"{n:>3} {n * PER_ADDRESS:>8} | " + " | ".join(row))
     for s in sides:
