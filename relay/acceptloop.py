@@ -43,7 +43,7 @@ _HINT = {"descriptors": "each session needs one descriptor (proxy sessions two):
          "error": "see the error; accepting resumes by itself"}
 # accept() errors about one connection that died in the backlog: just take the next one.
 _TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EAGAIN}
-BATCH = 64                          # connections taken per wake-up of the listening socket
+BATCH = 100                         # connections taken per wake-up of the listening socket
 
 Factory = Callable[[], asyncio.BaseProtocol]
 
@@ -99,8 +99,10 @@ class AcceptLoop:
         self._metrics = metrics
         self._backoff = backoff
         self._ratelog = RateLimitedLog(log, interval=log_interval)
-        self._loops: list[asyncio.Task[None]] = []
-        self._handshakes: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._failing: dict[int, tuple[float, int, float]] = {}   # fd: (pause, count, since)
+        self._resumes: dict[int, asyncio.TimerHandle] = {}
+        self._setups: set[asyncio.Task[None]] = set()
         if metrics is not None:
             for reason in (*dict.fromkeys(RESOURCE_ERRORS.values()), "error"):
                 metrics.accept_errors.labels(name, reason)
@@ -109,58 +111,61 @@ class AcceptLoop:
                     metrics.tls_handshake_failures.labels(name, reason)
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         for sock in self.sockets:
-            self._loops.append(loop.create_task(self._serve(sock), name=f"accept {self.name}"))
+            self._loop.add_reader(sock.fileno(), self._readable, sock)
 
     def close(self) -> None:
         """Stop accepting and close the listening sockets. Sessions carry on; clients
         still in their TLS handshake are dropped (they had not started a session)."""
-        for task in [*self._loops, *self._handshakes]:
-            task.cancel()
+        for handle in self._resumes.values():
+            handle.cancel()
+        self._resumes.clear()
         for sock in self.sockets:
+            if sock.fileno() >= 0 and self._loop is not None:
+                self._loop.remove_reader(sock.fileno())
             sock.close()
+        for task in self._setups:
+            task.cancel()
 
     async def wait_closed(self) -> None:
-        """Wait for the accept loops and the dropped handshakes to end."""
-        pending = [*self._loops, *self._handshakes]
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-        self._loops.clear()
+        """Wait for the connections being set up (or dropped) to be done with."""
+        if self._setups:
+            await asyncio.gather(*self._setups, return_exceptions=True)
 
-    # -- the loop ------------------------------------------------------------------------
-    async def _serve(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        pause, failed, since = 0.0, 0, 0.0
-        while True:
+    # -- accepting (a reader callback, as asyncio's own servers do) ----------------------
+    def _readable(self, sock: socket.socket) -> None:
+        loop = self._loop
+        assert loop is not None
+        fd = sock.fileno()
+        for _ in range(BATCH):
             try:
-                conn, addr = await loop.sock_accept(sock)
+                conn, addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as exc:
-                if sock.fileno() < 0:
-                    return                                # closed under us: stopping
                 if exc.errno in _TRANSIENT:
                     continue
-                reason = RESOURCE_ERRORS.get(exc.errno or 0, "error")
-                pause = min(max(pause * 2, self._backoff[0]), self._backoff[1])
-                if not failed:
-                    since = loop.time()
-                failed += 1
-                self._refused(reason, exc, pause)
-                await asyncio.sleep(pause)                # the back-off itself
-                continue
-            if failed:
+                self._pause(sock, fd, exc)
+                return
+            if fd in self._failing:
+                _, failed, since = self._failing.pop(fd)
                 log.warning("%s: accepting connections again after %.1f s (%d accept() "
                             "calls failed)", self.name, loop.time() - since, failed)
-                pause, failed = 0.0, 0
-            await self._hand_over(loop, conn, addr)
-            for _ in range(BATCH):                        # more already waiting?
-                try:
-                    conn, addr = sock.accept()
-                except OSError:
-                    break                                 # none (or an error: next await)
-                await self._hand_over(loop, conn, addr)
+            conn.setblocking(False)
+            task = loop.create_task(self._set_up(loop, conn, addr))
+            self._setups.add(task)
+            task.add_done_callback(self._setups.discard)
 
-    def _refused(self, reason: str, exc: OSError, pause: float) -> None:
+    def _pause(self, sock: socket.socket, fd: int, exc: OSError) -> None:
+        """accept() failed for want of resources: stop reading the socket for a growing
+        pause (the kernel keeps the clients in its backlog), then try again."""
+        loop = self._loop
+        assert loop is not None
+        reason = RESOURCE_ERRORS.get(exc.errno or 0, "error")
+        pause, failed, since = self._failing.get(fd, (0.0, 0, loop.time()))
+        pause = min(max(pause * 2, self._backoff[0]), self._backoff[1])
+        self._failing[fd] = (pause, failed + 1, since)
         if self._metrics is not None:
             self._metrics.accept_errors.labels(self.name, reason).inc()
         code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
@@ -168,34 +173,33 @@ class AcceptLoop:
                           "%s: cannot accept connections: %s (%s: %s); pausing %.2f s and "
                           "retrying, clients wait in the backlog\n  hint: %s", self.name,
                           _WHAT[reason], code, exc.strerror or exc, pause, _HINT[reason])
+        loop.remove_reader(fd)
+        self._resumes[fd] = loop.call_later(pause, self._resume, sock, fd)
 
-    async def _hand_over(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
-                         addr: object) -> None:
-        conn.setblocking(False)
-        if self._tls is None:
-            try:
-                await loop.connect_accepted_socket(self._factory, conn)
-            except Exception as exc:                      # the connection, not the loop
-                conn.close()
-                self._ratelog.log(logging.ERROR, "setup", "%s: could not set up a connection "
-                                  "from %s: %r", self.name, _peer(addr), exc)
-            return
-        task = loop.create_task(self._handshake(loop, conn, addr))
-        self._handshakes.add(task)
-        task.add_done_callback(self._handshakes.discard)
+    def _resume(self, sock: socket.socket, fd: int) -> None:
+        self._resumes.pop(fd, None)
+        if sock.fileno() < 0 or self._loop is None:
+            return                                        # closed meanwhile
+        self._loop.add_reader(fd, self._readable, sock)
+        self._readable(sock)
 
-    async def _handshake(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
-                         addr: object) -> None:
+    async def _set_up(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
+                      addr: object) -> None:
         try:
-            await loop.connect_accepted_socket(
-                self._factory, conn, ssl=self._tls,
-                ssl_handshake_timeout=self._handshake_timeout)
+            if self._tls is None:
+                await loop.connect_accepted_socket(self._factory, conn)
+            else:
+                await loop.connect_accepted_socket(
+                    self._factory, conn, ssl=self._tls,
+                    ssl_handshake_timeout=self._handshake_timeout)
         except (OSError, TimeoutError) as exc:           # ssl.SSLError is an OSError
             conn.close()
-            self.handshake_failed(_peer(addr), exc)
-        except Exception as exc:
+            if self._tls is not None:
+                self.handshake_failed(_peer(addr), exc)
+        except Exception as exc:                          # the connection, not the server
             conn.close()
-            log.info("%s: TLS setup with %s failed: %r", self.name, _peer(addr), exc)
+            self._ratelog.log(logging.ERROR, "setup", "%s: could not set up a connection "
+                              "from %s: %r", self.name, _peer(addr), exc)
 
     def handshake_failed(self, client: str, exc: BaseException) -> None:
         """Count and log (one INFO line) a client's failed or stalled TLS handshake."""
