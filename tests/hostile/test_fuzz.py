@@ -249,8 +249,8 @@ def test_a_login_never_carries_a_control_character_in_the_user_name(user: str,
             assert is_clean_name(e.user), e.user
 
 
-@settings(max_examples=200, deadline=None)
-@given(arg=st.binary(min_size=MAX_COMMAND - 6, max_size=2000).filter(
+@settings(max_examples=100, deadline=None)
+@given(arg=st.binary(min_size=MAX_COMMAND - 6, max_size=600).filter(
     lambda b: b"\n" not in b and b"\r" not in b))
 def test_pop3_command_lines_never_pass_255_octets(arg: bytes) -> None:
     m = Pop3PreAuth(tls_mode="none", allow_plaintext_auth=True)
