@@ -27,6 +27,12 @@ WAIT_REASONS = ("quota", "paused", "suspended", "connections")
 # Delay added by pacing: from a fraction of a second to a day (a daily quota).
 PACING_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
                   3600.0, 7200.0, 21600.0, 86400.0)
+# Why relay closed a session on purpose (relay_sessions_closed_total), by protocol.
+SESSION_CLOSE_REASONS = {
+    "smtp": ("junk", "not_protocol", "data_deadline", "timeout", "tls_timeout", "tls_failed"),
+    "proxy": ("junk", "not_protocol", "login_deadline", "tls_timeout", "tls_failed"),
+}
+ADMISSION_REFUSALS = ("total", "client", "rate", "reserve")
 
 # Buckets reaching past 10 s, with 10 s itself a bound (the Cisco document's threshold).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
@@ -55,6 +61,30 @@ class Metrics:
         self.auth_failures = Counter(
             "relay_auth_failures", "Failed client authentications, by listener and protocol.",
             ["listener", "protocol"], registry=r)
+
+        # --- hostile clients and a host short of resources (accept loops, admission,
+        # deadlines and session limits, login lockouts)
+        self.accept_errors = Counter(
+            "relay_accept_errors",
+            "accept() failures of a server socket, by server and reason (descriptors, "
+            "system_descriptors, memory, error).", ["server", "reason"], registry=r)
+        self.tls_handshake_failures = Counter(
+            "relay_tls_handshake_failures",
+            "Client TLS handshakes that failed or did not finish in time, by listener and "
+            "reason (failed, timeout).", ["listener", "reason"], registry=r)
+        self.connections_refused = Counter(
+            "relay_connections_refused",
+            "Connections refused at admission, by listener and reason (total, client, rate, "
+            "reserve).", ["listener", "reason"], registry=r)
+        self.sessions_closed = Counter(
+            "relay_sessions_closed",
+            "Sessions relay closed on purpose, by listener and reason (junk, not_protocol, "
+            "data_deadline, command_deadline, login_deadline).", ["listener", "reason"],
+            registry=r)
+        self.auth_lockouts = Counter(
+            "relay_auth_lockouts",
+            "Logins refused for a while after repeated failures, by protocol and scope "
+            "(network, account).", ["protocol", "scope"], registry=r)
 
         # --- delivery
         self.messages_delivered = Counter(
@@ -191,6 +221,13 @@ class Metrics:
                 self.slow_deliveries.labels(upstream, stage)
             for reason in WAIT_REASONS:
                 self.messages_waiting.labels(upstream, reason)
+
+    def declare_hostile(self, listener: str, protocol: str) -> None:
+        """Zero-valued series of a listener's admission refusals and closed sessions."""
+        for reason in ADMISSION_REFUSALS:
+            self.connections_refused.labels(listener, reason)
+        for reason in SESSION_CLOSE_REASONS["smtp" if protocol == "smtp" else "proxy"]:
+            self.sessions_closed.labels(listener, reason)
 
     def update_queue(self, counts: Mapping[str, int], oldest_received: float | None, *,
                      now: float | None = None) -> None:

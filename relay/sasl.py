@@ -21,6 +21,12 @@ def is_clean(value: str) -> bool:
     return not any(c in value for c in "\x00\r\n")
 
 
+def is_clean_name(value: str) -> bool:
+    """True when a user name has no control character at all (C0, DEL, C1): nothing a
+    provider, a log or a terminal could read as anything but a name."""
+    return not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value)
+
+
 class SaslError(ValueError):
     """A malformed SASL response from the client (bad base64, wrong shape, control chars)."""
 

@@ -33,6 +33,7 @@ from relay.smtp.listener import SmtpListener
 from relay.spool.records import QueuedMessage
 from relay.spool.store import Spool
 from relay.tasks import Background
+from relay.throttle import FailureThrottle, shown
 from relay.tls import server_context
 
 log = logging.getLogger("relay.listenproc")
@@ -49,19 +50,22 @@ class ListenerProcess:
         self.config: Config | None = None
         self.spool: Spool | None = None
         self.listeners: dict[str, tuple[int, SmtpListener]] = {}
+        self.accounts: FailureThrottle | None = None      # one for every listener here
         self._lock_fd: int | None = None
         self._configure_lock = asyncio.Lock()
         self._done = asyncio.Event()
         self._draining = False
         self.background = Background("listener process", log)
         self.rpc = Rpc(sock, handlers={"configure": self._configure, "metrics": self._metrics,
-                                       "stop": self._stop}, notices={}, on_eof=self._main_gone)
+                                       "stop": self._stop},
+                       notices={"account_locked": self._account_locked}, on_eof=self._main_gone)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._signalled)
-        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):   # the main process's
+            loop.add_signal_handler(sig, lambda: None)
         await self._done.wait()
         self.rpc.close()
         if self.spool is not None:
@@ -97,6 +101,11 @@ class ListenerProcess:
             self._hold_lock(config)
         # Build and check everything first: an error leaves the running listeners alone.
         side = build_listeners(config, spool=self.spool, metrics=self.metrics, smtp_only=True)
+        if self.accounts is None:               # a replica: the main process logs, counts
+            self.accounts = FailureThrottle.for_accounts(  # and tells us of its lockouts
+                limit=config.relay.account_fail_limit,
+                window=config.relay.account_fail_window, quiet=True,
+                on_failure=self._auth_failed)
         hostname = config.relay.hostname
         for lp in side.listeners.values():
             if lp.cfg.tls != "none":
@@ -111,7 +120,8 @@ class ListenerProcess:
             assert lp.accept is not None
             fresh[name] = (token, SmtpListener(
                 lp.cfg, hostname=hostname, accept=lp.accept, maillog=self.maillog,
-                checks=lp.checks, users=lp.users, metrics=self.metrics))
+                checks=lp.checks, users=lp.users, metrics=self.metrics,
+                accounts=self.accounts))
         # Commit.
         for name, lp in side.listeners.items():
             if name not in fresh:
@@ -129,6 +139,8 @@ class ListenerProcess:
             await listener.start(socks)
             self.listeners[name] = (token, listener)
         self.config = config
+        self.accounts.configure(limit=config.relay.account_fail_limit,
+                                window=config.relay.account_fail_window)
         self.metrics.declare(listeners=list(side.listeners))
 
     def _hold_lock(self, config: Config) -> None:
@@ -144,6 +156,17 @@ class ListenerProcess:
         self.background.spawn(retire(), name="retire-listener")
 
     # ---- notices and metrics ----------------------------------------------------------------
+
+    def _auth_failed(self, account: str, client: str, listener: str, protocol: str) -> None:
+        with contextlib.suppress(ChannelClosed):
+            self.rpc.notify("auth_failed", (account, client, listener, protocol))
+
+    def _account_locked(self, payload: tuple[str, float]) -> None:
+        if self.accounts is not None:
+            account, seconds = payload
+            self.accounts.lock(account, seconds)
+            log.info("account %s refused here too for %.0f s (locked out by the main "
+                     "process)", shown(account), seconds)
 
     def _stored(self, msg: QueuedMessage, data: bytes) -> None:
         # The bytes ride along (small ones) so the first delivery attempt needs no re-read.

@@ -99,6 +99,8 @@ class ReloadPlan:
         old = app.config
         app.transports.reconfigure(new.proxies, used=used_proxies(new))
         app.tokens.reconfigure(new.token_sources)
+        app.accounts.configure(limit=new.relay.account_fail_limit,
+                               window=new.relay.account_fail_window)
         local = app.local(parts)
         added = list(self.started)
         app.listeners.update(self.started)

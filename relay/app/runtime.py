@@ -44,6 +44,7 @@ from relay.proxy.upstream_path import upstream_path
 from relay.smtp.listener import SmtpListener
 from relay.spool.store import Spool
 from relay.tasks import Background
+from relay.throttle import FailureThrottle
 from relay.transports.factory import Transports
 
 log = logging.getLogger("relay")
@@ -69,6 +70,11 @@ def quota_store(config: Config, metrics: Metrics) -> QuotaStore:
     return RedisQuotas(config.pacing, metrics=metrics)
 
 
+# Signals whose default action would end the process, which relay does not use: ignored
+# with a log line (scripts written for other daemons send USR1/USR2 to reopen logs).
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
 class App:
     """One running relay process."""
 
@@ -83,12 +89,17 @@ class App:
         self.transports = Transports(config.proxies)
         self.tokens = TokenSources(config.token_sources, transports=self.transports,
                                    metrics=self.metrics)
+        # One per-account login throttle for every listener of this process.
+        self.accounts = FailureThrottle.for_accounts(
+            limit=config.relay.account_fail_limit, window=config.relay.account_fail_window,
+            metrics=self.metrics, on_lock=self._account_locked)
         self.parts: Components | None = None
         self.scheduler: Scheduler | None = None
         self.listeners: dict[str, Listener] = {}      # in this process
         self.workers: ListenerProcesses | None = None  # SMTP listener processes
         if config.relay.smtp_processes > 0:
             self.workers = ListenerProcesses(config.relay.smtp_processes, spool=self.spool)
+            self.workers.accounts = self.accounts       # SMTP AUTH counts with IMAP/POP3
         self.metrics_server: MetricsServer | None = None
         self.control: ControlServer | None = None
         self._stop = asyncio.Event()
@@ -174,13 +185,14 @@ class App:
             assert lp.accept is not None
             return SmtpListener(lp.cfg, hostname=cfg.relay.hostname, accept=lp.accept,
                                 maillog=self.maillog, checks=lp.checks, users=lp.users,
-                                metrics=self.metrics)
+                                metrics=self.metrics, accounts=self.accounts)
         assert lp.authenticator is not None and lp.cfg.upstream is not None
         return ProxyListener(lp.cfg, upstream=cfg.upstream(lp.cfg.upstream),
                              authenticator=lp.authenticator,
                              transport_for=self.transports.for_upstream,
                              token_for=self.tokens.token, metrics=self.metrics,
-                             path=upstream_path(cfg, lp.cfg.upstream))
+                             path=upstream_path(cfg, lp.cfg.upstream),
+                             accounts=self.accounts)
 
     def _write_pid(self, cfg: Config) -> None:
         path = pid_file(cfg)
@@ -313,6 +325,8 @@ class App:
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload(), "reload"))
+        for sig in IGNORED_SIGNALS:            # a stray kill -USR1 must not stop the mail
+            loop.add_signal_handler(sig, self._ignored, sig)
         try:
             await self.start()
         except BaseException:
@@ -320,6 +334,14 @@ class App:
             raise
         await self._stop.wait()
         await self.drain()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *IGNORED_SIGNALS):
             loop.remove_signal_handler(sig)
         return 0
+
+    def _account_locked(self, account: str, seconds: float) -> None:
+        if self.workers is not None:
+            self.workers.tell_locked(account, seconds)
+
+    def _ignored(self, sig: signal.Signals) -> None:
+        log.warning("received %s and ignored it: SIGHUP reloads the config, SIGTERM stops "
+                    "relay", sig.name)

@@ -66,6 +66,11 @@ def parse_file(path: Path | str) -> tuple[str, str, dict[str, object]]:
                           hint="save the file as UTF-8") from None
     try:
         data = tomllib.loads(text)
+    except RecursionError:
+        raise ConfigError("TOML syntax error: arrays or inline tables nested too deeply",
+                          file=file, line=_deepest_line(text),
+                          hint="a config nests a few levels at most: look for a run of "
+                               "[ or { on this line") from None
     except tomllib.TOMLDecodeError as exc:
         msg = str(exc)
         line: int | None = None
@@ -78,6 +83,19 @@ def parse_file(path: Path | str) -> tuple[str, str, dict[str, object]]:
         raise ConfigError(f"TOML syntax error: {msg}", file=file, line=line,
                           hint=hint) from None
     return file, text, data
+
+
+def _deepest_line(text: str, depth: int = 100) -> int | None:
+    """The line where ``[``/``{`` first nest ``depth`` deep (strings not considered)."""
+    level = 0
+    for i, ch in enumerate(text):
+        if ch in "[{":
+            level += 1
+            if level >= depth:
+                return text.count("\n", 0, i) + 1
+        elif ch in "]}":
+            level = max(0, level - 1)
+    return None
 
 
 _SYNTAX_HINT = ('check quotes, brackets and commas on this line (strings need "double '

@@ -29,13 +29,19 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
+def _printable(text: str) -> str:
+    """``text`` with control characters written as TOML escapes (``\u001b``): a config
+    can never put terminal escapes into an error message."""
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
+
+
 def render_path(path: Iterable[str | int]) -> str:
     out = ""
     for part in path:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            text = part if _BARE_KEY.match(part) else f'"{part}"'
+            text = part if _BARE_KEY.match(part) else f'"{_printable(part)}"'
             out += f".{text}" if out else text
     return out
 
@@ -46,7 +52,7 @@ def show(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         text = value if len(value) <= 60 else value[:57] + "..."
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + _printable(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):

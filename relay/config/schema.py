@@ -111,6 +111,8 @@ class RelaySection:
     fsync: bool = True                         # only for benchmarks/tests on tmpfs
     shutdown_grace: float = 30.0
     smtp_processes: int = 1                    # 0: SMTP listeners in the main process
+    account_fail_limit: int = 10               # failed logins to one account, from anywhere ...
+    account_fail_window: float = 900.0         # ... within this window: refused for as long
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +164,24 @@ class ListenerConfig:
     # sessions at a safe point so clients reconnect the new way, or keep them as they are
     on_upstream_change: Literal["reconnect", "keep"] = "reconnect"
     priority: int = 0                          # within a mailbox's line, higher leaves first
+    # Hostile clients: deadlines, session limits, per-network admission (see the README)
+    tls_handshake_timeout: float = 30.0        # every client TLS handshake (STARTTLS, implicit)
+    data_deadline: float = 600.0               # smtp: the whole DATA may take this long ...
+    min_data_rate: int = 500                   # ... plus 1 s per this many bytes (0: fixed)
+    max_junk_commands: int = 20                # NOOP, RSET, VRFY, unknown...; then 421 and close
+    max_connection_rate_per_client: int = 0    # a minute, per client network (0: no limit)
+    reserved_connections: int | None = None    # slots only for networks holding none (None: 1/10)
+    client_ipv4_prefix: int = 32               # a client network, for the per-client limits
+    client_ipv6_prefix: int = 64
+    dangerously_allow_open_relay: bool = False  # accept mail from everywhere to anywhere
     line: int = 0
+
+    @property
+    def reserve(self) -> int:
+        """Connection slots kept for client networks that hold none yet."""
+        if self.reserved_connections is not None:
+            return self.reserved_connections
+        return self.max_connections // 10
 
 
 @dataclass(frozen=True, slots=True)

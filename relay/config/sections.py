@@ -27,6 +27,7 @@ from relay.config.schema import (
     HostPort,
     ListenerConfig,
     MetricsConfig,
+    Network,
     RelaySection,
     RetryConfig,
 )
@@ -125,6 +126,9 @@ def read_relay(t: Table) -> RelaySection:
         shutdown_grace=duration(t, "shutdown_grace", D),
         smtp_processes=t.integer("smtp_processes", default(D, "smtp_processes"), min=0,
                                  max=64) or 0,
+        account_fail_limit=t.integer("account_fail_limit", default(D, "account_fail_limit"),
+                                     min=0) or 0,
+        account_fail_window=duration(t, "account_fail_window", D, min=0.001),
     )
 
 
@@ -249,6 +253,21 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
         on_upstream_change=cast(Literal["reconnect", "keep"], t.enum(
             "on_upstream_change", ("reconnect", "keep"), default(D, "on_upstream_change"))),
         priority=priority(t, default(D, "priority")) or 0,
+        tls_handshake_timeout=duration(t, "tls_handshake_timeout", D, min=0.001),
+        data_deadline=duration(t, "data_deadline", D, min=0.001),
+        min_data_rate=t.integer("min_data_rate", default(D, "min_data_rate"), min=0) or 0,
+        max_junk_commands=t.integer("max_junk_commands", default(D, "max_junk_commands"),
+                                    min=1) or 1,
+        max_connection_rate_per_client=t.integer(
+            "max_connection_rate_per_client", default(D, "max_connection_rate_per_client"),
+            min=0) or 0,
+        reserved_connections=t.integer("reserved_connections", None, min=0),
+        client_ipv4_prefix=t.integer("client_ipv4_prefix", default(D, "client_ipv4_prefix"),
+                                     min=8, max=32) or 32,
+        client_ipv6_prefix=t.integer("client_ipv6_prefix", default(D, "client_ipv6_prefix"),
+                                     min=16, max=128) or 64,
+        dangerously_allow_open_relay=t.flag("dangerously_allow_open_relay",
+                                            default(D, "dangerously_allow_open_relay")),
         line=t.ctx.line(t.path) or 0,
     )
     t.finish()
@@ -257,7 +276,9 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
 
 
 SMTP_ONLY = ("relay_domains", "max_message_size", "max_recipients", "command_timeout",
-             "data_timeout", "spf", "dkim_verify", "profile", "header_rule", "priority")
+             "data_timeout", "spf", "dkim_verify", "profile", "header_rule",
+             "data_deadline", "min_data_rate", "dangerously_allow_open_relay",
+             "priority")
 PROXY_ONLY = ("upstream", "login_timeout", "idle_timeout", "max_line", "on_upstream_change")
 SMTP_UPSTREAM_ONLY = ("helo_name", "max_messages_per_connection", "data_timeout", "profile",
                       "header_rule", "quota", "connections_per_mailbox", "mailbox")
@@ -279,6 +300,7 @@ def _listener_rules(t: Table, cfg: ListenerConfig) -> None:
                           got='"none"', expected="a non-empty allow (networks) or relay_domains",
                           hint="relay refuses to be an open relay: list the client networks "
                                'in allow (e.g. allow = ["10.20.0.0/16"]) or require AUTH')
+        _open_relay(t, cfg)
         if cfg.auth == "required" and cfg.users_file is None:
             hint = "create it with `relay user add NAME`"
             if cfg.allow:
@@ -295,6 +317,12 @@ def _listener_rules(t: Table, cfg: ListenerConfig) -> None:
                           "is not supported", got='"none"', expected='"required"',
                           hint="relay checks logins against users_file, or passes them to "
                                'an upstream with auth = "passthrough"')
+    if cfg.reserved_connections is not None and cfg.reserved_connections >= cfg.max_connections:
+        raise t.error("reserved_connections", "leaves no slot for clients already connected",
+                      got=str(cfg.reserved_connections),
+                      expected=f"fewer than max_connections ({cfg.max_connections})",
+                      hint="the reserve is the part of max_connections kept for client "
+                           "networks that hold no connection yet; a tenth is the default")
     if cfg.allow_plaintext_auth and cfg.tls != "none":
         raise t.error("allow_plaintext_auth", f'plaintext AUTH on a tls = "{cfg.tls}" listener',
                       got="true", expected='false (clients authenticate after TLS)',
@@ -314,6 +342,45 @@ def _listener_rules(t: Table, cfg: ListenerConfig) -> None:
     if cfg.allow_plaintext_auth and not _loopback(cfg.listen.host):
         t.warn("allow_plaintext_auth", f"passwords travel in clear on {cfg.listen}, "
                                        "which is not a loopback address")
+
+
+def everywhere(allow: tuple[Network, ...]) -> str | None:
+    """The address families (``"IPv4"``, ``"IPv6"``, ``"IPv4 and IPv6"``) whose every
+    address ``allow`` covers, or None."""
+    v4 = [n for n in allow if n.version == 4]
+    mapped = ipaddress.IPv6Network("::ffff:0:0/96")
+    v4 += [ipaddress.IPv4Network("0.0.0.0/0") for n in allow
+           if n.version == 6 and mapped.subnet_of(n)]
+    v6 = [n for n in allow if n.version == 6]
+    families = []
+    if any(n.prefixlen == 0 for n in ipaddress.collapse_addresses(v4)):
+        families.append("IPv4")
+    if any(n.prefixlen == 0 for n in ipaddress.collapse_addresses(v6)):
+        families.append("IPv6")
+    return " and ".join(families) or None
+
+
+def _open_relay(t: Table, cfg: ListenerConfig) -> None:
+    """Refuse a listener that would relay anyone's mail to any domain (unless told to)."""
+    family = everywhere(cfg.allow)
+    if family is None:
+        if cfg.dangerously_allow_open_relay:
+            t.warn("dangerously_allow_open_relay", "set, but this listener is not an open "
+                                                   "relay; remove the line")
+        return
+    if cfg.dangerously_allow_open_relay:
+        t.warn("dangerously_allow_open_relay", f"listener {cfg.name} IS AN OPEN RELAY: any "
+               f"client on {family} may send mail through it to any domain without logging "
+               "in; spammers find such relays within hours")
+        return
+    raise t.error("allow", f"this listener would be an open relay: clients from every "
+                  f"{family} address may send mail to any domain without logging in",
+                  got=show(t.raw.get("allow")),
+                  expected="the networks of the clients that may send without logging in",
+                  hint="list only your platform's networks (e.g. allow = [\"10.20.0.0/16\", "
+                       "\"cxone-na1\"]) and let everyone else log in with auth = \"required\"; "
+                       "if you really mean to run an open relay, set "
+                       "dangerously_allow_open_relay = true on this listener")
 
 
 def _loopback(host: str) -> bool:

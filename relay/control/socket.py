@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from relay.acceptloop import AcceptLoop, bind_unix
 from relay.control.queue import COMMANDS, QueueManager
 from relay.errors import ControlError, RelayError
 
@@ -41,23 +42,31 @@ class ControlServer:
         self._manager = manager
         self._commands = dict(commands or {})
         self._mode = mode
-        self._server: asyncio.AbstractServer | None = None
+        self._server: AcceptLoop | None = None
         self._clients: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Bind the socket (replacing a stale one) and start serving."""
         await self._clear_stale()
+        sock = None
         try:
-            self._server = await asyncio.start_unix_server(
-                self._serve, path=str(self.path), limit=MAX_LINE)
+            sock = bind_unix(self.path)
             os.chmod(self.path, self._mode)
         except OSError as exc:
+            if sock is not None:
+                sock.close()
             hint = "check that the directory exists and is writable"
             if len(os.fsencode(self.path)) > 107:
                 hint = "the path is longer than a Unix socket allows (107 bytes); set " \
                        "[relay] control_socket to a shorter path"
             raise ControlError(f"cannot create the control socket {self.path}: "
                                f"{exc.strerror or exc}", code="internal", hint=hint) from exc
+
+        def protocol() -> asyncio.StreamReaderProtocol:
+            return asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=MAX_LINE),
+                                                self._serve)
+        self._server = AcceptLoop("control", [sock], protocol)
+        self._server.start()
         log.info("control socket listening on %s", self.path)
 
     async def _clear_stale(self) -> None:

@@ -25,7 +25,9 @@ from relay.metrics import Metrics
 SUMMED = frozenset({
     "relay_messages_received", "relay_messages_refused", "relay_smtp_sessions",
     "relay_auth_failures", "relay_spf_results", "relay_dkim_signatures",
-    "relay_protected_header_violations"})
+    "relay_protected_header_violations", "relay_accept_errors",
+    "relay_tls_handshake_failures", "relay_connections_refused", "relay_sessions_closed",
+    "relay_auth_lockouts"})
 
 Key = tuple[str, tuple[tuple[str, str], ...]]      # sample name, sorted labels
 Snapshot = dict[Key, float]

@@ -5,6 +5,8 @@ reload binding stay in one place), starts ``[relay] smtp_processes`` fresh inter
 (``python -m relay.listenproc``; never a fork of this process's running loop and threads),
 hands each the Config and the listening sockets over a socketpair (SCM_RIGHTS), and turns
 their "stored" notices into ``Spool.adopt()`` so the scheduler sees new mail at once.
+Their "auth_failed" notices count against the main process's per-account login throttle
+(``accounts``), whose lockouts go back to every listener process ("account_locked").
 A process that dies is logged and respawned with backoff and given the sockets again;
 connections wait in the kernel's backlog meanwhile.
 """
@@ -32,6 +34,7 @@ from relay.listenproc.merge import MergedMetrics
 from relay.smtp.listener import bind_listener_sockets
 from relay.spool.records import QueuedMessage
 from relay.spool.store import Spool
+from relay.throttle import FailureThrottle
 
 log = logging.getLogger("relay.listenproc")
 
@@ -107,6 +110,7 @@ class ListenerProcesses:
         self._slots = [_Slot(i) for i in range(count)]
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self.accounts: FailureThrottle | None = None    # the main process's, set by the app
 
     @property
     def pids(self) -> list[int]:
@@ -191,12 +195,30 @@ class ListenerProcesses:
                              hint="check that the Python interpreter can be run") from None
         finally:
             theirs.close()
-        slot.rpc = Rpc(ours, handlers={}, notices={"stored": self._stored},
+        slot.rpc = Rpc(ours, handlers={}, notices={"stored": self._stored,
+                                                   "auth_failed": self._auth_failed},
                        on_eof=lambda: None)
         await self._configure(slot)
 
     def _stored(self, payload: tuple[QueuedMessage, bytes | None]) -> None:
         self._spool.adopt(*payload)
+
+    def _auth_failed(self, payload: tuple[str, str, str, str]) -> None:
+        """A listener process saw a failed login to an account: count it here too."""
+        if self.accounts is None:
+            return
+        account = payload[0]
+        self.accounts.failed_elsewhere(*payload)
+        left = self.accounts.remaining(account)
+        if left:                              # locked (now or before this process knew it)
+            self.tell_locked(account, left)
+
+    def tell_locked(self, account: str, seconds: float) -> None:
+        """Every listener process refuses ``account`` for ``seconds`` from now."""
+        for slot in self._slots:
+            if slot.rpc is not None and not slot.rpc.channel.closed:
+                with contextlib.suppress(ChannelClosed):
+                    slot.rpc.notify("account_locked", (account, seconds))
 
     async def _watch(self, slot: _Slot) -> None:
         """Respawn the slot's process whenever it exits, with backoff."""

@@ -29,6 +29,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from relay.acceptloop import AcceptLoop, bind_tcp
 from relay.config.schema import HostPort
 from relay.errors import RelayError
 from relay.metrics import Metrics
@@ -199,7 +200,7 @@ class MetricsServer:
         self._before_scrape = before_scrape
         self._refresh = refresh
         self._view = view
-        self._server: asyncio.Server | None = None
+        self._server: AcceptLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -216,9 +217,7 @@ class MetricsServer:
     async def start(self) -> None:
         """Bind and start serving; RelayError with a hint if the address cannot be bound."""
         try:
-            self._server = await asyncio.start_server(
-                self._on_connection, self._listen.host, self._listen.port, limit=MAX_HEAD,
-                reuse_address=True)
+            socks = bind_tcp(self._listen.host, self._listen.port, backlog=100)
         except OSError as exc:
             hint = "set [metrics] listen to a free address, or stop the other process"
             if exc.errno == errno.EADDRINUSE:
@@ -230,6 +229,12 @@ class MetricsServer:
                 hint = "that address is not configured on this host; check [metrics] listen"
             raise RelayError(f"metrics endpoint cannot listen on {self._listen}: "
                              f"{exc.strerror or exc}", hint=hint) from None
+
+        def protocol() -> asyncio.StreamReaderProtocol:
+            return asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=MAX_HEAD),
+                                                self._on_connection)
+        self._server = AcceptLoop("metrics", socks, protocol, metrics=self._metrics)
+        self._server.start()
         log.info("metrics endpoint listening on %s",
                  ", ".join(str(a) for a in self.addresses))
 

@@ -8,7 +8,9 @@ from typing import Literal, Protocol
 from relay.config.schema import Secret
 
 # Why a login did not happen; used for the client's reply and the metric label.
-LoginFailure = Literal["credentials", "unavailable", "refused"]
+# "refused": the client's network is locked out (the session closes); "account_locked":
+# the account is, after failures from anywhere (the client may try another).
+LoginFailure = Literal["credentials", "unavailable", "refused", "account_locked"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,11 @@ and literals (synchronising ``{n}`` and LITERAL+ ``{n+}``), bounds every line an
 ``max_line`` before anything is allocated, refuses NUL/CR/LF inside credentials, and drops
 whatever was pipelined after STARTTLS. Once it emits ``Login`` it parses nothing more: the
 rest of the buffer (``leftover()``) belongs to the provider after a successful login.
+
+Hostile input ends the conversation with ``* BYE``: a line starting with TLS or binary
+bytes or an HTTP request line at once, invalid commands after ``max_bad``, NOOP,
+CAPABILITY and ID after ``max_junk``; a user name with a control character is refused
+(``BAD``) before anything reaches the provider.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from relay.sasl import (
     b64decode,
     decode_text,
     is_clean,
+    is_clean_name,
     parse_plain,
 )
 
@@ -27,6 +33,7 @@ _HEAD = re.compile(rb"^([\x21-\x7e]+) ([A-Za-z]+)(?: |$)")
 _TAG_BAD = re.compile(rb'[(){%*"\\+]')
 _LITERAL = re.compile(rb"\{(\d{1,20})(\+?)\}$")
 _ATOM_BAD = re.compile(rb'[\x00-\x20\x7f(){%*"\\]')
+_HTTP = re.compile(rb"^[A-Za-z]+ \S+ HTTP/\d(?:\.\d)?$")
 
 
 class _Bad(Exception):
@@ -86,12 +93,15 @@ class ImapPreAuth:
     """One client's IMAP conversation up to a successful login."""
 
     def __init__(self, *, tls_mode: TlsMode, tls_active: bool = False, max_line: int = 8192,
-                 allow_plaintext_auth: bool = False, max_bad: int = 10) -> None:
+                 allow_plaintext_auth: bool = False, max_bad: int = 10,
+                 max_junk: int = 20) -> None:
         self.tls_mode = tls_mode
         self.tls_active = tls_active
         self.max_line = max_line
         self.allow_plaintext_auth = allow_plaintext_auth
         self.max_bad = max_bad
+        self.max_junk = max_junk
+        self._junk = 0
         self._buf = bytearray()
         self._state = "command"         # command | literal | sasl | login | tls | done | closed
         self._pieces: list[tuple[bool, bytes]] = []
@@ -152,6 +162,9 @@ class ImapPreAuth:
         if why == "credentials":
             events: list[Event] = [Send(tag + b" NO [AUTHENTICATIONFAILED] "
                                               b"Authentication failed.\r\n")]
+        elif why == "account_locked":
+            events = [Send(tag + b" NO [UNAVAILABLE] Too many failed logins for this account, "
+                                 b"try again later.\r\n")]
         else:
             events = [Send(tag + b" NO [UNAVAILABLE] Mail server unavailable, "
                                  b"try again later.\r\n")]
@@ -175,6 +188,10 @@ class ImapPreAuth:
                 del self._buf[:self._need]
                 self._state = "command"
                 continue
+            if self._state == "command" and not self._pieces and self._buf and (
+                    self._buf[0] >= 0x7F or (self._buf[0] < 0x20 and self._buf[0] not in b"\r\n")):
+                out += self._fatal(b"* BYE This is an IMAP server.\r\n", "not_protocol")
+                break
             end = self._buf.find(b"\n")
             if end < 0:
                 if len(self._buf) > self.max_line - self._size:
@@ -228,8 +245,17 @@ class ImapPreAuth:
             return self._fatal(reply + b"* BYE Too many invalid commands.\r\n", "bad_input")
         return [Send(reply)]
 
+    def _junk_reply(self, reply: bytes) -> list[Event]:
+        """A command that does nothing toward a login (NOOP, CAPABILITY, ID): counted."""
+        self._junk += 1
+        if self._junk > self.max_junk:
+            return self._fatal(b"* BYE Too many commands without logging in.\r\n", "junk")
+        return [Send(reply)]
+
     def _command(self, pieces: list[tuple[bool, bytes]]) -> list[Event]:
         first = pieces[0][1]
+        if len(pieces) == 1 and _HTTP.match(first):
+            return self._fatal(b"* BYE This is an IMAP server.\r\n", "not_protocol")
         head = _HEAD.match(first)
         if not head or _TAG_BAD.search(head.group(1)):
             self._tag = b"*"
@@ -239,16 +265,16 @@ class ImapPreAuth:
         pieces[0] = (False, first[head.end():])
         tag = self._tag
         if command == b"ID":                       # RFC 2971: the server may answer NIL
-            return [Send(b"* ID NIL\r\n" + tag + b" OK ID completed.\r\n")]
+            return self._junk_reply(b"* ID NIL\r\n" + tag + b" OK ID completed.\r\n")
         if command not in (b"CAPABILITY", b"NOOP", b"LOGOUT", b"STARTTLS", b"LOGIN",
                            b"AUTHENTICATE"):
             raise _Bad("Command not allowed before login.")
         args = _tokens(pieces)
         if command == b"CAPABILITY" and not args:
-            return [Send(f"* CAPABILITY {self.capabilities()}\r\n".encode() + tag +
-                         b" OK Capability completed.\r\n")]
+            return self._junk_reply(f"* CAPABILITY {self.capabilities()}\r\n".encode() + tag +
+                                    b" OK Capability completed.\r\n")
         if command == b"NOOP" and not args:
-            return [Send(tag + b" OK NOOP completed.\r\n")]
+            return self._junk_reply(tag + b" OK NOOP completed.\r\n")
         if command == b"LOGOUT" and not args:
             self._state = "closed"
             return [Send(b"* BYE Logging out.\r\n" + tag + b" OK Logout completed.\r\n"),
@@ -274,7 +300,9 @@ class ImapPreAuth:
         raise _Bad(f"Invalid arguments to {command.decode()}.")
 
     def _login(self, user: str, password: str, mechanism: str) -> list[Event]:
-        if not (user and password and is_clean(user) and is_clean(password)):
+        if user and not is_clean_name(user):
+            raise _Bad("Control characters in the user name.")
+        if not (user and password and is_clean(password)):
             raise _Bad("Empty or invalid user name or password.")
         self._state = "login"
         return [Login(user=user, password=Secret(password), mechanism=mechanism)]
@@ -304,8 +332,8 @@ class ImapPreAuth:
                 return self._login(user, password, "plain")
             if not self._sasl_user:
                 self._sasl_user = decode_text(payload)
-                if not self._sasl_user:
-                    raise SaslError("empty user name")
+                if not self._sasl_user or not is_clean_name(self._sasl_user):
+                    raise SaslError("empty user name or control characters in it")
                 return [Send(b"+ " + LOGIN_PASS_PROMPT + b"\r\n")]
             self._state = "command"
             return self._login(self._sasl_user, decode_text(payload), "sasl-login")

@@ -4,24 +4,29 @@ When a reload changes the way to the upstream (its proxy or tunnel, credentials,
 sessions that logged in the old way end at their next safe point, so the platform
 reconnects the new way (``on_upstream_change = "reconnect"``), or are left alone
 (``"keep"``); sessions still before login simply log in the new way.
+Connections are accepted by ``relay.acceptloop`` (which backs off when the process is out
+of descriptors) and admitted per client network (``relay.connlimits``); a client network
+refused after failed logins is told so before its greeting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 from collections.abc import Callable
 
+from relay.acceptloop import AcceptLoop, bind_tcp
 from relay.config.schema import ListenerConfig, UpstreamConfig
-from relay.connlimits import ConnectionCounter, descriptors_for
+from relay.connlimits import METRIC_REASON, ConnectionCounter, Limits, descriptors_for
 from relay.errors import ConfigError
 from relay.metrics import Metrics
 from relay.proxy.pump import Channel
 from relay.proxy.session import Authenticator, ProxySession, SessionContext
 from relay.proxy.upstream import TokenFor
 from relay.proxy.upstream_path import UpstreamPath
-from relay.throttle import FailureThrottle
+from relay.throttle import FailureThrottle, client_key
 from relay.tls import client_context, server_context
 from relay.transports.base import Transport
 
@@ -36,9 +41,13 @@ class ProxyListener:
                  transport_for: Callable[[UpstreamConfig], Transport],
                  token_for: TokenFor | None = None, metrics: Metrics | None = None,
                  fail_delay: float = 1.0, fail_delay_max: float = 8.0,
-                 kernel_splice: bool = True, path: UpstreamPath | None = None) -> None:
+                 kernel_splice: bool = True, path: UpstreamPath | None = None,
+                 accounts: FailureThrottle | None = None) -> None:
+        """``accounts``: the per-account login throttle every listener of the process
+        shares (a distributed guess at one account is refused on all of them)."""
         self._kernel_splice = kernel_splice
-        self._server: asyncio.Server | None = None
+        self._accounts = accounts
+        self._server: AcceptLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._sessions: dict[ProxySession, None] = {}
         self._fail_delay = (fail_delay, fail_delay_max)
@@ -59,13 +68,17 @@ class ProxyListener:
         server_tls = None
         if cfg.tls != "none":
             server_tls = server_context(cfg, old.server_tls if old else None)
+        network = functools.partial(client_key, ipv4_prefix=cfg.client_ipv4_prefix,
+                                    ipv6_prefix=cfg.client_ipv6_prefix)
         if old is not None:                       # keep what clients already earned
             failures = old.failures
-            failures.configure(limit=cfg.auth_fail_limit, window=cfg.auth_fail_window)
+            failures.configure(limit=cfg.auth_fail_limit, window=cfg.auth_fail_window,
+                               key=network)
         else:
             failures = FailureThrottle(limit=cfg.auth_fail_limit, window=cfg.auth_fail_window,
                                        base_delay=self._fail_delay[0],
-                                       max_delay=self._fail_delay[1])
+                                       max_delay=self._fail_delay[1], key=network,
+                                       accounts=self._accounts, metrics=metrics)
         return SessionContext(
             listener=cfg, upstream=upstream, authenticator=authenticator,
             transport_for=transport_for, token_for=token_for, metrics=metrics,
@@ -76,20 +89,20 @@ class ProxyListener:
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self._ctx.listener
-        loop = asyncio.get_running_loop()
         implicit = cfg.tls == "implicit"
         try:
-            self._server = await loop.create_server(
-                self._accept, cfg.listen.host, cfg.listen.port, backlog=1024,
-                ssl=self._ctx.server_tls if implicit else None,
-                ssl_handshake_timeout=cfg.login_timeout if implicit else None,
-                reuse_address=True)
+            socks = bind_tcp(cfg.listen.host, cfg.listen.port, backlog=1024)
         except OSError as exc:
             raise ConfigError(f"listener {cfg.name}: cannot listen on {cfg.listen}: "
                               f"{exc.strerror or exc}", key="listener.listen",
                               line=cfg.line or None,
                               hint="another process may use the port, or binding below "
                                    "1024 needs CAP_NET_BIND_SERVICE") from exc
+        self._server = AcceptLoop(cfg.name, socks, self._accept,
+                                  tls=self._ctx.server_tls if implicit else None,
+                                  handshake_timeout=cfg.tls_handshake_timeout,
+                                  metrics=self._ctx.metrics)
+        self._server.start()
         soft = descriptors_for(2 * cfg.max_connections + 64)
         if cfg.max_connections and soft < 2 * cfg.max_connections + 64:
             log.warning("listener %s: max_connections = %d needs about %d file descriptors "
@@ -99,6 +112,7 @@ class ProxyListener:
         if self._ctx.metrics is not None:
             self._ctx.metrics.proxy_sessions.labels(cfg.name).set(0)
             self._ctx.metrics.proxy_sessions_total.labels(cfg.name)
+            self._ctx.metrics.declare_hostile(cfg.name, cfg.protocol)
         log.info("proxy listener %s (%s, tls=%s) on %s → upstream %s", cfg.name, cfg.protocol,
                  cfg.tls, self.address, self._ctx.upstream.name)
 
@@ -205,9 +219,11 @@ class ProxyListener:
         sock = ch.transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        refuse = "auth_refused" if ctx.failures.blocked(addr) else self._counter.admit(
-            addr, total=ctx.listener.max_connections,
-            per_client=ctx.listener.max_connections_per_client)
+        refuse: str | None
+        if ctx.failures.blocked(addr):
+            refuse, slot = "auth_refused", ""
+        else:
+            refuse, slot = self._counter.admit(addr, Limits.of(ctx.listener))
         session = ProxySession(ctx, ch, (addr, int(peer[1])))
         m = ctx.metrics
         if refuse is None:
@@ -217,15 +233,17 @@ class ProxyListener:
                 m.proxy_sessions_total.labels(ctx.listener.name).inc()
         elif m is not None:
             m.proxy_login_failures.labels(ctx.listener.name, refuse).inc()
+            if refuse in METRIC_REASON:
+                m.connections_refused.labels(ctx.listener.name, METRIC_REASON[refuse]).inc()
         task = asyncio.get_running_loop().create_task(session.run(refuse))
         self._tasks.add(task)
-        task.add_done_callback(lambda t: self._done(t, session, addr, refuse is None))
+        task.add_done_callback(lambda t: self._done(t, session, slot, refuse is None))
 
-    def _done(self, task: asyncio.Task[None], session: ProxySession, addr: str,
+    def _done(self, task: asyncio.Task[None], session: ProxySession, slot: str,
               admitted: bool) -> None:
         self._tasks.discard(task)
         if admitted:
             self._sessions.pop(session, None)
-            self._counter.release(addr)
+            self._counter.release(slot)
             if session.ctx.metrics is not None:
                 session.ctx.metrics.proxy_sessions.labels(session.ctx.listener.name).dec()

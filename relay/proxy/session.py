@@ -5,6 +5,11 @@ The session drives a sans-IO machine (``ImapPreAuth``/``Pop3PreAuth``) over the 
 logs in through the upstream's transport, answers the client, and splices the two
 channels until either side closes or the post-login idle timeout passes. It writes one
 log line when it ends and never logs a password or token.
+
+Before login the client has ``login_timeout`` in all (a deadline from its connection,
+not an idle timer: bytes trickled one at a time do not extend it), and a STARTTLS
+handshake ``tls_handshake_timeout``; a failed or stalled handshake is one INFO line.
+Failed logins count against the client's network and the account (``relay.throttle``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from relay.acceptloop import note_tls_failure
 from relay.config.schema import ListenerConfig, Secret, UpstreamConfig
 from relay.errors import OAuthError, ProxyUpstreamError, RelayError, TransportError
 from relay.maillog import censor
@@ -78,9 +84,9 @@ def _fmt(value: object) -> str:
 class ProxySession:
     """A client connection from greeting to close."""
 
-    __slots__ = ("_idle_handle", "addr", "client", "ctx", "end", "flushed", "machine", "peer",
-                 "reconnecting", "spliced", "started", "to_upstream_extra", "upstream", "user",
-                 "watch")
+    __slots__ = ("_idle_handle", "addr", "client", "ctx", "deadline", "end", "flushed",
+                 "machine", "peer", "reconnecting", "spliced", "started", "to_upstream_extra",
+                 "upstream", "user", "watch")
 
     def __init__(self, ctx: SessionContext, client: Channel, peer: tuple[str, int]) -> None:
         self.ctx = ctx
@@ -91,12 +97,14 @@ class ProxySession:
         kind = ImapPreAuth if cfg.protocol == "imap" else Pop3PreAuth
         self.machine: PreAuth = kind(tls_mode=cfg.tls, tls_active=cfg.tls == "implicit",
                                      max_line=cfg.max_line,
-                                     allow_plaintext_auth=cfg.allow_plaintext_auth)
+                                     allow_plaintext_auth=cfg.allow_plaintext_auth,
+                                     max_junk=cfg.max_junk_commands)
         self.upstream: Channel | None = None
         self.spliced: TransportSplice | zerocopy.KernelSplice | None = None
         self.user = ""
         self.end = "unknown"
         self.started = time.monotonic()
+        self.deadline = 0.0                   # loop time by which the client must log in
         self.to_upstream_extra = 0
         self.flushed = [0, 0]
         self._idle_handle: asyncio.TimerHandle | None = None
@@ -116,7 +124,8 @@ class ProxySession:
             if await self._preauth():
                 await self._spliced()
         except ChannelClosed:
-            self.end = "client_closed" if self.upstream is None else self.end
+            if self.upstream is None and self.end == "unknown":
+                self.end = "client_closed"
         except Exception:
             self.end = "internal_error"
             log.exception("proxy session from %s failed", self.addr)
@@ -164,13 +173,16 @@ class ProxySession:
     async def _preauth(self) -> bool:
         """Run the pre-auth conversation; True once logged in upstream and ready to splice."""
         cfg = self.ctx.listener
+        loop = asyncio.get_running_loop()
+        self.deadline = loop.time() + cfg.login_timeout
         while True:
             try:
-                async with asyncio.timeout(cfg.login_timeout):
+                async with asyncio.timeout_at(self.deadline):
                     data = await self.client.read_some()
             except TimeoutError:
                 self.client.write(self.machine.timed_out())
                 self.end = "login_timeout"
+                self._closed_because("login_deadline")
                 return False
             events: deque[Event] = deque(self.machine.receive(data))
             while events:
@@ -181,26 +193,41 @@ class ProxySession:
                     self.end = ev.reason
                     if ev.reason not in ("logout", "refused"):    # refusals counted already
                         self._count_failure(ev.reason)
+                    if ev.reason in ("junk", "not_protocol"):
+                        self._closed_because(ev.reason)
                     return False
                 elif isinstance(ev, StartTls):
-                    await self._start_tls()
+                    if not await self._start_tls():
+                        return False
                 elif isinstance(ev, Login):
                     why = await self._login(ev)
                     if why is None:
                         return True
                     events.extend(self.machine.login_failed(why))
 
-    async def _start_tls(self) -> None:
+    async def _start_tls(self) -> bool:
+        """Upgrade the client connection; False (one INFO line) when the handshake failed."""
         ctx = self.ctx.server_tls
         assert ctx is not None
+        cfg = self.ctx.listener
         await self.client.drain()
+        left = self.deadline - asyncio.get_running_loop().time()     # the login deadline
+        timeout = max(0.001, min(cfg.tls_handshake_timeout, left))
         try:
-            await self.client.start_tls(ctx, server_side=True,
-                                        timeout=self.ctx.listener.login_timeout)
+            await self.client.start_tls(ctx, server_side=True, timeout=timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
-            self.end = "tls_failed"
-            raise ChannelClosed(f"TLS handshake with the client failed: {exc}") from exc
+            stalled = isinstance(exc, TimeoutError) or "taking longer" in str(exc)
+            self.end = "tls_timeout" if stalled else "tls_failed"
+            self._closed_because(self.end)
+            note_tls_failure(cfg.name, self.addr, exc, stalled=stalled,
+                             metrics=self.ctx.metrics, timeout=timeout)
+            return False
         self.machine.tls_started()
+        return True
+
+    def _closed_because(self, reason: str) -> None:
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.sessions_closed.labels(self.ctx.listener.name, reason).inc()
 
     def _count_failure(self, reason: str) -> None:
         if self.ctx.metrics is not None:
@@ -209,10 +236,14 @@ class ProxySession:
     async def _login(self, ev: Login) -> LoginFailure | None:
         ctx = self.ctx
         self.user = ev.user
-        if ctx.failures.blocked(self.addr):
+        refusal = ctx.failures.refusal(self.addr, ev.user)
+        if refusal == "network":
             self._count_failure("refused")
             self.end = "auth_refused"
             return "refused"
+        if refusal == "account":                  # its password is not even checked
+            self._count_failure("account_locked")
+            return "account_locked"
         try:
             creds = await ctx.authenticator.login(ev.user, ev.password)
         except RelayError as exc:
@@ -221,14 +252,14 @@ class ProxySession:
             self._count_failure("config")
             return "unavailable"
         if creds is None:
-            return await self._bad_credentials("bad_credentials")
+            return await self._bad_credentials("bad_credentials", ev.user)
         try:
             result = await login_upstream(
                 ctx.upstream, creds, transport=ctx.transport_for(ctx.upstream),
                 token_for=ctx.token_for, tls_context=ctx.upstream_tls, metrics=ctx.metrics)
         except ProxyUpstreamError as exc:
             if exc.credentials and ctx.authenticator.passthrough:
-                return await self._bad_credentials("upstream_refused")
+                return await self._bad_credentials("upstream_refused", ev.user)
             log.warning("proxy login for %s on %s: %s", _fmt(ev.user), ctx.listener.name,
                         exc.explain())
             self._count_failure(exc.reason)
@@ -251,7 +282,7 @@ class ProxySession:
                         ctx.listener.name, exc.explain())
             self._count_failure("token")
             return "unavailable"
-        ctx.failures.success(self.addr)
+        ctx.failures.success(self.addr, ev.user)
         self._logged_in_through(ctx)
         self.upstream = result.channel
         self.client.write(self.machine.login_succeeded(result.capability, result.untagged))
@@ -278,12 +309,14 @@ class ProxySession:
             self.reconnect(self.reconnecting)
         return None
 
-    async def _bad_credentials(self, reason: str) -> LoginFailure:
+    async def _bad_credentials(self, reason: str, user: str) -> LoginFailure:
         self._count_failure(reason)
-        delay, refused = self.ctx.failures.failure(self.addr)
+        cfg = self.ctx.listener
+        delay, refused = self.ctx.failures.failure(self.addr, user, listener=cfg.name,
+                                                   protocol=cfg.protocol)
         if delay:
             await asyncio.sleep(delay)            # slow down guessing, as servers do
-        if refused:
+        if refused and self.ctx.failures.refusal(self.addr) == "network":
             self.end = "auth_refused"
             return "refused"
         return "credentials"

@@ -3,7 +3,10 @@
 A wrong password gets ``535 5.7.8`` at once (the first time) and after a growing delay
 on repeats from the same address; at the listener's ``auth_fail_limit`` the session is
 closed with ``421 4.7.0`` and the address is refused AUTH (``454 4.7.0``) for
-``auth_fail_window`` seconds. Credentials and AUTH payloads are never logged.
+``auth_fail_window`` seconds. Failures are also counted per account, from every address
+and listener (``relay.throttle``): at ``account_fail_limit`` the account is refused
+(``454 4.7.0``, its password not even checked) for ``account_fail_window``.
+Credentials and AUTH payloads are never logged.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def _b64(text: bytes) -> bytes:
 
 
 async def _response(session: RelaySMTP, challenge: bytes) -> bytes:
+    session.screening = False                   # a SASL response is not a command line
     await session.send_lines([f"334 {base64.b64encode(challenge).decode()}"])
     try:
         line = await session.reader.readuntil(b"\n")
@@ -46,6 +50,8 @@ async def _response(session: RelaySMTP, challenge: bytes) -> bytes:
     except asyncio.IncompleteReadError:
         session.close()
         raise _Abort("") from None
+    finally:
+        session.screening = True
     if len(line) > MAX_RESPONSE:
         raise _Abort("500 5.5.6 Authentication response too long")
     line = line.rstrip(b"\r\n")
@@ -114,9 +120,14 @@ async def run_auth(session: RelaySMTP, arg: str | None) -> None:
     user = ""
     if creds is not None:
         user, password = creds
+        if ctx.throttle.refusal(ip, user) == "account":     # its password is not checked
+            ctx.refused(Refusal.from_reply(replies.AUTH_BLOCKED, "auth_blocked"),
+                        info=session.info(), client=ip, stage="AUTH")
+            await session.push(replies.AUTH_BLOCKED)
+            return
         ok = await asyncio.to_thread(ctx.users.verify_sync, user, password)
     if ok:
-        ctx.throttle.success(ip)
+        ctx.throttle.success(ip, user)
         session._auth_user = user
         session.state.authenticated = True
         log.info("%s: %s authenticated as %r (%s)", ctx.cfg.name, ip, user, mechanism)
@@ -124,14 +135,13 @@ async def run_auth(session: RelaySMTP, arg: str | None) -> None:
         return
     if ctx.metrics is not None:
         ctx.metrics.auth_failures.labels(ctx.cfg.name, "smtp").inc()
-    delay, blocked = ctx.throttle.failure(ip)
+    delay, blocked = ctx.throttle.failure(ip, user or None, listener=ctx.cfg.name,
+                                          protocol="smtp")
     ctx.maillog.rejected(client=f"{ip}[{ctx.cfg.name}]", stage="AUTH", reason="auth_failed",
                          mechanism=mechanism, user=user or None)
     if delay:
         await asyncio.sleep(delay)              # the throttle itself, not a wait for state
-    if blocked:
-        log.warning("%s: %s reached %d failed AUTH attempts; refused for %.0fs",
-                    ctx.cfg.name, ip, ctx.throttle.limit, ctx.throttle.window)
+    if blocked and ctx.throttle.refusal(ip) == "network":   # this client: goodbye
         await session.push(replies.AUTH_CLOSING)
         session.close()
         return

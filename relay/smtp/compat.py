@@ -10,7 +10,12 @@ API lives here, nowhere else, behind stable names (``AiosmtpdSession``):
 - the stream reader and writer, whether STARTTLS is active, resetting the transaction,
   the end-of-DATA state, the command timer, and hooks at session start and on timeout;
 - ``unread`` gives bytes read past the end of DATA back to the stream reader, which has
-  no public way to do so; ``has_line`` peeks whether the next command is already there.
+  no public way to do so; ``has_line`` peeks whether the next command is already there;
+- commands aiosmtpd does not know go to ``on_unknown_command`` (instead of its own
+  budget of five), its own syntax-error replies to ``on_syntax_error``, the first bytes
+  of each command line to ``screen`` (non-SMTP input), a failed STARTTLS handshake to
+  ``on_tls_failed`` (one INFO line instead of a traceback), and ``keep_deadline`` lets a
+  command leave the command deadline where it was (junk does not extend it).
 
 ``pyproject.toml`` pins the aiosmtpd releases this was checked against, and
 ``tests/smtp/test_aiosmtpd_canary.py`` fails loudly when an aiosmtpd release changes
@@ -25,7 +30,7 @@ import ssl
 from collections import defaultdict
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import SMTP, Session, TLSSetupException
 
 from relay.smtp import replies
 
@@ -45,9 +50,16 @@ RELIES_ON: dict[str, tuple[str, ...] | None] = {
     "_reader": None,                        # attributes set by the stream protocol
     "_writer": None,
     "_tls_protocol": None,
+    "_original_transport": None,            # set by STARTTLS: a handshake under way
     "_timeout_handle": None,
     "_timeout_duration": None,
+    "_smtp_methods": None,                  # replaced: unknown verbs come to relay
+    "handle_exception": ("error",),         # extended: a failed STARTTLS is not an error
 }
+
+# aiosmtpd's own replies to lines it cannot parse (empty, not ASCII, too long): junk.
+SYNTAX_ERRORS = frozenset({"500 Error: bad syntax", "500 Command line too long",
+                           "500 Error: strict ASCII mode"})
 
 
 class _Hooks:
@@ -59,6 +71,24 @@ class _Hooks:
 
 
 _HOOKS = _Hooks()
+
+
+class _Verbs(dict[str, Any]):
+    """``SMTP._smtp_methods``: a verb aiosmtpd looks up and does not know goes to relay."""
+
+    def __init__(self, session: Any) -> None:
+        super().__init__((name, getattr(session, f"smtp_{name}"))
+                         for name in commands(type(session)))
+        self._unknown = session.on_unknown_command
+
+    def get(self, verb: str, default: Any = None) -> Any:
+        method = super().get(verb)
+        if method is not None:
+            return method
+
+        async def unknown(arg: str | None) -> None:
+            await self._unknown(verb, arg)
+        return unknown
 
 
 def commands(cls: type) -> tuple[str, ...]:
@@ -104,8 +134,7 @@ def init_aiosmtpd_state(session: Any, *, loop: asyncio.AbstractEventLoop, hostna
     session._auth_methods = {}
     session._handle_hooks = {}
     session._ehlo_hook_ver = None
-    session._smtp_methods = {name: getattr(session, f"smtp_{name}")
-                             for name in commands(type(session))}
+    session._smtp_methods = _Verbs(session)
     session._enforce_call_limit = False
 
 
@@ -129,11 +158,13 @@ class AiosmtpdSession(SMTP):
 
     _deadline: float
     _timer_at: float
+    _previous_deadline: float
 
     def init_state(self, *, hostname: str, data_size_limit: int, timeout: float,
                    tls_context: ssl.SSLContext | None, auth_require_tls: bool) -> None:
         self._deadline = 0.0
         self._timer_at = 0.0
+        self._previous_deadline = 0.0
         init_aiosmtpd_state(self, loop=asyncio.get_running_loop(), hostname=hostname,
                             data_size_limit=data_size_limit, timeout=timeout,
                             tls_context=tls_context, auth_require_tls=auth_require_tls)
@@ -178,16 +209,55 @@ class AiosmtpdSession(SMTP):
     def on_end_of_data(self) -> None:
         """Called when aiosmtpd returns to the post-DATA state."""
 
+    async def on_unknown_command(self, verb: str, arg: str | None) -> None:
+        """A command line whose verb no ``smtp_*`` method handles."""
+
+    def on_syntax_error(self) -> None:
+        """aiosmtpd is about to answer a line it could not parse (``SYNTAX_ERRORS``)."""
+
+    def screen(self, data: bytes) -> bool:
+        """The first bytes of a command line (the stream had none buffered): False drops
+        them (the session has decided to close)."""
+        return True
+
+    def on_tls_failed(self, error: BaseException) -> None:
+        """The STARTTLS handshake failed (aiosmtpd closes the connection next)."""
+
+    # --- stream -----------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if data and not self._reader._buffer and not self.screen(data):  # type: ignore[attr-defined]
+            return
+        super().data_received(data)
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            self.on_tls_failed(error.__cause__ or error)
+            return ""                           # aiosmtpd closes without replying
+        return await super().handle_exception(error)
+
+    def is_syntax_error(self, status: str) -> bool:
+        """True for aiosmtpd's own replies to unparsable lines (relay counts them)."""
+        return status in SYNTAX_ERRORS
+
     # --- the overrides of aiosmtpd internals ------------------------------------------------
 
     def reset_timer(self, duration: float | None = None) -> None:
         """(Re)start the command timer: ``duration`` or the listener's command timeout."""
         self._reset_timeout(duration)
 
+    def keep_deadline(self) -> None:
+        """Undo the command timer's last restart: the deadline stays where it was."""
+        self._set_deadline(self._previous_deadline)
+
     def _reset_timeout(self, duration: float | None = None) -> None:
+        self._previous_deadline = self._deadline
+        self._set_deadline(self.loop.time() + (duration or self._timeout_duration))
+
+    def _set_deadline(self, deadline: float) -> None:
         # One timer per session, re-armed only when it fires early: commands push the
         # deadline forward without a cancel and a new call_later each time.
-        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
         handle = self._timeout_handle
         if handle is None or handle.cancelled() or self._deadline < self._timer_at:
             if handle is not None:
@@ -206,7 +276,18 @@ class AiosmtpdSession(SMTP):
         if self.transport is None:               # already gone (timer re-armed late)
             return
         self.on_timeout()
+        handshaking = self.handshaking
         super()._timeout_cb()  # type: ignore[no-untyped-call]
+        if handshaking and self.transport is not None:
+            self.connection_lost(None)
+
+    @property
+    def handshaking(self) -> bool:
+        """True while a STARTTLS handshake is under way. Closing then aborts the socket,
+        but the TLS layer never made the connection, so it never reports it lost: the
+        closer calls ``connection_lost`` itself, as aiosmtpd's TLS-failure path does."""
+        return self._original_transport is not None and self.session is not None \
+            and self.session.ssl is None
 
     async def _handle_client(self) -> None:
         if await self.refuse_at_connect():

@@ -1,6 +1,7 @@
 """An SMTP listener in relay's own event loop: binding, TLS, sessions, reload, drain.
 
-``SmtpListener`` serves one ``[[listener]]`` with ``loop.create_server`` (no threads).
+``SmtpListener`` serves one ``[[listener]]`` with ``relay.acceptloop`` (no threads; it
+backs off instead of flooding the log when the process runs out of descriptors).
 Each session keeps the config it started with; ``reconfigure`` makes new sessions use a
 new config, users and TLS certificate. Shutdown is ``stop_accepting()`` then
 ``wait_closed(timeout)``: open sessions may finish, then the rest are told ``421 4.3.2``.
@@ -9,11 +10,13 @@ new config, users and TLS certificate. Shutdown is ``stop_accepting()`` then
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import ssl
 from typing import Any
 
+from relay.acceptloop import AcceptLoop, bind_tcp
 from relay.config.schema import ListenerConfig
 from relay.connlimits import ConnectionCounter
 from relay.errors import RelayError
@@ -22,7 +25,7 @@ from relay.metrics import Metrics
 from relay.smtp.handler import Context
 from relay.smtp.replies import REASONS
 from relay.smtp.server import RelaySMTP
-from relay.throttle import FailureThrottle
+from relay.throttle import FailureThrottle, client_key
 from relay.tls import server_context
 from relay.users import UserDB
 from relay.verdict import AcceptFn, Checks
@@ -37,27 +40,19 @@ def listen_backlog(cfg: ListenerConfig) -> int:
 def bind_listener_sockets(cfg: ListenerConfig) -> list[socket.socket]:
     """Bind ``cfg.listen`` as ``start()`` would (every address of a name), for listener
     processes to serve; RelayError with a hint when it cannot."""
-    socks: list[socket.socket] = []
     try:
-        infos = socket.getaddrinfo(cfg.listen.host or None, cfg.listen.port,
-                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        for family, kind, proto, _, addr in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
-            sock.listen(listen_backlog(cfg))
-            sock.setblocking(False)
+        return bind_tcp(cfg.listen.host, cfg.listen.port, backlog=listen_backlog(cfg))
     except OSError as exc:
-        for sock in socks:
-            sock.close()
         raise RelayError(
             f"listener {cfg.name}: cannot listen on {cfg.listen} ({exc.strerror or exc})",
             hint="another process may hold the port (ss -ltnp), or ports below 1024 "
                  "need root or CAP_NET_BIND_SERVICE") from None
-    return socks
+
+
+def client_network(cfg: ListenerConfig) -> functools.partial[str]:
+    """How the listener's limits and login throttle count a client's network."""
+    return functools.partial(client_key, ipv4_prefix=cfg.client_ipv4_prefix,
+                             ipv6_prefix=cfg.client_ipv6_prefix)
 
 
 class SmtpListener:
@@ -66,21 +61,26 @@ class SmtpListener:
     def __init__(self, cfg: ListenerConfig, *, hostname: str, accept: AcceptFn,
                  maillog: MailLog, checks: Checks | None = None, users: UserDB | None = None,
                  metrics: Metrics | None = None, auth_base_delay: float = 1.0,
-                 auth_max_delay: float = 8.0) -> None:
+                 auth_max_delay: float = 8.0, accounts: FailureThrottle | None = None) -> None:
+        """``accounts``: the per-account login throttle every listener of the process
+        shares (a distributed guess at one account is refused on all of them)."""
         if cfg.protocol != "smtp":
             raise ValueError(f"listener {cfg.name!r} is {cfg.protocol}, not smtp")
         self._throttle = FailureThrottle(limit=cfg.auth_fail_limit, window=cfg.auth_fail_window,
-                                      base_delay=auth_base_delay, max_delay=auth_max_delay)
+                                         base_delay=auth_base_delay, max_delay=auth_max_delay,
+                                         key=client_network(cfg), accounts=accounts,
+                                         metrics=metrics)
         self._connections = ConnectionCounter()
         self._sessions: set[RelaySMTP] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[AcceptLoop] = []
         self._ctx = self._context(cfg, hostname=hostname, accept=accept, maillog=maillog,
                                   checks=checks, users=users, metrics=metrics)
         if metrics is not None:
             metrics.smtp_sessions.labels(cfg.name).set(0)
             metrics.auth_failures.labels(cfg.name, "smtp")
+            metrics.declare_hostile(cfg.name, "smtp")
             for reason in REASONS:
                 metrics.messages_refused.labels(cfg.name, reason)
 
@@ -135,26 +135,18 @@ class SmtpListener:
         if cfg.tls == "implicit":
             server_ssl = server_context(cfg)
             server_ssl.sni_callback = self._sni
-        loop = asyncio.get_running_loop()
-        wheres: list[dict[str, Any]] = (
-            [{"sock": sock} for sock in socks] if socks is not None else
-            [{"host": cfg.listen.host, "port": cfg.listen.port, "reuse_address": True}])
-        try:
-            for where in wheres:
-                self._servers.append(await loop.create_server(
-                    self._factory, ssl=server_ssl, backlog=listen_backlog(cfg),
-                    ssl_handshake_timeout=(min(cfg.command_timeout, 60.0) if server_ssl
-                                           else None), **where))
-        except OSError as exc:
-            for server in self._servers:
-                server.close()
-            self._servers.clear()
-            raise RelayError(
-                f"listener {cfg.name}: cannot listen on {cfg.listen} ({exc.strerror})",
-                hint="another process may hold the port (ss -ltnp), or ports below 1024 "
-                     "need root or CAP_NET_BIND_SERVICE") from None
+        if socks is None:
+            socks = bind_listener_sockets(cfg)
+        server = AcceptLoop(cfg.name, socks, self._factory, tls=server_ssl,
+                            handshake_timeout=cfg.tls_handshake_timeout,
+                            metrics=self._ctx.metrics)
+        server.start()
+        self._servers.append(server)
         log.info("listener %s: SMTP on %s (tls=%s, auth=%s)", cfg.name,
                  ", ".join(f"{h}:{p}" for h, p in self.addresses), cfg.tls, cfg.auth)
+        if cfg.dangerously_allow_open_relay:
+            log.warning("listener %s IS AN OPEN RELAY (dangerously_allow_open_relay = true): "
+                        "anyone may send mail through it to any domain", cfg.name)
 
     def reconfigure(self, cfg: ListenerConfig, *, users: UserDB | None,
                     checks: Checks | None = None, accept: AcceptFn | None = None,
@@ -171,7 +163,8 @@ class SmtpListener:
         self._ctx = self._context(cfg, hostname=hostname or old.hostname,
                                   accept=accept or old.accept, maillog=old.maillog,
                                   checks=checks, users=users, metrics=old.metrics)
-        self._throttle.configure(limit=cfg.auth_fail_limit, window=cfg.auth_fail_window)
+        self._throttle.configure(limit=cfg.auth_fail_limit, window=cfg.auth_fail_window,
+                                 key=client_network(cfg))
 
     async def stop_accepting(self) -> None:
         """Stop taking new connections (open sessions carry on)."""

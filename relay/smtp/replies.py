@@ -63,6 +63,12 @@ DISK_FULL = "452 4.3.1 Insufficient system storage"
 LOCAL_ERROR = "451 4.3.0 Error: local error in processing; try again later"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Error: too many connections; try again later"
 TOO_MANY_FROM_CLIENT = "421 4.7.0 Error: too many connections from your address"
+RESERVED_FOR_OTHERS = ("421 4.7.0 Error: too many connections from your network while "
+                       "the server is busy; try again later")
+TOO_FAST = "421 4.7.0 Error: too many connections from your network; slow down"
+TOO_MUCH_JUNK = ("421 4.7.0 Error: too many NOOP, RSET, VRFY or unknown commands; "
+                 "closing connection")
+NOT_SMTP = "221 2.7.0 Error: this is an SMTP server; closing connection"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down; try again later"
 NEED_EHLO = "503 5.5.1 Error: send HELO/EHLO first"
 NEED_MAIL = "503 5.5.1 Error: need MAIL command"
@@ -72,6 +78,10 @@ NESTED_MAIL = "503 5.5.1 Error: nested MAIL command"
 
 def timeout_reply(hostname: str) -> str:
     return f"421 4.4.2 {hostname} Error: timeout exceeded"
+
+
+def data_deadline_reply(hostname: str) -> str:
+    return f"421 4.4.2 {hostname} Error: message data arrived too slowly; closing connection"
 
 
 def queued(queue_id: str) -> str:

@@ -5,6 +5,9 @@ EHLO (PIPELINING, SIZE, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, STARTTLS, AUTH)
 RCPT (strict address policy and relay decision), AUTH (PLAIN, LOGIN against the users
 file, off the loop, with throttling), DATA (the chunked sans-IO reader of ``data.py``),
 timeouts (a ``421 4.4.2`` before closing) and adds enhanced status codes to every reply.
+Against hostile clients (``session_limits.py``): per-network admission (``connlimits``),
+a cap on junk commands, non-SMTP input closed at once, a deadline for the whole DATA and
+for the STARTTLS handshake, and junk that never extends the command deadline.
 """
 
 from __future__ import annotations
@@ -14,11 +17,18 @@ import ipaddress
 import logging
 from typing import Any
 
-from relay.connlimits import TOO_MANY
+from relay.connlimits import (
+    METRIC_REASON,
+    RESERVED,
+    TOO_FAST,
+    TOO_MANY,
+    TOO_MANY_FROM_CLIENT,
+    Limits,
+)
 from relay.smtp import replies
 from relay.smtp.auth import run_auth
-from relay.smtp.compat import AiosmtpdSession, has_line, unread
-from relay.smtp.data import DataReader, Event
+from relay.smtp.compat import has_line
+from relay.smtp.defences import DefendedSession
 from relay.smtp.handler import Context, Transaction, finish_message
 from relay.smtp.policy import (
     domain_of,
@@ -32,11 +42,13 @@ from relay.verdict import Refusal, SessionInfo
 
 log = logging.getLogger("relay.smtp")
 
-READ_CHUNK = 65536
 _RAW = ("220 ", "220-", "334 ", "354 ")     # no enhanced code (greeting, challenges, 354)
+_REFUSALS = {TOO_MANY: replies.TOO_MANY_CONNECTIONS,
+             TOO_MANY_FROM_CLIENT: replies.TOO_MANY_FROM_CLIENT,
+             RESERVED: replies.RESERVED_FOR_OTHERS, TOO_FAST: replies.TOO_FAST}
 
 
-class RelaySMTP(AiosmtpdSession):
+class RelaySMTP(DefendedSession):
     """An SMTP session of a relay listener."""
 
     line_length_limit = 32768          # StreamReader limit; command lines are checked below
@@ -54,8 +66,9 @@ class RelaySMTP(AiosmtpdSession):
         self._counted = False
         self._finishing = False                 # storing a message: shutdown waits for it
         self._pipelinable = False               # the reply being made may wait (PIPELINING)
-        self._held: list[bytes] = []
         self._closing = False
+        self._slot = ""                         # the client network's connection slot
+        self.init_defences()
         self.init_state(hostname=ctx.hostname, data_size_limit=cfg.max_message_size,
                         timeout=cfg.command_timeout,
                         tls_context=ctx.tls_context if cfg.tls == "starttls" else None,
@@ -68,6 +81,7 @@ class RelaySMTP(AiosmtpdSession):
         super().connection_made(transport)
         if not first:                            # STARTTLS finished: forget pre-TLS state
             self._auth_user = ""
+            self.tls_done()
             return
         peer = transport.get_extra_info("peername") or ("", 0)
         self._client_ip, self._client_port = str(peer[0]), int(peer[1])
@@ -80,19 +94,20 @@ class RelaySMTP(AiosmtpdSession):
             self._allowlisted = any(ip in net for net in cfg.allow)
         except ValueError:
             self._allowlisted = False
-        refused = self.ctx.connections.admit(self._client_ip, total=cfg.max_connections,
-                                             per_client=cfg.max_connections_per_client)
-        self._refused_reply = (None if refused is None else replies.TOO_MANY_CONNECTIONS
-                               if refused == TOO_MANY else replies.TOO_MANY_FROM_CLIENT)
-        if self._refused_reply is None:
+        refused, self._slot = self.ctx.connections.admit(self._client_ip, Limits.of(cfg))
+        self._refused_reply = None if refused is None else _REFUSALS[refused]
+        metrics = self.ctx.metrics
+        if refused is None:
             self._counted = True
-            if self.ctx.metrics is not None:
-                self.ctx.metrics.smtp_sessions.labels(cfg.name).inc()
+            if metrics is not None:
+                metrics.smtp_sessions.labels(cfg.name).inc()
+        elif metrics is not None:
+            metrics.connections_refused.labels(cfg.name, METRIC_REASON[refused]).inc()
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._counted:
             self._counted = False
-            self.ctx.connections.release(self._client_ip)
+            self.ctx.connections.release(self._slot)
             if self.ctx.metrics is not None:
                 self.ctx.metrics.smtp_sessions.labels(self.ctx.cfg.name).dec()
         super().connection_lost(error)
@@ -105,11 +120,6 @@ class RelaySMTP(AiosmtpdSession):
         await self.push(self._refused_reply)
         self.close()
         return True
-
-    def on_timeout(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            log.info("%s: %s timed out", self.ctx.cfg.name, self._client_ip)
-            self._write_now(replies.timeout_reply(self.hostname))
 
     def shutdown(self) -> None:
         """Tell the client the service is going away and close (used after drain timeout).
@@ -124,6 +134,9 @@ class RelaySMTP(AiosmtpdSession):
             self.close()
 
     async def push(self, status: Any) -> None:
+        if isinstance(status, str) and self.is_syntax_error(status) and \
+                await self.junk_command(counted_as_command=False):
+            return
         if isinstance(status, str):
             if not status.startswith(_RAW):
                 status = with_enhanced(status)
@@ -139,28 +152,11 @@ class RelaySMTP(AiosmtpdSession):
                 return
         await self._send(data)
 
-    async def _send(self, data: bytes) -> None:
-        if self._held:
-            data = b"".join(self._held) + data
-            self._held.clear()
-        self.writer.write(data)
-        await self.writer.drain()
-
     async def send_lines(self, lines: list[str]) -> None:
         await self._send("".join(f"{line}\r\n" for line in lines).encode())
 
     def on_end_of_data(self) -> None:
         self._txn = None
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def _write_now(self, line: str) -> None:
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport):
-            transport.write(b"".join(self._held) + line.encode() + b"\r\n")
-            self._held.clear()
 
     # --- session facts ------------------------------------------------------------------
 
@@ -221,9 +217,13 @@ class RelaySMTP(AiosmtpdSession):
         if self.tls_context is None:
             await self.push("502 5.5.1 Error: STARTTLS not offered on this listener")
             return
+        if not arg:
+            self.start_tls_deadline()
         await super().smtp_STARTTLS(arg)
 
     async def smtp_RSET(self, arg: str) -> None:
+        if await self.junk_command():
+            return
         self._pipelinable = True
         await super().smtp_RSET(arg)
 
@@ -302,8 +302,10 @@ class RelaySMTP(AiosmtpdSession):
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
+        self.screening = False                  # message lines may start with anything
         await self.push(replies.START_DATA)
-        event = await self._read_data()
+        event = await self.read_data()
+        self.screening = True
         if event is None:
             return
         self._txn = None
@@ -321,23 +323,11 @@ class RelaySMTP(AiosmtpdSession):
             self._finishing = False
         self.end_of_data()
         self.reset_timer()
+        if reply.startswith("250"):
+            self.message_accepted()
         await self.push(reply)
         if self._closing:
             self.shutdown()
-
-    async def _read_data(self) -> Event | None:
-        reader = DataReader(self.ctx.cfg.max_message_size)
-        while True:
-            self.reset_timer(self.ctx.cfg.data_timeout)
-            chunk = await self.reader.read(READ_CHUNK)
-            if not chunk:                       # client went away mid-DATA: nothing queued
-                self.close()
-                return None
-            event = reader.feed(chunk)
-            if event is not None:
-                if event.leftover:
-                    unread(self.reader, event.leftover)
-                return event
 
     async def smtp_AUTH(self, arg: str | None) -> None:
         await run_auth(self, arg)

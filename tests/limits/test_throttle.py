@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
+from relay.metrics import Metrics
 from relay.throttle import FailureThrottle, client_key
 
 pytestmark = pytest.mark.fast
@@ -71,3 +74,83 @@ def test_memory_is_bounded() -> None:
         now[0] = float(i)
         t.failure(f"10.0.{i // 256}.{i % 256}")
     assert len(t._failures) <= 100
+
+
+# --- per account, and across processes ------------------------------------------------------
+
+def accounts_pair(now: list[float], **kw: object) -> tuple[FailureThrottle, FailureThrottle]:
+    accounts = FailureThrottle.for_accounts(limit=4, window=100, base_delay=1, max_delay=3,
+                                            clock=lambda: now[0], **kw)  # type: ignore[arg-type]
+    network = FailureThrottle(limit=5, window=100, base_delay=1, max_delay=3,
+                              clock=lambda: now[0], accounts=accounts)
+    return network, accounts
+
+
+def test_one_account_guessed_from_many_addresses_is_refused_for_everyone() -> None:
+    now = [0.0]
+    network, _ = accounts_pair(now)
+    outcomes = [network.failure(f"192.0.2.{i}", "Alice") for i in range(1, 5)]
+    assert outcomes == [(0.0, False), (1.0, False), (2.0, False), (0.0, True)]
+    assert network.refusal("198.51.100.7", "alice") == "account"      # case-insensitive
+    assert network.refusal("198.51.100.7", "bob") is None
+    assert network.refusal("198.51.100.7") is None                     # its network is fine
+    now[0] = 101.0
+    assert network.refusal("198.51.100.7", "alice") is None
+
+
+def test_a_success_clears_the_account_and_the_network() -> None:
+    now = [0.0]
+    network, _ = accounts_pair(now)
+    for i in range(3):
+        network.failure(f"192.0.2.{i}", "alice")
+    network.success("192.0.2.0", "alice")
+    assert network.failure("192.0.2.9", "alice") == (0.0, False)      # counting from 1 again
+    assert network.failures("192.0.2.0") == 0
+
+
+def test_the_lockout_is_logged_once_naming_the_account_and_counted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    metrics = Metrics()
+    network, _ = accounts_pair(now, metrics=metrics)
+    caplog.set_level(logging.WARNING, logger="relay.auth")
+    for i in range(6):
+        network.failure(f"192.0.2.{i}", "al\x1bice", listener="platform", protocol="smtp")
+    [line] = [r.getMessage() for r in caplog.records]
+    assert 'account "al\\x1bice" reached 4 failed logins' in line
+    assert "192.0.2.3 on listener platform, smtp" in line
+    assert metrics.registry.get_sample_value(
+        "relay_auth_lockouts_total", {"protocol": "smtp", "scope": "account"}) == 1
+
+
+def test_a_replica_forwards_its_failures_and_takes_lockouts_from_the_main_process(
+        caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    caplog.set_level(logging.INFO, logger="relay.auth")
+    locked: list[tuple[str, float]] = []
+    main = FailureThrottle.for_accounts(limit=3, window=60, clock=lambda: now[0],
+                                        on_lock=lambda a, s: locked.append((a, s)))
+    sent: list[tuple[str, str, str, str]] = []
+    replica = FailureThrottle.for_accounts(limit=3, window=60, clock=lambda: now[0],
+                                           quiet=True, on_failure=lambda *a: sent.append(a))
+    replica.failure("alice")                                   # seen by a listener process
+    main.failed_elsewhere(*sent[-1])                           # ... forwarded to main
+    main.failed_elsewhere("alice", "192.0.2.8", "mailbox", "imap")   # IMAP in main
+    assert not locked
+    replica.failure("alice")
+    main.failed_elsewhere(*sent[-1])
+    assert locked == [("alice", 60)] and main.remaining("alice") == 60
+    assert not replica.blocked("alice")                        # it only saw two
+    replica.lock("alice", main.remaining("alice"))             # the main process tells it
+    assert replica.blocked("alice")
+    assert len(caplog.records) == 1                            # logged by main, not the replica
+
+
+@pytest.mark.parametrize(("addr", "v4", "v6", "key"), [
+    ("192.0.2.77", 24, 64, "192.0.2.0/24"),
+    ("192.0.2.77", 32, 64, "192.0.2.77"),
+    ("2001:db8:1:2::5", 32, 48, "2001:db8:1::/48"),
+])
+def test_the_client_network_prefixes_can_be_set(addr: str, v4: int, v6: int,
+                                                 key: str) -> None:
+    assert client_key(addr, ipv4_prefix=v4, ipv6_prefix=v6) == key

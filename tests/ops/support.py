@@ -40,6 +40,12 @@ def populate(m: Metrics) -> None:
     m.pacing_delay.labels("office365").observe(42.0)
     m.provider_pauses.labels("office365", "mailbox", "exchange-submission-quota").inc()
     m.pacing_fallbacks.inc()
+    m.declare_hostile("platform", "smtp")
+    m.connections_refused.labels("platform", "reserve").inc()
+    m.sessions_closed.labels("platform", "junk").inc()
+    m.auth_lockouts.labels("smtp", "account").inc()
+    m.accept_errors.labels("platform", "descriptors").inc()
+    m.tls_handshake_failures.labels("platform", "timeout").inc()
 
 
 async def http(port: int, request: bytes, *, host: str = "127.0.0.1",

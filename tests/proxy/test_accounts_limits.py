@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from relay.config.schema import AccountConfig, Secret, UpstreamConfig
-from relay.connlimits import ConnectionCounter
+from relay.connlimits import ConnectionCounter, Limits
 from relay.errors import ConfigError
 from relay.proxy.accounts import (
     MappedAuthenticator,
@@ -94,9 +94,10 @@ async def test_users_file_verify_checks_off_loop_and_caches_successes(tmp_path: 
 
 def test_session_counter() -> None:
     c = ConnectionCounter()
+    limits = Limits(total=3, per_client=2)
 
-    def admit(addr: str) -> str | None:
-        return c.admit(addr, total=3, per_client=2)
+    def admit(addr: str, lim: Limits = limits) -> str | None:
+        return c.admit(addr, lim)[0]
 
     assert admit("a") is None and admit("a") is None
     assert admit("a") == "too_many_sessions_from_client"
@@ -105,8 +106,8 @@ def test_session_counter() -> None:
     c.release("a")
     assert admit("c") is None
     # a reload's lower limits apply to the next admission; open ones keep their slots
-    assert c.admit("d", total=1, per_client=0) == "too_many_sessions"
-    assert c.admit("d", total=0, per_client=0) is None
+    assert admit("d", Limits(total=1)) == "too_many_sessions"
+    assert admit("d", Limits()) is None
     c.release("d")
     c.release("a")
     c.release("b")

@@ -69,3 +69,19 @@ async def test_relay_session_has_every_attribute_stock_init_sets() -> None:
     assert set(ours._smtp_methods) >= {"EHLO", "HELO", "MAIL", "RCPT", "DATA", "AUTH",
                                        "STARTTLS", "QUIT", "RSET", "NOOP"}
     assert ours._smtp_methods["DATA"].__func__ is RelaySMTP.smtp_DATA
+
+
+def test_the_hooks_relay_adds_still_see_what_they_expect() -> None:
+    """Unknown verbs reach relay through ``_smtp_methods.get``; aiosmtpd's own replies to
+    unparsable lines are counted as junk by their text; a failed STARTTLS surfaces as
+    TLSSetupException with its cause (relay.smtp.compat)."""
+    from aiosmtpd.smtp import TLSSetupException
+
+    from relay.smtp.compat import SYNTAX_ERRORS
+
+    loop_source = inspect.getsource(SMTP._handle_client)
+    assert "self._smtp_methods.get(command)" in loop_source
+    for reply in SYNTAX_ERRORS:
+        assert f"'{reply}'" in loop_source, f"aiosmtpd no longer replies {reply!r}"
+    assert "raise TLSSetupException() from error" in inspect.getsource(SMTP.smtp_STARTTLS)
+    assert issubclass(TLSSetupException, Exception)
