@@ -85,6 +85,27 @@ class Metrics:
             "Age of the oldest queued message still being delivered (held mail excluded).",
             registry=r)
 
+        # --- spool health and delivery records
+        self.spool_writable = Gauge(
+            "relay_spool_writable",
+            "1 while the spool takes mail; 0 while it cannot be written or is below its reserve.",
+            registry=r)
+        self.spool_free_bytes = Gauge(
+            "relay_spool_free_bytes", "Free space on the spool's filesystem, in bytes.",
+            registry=r)
+        self.spool_quarantined = Counter(
+            "relay_spool_quarantined",
+            "Damaged spool files moved to corrupt/ (recovery or a failed read).", registry=r)
+        self.delivery_outcome_unknown = Counter(
+            "relay_delivery_outcome_unknown",
+            "Messages sent whose reply never came (connection lost or timed out after the "
+            "data): retried, so possibly delivered twice, by upstream.",
+            ["upstream"], registry=r)
+        self.delivery_unrecorded = Gauge(
+            "relay_delivery_unrecorded_outcomes",
+            "Delivery outcomes the spool could not record, kept in memory (not sent again "
+            "while relay runs; a restart would send them again).", registry=r)
+
         # --- IMAP/POP3 proxy
         self.proxy_sessions = Gauge(
             "relay_proxy_sessions", "Open proxy sessions, by listener.", ["listener"], registry=r)
@@ -134,6 +155,7 @@ class Metrics:
             self.config_reloads.labels(result)
         for state in QUEUE_STATES:
             self.queue_messages.labels(state).set(0)
+        self.spool_writable.set(1)
 
     def declare(self, *, listeners: Iterable[str] = (), upstreams: Iterable[str] = ()) -> None:
         """Create the zero-valued series of configured names (at start and after reload).
@@ -147,6 +169,7 @@ class Metrics:
             self.delivery_seconds.labels(upstream)
             for stage in STAGES:
                 self.slow_deliveries.labels(upstream, stage)
+            self.delivery_outcome_unknown.labels(upstream)
 
     def update_queue(self, counts: Mapping[str, int], oldest_received: float | None, *,
                      now: float | None = None) -> None:
