@@ -93,7 +93,8 @@ class ListenerProcess:
                      used: set[int]) -> None:
         if self.spool is None:
             self.spool = Spool(config.relay.spool, fsync=config.relay.fsync,
-                               metrics=self.metrics, written=self._stored)
+                               metrics=self.metrics, written=self._stored,
+                               reserve=config.relay.spool_reserve)
             self._hold_lock(config)
         # Build and check everything first: an error leaves the running listeners alone.
         side = build_listeners(config, spool=self.spool, metrics=self.metrics, smtp_only=True)
@@ -129,6 +130,7 @@ class ListenerProcess:
             await listener.start(socks)
             self.listeners[name] = (token, listener)
         self.config = config
+        self.spool.health.configure(reserve=config.relay.spool_reserve)
         self.metrics.declare(listeners=list(side.listeners))
 
     def _hold_lock(self, config: Config) -> None:

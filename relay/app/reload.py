@@ -91,6 +91,7 @@ class ReloadPlan:
         app, new, parts = self.app, self.new, self.parts
         old = app.config
         app.transports.reconfigure(new.proxies)
+        app.spool.health.configure(reserve=new.relay.spool_reserve)
         app.tokens.reconfigure(new.token_sources)
         local = app.local(parts)
         added = list(self.started)

@@ -64,7 +64,8 @@ class App:
         self.maillog = MailLog()
         self.notifier = SystemdNotifier.from_environ()
         self.not_ready: str | None = "starting"
-        self.spool = Spool(config.relay.spool, fsync=config.relay.fsync, metrics=self.metrics)
+        self.spool = Spool(config.relay.spool, fsync=config.relay.fsync, metrics=self.metrics,
+                           reserve=config.relay.spool_reserve)
         self.transports = Transports(config.proxies)
         self.tokens = TokenSources(config.token_sources, transports=self.transports,
                                    metrics=self.metrics)
@@ -98,6 +99,8 @@ class App:
             log.error("listener processes of a previous relay still hold the spool; "
                       "recovering anyway (mail they acknowledge now waits for a restart)")
         recovered = await asyncio.to_thread(self.spool.recover)
+        await self.spool.health.refresh()
+        self._spawn(self.spool.health.watch(), "spool-health")
         parts = build(cfg, spool=self.spool, transports=self.transports, tokens=self.tokens,
                       metrics=self.metrics)
         await update_listener_expiry(self.metrics, cfg.listeners)
@@ -135,7 +138,7 @@ class App:
     def metrics_server_for(self, cfg: Config) -> MetricsServer:
         workers = self.workers
         return MetricsServer(metrics=self.metrics, listen=cfg.metrics.listen,
-                             readiness=lambda: self.not_ready,
+                             readiness=lambda: self.not_ready or self.spool.health.problem(),
                              before_scrape=self.spool.update_metrics,
                              refresh=workers.refresh_metrics if workers else None,
                              view=workers.merged.view if workers else None)
@@ -237,7 +240,7 @@ class App:
         return {"ok": True, "pid": os.getpid(), "config": str(self.config_path),
                 "listeners": sorted(lc.name for lc in self.config.listeners),
                 "listener_processes": self.workers.pids if self.workers else [],
-                "ready": self.not_ready is None,
+                "ready": self.not_ready is None and self.spool.health.problem() is None,
                 "queue": {"counts": dict(stats.counts), "oldest": stats.oldest_received}}
 
     # ---- stop -------------------------------------------------------------------------

@@ -82,6 +82,7 @@ class RelaySection:
     fsync: bool = True                         # only for benchmarks/tests on tmpfs
     shutdown_grace: float = 30.0
     smtp_processes: int = 1                    # 0: SMTP listeners in the main process
+    spool_reserve: int = 100 * 1024 * 1024     # free space kept for records: MAIL gets 452 below
 
 
 @dataclass(frozen=True, slots=True)

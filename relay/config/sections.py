@@ -118,6 +118,7 @@ def read_relay(t: Table) -> RelaySection:
         shutdown_grace=duration(t, "shutdown_grace", D),
         smtp_processes=t.integer("smtp_processes", default(D, "smtp_processes"), min=0,
                                  max=64) or 0,
+        spool_reserve=size(t, "spool_reserve", default(D, "spool_reserve"), min=0) or 0,
     )
 
 
