@@ -156,12 +156,15 @@ class Spool:
         self._prepare()
         try:
             recovery.clean_tmp(self.tmp)
-            found = recovery.scan(self.queue, self.corrupt)
+            moved: list[str] = []
+            found = recovery.scan(self.queue, self.corrupt, moved=moved)
         except OSError as exc:                  # the directory itself, not one file
             raise SpoolError(f"cannot read the spool {self.root}: {exc.strerror or exc}",
                              hint="check the spool filesystem (mount, permissions, kernel "
                                   "log for I/O errors)") from exc
         recovery.fsync_dirs(self.queue, self.corrupt, self.tmp)
+        if moved and self._metrics is not None:
+            self._metrics.spool_quarantined.inc(len(moved))
         self._reindex(found)
         log.info("spool: %d queued message(s) in %s", len(found), self.queue)
         return found
