@@ -37,12 +37,17 @@ _EXCHANGE_535_HINT = (
 
 
 class SessionError(DeliveryError):
-    """An upstream session could not be set up or broke; always transient for delivery."""
+    """An upstream session could not be set up or broke; always transient for delivery.
+
+    ``unknown``: the session broke after the whole message was sent and before the
+    provider's reply, so the provider may have accepted it (a retry may duplicate it).
+    """
 
     def __init__(self, message: str, *, reason: str, stage: str, reply: str = "",
-                 hint: str = "") -> None:
+                 hint: str = "", unknown: bool = False) -> None:
         super().__init__(message, permanent=False, reply=reply, reason=reason, hint=hint)
         self.stage = stage
+        self.unknown = unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,10 +345,13 @@ class SmtpSession:
             if protocol is None:
                 raise aiosmtplib.SMTPServerDisconnected("connection lost before the message")
             protocol.write(dot_stuff(data))
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise self._broken("data", exc) from exc
+        try:
             # No await between write and read_response: the reply cannot slip past it.
             resp = await protocol.read_response(timeout=self.upstream.data_timeout)
         except (aiosmtplib.SMTPException, OSError) as exc:
-            raise self._broken("data", exc) from exc
+            raise self._broken("data", exc, sent=True) from exc
         if resp.code == 421:
             self.broken = True
         return Reply(resp.code, resp.message)
@@ -371,12 +379,18 @@ class SmtpSession:
         self.broken = True
         self._smtp.close()
 
-    def _broken(self, stage: str, exc: BaseException) -> SessionError:
+    def _broken(self, stage: str, exc: BaseException, *, sent: bool = False) -> SessionError:
         self.broken = True
         if isinstance(exc, TimeoutError):
             reason, what = "timeout", "timed out"
         else:
             reason, what = "disconnected", "connection lost"
+        if sent:
+            return SessionError(
+                f"{self.upstream.name}: {what} waiting for the reply to the message: {exc}; "
+                "the provider may have accepted it", reason=reason, stage=stage, unknown=True,
+                hint="the outcome is unknown: mail is deferred and retried, so the recipient "
+                     "may get it twice (counted in relay_delivery_outcome_unknown_total)")
         return SessionError(f"{self.upstream.name}: {what} during {stage}: {exc}",
                             reason=reason, stage=stage,
                             hint="the provider or the network path (proxy) dropped or stalled "
