@@ -8,6 +8,9 @@ delivered or bounced. A message whose upstream is at its concurrency cap waits i
 FIFO for a free slot instead of holding a task; one that an upstream profile's rate
 limit (per mailbox) does not allow yet is scheduled for when it will be, without
 spending an attempt. Held messages are never attempted.
+
+An outcome the spool cannot record waits in memory (``relay.outbound.ledger``), out of
+the schedule, so it is never sent again from its stale state while relay runs.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from relay.metrics import Metrics
 from relay.outbound.attempt import Deliverer
 from relay.outbound.courier import RcptResult
 from relay.outbound.dsn import Bouncer, Failure
+from relay.outbound.ledger import Unrecorded
 from relay.routing import Router
 from relay.spool.records import QueuedMessage, RcptStatus
 from relay.tasks import Background
@@ -66,6 +70,8 @@ class Scheduler:
         self._router, self._deliverer, self._retry = router, deliverer, retry
         self._maillog, self._bouncer, self._metrics = maillog, bouncer, metrics
         self._clock, self._rng = clock, rng
+        self._unrecorded = Unrecorded(spool=spool, metrics=metrics, on_recorded=self._recorded,
+                                      first=min(1.0, retry.first))
         self._msgs: dict[str, QueuedMessage] = {}       # scheduled (not held, not forgotten)
         self._due: dict[str, float] = {}
         self._heap: list[tuple[float, int, str]] = []
@@ -141,6 +147,7 @@ class Scheduler:
                 log.warning("stopping: %d delivery attempt(s) cancelled after %.0f s grace; "
                             "they are retried after restart", len(pending), grace)
                 await asyncio.wait(pending)
+        await self._unrecorded.close()
 
     def reconfigure(self, *, router: Router, deliverer: Deliverer, retry: RetryConfig) -> None:
         """New attempts use these; attempts in flight finish with the old ones."""
@@ -153,7 +160,14 @@ class Scheduler:
         """Queue id -> due time of every scheduled message (for tests and queue tools)."""
         return dict(self._due)
 
+    def _recorded(self, msg: QueuedMessage) -> None:
+        """The ledger wrote a delayed outcome with recipients still pending: schedule it."""
+        if not self._stopping:
+            self._schedule(msg, msg.state.next_attempt)
+
     def _schedule(self, msg: QueuedMessage, due: float) -> None:
+        if msg.queue_id in self._unrecorded:   # its state on disk is stale: never from it
+            return
         if msg.state.held or self._stopping:
             self.forget(msg.queue_id)
             return
@@ -347,19 +361,12 @@ class Scheduler:
                 due = min(due, now + paced)
             due = min(due, max(msg.envelope.received_at + retry.lifetime, now + 1.0))
             state.next_attempt = due
-            try:
-                await self._spool.save_state(msg)
-            except KeyError:        # deleted while we were delivering
-                self.forget(qid)
-                return
-            except RelayError as exc:
-                log.error("%s: cannot save delivery state: %s (hint: %s)", qid, exc, exc.hint)
-            if qid in self._msgs and not self._stopping:
+            recorded = await self._unrecorded.record(msg, done=False)
+            if recorded and qid in self._msgs and not self._stopping:   # not held/deleted
                 self._schedule(msg, due)
         else:
             self.forget(qid)
-            with contextlib.suppress(KeyError):
-                await self._spool.remove(qid)
+            await self._unrecorded.record(msg, done=True)
 
     async def _bounce(self, msg: QueuedMessage, data: bytes,
                       failures: list[tuple[Failure, str]]) -> None:
