@@ -86,7 +86,7 @@ class _Query(spf.query):  # type: ignore[misc]
             if querytime < 0:
                 raise spf.TempError("DNS Error: exceeded max query lookup time")
             timeout = querytime if 0 < querytime < self.timeout else self.timeout
-            then = time.time()
+            then = time.monotonic()
             for k, v in self._lookup(name, qtype, timeout):
                 k = (k[0].lower(), k[1])
                 if k == cnamek:
@@ -98,7 +98,7 @@ class _Query(spf.query):  # type: ignore[misc]
                     self.cache.setdefault(k, []).append(v)
             result = self.cache.get((name, qtype), [])
             if querytime > 0:
-                self.querytime = querytime - (time.time() - then)
+                self.querytime = querytime - (time.monotonic() - then)
         if not result and cname:
             if not cnames:
                 cnames = {}

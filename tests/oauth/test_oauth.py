@@ -217,6 +217,24 @@ async def test_failed_early_refresh_keeps_the_valid_token(ca: trustme.CA,
             await sources.token("o365")
 
 
+async def test_setting_the_clock_back_does_not_keep_an_expired_token(
+        ca: trustme.CA, ca_file: Path) -> None:
+    wall, mono = Clock(), Clock()
+    with token_server(ca, expires_in=900) as srv:
+        sources = TokenSources([cc(srv, ca_file)], transports=Transports(), clock=wall,
+                               monotonic=mono)
+        first = await sources.token("o365")
+        wall.now -= 2 * 86400                  # the wall clock is set back two days
+        mono.now += 1000                       # while the token's 900 s really ran out
+        second = await sources.token("o365")
+        assert second != first and len(srv.requests) == 2
+        wall.now += 4 * 86400                  # and forward: one refresh, no more
+        mono.now += 10
+        third = await sources.token("o365")
+        assert len(srv.requests) == 3
+        assert await sources.token("o365") == third and len(srv.requests) == 3
+
+
 @pytest.mark.fast
 async def test_static_token_file_is_reread_when_it_changes(tmp_path: Path) -> None:
     path = tmp_path / "token"
