@@ -25,6 +25,7 @@ import socket
 
 from relay.app.listeners import build_listeners
 from relay.config.schema import Config
+from relay.dns import lookup_pool
 from relay.listenproc.channel import LOCK_NAME, ChannelClosed, Layout, Rpc
 from relay.listenproc.merge import snapshot
 from relay.maillog import MailLog
@@ -54,6 +55,7 @@ class ListenerProcess:
         self._done = asyncio.Event()
         self._draining = False
         self.background = Background("listener process", log)
+        self.dns_pool = lookup_pool()
         self.rpc = Rpc(sock, handlers={"configure": self._configure, "metrics": self._metrics,
                                        "stop": self._stop}, notices={}, on_eof=self._main_gone)
 
@@ -66,6 +68,7 @@ class ListenerProcess:
         self.rpc.close()
         if self.spool is not None:
             self.spool.close()
+        self.dns_pool.shutdown(wait=False, cancel_futures=True)
         return 0
 
     # ---- configure ------------------------------------------------------------------------
@@ -97,7 +100,8 @@ class ListenerProcess:
                                reserve=config.relay.spool_reserve)
             self._hold_lock(config)
         # Build and check everything first: an error leaves the running listeners alone.
-        side = build_listeners(config, spool=self.spool, metrics=self.metrics, smtp_only=True)
+        side = build_listeners(config, spool=self.spool, metrics=self.metrics, smtp_only=True,
+                               dns_pool=self.dns_pool)
         hostname = config.relay.hostname
         for lp in side.listeners.values():
             if lp.cfg.tls != "none":

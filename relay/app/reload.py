@@ -52,7 +52,7 @@ class ReloadPlan:
         staged = Transports(new.proxies)          # proves every proxy entry builds
         try:
             parts = build(new, spool=app.spool, transports=app.transports, tokens=app.tokens,
-                          metrics=app.metrics)
+                          metrics=app.metrics, dns_pool=app.dns_pool)
         finally:
             await staged.close()
         await update_listener_expiry(app.metrics, new.listeners)

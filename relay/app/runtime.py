@@ -24,6 +24,7 @@ from relay.config.loader import load_config
 from relay.config.schema import Config
 from relay.control.queue import QueueManager
 from relay.control.socket import ControlServer
+from relay.dns import lookup_pool
 from relay.envelope import Envelope
 from relay.errors import RelayError
 from relay.listenproc.supervisor import ListenerProcesses, wait_for_old_listeners
@@ -67,6 +68,7 @@ class App:
         self.spool = Spool(config.relay.spool, fsync=config.relay.fsync, metrics=self.metrics,
                            reserve=config.relay.spool_reserve)
         self.transports = Transports(config.proxies)
+        self.dns_pool = lookup_pool()                 # SPF/DKIM lookups: never the spool's threads
         self.tokens = TokenSources(config.token_sources, transports=self.transports,
                                    metrics=self.metrics)
         self.parts: Components | None = None
@@ -102,7 +104,7 @@ class App:
         await self.spool.health.refresh()
         self._spawn(self.spool.health.watch(), "spool-health")
         parts = build(cfg, spool=self.spool, transports=self.transports, tokens=self.tokens,
-                      metrics=self.metrics)
+                      metrics=self.metrics, dns_pool=self.dns_pool)
         await update_listener_expiry(self.metrics, cfg.listeners)
         self.parts = parts
         self.scheduler = Scheduler(
@@ -282,6 +284,7 @@ class App:
             pid_file(self.config).unlink()
         self.notifier.close()
         self.spool.close()
+        self.dns_pool.shutdown(wait=False, cancel_futures=True)
         log.info("relay stopped")
 
     async def run(self) -> int:
