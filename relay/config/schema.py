@@ -200,6 +200,7 @@ class TokenSourceConfig:
     token_file: Path | None = None             # static
     via: str | None = None                     # proxy for token requests
     refresh_margin: float = 300.0              # refresh this long before expiry
+    request_timeout: float = 30.0              # one token request, connect to last byte
     ca_file: Path | None = None                # CA for the token endpoint (default: system)
     line: int = 0
 

@@ -38,7 +38,6 @@ from relay.transports.factory import Transports
 
 log = logging.getLogger("relay.oauth")
 
-REQUEST_TIMEOUT = 30.0
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
@@ -233,7 +232,8 @@ class TokenSource:
         started, started_mono = self._clock(), self._monotonic()
         try:
             resp = await post_form(cfg.token_url, fields, transport=self._transports.via(cfg.via),
-                                   timeout=REQUEST_TIMEOUT, ssl_context=await self._context())
+                                   timeout=cfg.request_timeout,
+                                   ssl_context=await self._context())
         except HttpProtocolError as exc:
             raise OAuthError(f"token source {cfg.name}: bad HTTP response from "
                              f"{cfg.token_url}: {exc}", error="http",
