@@ -52,8 +52,13 @@ class Shortage:
 
 
 def measure(root: Path) -> Room:
-    """statvfs of the spool's filesystem (blocking: run it in a thread)."""
-    st = os.statvfs(root)
+    """statvfs of the filesystem holding queue/ (blocking: run it in a thread).
+
+    queue/ rather than the spool root: that is where mail is written, and it may be a
+    mount of its own (the lock and control socket then stay on the root's filesystem).
+    """
+    queue = root / "queue"
+    st = os.statvfs(queue if queue.is_dir() else root)
     return Room(free=st.f_bavail * st.f_frsize,
                 inodes=st.f_favail if st.f_files else None,
                 read_only=bool(st.f_flag & os.ST_RDONLY))
@@ -99,8 +104,13 @@ class SpoolHealth:
     # --- questions ------------------------------------------------------------------------
 
     async def check(self, size: int = 0) -> Shortage | None:
-        """None if a message of ``size`` bytes may be stored now, else why not."""
-        room = await self._measure(fresh=False)
+        """None if a message of ``size`` bytes may be stored now, else why not.
+
+        A good measure is reused for ``ttl`` seconds; after a bad one every check
+        measures again, so mail is taken again the moment the disk is fixed.
+        """
+        bad = self._room is None or self._shortage(self._room, 0) is not None
+        room = await self._measure(fresh=bad)
         return self._shortage(room, size)
 
     def _shortage(self, room: Room | None, size: int) -> Shortage | None:

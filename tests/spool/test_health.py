@@ -83,6 +83,7 @@ async def test_a_read_only_spool_is_not_full_but_not_writable(tmp_path: Path) ->
                 await sp.remove(qid)                          # nothing can be recorded
         finally:
             read_only(fs, on=False)
+        assert await sp.health.check() is None               # at once: no stale cache
         assert await sp.health.refresh() is None
         assert writable(metrics) == 1
         await sp.remove(qid)
@@ -103,6 +104,6 @@ async def test_below_the_reserve_is_full_and_freeing_space_makes_it_ready(tmp_pa
         shortage = await sp.health.check()
         assert shortage is not None and shortage.full
         filler.unlink()
+        assert await sp.health.check(100_000) is None     # at once: no stale cache
         assert await sp.health.refresh() is None
-        assert await sp.health.check(100_000) is None
         sp.close()
