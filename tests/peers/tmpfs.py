@@ -34,7 +34,10 @@ def tmpfs(where: Path, size: str = "1m") -> Iterator[Path]:
 
 
 def read_only(where: Path, on: bool = True) -> None:
-    """Remount the tmpfs at ``where`` read-only (``on``) or read-write again."""
+    """Remount the tmpfs at ``where`` read-only (``on``) or read-write again.
+
+    The kernel refuses ("busy") while a file on it is open for writing.
+    """
     _mount("-o", f"remount,{'ro' if on else 'rw'}", str(where))
 
 
