@@ -19,7 +19,6 @@ from tests.faults.rig import Rig, Setup
 from tests.peers import wait_until
 from tests.peers.tmpfs import fill
 
-FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 DEFERRED = r": deferred to="
 
 
@@ -185,7 +184,8 @@ def reloads_while_upstream_flaps(r: Rig) -> None:
 
 
 def faketime_file(r: Rig) -> Path:
-    return Path(r.setup.env["FAKETIME_TIMESTAMP_FILE"])
+    assert r.clock is not None
+    return r.clock
 
 
 def clock_forward(r: Rig) -> None:
@@ -254,13 +254,6 @@ def token_endpoint_slow(r: Rig) -> None:
     r.heals.append(fast)
 
 
-def _faketime() -> dict[str, str]:
-    """libfaketime for relay: wall time from a file the case rewrites; monotonic untouched
-    (as with a real clock step). The rig points the file into the case's directory."""
-    return {"LD_PRELOAD": FAKETIME, "FAKETIME_NO_CACHE": "1",
-            "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_TIMESTAMP_FILE": ""}
-
-
 # --- the table -----------------------------------------------------------------------------
 
 RECORDING_TLS = Setup(upstream="recording", tls="starttls")
@@ -317,8 +310,8 @@ FAULTS: list[Fault] = [
     Fault("SIGTERM while deliveries stall", sigterm_with_stalled_delivery),
     # time, DNS, the tunnel, the token endpoint
     Fault("wall clock steps forward two days", clock_forward,
-          Setup(retry="30s", lifetime="1d", env=_faketime())),
-    Fault("wall clock steps back two days", clock_back, Setup(retry="1s", env=_faketime())),
+          Setup(retry="30s", lifetime="1d", faketime=True)),
+    Fault("wall clock steps back two days", clock_back, Setup(retry="1s", faketime=True)),
     Fault("DNS stops answering during SPF", dns_dead_during_spf, Setup(spf_dns_dead=True)),
     Fault("SSH bastion drops mid-session and refuses reconnects", bastion_drops_and_refuses,
           Setup(ssh=True)),

@@ -32,7 +32,7 @@ import trustme
 
 from tests.fakes.recording_upstream import RecordingUpstream
 from tests.faults.proxy import FaultProxy
-from tests.peers import free_port, wait_until
+from tests.peers import free_port, need, wait_until
 from tests.peers.relayproc import Relay, Sink, sample, scrape
 from tests.peers.sshd import Sshd, sshd
 from tests.peers.tmpfs import read_only, tmpfs
@@ -57,6 +57,7 @@ class Setup:
     retry: str = "0.3s"
     lifetime: str = "5d"
     timeouts: str = "2s"
+    faketime: bool = False             # relay's wall clock from a file (libfaketime)
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -109,6 +110,16 @@ class AnyIssued:
         return _Any()
 
 
+def faketime_library() -> str:
+    """libfaketime (Debian package faketime), or a clear failure naming the package."""
+    need("faketime")
+    found = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    if not found:
+        raise RuntimeError("libfaketime.so.1 is not installed: run scripts/test, which "
+                           "installs the Debian packages listed in scripts/test-debs.txt")
+    return str(found[0])
+
+
 def _subject(data: bytes) -> str:
     for line in data.replace(b"\r\n", b"\n").split(b"\n"):
         if line.startswith(b"Subject: "):
@@ -131,11 +142,16 @@ class Rig:
         self.spool = work / "spool"
         self.fs = work / "fs"                   # the small filesystem of spool_fs
         self.ca = trustme.CA()
-        if setup.env.get("FAKETIME_TIMESTAMP_FILE") == "":
-            clock = work / "faketime"
-            clock.write_text("+0\n")
-            self.setup = setup = dataclasses.replace(
-                setup, env={**setup.env, "FAKETIME_TIMESTAMP_FILE": str(clock)})
+        self.clock: Path | None = None
+        if setup.faketime:
+            # Wall time from a file the case rewrites ("+2d"); the monotonic clock is left
+            # alone, as a real clock step leaves it.
+            self.clock = work / "faketime"
+            self.clock.write_text("+0\n")
+            self.setup = setup = dataclasses.replace(setup, env={
+                **setup.env, "LD_PRELOAD": faketime_library(), "FAKETIME_NO_CACHE": "1",
+                "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+                "FAKETIME_TIMESTAMP_FILE": str(self.clock)})
 
     # --- set-up -------------------------------------------------------------------------
 
