@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import smtplib
 import socket
@@ -100,7 +101,9 @@ def test_deferred_mail_survives_kill9_and_queue_retry_sends_it(tmp_path: Path) -
     try:
         listing = relay.cli("queue", "list", "--json")
         assert listing.returncode == 0, listing.stderr
-        assert listing.stdout.count('"deferred"') >= 3 or "deferred" in listing.stdout
+        queue = json.loads(listing.stdout)
+        assert queue["counts"] == {"active": 0, "deferred": 3, "held": 0}, queue["counts"]
+        assert [(m["state"], m["attempts"]) for m in queue["messages"]] == [("deferred", 1)] * 3
         assert sink.messages() == []             # still waiting for its retry time
         out = relay.cli("queue", "retry", "--all")
         assert out.returncode == 0, out.stdout + out.stderr
