@@ -57,8 +57,10 @@ def measure(root: Path) -> Room:
     queue/ rather than the spool root: that is where mail is written, and it may be a
     mount of its own (the lock and control socket then stay on the root's filesystem).
     """
-    queue = root / "queue"
-    st = os.statvfs(queue if queue.is_dir() else root)
+    where = root / "queue"
+    while not where.is_dir() and where.parent != where:   # not made yet: where it will be
+        where = where.parent
+    st = os.statvfs(where)
     return Room(free=st.f_bavail * st.f_frsize,
                 inodes=st.f_favail if st.f_files else None,
                 read_only=bool(st.f_flag & os.ST_RDONLY))
@@ -107,16 +109,16 @@ class SpoolHealth:
         """None if a message of ``size`` bytes may be stored now, else why not.
 
         A good measure is reused for ``ttl`` seconds; after a bad one every check
-        measures again, so mail is taken again the moment the disk is fixed.
+        measures again, so mail is taken again the moment the disk is fixed. When the
+        filesystem cannot be measured at all, the store is left to find out.
         """
         bad = self._room is None or self._shortage(self._room, 0) is not None
         room = await self._measure(fresh=bad)
         return self._shortage(room, size)
 
     def _shortage(self, room: Room | None, size: int) -> Shortage | None:
-        if room is None:
-            return Shortage(f"cannot read the state of the spool filesystem of {self.root}",
-                            full=False)
+        if room is None:          # statvfs failed: let the write itself tell
+            return None
         if room.read_only:
             return Shortage(f"the spool filesystem of {self.root} is read-only", full=False)
         if room.inodes is not None and room.inodes < MIN_FREE_INODES:
