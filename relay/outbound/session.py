@@ -339,6 +339,13 @@ class SmtpSession:
             raise ValueError("message contains a bare CR or LF")
         start = await self.command(b"DATA")
         if start.code != 354:
+            if start.code < 400:      # 2xx/3xx but not 354: out of step, nothing was sent
+                self.broken = True
+                raise SessionError(
+                    f"{self.upstream.name} answered DATA with {start.text[:80]!r} instead of "
+                    "354; the message was not sent", reason="protocol", stage="data",
+                    hint="the provider (or something between) does not speak SMTP "
+                         "properly; mail is deferred and retried")
             return start
         protocol = self._smtp.protocol
         try:
