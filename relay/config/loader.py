@@ -58,7 +58,13 @@ def parse_file(path: Path | str) -> tuple[str, str, dict[str, object]]:
                           hint="save the file as UTF-8") from None
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:
+        if not isinstance(exc, tomllib.TOMLDecodeError):   # tomllib's int() of 4300+ digits
+            long = re.search(r"\d{4300,}", text)
+            raise ConfigError("TOML syntax error: a number with thousands of digits",
+                              file=file, line=text.count("\n", 0, long.start()) + 1
+                              if long else 1,
+                              hint="no setting takes a number that large") from None
         msg = str(exc)
         line: int | None = None
         m = _TOML_POS.search(msg)

@@ -52,7 +52,8 @@ def show(value: object) -> str:
     if isinstance(value, list):
         inner = ", ".join(show(v) for v in value)
         return f"[{inner}]" if len(inner) <= 60 else f"an array of {len(value)} items"
-    return str(value)
+    text = str(value)
+    return text if len(text) <= 60 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def suggest(word: str, choices: Iterable[str]) -> str:
@@ -216,6 +217,16 @@ class Table:
         if not text:
             raise self.error(key, "empty path", expected="a file path")
         p = self.ctx.resolve(text)
+        try:
+            p.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            pass                                  # may not exist (yet): checked below
+        except (OSError, ValueError) as exc:      # too long, no access, NUL in the name
+            why = getattr(exc, "strerror", None) or str(exc)
+            raise self.error(key, f"unusable path ({why})", got=show(text),
+                             expected="a file path relay may read",
+                             hint="relay cannot even look this path up: fix the name, "
+                                  "or the permissions of the directories above it") from None
         if exists and not p.exists():
             raise self.error(key, "file does not exist", got=show(text),
                              expected="an existing file",

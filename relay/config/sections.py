@@ -136,8 +136,10 @@ def read_retry(t: Table) -> RetryConfig:
 
 
 def _fraction(v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise BadValue("not a number", expected="a number from 0 to 0.9")
+    if isinstance(v, bool) or not isinstance(v, int | float) or not -1 <= v <= 1:
+        raise BadValue("not a number" if not isinstance(v, int | float) or
+                       isinstance(v, bool) else "out of range",
+                       expected="a number from 0 to 0.9")
     return float(v)
 
 
