@@ -45,7 +45,8 @@ class SessionError(DeliveryError):
 
     def __init__(self, message: str, *, reason: str, stage: str, reply: str = "",
                  hint: str = "", unknown: bool = False) -> None:
-        super().__init__(message, permanent=False, reply=reply, reason=reason, hint=hint)
+        super().__init__(printable(message), permanent=False, reply=printable(reply),
+                         reason=reason, hint=hint)
         self.stage = stage
         self.unknown = unknown
 
@@ -75,10 +76,19 @@ class Reply:
     @property
     def text(self) -> str:
         """``550 5.1.1 ...`` on one line (a multi-line reply's lines joined by spaces)."""
-        return " ".join(f"{self.code} {self.message}".split())
+        return " ".join(printable(f"{self.code} {self.message}").split())
 
     def __str__(self) -> str:
         return self.text
+
+
+def printable(text: str) -> str:
+    """A provider's words fit for logs, the mail log and the spool: control characters and
+    undecodable bytes (surrogate escapes, as aiosmtplib decodes them) become "?"."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else " " if c in "\t\r\n" else "?"
+                   for c in text)
 
 
 def has_bare_cr_or_lf(data: bytes) -> bool:

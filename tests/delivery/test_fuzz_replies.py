@@ -126,12 +126,14 @@ def test_any_reply_gives_every_recipient_a_classified_verdict(
     assert sorted(results) == RCPTS
     for rcpt, res in results.items():
         assert res.reason != "internal", (rcpt, res)
+        assert res.reply.isprintable(), res          # fit for logs, the spool, a DSN
         if res.ok:
             assert script["dot"] is not None and script["dot"][:1] == b"2", (script, res)
         if res.permanent:
             assert res.code >= 500, res
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in
                                                            caplog.records]
+    assert all(r.getMessage().isprintable() for r in caplog.records)
 
 
 @pytest.mark.parametrize("reply", [b"250 2.0.0 ok\r\n", b"220 hello\r\n", b"334 go\r\n"])
