@@ -200,8 +200,12 @@ def test_disk_full_answers_452_and_keeps_nothing(tmp_path: Path) -> None:
     try:
         sink = Sink(tmp_path)
         port = free_port()
-        with running_relay(tmp_path, config(spool=spool, listen=port, sink=sink.port),
-                           port) as relay, smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        # No reserve: the message is refused because it does not fit, after its DATA
+        # (tests/faults covers the reserve refusing MAIL before any data).
+        cfg = config(spool=spool, listen=port, sink=sink.port).replace(
+            "smtp_processes = ", 'spool_reserve = "0"\nsmtp_processes = ')
+        with running_relay(tmp_path, cfg, port) as relay, \
+                smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
             s.ehlo("x.example")
             s.mail("a@example.com")
             s.rcpt("b@example.net")
