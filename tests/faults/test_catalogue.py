@@ -32,6 +32,7 @@ def run(fault: Fault, work: Path) -> None:
         rig.account(may_duplicate=fault.may_duplicate)
 
 
+@pytest.mark.fast
 def test_the_catalogue_is_big_enough_and_names_are_unique() -> None:
     assert len(FAULTS) >= 25
     assert len({slug(f.name) for f in FAULTS}) == len(FAULTS)
