@@ -12,14 +12,12 @@ unknown outcome (``relay_delivery_outcome_unknown_total``).
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import dataclasses
 import json
 import smtplib
 import ssl
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,15 +28,14 @@ from typing import Any
 
 import trustme
 
-from tests.fakes.recording_upstream import RecordingUpstream
 from tests.faults.proxy import FaultProxy
+from tests.faults.upstreams import MAILBOX, AnyIssued, ThreadedUpstream, subject_of
 from tests.peers import free_port, need, wait_until
 from tests.peers.relayproc import Relay, Sink, sample, scrape
 from tests.peers.sshd import Sshd, sshd
 from tests.peers.tmpfs import read_only, tmpfs
 from tests.peers.token_server import TokenServer, token_server
 
-MAILBOX = "cc@example.com"
 SPOOL_DIRS = ("queue", "tmp", "corrupt")
 
 
@@ -69,47 +66,6 @@ class Submission:
     stage: str = ""                    # the command relay answered last: MAIL, RCPT, DATA
 
 
-class ThreadedUpstream:
-    """The recording aiosmtpd upstream on an event loop thread of its own."""
-
-    def __init__(self, **kw: Any) -> None:
-        self.up = RecordingUpstream(**kw)
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-
-    def start(self) -> ThreadedUpstream:
-        self._thread.start()
-        self.port = asyncio.run_coroutine_threadsafe(self.up.start(), self._loop).result(10)
-        return self
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.up.stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    def subjects(self) -> list[str]:
-        return [_subject(m.data) for m in list(self.up.received)]
-
-
-class AnyIssued:
-    """The recording upstream's token table: any token the endpoint has issued is valid."""
-
-    def __init__(self, srv: TokenServer) -> None:
-        self.srv = srv
-
-    def get(self, user: str) -> object:
-        issued = self.srv.issued
-
-        class _Any:
-            def __eq__(self, other: object) -> bool:
-                return user == MAILBOX and other in issued
-
-            __hash__ = None  # type: ignore[assignment]
-        return _Any()
-
-
 def faketime_library() -> str:
     """libfaketime (Debian package faketime), or a clear failure naming the package."""
     need("faketime")
@@ -118,15 +74,6 @@ def faketime_library() -> str:
         raise RuntimeError("libfaketime.so.1 is not installed: run scripts/test, which "
                            "installs the Debian packages listed in scripts/test-debs.txt")
     return str(found[0])
-
-
-def _subject(data: bytes) -> str:
-    for line in data.replace(b"\r\n", b"\n").split(b"\n"):
-        if line.startswith(b"Subject: "):
-            return line[9:].decode()
-        if not line:
-            break
-    return "?"
 
 
 class Rig:
@@ -381,7 +328,7 @@ data_timeout = "{s.timeouts}"
         if isinstance(self.sink, Sink):      # a dump being written reads as "?" for now
             # smtp-sink also dumps a transaction the proxy cut before DATA (envelope
             # lines only); its Received line is written only once DATA began.
-            return collections.Counter(_subject(m) for m in self.sink.messages()
+            return collections.Counter(subject_of(m) for m in self.sink.messages()
                                        if b"by smtp-sink (smtp-sink)" in m)
         return collections.Counter(self.sink.subjects())
 
