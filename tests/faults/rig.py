@@ -332,7 +332,7 @@ data_timeout = "{s.timeouts}"
                                        if b"by smtp-sink (smtp-sink)" in m)
         return collections.Counter(self.sink.subjects())
 
-    def settle(self, timeout: float = 60.0) -> None:
+    def settle(self, timeout: float = 30.0) -> None:
         """Heal every fault, then wait until relay has delivered all it acknowledged."""
         self.proxy.disarm()
         self.proxy.refuse(False)
