@@ -197,7 +197,9 @@ class SpoolHealth:
         if problem != self._reported:
             if problem is not None:
                 log.error("%s; new mail is refused with a 4xx and delivery records wait in "
-                          "memory until it is fixed", problem)
+                          "memory until it is fixed\n  hint: free space on that filesystem (or "
+                          "lower [relay] spool_reserve), or repair it: see the kernel log; "
+                          "relay notices by itself", problem)
             elif self._reported is not None:
                 log.info("spool %s is writable again", self.root)
             self._reported = problem
