@@ -22,6 +22,7 @@ from typing import Protocol
 from relay.errors import RelayError
 from relay.metrics import Metrics
 from relay.spool.records import QueuedMessage
+from relay.tasks import Background
 
 log = logging.getLogger("relay.scheduler")
 
@@ -44,7 +45,7 @@ class Unrecorded:
         self._metrics = metrics
         self._first, self._longest = first, longest
         self._waiting: dict[str, tuple[QueuedMessage, bool]] = {}   # id -> (msg, done)
-        self._retrying: asyncio.Task[None] | None = None
+        self._tasks = Background("delivery records", log)
 
     def __contains__(self, queue_id: object) -> bool:
         return queue_id in self._waiting
@@ -79,9 +80,8 @@ class Unrecorded:
                   msg.queue_id, what, exc)
         self._waiting[msg.queue_id] = (msg, done)
         self._export()
-        if self._retrying is None or self._retrying.done():
-            self._retrying = asyncio.get_running_loop().create_task(
-                self._retry(), name="record-outcomes")
+        if all(t.done() for t in self._tasks.pending()):    # one retry loop at a time
+            self._tasks.spawn(self._retry(), name="record-outcomes")
 
     async def _retry(self) -> None:
         delay = self._first
@@ -117,11 +117,7 @@ class Unrecorded:
 
     async def close(self) -> list[str]:
         """Stop retrying after one last pass; the ids still unrecorded (each logged)."""
-        task, self._retrying = self._retrying, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._tasks.close()
         if self._waiting:
             await self._flush()
         left = sorted(self._waiting)
