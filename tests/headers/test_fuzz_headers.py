@@ -3,6 +3,8 @@ the guard sees exactly the changes to protected fields."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -120,3 +122,17 @@ def test_forged_results_removal_touches_nothing_else(data: bytes) -> None:
     kept = [f for f in split(data)[0] if f.name.lower() != b"authentication-results"]
     assert [f for f in split(out)[0] if f.name.lower() != b"authentication-results"] == kept
     assert protected_lines(out) == protected_lines(data)
+
+
+def test_memory_stays_proportional_to_the_message() -> None:
+    """A hostile header block (100,000 short fields) and a 4 MB body: a few copies at most."""
+    data = b"X-A: b\r\n" * 100_000 + b"Message-ID: <m@x>\r\n\r\n" + b"x" * (4 << 20)
+    rule = HeaderRule(action="replace", header="X-Campaign", value="v")
+    tracemalloc.start()
+    try:
+        out = apply_rules(data, [rule])
+        assert HeaderGuard().check(data, out)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * len(data) + (16 << 20), f"{peak / 1e6:.0f} MB for {len(data) / 1e6:.0f} MB"
