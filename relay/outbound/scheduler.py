@@ -262,6 +262,12 @@ class Scheduler:
 
     def _attempt_done(self, qid: str, task: asyncio.Task[None]) -> None:
         self._inflight.pop(qid, None)
+        due = self._due.get(qid)
+        if due is not None:
+            # Rescheduled by this very attempt: if that time came (a slow state write)
+            # while the attempt was still in flight, the dispatch loop skipped the entry.
+            heapq.heappush(self._heap, (due, next(self._seq), qid))
+            self._wake.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: delivery attempt failed unexpectedly", qid,
                       exc_info=task.exception())

@@ -153,3 +153,23 @@ async def test_a_recorded_due_time_from_before_a_step_back_waits_one_backoff_at_
         assert len(p.received) == 1
     finally:
         await r.stop()
+
+
+async def test_a_retry_due_before_its_state_is_written_is_not_lost(
+        peers: list[RecordingUpstream], tmp_path: Path) -> None:
+    """Found by bench/soak.py: when writing the state took longer than the backoff, the
+    retry came due while the attempt was still in flight, was skipped, and the message
+    stayed queued, never tried again until a restart. The shortest retry (1 ms) makes
+    every deferral hit it."""
+    rcpts = [f"r{i}@example.net" for i in range(20)]
+    p = await peer(peers, rcpt_script={a: ["451 4.3.0 busy"] * 3 for a in rcpts})
+    r = Rig(tmp_path, upstream(p.port),
+            retry=RetryConfig(first=0.001, max=0.001, jitter=0.0, lifetime=3600))
+    await r.start()
+    try:
+        for a in rcpts:
+            await r.send(BODY, rcpts=(a,))
+        await r.drained(timeout=20)
+        assert sorted(m.rcpt_tos[0] for m in p.received) == sorted(rcpts)
+    finally:
+        await r.stop()
