@@ -272,8 +272,10 @@ def main() -> int:
               f"({last[2] - first[2]:+.1f}), fds {first[3]} -> {last[3]}; listener RSS "
               f"{first[4]:.1f} -> {last[4]:.1f} MB ({last[4] - first[4]:+.1f}), "
               f"fds {first[5]} -> {last[5]}")
-    print(f"\n  relay's log: {work / 'relay.log'}")
-    ok = not lost and code == 0
+    text = log.read_text(errors="replace")
+    print(f"\n  relay's log: {work / 'relay.log'} ({text.count('Traceback')} tracebacks, "
+          f"{text.count(': ERROR: ')} ERROR lines)")
+    ok = not lost and code == 0 and "Traceback" not in text
     shutil.rmtree(dump, ignore_errors=True)
     return 0 if ok else 1
 
