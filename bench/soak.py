@@ -10,10 +10,12 @@ the queue drains.
 Printed: the accounting (acknowledged = delivered, nothing lost; copies beyond the first
 listed apart, next to the unknown outcomes relay counted), and relay's memory (RSS) and
 open descriptors sampled through the run, main process and SMTP listener process, with
-the growth from the first sample after warm-up to the last of each life of the process.
+the growth from the first sample after warm-up to the last of each life of the process
+(the last sample is taken after the drain).
 
-    python bench/soak.py                  # 120 s, 4 clients, a fault a second
+    python bench/soak.py                  # 120 s, 4 clients, 40 msg/s, a fault a second
     python bench/soak.py --seconds 600 --clients 8 --faults-per-second 3
+    python bench/soak.py --rate 0         # flat out: the backlog (and memory) grows
 
 Settings relay runs with: the shipped defaults (conf/relay.example.toml), except the
 listener/upstream addresses and spool path of this run, and three delays that only
@@ -140,9 +142,15 @@ def metric(port: int, name: str) -> float:
                if line.startswith(name + "{") or line.startswith(name + " "))
 
 
-def client(port: int, books: Books, stop: threading.Event, k: int) -> None:
+def client(port: int, books: Books, stop: threading.Event, k: int, every: float) -> None:
+    """Submit one message every ``every`` seconds (or as fast as relay answers, if 0)."""
     n = 0
+    next_at = time.monotonic()
     while not stop.is_set():
+        if every:
+            next_at += every
+            if stop.wait(max(0.0, next_at - time.monotonic())):
+                return
         subject = f"soak-{k}-{n}"
         n += 1
         msg = (f"From: agent@example.com\r\nTo: customer@example.net\r\nSubject: {subject}"
@@ -184,6 +192,10 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=120.0)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--faults-per-second", type=float, default=1.0)
+    ap.add_argument("--rate", type=float, default=40.0,
+                    help="messages per second from all clients together (0: flat out); "
+                         "the default stays below what relay delivers through the faults, "
+                         "so the queue is steady and memory can be judged")
     ap.add_argument("--seed", type=int, default=14)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="relay-soak-"))
@@ -203,7 +215,8 @@ def main() -> int:
             (work / "relay.toml").write_text(config(work / "spool", port, proxy.port, mport))
             relay = start_relay(work, log, port)
             life = 1
-            threads = [threading.Thread(target=client, args=(port, books, stop, k))
+            every = args.clients / args.rate if args.rate else 0.0
+            threads = [threading.Thread(target=client, args=(port, books, stop, k, every))
                        for k in range(args.clients)]
             threads.append(threading.Thread(target=chaos, args=(
                 proxy, args.faults_per_second, stop_chaos, random.Random(args.seed))))
@@ -238,6 +251,11 @@ def main() -> int:
                     break
                 time.sleep(1)
             drained = time.monotonic() - drain_started
+            kids = children(relay.pid)
+            rss, fds = usage(relay.pid)
+            crss, cfds = usage(kids[0]) if kids else (0.0, 0)
+            samples.append((time.monotonic() - t0, life, rss, fds, crss, cfds,
+                            metric(mport, "relay_queue_messages")))
             unknown += metric(mport, "relay_delivery_outcome_unknown_total")
             relay.send_signal(signal.SIGTERM)
             code = relay.wait(60)
@@ -249,7 +267,8 @@ def main() -> int:
     lost = books.acked - set(got)
     unacked = set(got) - books.acked
     extra = sum(n - 1 for n in got.values())
-    print(f"\nsoak: {args.seconds:.0f} s, {args.clients} clients, {len(proxy.fired)} faults "
+    print(f"\nsoak: {args.seconds:.0f} s, {args.clients} clients, "
+          f"{f'{args.rate:g} msg/s' if args.rate else 'flat out'}, {len(proxy.fired)} faults "
           f"injected ({fired}), kill -9 at {args.seconds / 2:.0f} s; "
           f"relay exited {code} after draining in {drained:.1f} s")
     print(f"  acknowledged          {len(books.acked)}")
