@@ -197,8 +197,8 @@ def test_disk_full_answers_452_and_keeps_nothing(tmp_path: Path) -> None:
     spool.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(spool)],
                    check=True)
+    sink = Sink(tmp_path)                 # never started: its dump directory is removed
     try:
-        sink = Sink(tmp_path)
         port = free_port()
         # No reserve: the message is refused because it does not fit, after its DATA
         # (tests/faults covers the reserve refusing MAIL before any data).
@@ -220,6 +220,7 @@ def test_disk_full_answers_452_and_keeps_nothing(tmp_path: Path) -> None:
             s.rcpt("b@example.net")
             assert s.data(b"Subject: small\r\n\r\nhi\r\n")[0] == 250
     finally:
+        sink.stop()
         subprocess.run(["umount", "-l", str(spool)], check=False)
 
 
