@@ -1,16 +1,21 @@
 """DNS lookups for SPF and DKIM through one resolver built from ``[relay] dns_servers``.
 
 Everything here is blocking (dnspython's stub resolver) and is meant to run on a worker
-thread; ``txt_async`` does that for callers on the event loop. pyspf and dkimpy are given
-this resolver's functions (``spf_lookup``, ``dkim_txt``), never the system default.
+thread; ``run`` and ``txt_async`` do that for callers on the event loop, on the
+process's DNS pool (``lookup_pool``) when it is given one: a DNS server that stops
+answering then ties up only those threads, never the ones that store and fsync mail.
+pyspf and dkimpy are given this resolver's functions (``spf_lookup``, ``dkim_txt``),
+never the system default.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import dns.exception
 import dns.name
@@ -21,16 +26,25 @@ import dns.resolver
 from relay.config.schema import HostPort, RelaySection
 from relay.errors import DnsError, RelayError
 
-__all__ = ["DnsError", "Resolver"]
+__all__ = ["DnsError", "Resolver", "lookup_pool"]
+
+LOOKUP_THREADS = 16       # lookups mostly wait on the network: threads, not CPU
+T = TypeVar("T")
+
+
+def lookup_pool() -> ThreadPoolExecutor:
+    """The worker threads for one process's DNS lookups (SPF, DKIM keys); shut it down at exit."""
+    return ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="relay-dns")
 
 
 class Resolver:
     """A stub resolver: the configured servers (or the system's), one overall timeout."""
 
     def __init__(self, *, servers: Sequence[HostPort] = (), timeout: float = 5.0,
-                 cache_size: int = 10_000) -> None:
+                 cache_size: int = 10_000, executor: Executor | None = None) -> None:
         self.timeout = timeout
         self.servers = tuple(servers)
+        self.executor = executor      # None: asyncio's default worker threads
         if servers:
             res = dns.resolver.Resolver(configure=False)
             res.nameservers = [
@@ -44,8 +58,15 @@ class Resolver:
         self._res = res
 
     @classmethod
-    def from_config(cls, relay: RelaySection) -> Resolver:
-        return cls(servers=relay.dns_servers, timeout=relay.dns_timeout)
+    def from_config(cls, relay: RelaySection, *, executor: Executor | None = None) -> Resolver:
+        return cls(servers=relay.dns_servers, timeout=relay.dns_timeout, executor=executor)
+
+    async def run(self, func: Callable[..., T], *args: Any) -> T:
+        """Run a blocking function that does lookups (pyspf, dkimpy) on the DNS threads."""
+        if self.executor is None:
+            return await asyncio.to_thread(func, *args)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(func, *args))
 
     def describe(self) -> str:
         """Which servers are asked, for error messages and ``relay spf check``."""
@@ -79,7 +100,7 @@ class Resolver:
         return [b"".join(r.strings) for r in self.resolve(name, "TXT", timeout=timeout)]
 
     async def txt_async(self, name: str) -> list[bytes]:
-        return await asyncio.to_thread(self.txt, name)
+        return await self.run(self.txt, name)
 
     # --- adapters for the libraries -------------------------------------------------
 

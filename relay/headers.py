@@ -110,19 +110,27 @@ def apply_rules(data: bytes, rules: Sequence[HeaderRule]) -> bytes:
         return data
     fields, body_at = split(data)
     sep = _linesep(data)
+
+    def append(field: Field) -> None:
+        # A header that runs to the end of the data may lack its last line end: never
+        # glue a new field onto that line.
+        if fields and not fields[-1].raw.endswith(b"\n"):
+            fields[-1] = Field(fields[-1].name, fields[-1].raw + sep)
+        fields.append(field)
+
     for rule in rules:
         name = rule.header.encode("ascii")
         new = name + b": " + rule.value.encode("utf-8") + sep
         same = [i for i, f in enumerate(fields) if f.name.lower() == name.lower()]
         if rule.action == "add":
-            fields.append(Field(name, new))
+            append(Field(name, new))
         elif rule.action == "remove":
             fields = [f for i, f in enumerate(fields) if i not in same]
         elif same:
             for i in same:
                 fields[i] = Field(name, new)
         else:
-            fields.append(Field(name, new))
+            append(Field(name, new))
     return b"".join(f.raw for f in fields) + data[body_at:]
 
 

@@ -146,6 +146,27 @@ class Metrics:
             "Age of the oldest queued message still being delivered (held mail excluded).",
             registry=r)
 
+        # --- spool health and delivery records
+        self.spool_writable = Gauge(
+            "relay_spool_writable",
+            "1 while the spool takes mail; 0 while it cannot be written or is below its reserve.",
+            registry=r)
+        self.spool_free_bytes = Gauge(
+            "relay_spool_free_bytes", "Free space on the spool's filesystem, in bytes.",
+            registry=r)
+        self.spool_quarantined = Counter(
+            "relay_spool_quarantined",
+            "Damaged spool files moved to corrupt/ (recovery or a failed read).", registry=r)
+        self.delivery_outcome_unknown = Counter(
+            "relay_delivery_outcome_unknown",
+            "Messages sent whose reply never came (connection lost or timed out after the "
+            "data): retried, so possibly delivered twice, by upstream.",
+            ["upstream"], registry=r)
+        self.delivery_unrecorded = Gauge(
+            "relay_delivery_unrecorded_outcomes",
+            "Delivery outcomes the spool could not record, kept in memory (not sent again "
+            "while relay runs; a restart would send them again).", registry=r)
+
         # --- IMAP/POP3 proxy
         self.proxy_sessions = Gauge(
             "relay_proxy_sessions", "Open proxy sessions, by listener.", ["listener"], registry=r)
@@ -206,6 +227,7 @@ class Metrics:
         for state in QUEUE_STATES:
             self.queue_messages.labels(state).set(0)
         self.pacing_shared.set(1)
+        self.spool_writable.set(1)
 
     def declare(self, *, listeners: Iterable[str] = (), upstreams: Iterable[str] = ()) -> None:
         """Create the zero-valued series of configured names (at start and after reload).
@@ -221,6 +243,7 @@ class Metrics:
                 self.slow_deliveries.labels(upstream, stage)
             for reason in WAIT_REASONS:
                 self.messages_waiting.labels(upstream, reason)
+            self.delivery_outcome_unknown.labels(upstream)
 
     def declare_hostile(self, listener: str, protocol: str) -> None:
         """Zero-valued series of a listener's admission refusals and closed sessions."""

@@ -25,6 +25,7 @@ import socket
 
 from relay.app.listeners import build_listeners
 from relay.config.schema import Config
+from relay.dns import lookup_pool
 from relay.listenproc.channel import LOCK_NAME, ChannelClosed, Layout, Rpc
 from relay.listenproc.merge import snapshot
 from relay.maillog import MailLog
@@ -56,6 +57,7 @@ class ListenerProcess:
         self._done = asyncio.Event()
         self._draining = False
         self.background = Background("listener process", log)
+        self.dns_pool = lookup_pool()
         self.rpc = Rpc(sock, handlers={"configure": self._configure, "metrics": self._metrics,
                                        "stop": self._stop},
                        notices={"account_locked": self._account_locked}, on_eof=self._main_gone)
@@ -70,6 +72,7 @@ class ListenerProcess:
         self.rpc.close()
         if self.spool is not None:
             self.spool.close()
+        self.dns_pool.shutdown(wait=False, cancel_futures=True)
         return 0
 
     # ---- configure ------------------------------------------------------------------------
@@ -97,10 +100,12 @@ class ListenerProcess:
                      used: set[int]) -> None:
         if self.spool is None:
             self.spool = Spool(config.relay.spool, fsync=config.relay.fsync,
-                               metrics=self.metrics, written=self._stored)
+                               metrics=self.metrics, written=self._stored,
+                               reserve=config.relay.spool_reserve)
             self._hold_lock(config)
         # Build and check everything first: an error leaves the running listeners alone.
-        side = build_listeners(config, spool=self.spool, metrics=self.metrics, smtp_only=True)
+        side = build_listeners(config, spool=self.spool, metrics=self.metrics, smtp_only=True,
+                               dns_pool=self.dns_pool)
         if self.accounts is None:               # a replica: the main process logs, counts
             self.accounts = FailureThrottle.for_accounts(  # and tells us of its lockouts
                 limit=config.relay.account_fail_limit,
@@ -141,6 +146,7 @@ class ListenerProcess:
         self.config = config
         self.accounts.configure(limit=config.relay.account_fail_limit,
                                 window=config.relay.account_fail_window)
+        self.spool.health.configure(reserve=config.relay.spool_reserve)
         self.metrics.declare(listeners=list(side.listeners))
 
     def _hold_lock(self, config: Config) -> None:

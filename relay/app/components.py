@@ -8,6 +8,7 @@ The listener part lives in ``relay.app.listeners`` (SMTP listener processes buil
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from relay.app.listeners import ListenerParts, ListenerSide, build_listeners
@@ -36,9 +37,9 @@ class Components:
 
 
 def build(config: Config, *, spool: Spool, transports: Transports, tokens: TokenSources,
-          metrics: Metrics) -> Components:
+          metrics: Metrics, dns_pool: Executor | None = None) -> Components:
     """Validate and build everything a config implies; raises ConfigError on a mistake."""
-    side = build_listeners(config, spool=spool, metrics=metrics)
+    side = build_listeners(config, spool=spool, metrics=metrics, dns_pool=dns_pool)
     for parts in side.listeners.values():
         lc = parts.cfg
         if lc.protocol != "smtp":

@@ -8,6 +8,7 @@ anything running is touched.
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,12 +67,15 @@ class ListenerSide:
 
 
 def build_listeners(config: Config, *, spool: Spool, metrics: Metrics,
-                    smtp_only: bool = False) -> ListenerSide:
-    """DKIM keys, users, accept pipelines and checks per listener; ConfigError on a mistake."""
+                    smtp_only: bool = False, dns_pool: Executor | None = None) -> ListenerSide:
+    """DKIM keys, users, accept pipelines and checks per listener; ConfigError on a mistake.
+
+    ``dns_pool``: the process's DNS threads (``relay.dns.lookup_pool``), kept across reloads.
+    """
     keys = load_keys(config.dkim)
     signer = Signer(keys, metrics=metrics) if config.dkim else None
     router = Router(config.routes, config.relay.default_upstream)
-    resolver = Resolver.from_config(config.relay)
+    resolver = Resolver.from_config(config.relay, executor=dns_pool)
     guard = HeaderGuard(protected_patterns(config.relay), metrics=metrics)
     profiles: dict[str, ProfileConfig] = {p.name: p for p in config.profiles}
     upstream_profiles = {u.name: profiles[u.profile] for u in config.upstreams
@@ -91,7 +95,8 @@ def build_listeners(config: Config, *, spool: Spool, metrics: Metrics,
                 checks=RoutedChecks(router=router,
                                     profile=profiles[lc.profile] if lc.profile else None,
                                     upstream_profiles=upstream_profiles,
-                                    spf=spf if lc.spf != "off" else None, spf_policy=lc.spf))
+                                    spf=spf if lc.spf != "off" else None, spf_policy=lc.spf,
+                                    space=spool.health))
         else:
             # IMAP/POP3: the main process adds the authenticator (relay.app.components),
             # so this module, which a listener process runs, never loads the proxy.

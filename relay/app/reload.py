@@ -59,7 +59,7 @@ class ReloadPlan:
         staged = Transports(new.proxies)          # proves every proxy entry builds
         try:
             parts = build(new, spool=app.spool, transports=app.transports, tokens=app.tokens,
-                          metrics=app.metrics)
+                          metrics=app.metrics, dns_pool=app.dns_pool)
         finally:
             await staged.close()
         await update_listener_expiry(app.metrics, new.listeners)
@@ -98,6 +98,7 @@ class ReloadPlan:
         app, new, parts = self.app, self.new, self.parts
         old = app.config
         app.transports.reconfigure(new.proxies, used=used_proxies(new))
+        app.spool.health.configure(reserve=new.relay.spool_reserve)
         app.tokens.reconfigure(new.token_sources)
         app.accounts.configure(limit=new.relay.account_fail_limit,
                                window=new.relay.account_fail_window)

@@ -25,6 +25,7 @@ from relay.config.schema import Config
 from relay.control import paths
 from relay.control.queue import QueueManager
 from relay.control.socket import ControlServer
+from relay.dns import lookup_pool
 from relay.envelope import Envelope
 from relay.errors import RelayError
 from relay.listenproc.supervisor import ListenerProcesses, wait_for_old_listeners
@@ -85,8 +86,10 @@ class App:
         self.maillog = MailLog()
         self.notifier = SystemdNotifier.from_environ()
         self.not_ready: str | None = "starting"
-        self.spool = Spool(config.relay.spool, fsync=config.relay.fsync, metrics=self.metrics)
+        self.spool = Spool(config.relay.spool, fsync=config.relay.fsync, metrics=self.metrics,
+                           reserve=config.relay.spool_reserve)
         self.transports = Transports(config.proxies)
+        self.dns_pool = lookup_pool()                 # SPF/DKIM lookups: never the spool's threads
         self.tokens = TokenSources(config.token_sources, transports=self.transports,
                                    metrics=self.metrics)
         # One per-account login throttle for every listener of this process.
@@ -125,8 +128,10 @@ class App:
             log.error("listener processes of a previous relay still hold the spool; "
                       "recovering anyway (mail they acknowledge now waits for a restart)")
         recovered = await asyncio.to_thread(self.spool.recover)
+        await self.spool.health.refresh()
+        self._spawn(self.spool.health.watch(), "spool-health")
         parts = build(cfg, spool=self.spool, transports=self.transports, tokens=self.tokens,
-                      metrics=self.metrics)
+                      metrics=self.metrics, dns_pool=self.dns_pool)
         await update_listener_expiry(self.metrics, cfg.listeners)
         self.parts = parts
         self.quotas = quota_store(cfg, self.metrics)
@@ -164,7 +169,7 @@ class App:
     def metrics_server_for(self, cfg: Config) -> MetricsServer:
         workers = self.workers
         return MetricsServer(metrics=self.metrics, listen=cfg.metrics.listen,
-                             readiness=lambda: self.not_ready,
+                             readiness=lambda: self.not_ready or self.spool.health.problem(),
                              before_scrape=self._before_scrape,
                              refresh=workers.refresh_metrics if workers else None,
                              view=workers.merged.view if workers else None)
@@ -274,7 +279,7 @@ class App:
         return {"ok": True, "pid": os.getpid(), "config": str(self.config_path),
                 "listeners": sorted(lc.name for lc in self.config.listeners),
                 "listener_processes": self.workers.pids if self.workers else [],
-                "ready": self.not_ready is None,
+                "ready": self.not_ready is None and self.spool.health.problem() is None,
                 "queue": {"counts": dict(stats.counts), "oldest": stats.oldest_received}}
 
     # ---- stop -------------------------------------------------------------------------
@@ -318,6 +323,7 @@ class App:
             pid_file(self.config).unlink()
         self.notifier.close()
         self.spool.close()
+        self.dns_pool.shutdown(wait=False, cancel_futures=True)
         log.info("relay stopped")
 
     async def run(self) -> int:

@@ -86,7 +86,7 @@ class _Query(spf.query):  # type: ignore[misc]
             if querytime < 0:
                 raise spf.TempError("DNS Error: exceeded max query lookup time")
             timeout = querytime if 0 < querytime < self.timeout else self.timeout
-            then = time.time()
+            then = time.monotonic()
             for k, v in self._lookup(name, qtype, timeout):
                 k = (k[0].lower(), k[1])
                 if k == cnamek:
@@ -98,7 +98,7 @@ class _Query(spf.query):  # type: ignore[misc]
                     self.cache.setdefault(k, []).append(v)
             result = self.cache.get((name, qtype), [])
             if querytime > 0:
-                self.querytime = querytime - (time.time() - then)
+                self.querytime = querytime - (time.monotonic() - then)
         if not result and cname:
             if not cnames:
                 cnames = {}
@@ -141,6 +141,14 @@ def evaluate(ip: str, sender: str, helo: str, *, lookup: Lookup, timeout: float,
                      sender=q.s or "", helo=helo, explanation=str(explanation or ""),
                      mechanism=str(mechanism), lookups=q.lookups,
                      void_lookups=q.void_lookups)
+
+
+def _late(ip: str, sender: str, helo: str, budget: float) -> SpfResult:
+    """The temperror of an evaluation that outlived its budget."""
+    domain = sender.rpartition("@")[2] if sender else helo
+    return SpfResult(result="temperror", identity="mailfrom" if sender else "helo",
+                     domain=domain, ip=ip, sender=sender, helo=helo,
+                     explanation=f"DNS lookups did not finish in {budget:.0f} s")
 
 
 def resolver_lookup(resolver: Resolver) -> Lookup:
@@ -246,13 +254,25 @@ class SpfChecker:
 
     async def check(self, *, ip: str, sender: str, helo: str) -> tuple[SpfResult | None,
                                                                         SpfResult | None]:
-        """(MAIL FROM result or None for the null sender, HELO result or None)."""
+        """(MAIL FROM result or None for the null sender, HELO result or None).
+
+        Both identities are evaluated at once on the resolver's DNS threads; past the
+        overall budget (RFC 7208 4.6.4, plus one lookup) the answer is ``temperror``
+        whatever the threads are still waiting for.
+        """
         helo_ok = "." in helo and not helo.startswith("[")
-        mailfrom_task = (asyncio.to_thread(self.evaluate, ip, sender, helo)
-                         if sender else None)
-        helo_task = asyncio.to_thread(self.evaluate, ip, "", helo) if helo_ok else None
-        mf = await mailfrom_task if mailfrom_task is not None else None
-        hr = await helo_task if helo_task is not None else None
+        senders = ([sender] if sender else []) + ([""] if helo_ok else [])
+        budget = max(self.resolver.timeout, OVERALL_TIMEOUT) + self.resolver.timeout
+        try:
+            async with asyncio.timeout(budget):
+                results = await asyncio.gather(*(
+                    self.resolver.run(self.evaluate, ip, s, helo) for s in senders))
+        except TimeoutError:
+            log.warning("spf: lookups for %s did not finish in %.0f s: temperror",
+                        sender or helo, budget)
+            results = [_late(ip, s, helo, budget) for s in senders]
+        mf = results[0] if sender else None
+        hr = results[-1] if helo_ok else None
         return mf, hr
 
     async def verdict(self, policy: Literal["off", "tag", "reject"], *, ip: str, sender: str,

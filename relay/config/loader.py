@@ -71,7 +71,13 @@ def parse_file(path: Path | str) -> tuple[str, str, dict[str, object]]:
                           file=file, line=_deepest_line(text),
                           hint="a config nests a few levels at most: look for a run of "
                                "[ or { on this line") from None
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:
+        if not isinstance(exc, tomllib.TOMLDecodeError):   # tomllib's int() of 4300+ digits
+            long = re.search(r"\d{4300,}", text)
+            raise ConfigError("TOML syntax error: a number with thousands of digits",
+                              file=file, line=text.count("\n", 0, long.start()) + 1
+                              if long else 1,
+                              hint="no setting takes a number that large") from None
         msg = str(exc)
         line: int | None = None
         m = _TOML_POS.search(msg)

@@ -58,7 +58,8 @@ def show(value: object) -> str:
     if isinstance(value, list):
         inner = ", ".join(show(v) for v in value)
         return f"[{inner}]" if len(inner) <= 60 else f"an array of {len(value)} items"
-    return str(value)
+    text = str(value)
+    return text if len(text) <= 60 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def suggest(word: str, choices: Iterable[str]) -> str:
@@ -235,6 +236,16 @@ class Table:
         if expanded is None or (private and not self.ctx.secrets):
             return Path(text) if expanded is None else self.ctx.resolve(expanded)
         p = self.ctx.resolve(expanded)
+        try:
+            p.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            pass                                  # may not exist (yet): checked below
+        except (OSError, ValueError) as exc:      # too long, no access, NUL in the name
+            why = getattr(exc, "strerror", None) or str(exc)
+            raise self.error(key, f"unusable path ({why})", got=show(text),
+                             expected="a file path relay may read",
+                             hint="relay cannot even look this path up: fix the name, "
+                                  "or the permissions of the directories above it") from None
         if exists and not p.exists():
             where = ("; relative paths start at the config file's directory"
                      if expanded == text else " (a systemd credential: is it named in the "

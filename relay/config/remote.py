@@ -308,6 +308,7 @@ def read_token_source(t: Table) -> TokenSourceConfig:
         scope=t.text("scope", SCOPES[provider] or default(D, "scope")),
         refresh_token_file=refresh, token_file=token_file, via=t.opt_text("via"),
         ca_file=_ca_file(t), refresh_margin=duration(t, "refresh_margin", D),
+        request_timeout=duration(t, "request_timeout", D, min=0.001),
         line=t.ctx.line(t.path) or 0)
     t.finish()
     return cfg

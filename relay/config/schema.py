@@ -113,6 +113,7 @@ class RelaySection:
     smtp_processes: int = 1                    # 0: SMTP listeners in the main process
     account_fail_limit: int = 10               # failed logins to one account, from anywhere ...
     account_fail_window: float = 900.0         # ... within this window: refused for as long
+    spool_reserve: int = 100 * 1024 * 1024     # free space kept for records: MAIL gets 452 below
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +277,7 @@ class TokenSourceConfig:
     token_file: Path | None = None             # static
     via: str | None = None                     # proxy for token requests
     refresh_margin: float = 300.0              # refresh this long before expiry
+    request_timeout: float = 30.0              # one token request, connect to last byte
     ca_file: Path | None = None                # CA for the token endpoint (default: system)
     line: int = 0
 

@@ -129,6 +129,7 @@ def read_relay(t: Table) -> RelaySection:
         account_fail_limit=t.integer("account_fail_limit", default(D, "account_fail_limit"),
                                      min=0) or 0,
         account_fail_window=duration(t, "account_fail_window", D, min=0.001),
+        spool_reserve=size(t, "spool_reserve", default(D, "spool_reserve"), min=0) or 0,
     )
 
 
@@ -152,8 +153,10 @@ def read_retry(t: Table) -> RetryConfig:
 
 
 def _fraction(v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise BadValue("not a number", expected="a number from 0 to 0.9")
+    if isinstance(v, bool) or not isinstance(v, int | float) or not -1 <= v <= 1:
+        raise BadValue("not a number" if not isinstance(v, int | float) or
+                       isinstance(v, bool) else "out of range",
+                       expected="a number from 0 to 0.9")
     return float(v)
 
 

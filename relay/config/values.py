@@ -28,6 +28,8 @@ _SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024,
                "G": 1024**3, "GB": 1024**3, "GIB": 1024**3}
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
 SIZE_EXPECTED = 'a size such as "35MB", "512KB" or a number of bytes'
+MAX_SIZE = float(2**60)                          # 1 EB: past any real limit, inside int64
+MAX_DURATION = 100 * 365 * 86400.0               # 100 years: no timeout is longer
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -47,6 +49,8 @@ def parse_size(value: object) -> int:
     if isinstance(value, int):
         if value < 0:
             raise BadValue("negative size", expected=SIZE_EXPECTED)
+        if value > MAX_SIZE:
+            raise BadValue("size too large", expected=f"{SIZE_EXPECTED}, at most 1 EB")
         return value
     if not isinstance(value, str):
         raise BadValue("not a size", expected=SIZE_EXPECTED)
@@ -55,7 +59,10 @@ def parse_size(value: object) -> int:
     if m is None or unit not in _SIZE_UNITS:
         raise BadValue("not a size", expected=SIZE_EXPECTED,
                        hint="units are B, KB, MB, GB (binary: 1 MB = 1048576 bytes)")
-    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    size = float(m.group(1)) * _SIZE_UNITS[unit]
+    if not size <= MAX_SIZE:                      # also catches an infinite float
+        raise BadValue("size too large", expected=f"{SIZE_EXPECTED}, at most 1 EB")
+    return int(size)
 
 
 def parse_duration(value: object) -> float:
@@ -65,6 +72,9 @@ def parse_duration(value: object) -> float:
     if isinstance(value, int | float):
         if value < 0:
             raise BadValue("negative duration", expected=DURATION_EXPECTED)
+        if not value <= MAX_DURATION:             # also NaN and infinity
+            raise BadValue("duration too long", expected=f"{DURATION_EXPECTED}, at most "
+                           "100 years")
         return float(value)
     if not isinstance(value, str):
         raise BadValue("not a duration", expected=DURATION_EXPECTED)
@@ -78,6 +88,8 @@ def parse_duration(value: object) -> float:
     if pos != len(text) or not text:
         raise BadValue("not a duration", expected=DURATION_EXPECTED,
                        hint="units are ms, s, m, h, d")
+    if not total <= MAX_DURATION:
+        raise BadValue("duration too long", expected=f"{DURATION_EXPECTED}, at most 100 years")
     return total
 
 

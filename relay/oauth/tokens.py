@@ -1,8 +1,11 @@
 """OAuth2 token sources: client credentials, refresh token, static file; cached, refreshed early.
 
 Token requests go through the transport of the source's ``via`` proxy. Concurrent callers
-share one request per source (single flight). Tokens, secrets and refresh tokens are never
-logged: only source names, expiry times and the identity platform's error codes are.
+share one request per source (single flight). A token is fresh while both clocks agree:
+its wall-clock expiry (what the provider said, shown in metrics) and a monotonic
+deadline, so setting the wall clock back never keeps an expired token in use. Tokens,
+secrets and refresh tokens are never logged: only source names, expiry times and the
+identity platform's error codes are.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ from relay.transports.factory import Transports
 
 log = logging.getLogger("relay.oauth")
 
-REQUEST_TIMEOUT = 30.0
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
@@ -43,6 +45,7 @@ ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 class Token:
     value: str = ""
     expires_at: float | None = None           # Unix time; None: unknown (static)
+    deadline: float | None = None             # the same on the monotonic clock, if known
 
     def __repr__(self) -> str:                # never print the token
         return f"Token(expires_at={self.expires_at})"
@@ -114,10 +117,12 @@ class TokenSource:
     """One configured source with its cache and single-flight refresh."""
 
     def __init__(self, cfg: TokenSourceConfig, *, transports: Transports,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float],
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self._transports = transports
         self._clock = clock
+        self._monotonic = monotonic
         self._cached: Token | None = None
         self._inflight: asyncio.Future[Token] | None = None
         self._ssl: ssl.SSLContext | None = None
@@ -129,6 +134,8 @@ class TokenSource:
 
     def _fresh(self, tok: Token | None, margin: float) -> bool:
         if tok is None or not tok.value:
+            return False
+        if tok.deadline is not None and tok.deadline - margin <= self._monotonic():
             return False
         return tok.expires_at is None or tok.expires_at - margin > self._clock()
 
@@ -222,10 +229,11 @@ class TokenSource:
     async def _refresh(self) -> Token:
         cfg = self.cfg
         fields = await self._fields()
-        started = self._clock()
+        started, started_mono = self._clock(), self._monotonic()
         try:
             resp = await post_form(cfg.token_url, fields, transport=self._transports.via(cfg.via),
-                                   timeout=REQUEST_TIMEOUT, ssl_context=await self._context())
+                                   timeout=cfg.request_timeout,
+                                   ssl_context=await self._context())
         except HttpProtocolError as exc:
             raise OAuthError(f"token source {cfg.name}: bad HTTP response from "
                              f"{cfg.token_url}: {exc}", error="http",
@@ -261,7 +269,7 @@ class TokenSource:
                      cfg.refresh_token_file)
         log.info("token source %s: new access token, expires in %.0fs", cfg.name,
                  expires_at - self._clock())
-        return Token(value, expires_at)
+        return Token(value, expires_at, started_mono + (expires_at - started))
 
 
 class TokenSources:
@@ -269,10 +277,12 @@ class TokenSources:
 
     def __init__(self, configs: Sequence[TokenSourceConfig], *, transports: Transports,
                  metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._transports = transports
         self._metrics = metrics
         self._clock = clock
+        self._monotonic = monotonic
         self._sources: dict[str, TokenSource] = {}
         self.reconfigure(configs)
 
@@ -288,7 +298,7 @@ class TokenSources:
                 sources[cfg.name] = old
             else:
                 sources[cfg.name] = TokenSource(cfg, transports=self._transports,
-                                                clock=self._clock)
+                                                clock=self._clock, monotonic=self._monotonic)
         if self._metrics is not None:
             for name in self._sources.keys() - sources.keys():
                 with contextlib.suppress(KeyError):

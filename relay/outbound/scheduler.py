@@ -13,6 +13,11 @@ Waiting is never an attempt. A throttle reply, even a 5xx, never bounces: the re
 is deferred and its mailbox (or the upstream) paused. An operator's retry and a reload
 that changes an upstream end the pauses and the fail-fast window and try at once;
 quotas are never bypassed.
+
+Due times and queue ages run on the monotonic clock (``relay.outbound.clock``): a step
+of the wall clock neither fires every retry at once nor ends a lifetime early. An
+outcome the spool cannot record waits in memory (``relay.outbound.ledger``), out of the
+schedule, so it is never sent again from its stale state while relay runs.
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from relay.maillog import MailLog
 from relay.metrics import Metrics
 from relay.outbound.admission import Admission, Groups, Plan, route_pending
 from relay.outbound.attempt import Deliverer
+from relay.outbound.clock import SchedulingClock
 from relay.outbound.courier import RcptResult
 from relay.outbound.dsn import Bouncer, Failure
+from relay.outbound.ledger import Unrecorded
 from relay.outbound.lines import Line
 from relay.outbound.pacing import QuotaStore, Ticket
 from relay.outbound.smtp_courier import SUSPENDED
@@ -71,11 +78,15 @@ class Scheduler:
                  retry: RetryConfig, maillog: MailLog, bouncer: Bouncer,
                  metrics: Metrics | None = None, clock: Callable[[], float] = time.time,
                  rng: Callable[[], float] = random.random, quotas: QuotaStore | None = None,
-                 throttles: ThrottleTable | None = None) -> None:
+                 throttles: ThrottleTable | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._spool = spool
         self._router, self._deliverer, self._retry = router, deliverer, retry
         self._maillog, self._bouncer, self._metrics = maillog, bouncer, metrics
-        self._clock, self._rng = clock, rng
+        self._time, self._rng = SchedulingClock(wall=clock, monotonic=monotonic), rng
+        self._clock = self._time.now          # when things are due: monotonic
+        self._unrecorded = Unrecorded(spool=spool, metrics=metrics, on_recorded=self._recorded,
+                                      first=min(1.0, retry.first))
         self._msgs: dict[str, QueuedMessage] = {}       # scheduled (not held, not forgotten)
         self._due: dict[str, float] = {}
         self._heap: list[tuple[float, int, str]] = []
@@ -95,7 +106,7 @@ class Scheduler:
     async def start(self, recovered: list[QueuedMessage]) -> None:
         """Schedule the recovered queue and start the dispatch loop."""
         for msg in recovered:
-            self._schedule(msg, msg.state.next_attempt)
+            self._schedule(msg, self._from_record(msg))
         self._runner = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
 
     def enqueue(self, msg: QueuedMessage) -> None:
@@ -124,6 +135,7 @@ class Scheduler:
         self._due.pop(queue_id, None)
         self._reload_after.discard(queue_id)
         self._gate.book.leave(queue_id)
+        self._time.forget(queue_id)
 
     def waiting(self, queue_id: str) -> dict[str, Any] | None:
         """What a due message waits for, in the operator's words (None: it does not)."""
@@ -167,6 +179,7 @@ class Scheduler:
                 log.warning("stopping: %d delivery attempt(s) cancelled after %.0f s grace; "
                             "they are retried after restart", len(pending), grace)
                 await asyncio.wait(pending)
+        await self._unrecorded.close()
 
     def reconfigure(self, *, router: Router, deliverer: Deliverer, retry: RetryConfig,
                     throttles: ThrottleTable | None = None,
@@ -202,15 +215,27 @@ class Scheduler:
     # ---- scheduling ------------------------------------------------------------------------
 
     def scheduled(self) -> dict[str, float]:
-        """Queue id -> due time of every scheduled message (for tests and queue tools)."""
-        return dict(self._due)
+        """Queue id -> due time (Unix time) of every scheduled message (tests, tools)."""
+        return {qid: self._time.record_of(due) for qid, due in self._due.items()}
+
+    def _from_record(self, msg: QueuedMessage) -> float:
+        longest = self._retry.max * (1.0 + self._retry.jitter)
+        return self._time.due_from_record(msg.state.next_attempt, longest=longest)
+
+    def _recorded(self, msg: QueuedMessage) -> None:
+        """The ledger wrote a delayed outcome with recipients still pending: schedule it."""
+        if not self._stopping:
+            self._schedule(msg, self._from_record(msg))
 
     def _schedule(self, msg: QueuedMessage, due: float) -> None:
+        if msg.queue_id in self._unrecorded:   # its state on disk is stale: never from it
+            return
         if msg.state.held or self._stopping:
             self.forget(msg.queue_id)
             return
         self._msgs[msg.queue_id] = msg
         self._due[msg.queue_id] = due
+        self._time.age(msg.queue_id, msg.envelope.received_at)     # its age counts from here
         heapq.heappush(self._heap, (due, next(self._seq), msg.queue_id))
         self._wake.set()
 
@@ -226,7 +251,7 @@ class Scheduler:
         if queue_id in self._bypass:
             self._bypass.discard(queue_id)
             self._gate.unhold(msg, self._route(msg)[0], self._deliverer)
-        self._schedule(msg, msg.state.next_attempt)
+        self._schedule(msg, self._from_record(msg))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self._side.spawn(coro, name="reload-state")
@@ -347,7 +372,8 @@ class Scheduler:
                      results: dict[str, tuple[str, RcptResult]]) -> None:
         """Record verdicts, log them, bounce what failed, then save state or remove."""
         qid, state, now = msg.queue_id, msg.state, self._clock()
-        delay = f"{max(0.0, now - msg.envelope.received_at):.2f}"
+        age = self._time.age(qid, msg.envelope.received_at)
+        delay = f"{age:.2f}"
         failures: list[tuple[Failure, str]] = []
         last_error = ""
         paused = 0.0
@@ -373,12 +399,12 @@ class Scheduler:
                                        delay=delay, reply=res.reply)
                 self._count("deferred", upstream, res)
         state.attempts += 1
-        state.last_attempt = now
+        state.last_attempt = self._time.wall()
         state.upstream = ",".join(sorted({u for u, _ in results.values() if u}))
         if last_error:
             state.last_error = last_error
         retry = self._retry
-        expired = now - msg.envelope.received_at >= retry.lifetime
+        expired = age >= retry.lifetime
         if expired:
             for rcpt in state.recipients:
                 if rcpt.status is RcptStatus.PENDING and rcpt.address in results:
@@ -392,21 +418,14 @@ class Scheduler:
             due = now + backoff(retry, state.attempts, self._rng)
             if paused:                 # throttled: its line waits for the pause, not backoff
                 due = now
-            due = min(due, max(msg.envelope.received_at + retry.lifetime, now + 1.0))
-            state.next_attempt = due
-            try:
-                await self._spool.save_state(msg)
-            except KeyError:        # deleted while we were delivering
-                self.forget(qid)
-                return
-            except RelayError as exc:
-                log.error("%s: cannot save delivery state: %s (hint: %s)", qid, exc, exc.hint)
-            if qid in self._msgs and not self._stopping:
+            due = min(due, now + max(retry.lifetime - age, 1.0))
+            state.next_attempt = self._time.record_of(due)
+            recorded = await self._unrecorded.record(msg, done=False)
+            if recorded and qid in self._msgs and not self._stopping:   # not held/deleted
                 self._schedule(msg, due)
         else:
             self.forget(qid)
-            with contextlib.suppress(KeyError):
-                await self._spool.remove(qid)
+            await self._unrecorded.record(msg, done=True)
 
     async def _bounce(self, msg: QueuedMessage, data: bytes,
                       failures: list[tuple[Failure, str]]) -> None:

@@ -37,12 +37,18 @@ _EXCHANGE_535_HINT = (
 
 
 class SessionError(DeliveryError):
-    """An upstream session could not be set up or broke; always transient for delivery."""
+    """An upstream session could not be set up or broke; always transient for delivery.
+
+    ``unknown``: the session broke after the whole message was sent and before the
+    provider's reply, so the provider may have accepted it (a retry may duplicate it).
+    """
 
     def __init__(self, message: str, *, reason: str, stage: str, reply: str = "",
-                 hint: str = "") -> None:
-        super().__init__(message, permanent=False, reply=reply, reason=reason, hint=hint)
+                 hint: str = "", unknown: bool = False) -> None:
+        super().__init__(printable(message), permanent=False, reply=printable(reply),
+                         reason=reason, hint=hint)
         self.stage = stage
+        self.unknown = unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +76,19 @@ class Reply:
     @property
     def text(self) -> str:
         """``550 5.1.1 ...`` on one line (a multi-line reply's lines joined by spaces)."""
-        return " ".join(f"{self.code} {self.message}".split())
+        return " ".join(printable(f"{self.code} {self.message}").split())
 
     def __str__(self) -> str:
         return self.text
+
+
+def printable(text: str) -> str:
+    """A provider's words fit for logs, the mail log and the spool: control characters and
+    undecodable bytes (surrogate escapes, as aiosmtplib decodes them) become "?"."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else " " if c in "\t\r\n" else "?"
+                   for c in text)
 
 
 def has_bare_cr_or_lf(data: bytes) -> bool:
@@ -334,16 +349,26 @@ class SmtpSession:
             raise ValueError("message contains a bare CR or LF")
         start = await self.command(b"DATA")
         if start.code != 354:
+            if start.code < 400:      # 2xx/3xx but not 354: out of step, nothing was sent
+                self.broken = True
+                raise SessionError(
+                    f"{self.upstream.name} answered DATA with {start.text[:80]!r} instead of "
+                    "354; the message was not sent", reason="protocol", stage="data",
+                    hint="the provider (or something between) does not speak SMTP "
+                         "properly; mail is deferred and retried")
             return start
         protocol = self._smtp.protocol
         try:
             if protocol is None:
                 raise aiosmtplib.SMTPServerDisconnected("connection lost before the message")
             protocol.write(dot_stuff(data))
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise self._broken("data", exc) from exc
+        try:
             # No await between write and read_response: the reply cannot slip past it.
             resp = await protocol.read_response(timeout=self.upstream.data_timeout)
         except (aiosmtplib.SMTPException, OSError) as exc:
-            raise self._broken("data", exc) from exc
+            raise self._broken("data", exc, sent=True) from exc
         if resp.code == 421:
             self.broken = True
         return Reply(resp.code, resp.message)
@@ -371,12 +396,18 @@ class SmtpSession:
         self.broken = True
         self._smtp.close()
 
-    def _broken(self, stage: str, exc: BaseException) -> SessionError:
+    def _broken(self, stage: str, exc: BaseException, *, sent: bool = False) -> SessionError:
         self.broken = True
         if isinstance(exc, TimeoutError):
             reason, what = "timeout", "timed out"
         else:
             reason, what = "disconnected", "connection lost"
+        if sent:
+            return SessionError(
+                f"{self.upstream.name}: {what} waiting for the reply to the message: {exc}; "
+                "the provider may have accepted it", reason=reason, stage=stage, unknown=True,
+                hint="the outcome is unknown: mail is deferred and retried, so the recipient "
+                     "may get it twice (counted in relay_delivery_outcome_unknown_total)")
         return SessionError(f"{self.upstream.name}: {what} during {stage}: {exc}",
                             reason=reason, stage=stage,
                             hint="the provider or the network path (proxy) dropped or stalled "

@@ -110,6 +110,8 @@ class SmtpCourier:
                 reason = exc.reason
                 if self._metrics is not None:
                     self._metrics.upstream_failures.labels(up.name, reason).inc()
+                    if isinstance(exc, SessionError) and exc.unknown:
+                        self._metrics.delivery_outcome_unknown.labels(up.name).inc()
                 log.warning("%s: %s: %s (hint: %s)", msg.queue_id, up.name, exc, exc.hint)
                 reply = exc.reply if isinstance(exc, SessionError) and exc.reply else str(exc)
                 if session is not None:

@@ -13,6 +13,11 @@ What happens between a finished DATA and the ``250 ... queued as <id>``:
    difference (a bug, by construction) is counted, logged and answered ``451 4.3.0`` so
    the platform keeps the message and retries, rather than relay sending altered mail;
 5. the spool stores it durably; only then does the listener answer 250.
+
+Before any of that, at MAIL FROM, the spool must have room (``relay.spool.health``):
+below ``[relay] spool_reserve`` (plus the client's announced SIZE) the sender gets
+``452 4.3.1`` before it sends DATA, a read-only spool ``451 4.3.0``; after DATA the
+same check runs with the real size before the store.
 """
 
 from __future__ import annotations
@@ -25,12 +30,27 @@ from relay.checks.spf import SpfChecker
 from relay.config.schema import Config, HeaderRule, ListenerConfig, ProfileConfig
 from relay.dkim.sign import Signer
 from relay.envelope import Envelope
+from relay.errors import SpoolError
 from relay.headers import HeaderGuard, apply_rules
 from relay.routing import Router
+from relay.smtp import replies
+from relay.spool.health import Shortage, SpoolHealth
 from relay.spool.store import Spool
 from relay.verdict import Refusal, SessionInfo
 
 NO_ROUTE = "550 5.7.1 Relaying denied: no route for this recipient"
+
+
+def _announced_size(params: Mapping[str, str | None]) -> int:
+    size = params.get("SIZE")
+    return int(size) if size is not None and size.isdigit() and len(size) <= 20 else 0
+
+
+def shortage_refusal(shortage: Shortage) -> Refusal:
+    """The reply to MAIL while the spool cannot take mail (452 when full, else 451)."""
+    if shortage.full:
+        return Refusal.from_reply(replies.DISK_FULL, "spool_full")
+    return Refusal.from_reply(replies.LOCAL_ERROR, "spool_error")
 
 
 class AcceptPipeline:
@@ -78,6 +98,12 @@ class AcceptPipeline:
         if not self._guard.check(received, data):
             raise Refusal(451, "4.3.0", "Error: local error in processing; try again later",
                           reason="protected_headers")
+        shortage = await self._spool.health.check(len(data))
+        if shortage is not None:
+            raise SpoolError(f"not storing a message of {len(data)} bytes: {shortage.text}",
+                             disk_full=shortage.full,
+                             hint="free space on the spool's filesystem (or lower "
+                                  "[relay] spool_reserve); clients retry meanwhile")
         return await self._spool.store(envelope, data)
 
 
@@ -86,8 +112,10 @@ class RoutedChecks(MessageChecks):
 
     def __init__(self, *, router: Router, profile: ProfileConfig | None,
                  upstream_profiles: Mapping[str, ProfileConfig], spf: SpfChecker | None,
-                 spf_policy: Literal["off", "tag", "reject"]) -> None:
+                 spf_policy: Literal["off", "tag", "reject"],
+                 space: SpoolHealth | None = None) -> None:
         self._router = router
+        self._space = space
         self._upstream_profiles = upstream_profiles
         super().__init__(profile=profile, route_profile=self._profile_of, spf=spf,
                          spf_policy=spf_policy)
@@ -95,6 +123,14 @@ class RoutedChecks(MessageChecks):
     def _profile_of(self, sender: str, recipient: str) -> ProfileConfig | None:
         upstream = self._router.route_or_none(sender, recipient)
         return None if upstream is None else self._upstream_profiles.get(upstream)
+
+    async def check_sender(self, session: SessionInfo, sender: str,
+                           params: Mapping[str, str | None]) -> None:
+        if self._space is not None:
+            shortage = await self._space.check(_announced_size(params))
+            if shortage is not None:      # counted and mail-logged by the listener; the
+                raise shortage_refusal(shortage)   # main process logs the cause once
+        await super().check_sender(session, sender, params)
 
     async def check_recipient(self, session: SessionInfo, sender: str, recipient: str,
                               accepted: Sequence[str]) -> None:

@@ -96,6 +96,33 @@ def id_time(queue_id: str) -> float:
     return value / 1e6
 
 
+# --- JSON records --------------------------------------------------------------------------
+
+def _dumps(record: dict[str, Any]) -> bytes:
+    # ASCII with \u escapes: any str round-trips, lone surrogates (undecodable bytes a
+    # client sent, kept as surrogate escapes) included.
+    return json.dumps(record, separators=(",", ":")).encode("ascii")
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number relay writes")
+
+
+def _loads(raw: bytes) -> Any:
+    return json.loads(raw, parse_constant=_reject_constant)
+
+
+def _finite(value: float, what: str) -> float:
+    """A JSON number as a float, or FormatError (too large for a float)."""
+    try:
+        number = float(value)
+    except OverflowError:
+        raise FormatError(f"{what} is out of range") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise FormatError(f"{what} is out of range")
+    return number
+
+
 # --- message file ------------------------------------------------------------------------
 
 _ENVELOPE_FIELDS = tuple(f.name for f in dataclasses.fields(Envelope))
@@ -105,7 +132,7 @@ def encode_envelope(envelope: Envelope) -> bytes:
     # Per message on the accept path: a plain dict, not dataclasses.asdict (deep-copies).
     record = {name: getattr(envelope, name) for name in _ENVELOPE_FIELDS}
     record["recipients"] = list(envelope.recipients)
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+    return _dumps(record)
 
 
 _SCALARS: dict[str, type] = {"str": str, "bool": bool, "int": int, "float": float}
@@ -113,8 +140,8 @@ _SCALARS: dict[str, type] = {"str": str, "bool": bool, "int": int, "float": floa
 
 def decode_envelope(raw: bytes) -> Envelope:
     try:
-        record = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        record = _loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise FormatError(f"envelope is not valid JSON ({exc})") from None
     if not isinstance(record, dict):
         raise FormatError("envelope is not a JSON object")
@@ -134,13 +161,13 @@ def decode_envelope(raw: bytes) -> Envelope:
         elif f.name == "received_at":
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise FormatError("envelope received_at is not a number")
-            value = float(value)
+            value = _finite(value, "envelope received_at")
         elif (expected := _SCALARS.get(str(f.type))) is not None:
             ok = type(value) is expected or (expected is float and type(value) is int)
             if not ok:
                 raise FormatError(f"envelope {f.name} is not a {expected.__name__}")
             if expected is float:
-                value = float(value)
+                value = _finite(value, f"envelope {f.name}")
         values[f.name] = value
     return Envelope(**values)
 
@@ -221,14 +248,14 @@ def state_name(state: QueueState, now: float) -> str:
 def encode_state(state: QueueState) -> bytes:
     record = dataclasses.asdict(state)
     record["v"] = STATE_VERSION
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+    return _dumps(record)
 
 
 def decode_state(raw: bytes, envelope: Envelope) -> QueueState:
     """Parse a state file and check that it belongs to ``envelope``."""
     try:
-        record = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        record = _loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise FormatError(f"state is not valid JSON ({exc})") from None
     if not isinstance(record, dict) or record.get("v") != STATE_VERSION:
         raise FormatError("state has no known version")
@@ -243,9 +270,9 @@ def decode_state(raw: bytes, envelope: Envelope) -> QueueState:
                 last_reply=_typed(r, "last_reply", str), attempts=_typed(r, "attempts", int)))
         state = QueueState(
             recipients=recipients, attempts=_typed(record, "attempts", int),
-            next_attempt=float(_typed(record, "next_attempt", (int, float))),
+            next_attempt=_finite(_typed(record, "next_attempt", (int, float)), "next_attempt"),
             held=_typed(record, "held", bool),
-            last_attempt=float(_typed(record, "last_attempt", (int, float))),
+            last_attempt=_finite(_typed(record, "last_attempt", (int, float)), "last_attempt"),
             upstream=_typed(record, "upstream", str),
             last_error=_typed(record, "last_error", str))
     except (TypeError, ValueError, KeyError) as exc:

@@ -36,8 +36,11 @@ def clean_tmp(tmp: Path) -> None:
             log.warning("spool: cannot remove leftover %s: %s", entry.path, exc.strerror)
 
 
-def move_aside(path: Path, corrupt: Path, reason: str) -> None:
-    """Rename ``path`` into corrupt/ (never overwriting), logging why; never raises."""
+def move_aside(path: Path, corrupt: Path, reason: str) -> bool:
+    """Rename ``path`` into corrupt/ (never overwriting), logging why; never raises.
+
+    True if it was moved.
+    """
     target = corrupt / path.name
     n = 0
     while target.exists():
@@ -48,8 +51,9 @@ def move_aside(path: Path, corrupt: Path, reason: str) -> None:
     except OSError as exc:
         log.error("spool: damaged file %s (%s) could not be moved to %s: %s; it is ignored",
                   path, reason, corrupt, exc.strerror)
-        return
+        return False
     log.error("spool: moved damaged file %s to %s: %s", path, target, reason)
+    return True
 
 
 def read_queued(queue: Path, name: str, *, with_state: bool = True) -> QueuedMessage:
@@ -74,11 +78,13 @@ def read_queued(queue: Path, name: str, *, with_state: bool = True) -> QueuedMes
     return QueuedMessage(queue_id=name, envelope=mf.envelope, state=state, size=mf.data_len)
 
 
-def scan(queue: Path, corrupt: Path | None) -> list[QueuedMessage]:
+def scan(queue: Path, corrupt: Path | None, *,
+         moved: list[str] | None = None) -> list[QueuedMessage]:
     """Every good message in queue/, in id (arrival) order.
 
-    With ``corrupt`` set, damaged files and orphan state files are moved there; with
-    ``corrupt=None`` (read-only use by the queue tools) they are only logged and skipped.
+    With ``corrupt`` set, damaged files and orphan state files are moved there (and their
+    names appended to ``moved``); with ``corrupt=None`` (read-only use by the queue
+    tools) they are only logged and skipped.
     A damaged state file next to a good message is moved aside and the message comes
     back fresh: it is delivered again to every recipient (at least once, never lost).
     """
@@ -89,8 +95,8 @@ def scan(queue: Path, corrupt: Path | None) -> list[QueuedMessage]:
     def damaged(name: str, reason: str) -> None:
         if corrupt is None:
             log.warning("spool: skipping damaged file %s: %s", queue / name, reason)
-        else:
-            move_aside(queue / name, corrupt, reason)
+        elif move_aside(queue / name, corrupt, reason) and moved is not None:
+            moved.append(name)
 
     for name in names:
         if name in messages:

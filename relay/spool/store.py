@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import time
@@ -44,6 +43,7 @@ from relay.envelope import Envelope
 from relay.errors import SpoolError
 from relay.metrics import Metrics
 from relay.spool import recovery
+from relay.spool.health import DISK_FULL, SpoolHealth
 from relay.spool.layout import (
     STATE_SUFFIX,
     FormatError,
@@ -60,8 +60,6 @@ from relay.spool.memo import FreshCache, KeyedLocks
 from relay.spool.records import QueuedMessage
 
 log = logging.getLogger("relay.spool")
-
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +85,8 @@ class Spool:
     """The on-disk queue under ``root`` (see ``relay.spool.layout`` for the files)."""
 
     def __init__(self, root: Path, *, fsync: bool = True, metrics: Metrics | None = None,
-                 written: Callable[[QueuedMessage, bytes], None] | None = None):
+                 written: Callable[[QueuedMessage, bytes], None] | None = None,
+                 reserve: int = 0):
         # written: this is an SMTP listener process's spool, which only store()s and hands
         # each stored message to ``written``; the main process (lock, recovery, index,
         # delivery) learns of it through adopt(). No index, no listeners here.
@@ -106,6 +105,8 @@ class Spool:
         self._locks = KeyedLocks()
         self._pending: set[asyncio.Task[str]] = set()
         self._fresh = FreshCache()           # handed to the first attempt: no re-read
+        # free space, read-only and write failures: MAIL checks, /readyz (relay.spool.health)
+        self.health = SpoolHealth(self.root, reserve=reserve, metrics=metrics)
 
     # --- set-up ----------------------------------------------------------------------------
 
@@ -155,12 +156,15 @@ class Spool:
         self._prepare()
         try:
             recovery.clean_tmp(self.tmp)
-            found = recovery.scan(self.queue, self.corrupt)
+            moved: list[str] = []
+            found = recovery.scan(self.queue, self.corrupt, moved=moved)
         except OSError as exc:                  # the directory itself, not one file
             raise SpoolError(f"cannot read the spool {self.root}: {exc.strerror or exc}",
                              hint="check the spool filesystem (mount, permissions, kernel "
                                   "log for I/O errors)") from exc
         recovery.fsync_dirs(self.queue, self.corrupt, self.tmp)
+        if moved and self._metrics is not None:
+            self._metrics.spool_quarantined.inc(len(moved))
         self._reindex(found)
         log.info("spool: %d queued message(s) in %s", len(found), self.queue)
         return found
@@ -263,6 +267,7 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.unlink(self.queue / queue_id)
             raise self._error("make the spooled message durable", exc) from exc
+        self.health.write_succeeded(len(head) + len(data))
 
     async def save_state(self, msg: QueuedMessage) -> None:
         """Replace the message's state file atomically (tmp, fsync, rename, dir fsync).
@@ -296,6 +301,7 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise self._error("write a state file", exc) from exc
+        self.health.write_succeeded()
 
     async def remove(self, queue_id: str) -> None:
         """Delete a message (delivered, bounced or deleted): state file first, then message."""
@@ -343,7 +349,7 @@ class Spool:
         except FileNotFoundError:
             raise KeyError(queue_id) from None
         except OSError as exc:
-            raise self._error(f"open {queue_id}", exc) from exc
+            raise self._error(f"open {queue_id}", exc, write=False) from exc
         try:
             return MessageFile(fd).read_data(limit)
         except FormatError as exc:
@@ -351,7 +357,7 @@ class Spool:
                              hint="restart relay to move it to corrupt/, then inspect it "
                                   "there") from exc
         except OSError as exc:
-            raise self._error(f"read {queue_id}", exc) from exc
+            raise self._error(f"read {queue_id}", exc, write=False) from exc
         finally:
             os.close(fd)
 
@@ -366,7 +372,7 @@ class Spool:
             raise SpoolError(f"queue file {queue_id} is damaged: {exc}",
                              hint="restart relay to move it to corrupt/") from exc
         except OSError as exc:
-            raise self._error(f"read {queue_id}", exc) from exc
+            raise self._error(f"read {queue_id}", exc, write=False) from exc
 
     def queue_ids(self) -> list[str]:
         """Ids of all queued messages, oldest first (from the index recover() built)."""
@@ -403,8 +409,10 @@ class Spool:
         if not is_queue_id(queue_id):
             raise KeyError(queue_id)
 
-    def _error(self, what: str, exc: OSError) -> SpoolError:
-        if exc.errno in _DISK_FULL:
+    def _error(self, what: str, exc: OSError, *, write: bool = True) -> SpoolError:
+        if write:
+            self.health.write_failed(what, exc)
+        if exc.errno in DISK_FULL:
             return SpoolError(f"spool {self.root} is full: cannot {what} ({exc.strerror})",
                               disk_full=True,
                               hint="free space (or quota) on the spool's filesystem; clients "

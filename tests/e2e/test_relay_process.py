@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import smtplib
 import socket
@@ -108,7 +109,11 @@ def test_deferred_mail_survives_kill9_and_queue_retry_sends_it(tmp_path: Path) -
         wait_until(lambda: len(sink.messages()) == 2, timeout=30)   # the two never tried
         listing = relay.cli("queue", "list", "--json")
         assert listing.returncode == 0, listing.stderr
-        assert listing.stdout.count('"state": "deferred"') == 1
+        queue = json.loads(listing.stdout)
+        assert queue["counts"] == {"active": 0, "deferred": 1, "held": 0, "waiting": 0}, \
+            queue["counts"]
+        assert [(m["id"], m["state"], m["attempts"]) for m in queue["messages"]] == \
+            [(first, "deferred", 1)]
         assert len(sink.messages()) == 2         # the deferred one waits for its retry time
         out = relay.cli("queue", "retry", "--all")
         assert out.returncode == 0, out.stdout + out.stderr
@@ -202,11 +207,15 @@ def test_disk_full_answers_452_and_keeps_nothing(tmp_path: Path) -> None:
     spool.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(spool)],
                    check=True)
+    sink = Sink(tmp_path)                 # never started: its dump directory is removed
     try:
-        sink = Sink(tmp_path)
         port = free_port()
-        with running_relay(tmp_path, config(spool=spool, listen=port, sink=sink.port),
-                           port) as relay, smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        # No reserve: the message is refused because it does not fit, after its DATA
+        # (tests/faults covers the reserve refusing MAIL before any data).
+        cfg = config(spool=spool, listen=port, sink=sink.port).replace(
+            "smtp_processes = ", 'spool_reserve = "0"\nsmtp_processes = ')
+        with running_relay(tmp_path, cfg, port) as relay, \
+                smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
             s.ehlo("x.example")
             s.mail("a@example.com")
             s.rcpt("b@example.net")
@@ -221,6 +230,7 @@ def test_disk_full_answers_452_and_keeps_nothing(tmp_path: Path) -> None:
             s.rcpt("b@example.net")
             assert s.data(b"Subject: small\r\n\r\nhi\r\n")[0] == 250
     finally:
+        sink.stop()
         subprocess.run(["umount", "-l", str(spool)], check=False)
 
 

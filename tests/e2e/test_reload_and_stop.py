@@ -84,18 +84,43 @@ def test_invalid_reload_keeps_the_old_config_and_counts_the_failure(tmp_path: Pa
         sink.stop()
 
 
+VARIANT = """[[listener.header_rule]]
+action = "add"
+header = "X-Reload-Variant"
+value = "{n}"
+"""
+
+
+def variants(sink: Sink) -> set[bytes]:
+    """The X-Reload-Variant values on the messages the sink holds."""
+    return {m.split(b"\nX-Reload-Variant: ")[1].split(b"\n")[0] for m in sink.messages()
+            if b"\nX-Reload-Variant: " in m}
+
+
 def test_reload_during_a_stream_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    """Six reloads while mail flows, each a real change (a header rule's value) that
+    mail received after it carries; nothing lost, nothing twice."""
     sink = Sink(tmp_path).start()
     port = free_port()
-    base = config(spool=tmp_path / "spool", listen=port, sink=sink.port)
-    relay = Relay(tmp_path, base).start(port)
-    total, senders = 120, 4
+    spool = tmp_path / "spool"
+
+    def cfg(n: int) -> str:
+        return config(spool=spool, listen=port, sink=sink.port,
+                      listener_extra=VARIANT.format(n=n))
+
+    relay = Relay(tmp_path, cfg(0)).start(port)
+    senders, most = 4, 150                    # bounded: at most 150 messages per sender
+    sent: list[str] = []
     errors: list[BaseException] = []
+    stop = threading.Event()
 
     def submit(k: int) -> None:
         try:
-            for i in range(total // senders):
+            for i in range(most):
+                if stop.is_set():
+                    return
                 send(port, subject=f"s{k}-{i}")
+                sent.append(f"s{k}-{i}")
         except BaseException as exc:          # reported by the main thread
             errors.append(exc)
 
@@ -103,21 +128,28 @@ def test_reload_during_a_stream_loses_and_duplicates_nothing(tmp_path: Path) -> 
     try:
         for t in threads:
             t.start()
-        for n in range(6):                    # bounded: six reloads while mail flows
-            variant = base.replace("max_connections = ", f"max_connections = {n + 2}#")
-            relay.config.write_text(variant if n % 2 else base)
+        wait_until(lambda: b"0" in variants(sink), timeout=60)
+        for n in range(1, 7):                 # bounded: six reloads while mail flows
+            relay.config.write_text(cfg(n))
             relay.signal(signal.SIGHUP)
-            relay.wait_log(r"reload: config", count=n + 1, timeout=60)
+            relay.wait_log(r"reload: config .* applied", count=n, timeout=60)
+            # mail accepted after the reload carries the new value: the change applied
+            wait_until(lambda n=n: str(n).encode() in variants(sink) or bool(errors),
+                       timeout=60)
+        stop.set()
         for t in threads:
             t.join(120)
         assert not errors, errors
+        assert variants(sink) == {str(n).encode() for n in range(7)}
+        total = len(sent)
         # relay logs "delivered" after the sink's 250, when its dump file is complete
         relay.wait_log(r"delivered to=", count=total, timeout=120)
         assert relay.log_text().count("delivered to=") == total
         got = subjects(sink)
-        assert len(got) == total
+        assert sorted(got) == sorted(s.encode() for s in sent)
         assert len(set(got)) == total
     finally:
+        stop.set()
         relay.stop()
         sink.stop()
 

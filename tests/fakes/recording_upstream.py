@@ -3,7 +3,8 @@
 Scripts are lists of replies consumed in order, one per occurrence of the command
 (``None`` or running out means the normal behaviour), so "4xx on the first attempt,
 2xx on the second" is ``script={"DATA": ["451 4.3.0 try later"]}``; ``"HANGUP"`` for
-MAIL drops the connection without a reply. RCPT can also be
+MAIL drops the connection without a reply (for DATA: after taking the message, so the
+client cannot know it was delivered). RCPT can also be
 scripted per address. Everything the client sends is recorded byte for byte, per
 connection. STARTTLS or implicit TLS (trustme contexts), AUTH PLAIN/LOGIN checking,
 and XOAUTH2 checking (with the provider's 334 JSON challenge on failure).
@@ -62,13 +63,16 @@ class _Handler:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         reply = self.owner._next("DATA")
         await self.owner._delay("DATA")
-        if reply and not reply.startswith("2"):
+        if reply and not reply.startswith("2") and reply != "HANGUP":
             return reply
         user = session.auth_data if isinstance(session.auth_data, str) else None
         self.owner.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
                                             envelope.original_content or envelope.content,
                                             user, getattr(server, "conn_no", 0)))
         self.owner._changed()
+        if reply == "HANGUP":        # took the message, then died before answering
+            server.transport.abort()
+            return "421 4.4.2 gone"
         return reply or "250 2.0.0 Ok: queued"
 
     async def auth_XOAUTH2(self, server: Any, args: list[str]) -> AuthResult:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,39 @@ async def test_failed_early_refresh_keeps_the_valid_token(ca: trustme.CA,
         clock.now += 300                       # expired: now the failure surfaces
         with pytest.raises(OAuthError):
             await sources.token("o365")
+
+
+async def test_a_slow_token_endpoint_times_out_once_for_every_waiting_caller(
+        ca: trustme.CA, ca_file: Path) -> None:
+    with token_server(ca, delay=3.0) as srv:
+        sources = TokenSources([cc(srv, ca_file, request_timeout=0.3)], transports=Transports())
+        started = time.monotonic()
+        outcomes = await asyncio.gather(*(sources.token("o365") for _ in range(5)),
+                                        return_exceptions=True)
+        assert time.monotonic() - started < 2.5
+        assert all(isinstance(o, OAuthError) for o in outcomes), outcomes
+        assert "timed out" in str(outcomes[0]) and "token endpoint" in str(outcomes[0])
+        srv.delay = 0.0
+        assert await sources.token("o365") == srv.issued[-1]
+    assert len(srv.requests) <= 2          # the timed-out request, maybe, and the good one
+
+
+async def test_setting_the_clock_back_does_not_keep_an_expired_token(
+        ca: trustme.CA, ca_file: Path) -> None:
+    wall, mono = Clock(), Clock()
+    with token_server(ca, expires_in=900) as srv:
+        sources = TokenSources([cc(srv, ca_file)], transports=Transports(), clock=wall,
+                               monotonic=mono)
+        first = await sources.token("o365")
+        wall.now -= 2 * 86400                  # the wall clock is set back two days
+        mono.now += 1000                       # while the token's 900 s really ran out
+        second = await sources.token("o365")
+        assert second != first and len(srv.requests) == 2
+        wall.now += 4 * 86400                  # and forward: one refresh, no more
+        mono.now += 10
+        third = await sources.token("o365")
+        assert len(srv.requests) == 3
+        assert await sources.token("o365") == third and len(srv.requests) == 3
 
 
 @pytest.mark.fast

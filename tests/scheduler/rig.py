@@ -54,7 +54,8 @@ async def until(cond: Callable[[], object], timeout: float = 20.0) -> None:
 class Rig:
     def __init__(self, root: Path, *ups: UpstreamConfig, retry: RetryConfig = FAST,
                  routes: tuple[RouteConfig, ...] = (), default: str | None = "up",
-                 throttles: ThrottleTable | None = None, **deliverer_kw: Any) -> None:
+                 throttles: ThrottleTable | None = None, clock: Callable[[], float] = time.time,
+                 **deliverer_kw: Any) -> None:
         self.metrics = Metrics()
         self.spool = Spool(root / "spool", fsync=False, metrics=self.metrics)
         self.deliverer = deliverer(*ups, metrics=self.metrics, **deliverer_kw)
@@ -68,7 +69,8 @@ class Rig:
         self.scheduler = Scheduler(spool=self.spool, router=self.router,
                                    deliverer=self.deliverer, retry=retry,
                                    maillog=MailLog(logger), bouncer=self.bouncer,
-                                   metrics=self.metrics, throttles=throttles)
+                                   metrics=self.metrics, throttles=throttles,
+                                   clock=clock)
 
     @property
     def log(self) -> list[str]:

@@ -6,7 +6,10 @@ import ipaddress
 import smtplib
 from pathlib import Path
 
+from relay.routing import Router
+from relay.smtp.accept import RoutedChecks
 from relay.spool.store import Spool
+from tests.peers.tmpfs import fill, tmpfs
 from tests.smtp.conftest import RawClient, StartRelay, run
 
 ALLOW = (ipaddress.ip_network("127.0.0.0/8"),)
@@ -59,3 +62,47 @@ async def test_smuggling_leaves_the_spool_empty(start_relay: StartRelay, tmp_pat
     assert spool.queue_ids() == []
     root = tmp_path / "spool"
     assert not root.exists() or [p for p in root.rglob("*") if p.is_file()] == []
+
+
+async def test_mail_is_refused_452_before_data_while_the_spool_is_below_its_reserve(
+        start_relay: StartRelay, tmp_path: Path) -> None:
+    """Postfix's queue_minfree: the client hears 452 4.3.1 at MAIL, before sending DATA."""
+    with tmpfs(tmp_path / "fs", "2m") as fs:
+        spool = Spool(fs / "spool", reserve=512 * 1024)
+        spool.recover()
+        checks = RoutedChecks(router=Router((), "up"), profile=None, upstream_profiles={},
+                              spf=None, spf_policy="off", space=spool.health)
+        relay = await start_relay(allow=ALLOW, accept=spool.store, checks=checks)
+        filler = fs / "filler"
+        fill(filler, leave=800 * 1024)           # 0.78 MB free: 0.5 MB reserve + 0.28 MB
+
+        def session() -> list[str]:
+            c = RawClient(relay.port)
+            c.reply()
+            c.cmd("EHLO platform.test")
+            got = [c.cmd("MAIL FROM:<a@example.com> SIZE=400000"),    # would dip in reserve
+                   c.cmd("MAIL FROM:<a@example.com> SIZE=1000")]
+            c.cmd("QUIT")
+            c.close()
+            return got
+
+        too_big, fits = await run(session)
+        assert too_big.startswith("452 4.3.1 "), too_big
+        assert fits.startswith("250 "), fits
+        filler.unlink()
+        fill(filler, leave=300 * 1024)           # below the reserve: nothing is taken
+        await spool.health.refresh()             # measured now (the cache lasts 1 s)
+
+        def mail() -> str:
+            c = RawClient(relay.port)
+            c.reply()
+            c.cmd("EHLO platform.test")
+            reply = c.cmd("MAIL FROM:<a@example.com>")
+            c.close()
+            return reply
+
+        assert (await run(mail)).startswith("452 4.3.1 Insufficient system storage")
+        assert relay.refused("spool_full") == 2
+        assert spool.queue_ids() == []
+        filler.unlink()
+        spool.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.metrics import Metrics
 from relay.spool.layout import IdGenerator
 from relay.spool.records import RcptStatus
 from relay.spool.store import Spool
@@ -74,9 +75,11 @@ async def test_damaged_message_takes_its_state_along(tmp_path: Path,
     await sp.save_state(msg)
     sp.close()
     (root / "queue" / qid).write_bytes(b"garbage\n")
-    assert Spool(root).recover() == []
+    metrics = Metrics()
+    assert Spool(root, metrics=metrics).recover() == []
     assert sorted(os.listdir(root / "corrupt")) == [qid, qid + ".state"]
     assert len(_moved(caplog)) == 2
+    assert metrics.registry.get_sample_value("relay_spool_quarantined_total") == 2
 
 
 async def test_orphan_state_and_strangers_are_moved_aside(tmp_path: Path,
@@ -88,8 +91,10 @@ async def test_orphan_state_and_strangers_are_moved_aside(tmp_path: Path,
     (root / "queue" / "notes.txt").write_text("hello")
     # a name already taken in corrupt/ is not overwritten
     (root / "corrupt" / "notes.txt").write_text("older")
-    assert [m.queue_id for m in Spool(root).recover()] == ids
+    metrics = Metrics()
+    assert [m.queue_id for m in Spool(root, metrics=metrics).recover()] == ids
     assert sorted(os.listdir(root / "corrupt")) == sorted([orphan, "notes.txt", "notes.txt.1"])
+    assert metrics.registry.get_sample_value("relay_spool_quarantined_total") == 2
     assert (root / "corrupt" / "notes.txt").read_text() == "older"
     lines = _moved(caplog)
     assert any(orphan in line and "state file without its message" in line for line in lines)
