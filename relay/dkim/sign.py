@@ -25,6 +25,7 @@ from dkim.canonicalization import Relaxed, correct_empty_body, strip_trailing_li
 from relay.dkim.keys import DkimKey, DkimKeys, load_keys
 from relay.envelope import Envelope
 from relay.errors import DkimError
+from relay.headers import split
 from relay.metrics import Metrics
 
 __all__ = ["OVERSIGNED", "SIGNED_HEADERS", "DkimKeys", "Signer", "from_domain", "load_keys"]
@@ -64,27 +65,41 @@ def relaxed_body(body: bytes) -> bytes:
     return bytes(correct_empty_body(strip_trailing_lines(body)))
 
 
+_FIELD_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+$")      # RFC 5322 ftext
+_LINE_END = re.compile(rb"\r?\n")
+
+
 def parse(data: bytes) -> tuple[list[list[bytes]], bytes]:
-    """Header fields ``[name, value]`` and the CRLF body, as dkimpy reads them."""
-    try:
-        headers, body = dkim.rfc822_parse(data)
-    except dkim.MessageFormatError as exc:
-        raise DkimError(f"message header cannot be parsed for DKIM: {exc}",
-                        hint="the client sent a malformed header; it was not signed") from None
+    """Header fields ``[name, value]`` and the CRLF body, as a DKIM verifier reads them.
+
+    relay's own field splitter (``relay.headers.split``), not dkimpy's ``rfc822_parse``,
+    which gives up on a field with blanks before its colon (``Subject : hi``, obsolete
+    but legal RFC 5322 4.5 syntax that verifiers read): relay used to leave such mail
+    unsigned without a trace. The name is given without those blanks (relaxed
+    canonicalisation drops them anyway); a line that is no field at all raises DkimError.
+    """
+    if data.count(b"\n") != data.count(b"\r\n"):
+        data = _LINE_END.sub(b"\r\n", data)
+    fields, body_at = split(data)
+    headers: list[list[bytes]] = []
+    line = 1
+    for f in fields:
+        if not _FIELD_NAME.match(f.name):
+            shown = f.raw.split(b"\r\n", 1)[0][:40].decode("ascii", "replace")
+            raise DkimError(f"header line {line} is not a header field ({shown!r}); a DKIM "
+                            "signature over it would not verify",
+                            hint="the client sent a malformed header; fix the sending "
+                                 "software, or turn structure checks on to refuse it")
+        headers.append([f.name, f.raw[f.raw.index(b":") + 1:]])
+        line += f.raw.count(b"\r\n")
+    body = data[body_at + 2:] if data[body_at:body_at + 2] == b"\r\n" else b""
     return headers, body
 
 
 def from_domain(data: bytes) -> str | None:
     """The domain of the (first) From header address, lower-case; None if there is none."""
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        end = data.find(b"\n\n")
-    head = data if end < 0 else data[:end + 2]
-    try:
-        headers, _ = dkim.rfc822_parse(head)
-    except dkim.MessageFormatError:
-        return None
-    values = [v.decode("utf-8", "replace") for n, v in headers if n.lower() == b"from"]
+    values = [f.raw[f.raw.index(b":") + 1:].decode("utf-8", "replace")
+              for f in split(data)[0] if f.name.lower() == b"from"]
     if len(values) != 1:
         return None        # no From, or several: not something to sign (RFC 5322 3.6)
     for _name, addr in getaddresses([" ".join(values[0].split())]):
