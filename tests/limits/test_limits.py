@@ -14,7 +14,7 @@ from relay.checks.profile import (
     decoded_header,
 )
 from relay.config.schema import ProfileConfig
-from relay.outbound.pacing import RateLimiter
+from relay.outbound.pacing import RateLimiter, margin
 from relay.verdict import Refusal
 
 pytestmark = pytest.mark.fast
@@ -164,9 +164,10 @@ async def test_messages_per_minute_delays_the_eleventh() -> None:
         assert await rl.acquire("mbx", size=1000) == 0.0
         t.now += 1.0                       # one message a second
     waited = await rl.acquire("mbx", size=1000)
-    # the first went at 1000; the 11th is at 1010 and must wait until 1060
-    assert waited == pytest.approx(50.0)
-    assert t.now == pytest.approx(1060.0)
+    # the first went at 1000; the 11th is at 1010 and must wait until 1060, plus the
+    # safety margin of a minute window (3 s)
+    assert waited == pytest.approx(53.0)
+    assert t.now == pytest.approx(1063.0)
     assert await rl.acquire("other-mailbox") == 0.0     # per mailbox
 
 
@@ -178,10 +179,10 @@ async def test_bytes_per_5_minutes() -> None:
     assert await rl.acquire("m", size=20 * MB) == 0.0          # exactly 50 MB: fits
     t.now += 10
     waited = await rl.acquire("m", size=1)
-    assert waited == pytest.approx(280.0)                      # until the first leaves
+    assert waited == pytest.approx(290.0)             # until the first leaves (+10 s margin)
     # a message bigger than the whole window is delayed until the window is empty, not refused
     waited = await rl.acquire("m", size=60 * MB)
-    assert waited == pytest.approx(300.0) and t.now == pytest.approx(1600.0)  # 1-byte one left
+    assert waited == pytest.approx(310.0) and t.now == pytest.approx(1620.0)  # 1-byte one left
 
 
 async def test_recipients_per_day() -> None:
@@ -192,7 +193,7 @@ async def test_recipients_per_day() -> None:
     assert await rl.acquire("m", recipients=1) == 0.0
     t.now += 60
     waited = await rl.acquire("m", recipients=5)
-    assert waited == pytest.approx(86400 - 3660)
+    assert waited == pytest.approx(86400 + 10 - 3660)
 
 
 async def test_concurrent_acquirers_are_served_in_order() -> None:
@@ -207,7 +208,37 @@ async def test_concurrent_acquirers_are_served_in_order() -> None:
 
     await asyncio.wait_for(asyncio.gather(*(send(i) for i in range(6))), timeout=10)
     assert order == list(range(6))
-    assert t.now == pytest.approx(1120.0)      # 2 now, 2 after 60 s, 2 after 120 s
+    assert t.now == pytest.approx(1126.0)      # 2 now, 2 after 63 s, 2 after 126 s
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_no_provider_minute_sees_more_than_the_limit(seed: int) -> None:
+    """600/min: the provider counts arrivals, each up to 2.9 s after relay started it.
+
+    The worst case is a burst at a window edge: the first 600 arrive late, the next 600
+    on time. Without the margin the provider would count up to 1,200 in one minute.
+    """
+    import random
+
+    rnd = random.Random(seed)
+    t = FakeTime()
+    rl = RateLimiter(ProfileConfig(name="genesys-agentless", messages_per_minute=600),
+                     clock=t.clock, sleep=t.sleep)
+    arrivals = []
+    for i in range(1800):                              # bounded: three minutes' worth
+        await rl.acquire("notify@example.com")
+        late = 2.9 if (i // 600) % 2 == 0 else 0.0     # within the 3 s margin of a minute
+        arrivals.append(t.now + late * rnd.uniform(0.9, 1.0))
+        t.now += rnd.uniform(0.0, 0.01)
+    arrivals.sort()
+    j = 0
+    busiest = 0
+    for i, at in enumerate(arrivals):                  # every 60 s window starting at one
+        while j < len(arrivals) and arrivals[j] < at + 60.0:
+            j += 1
+        busiest = max(busiest, j - i)
+    assert busiest <= 600
+    assert busiest >= 590              # and the limiter still uses (nearly) all of it
 
 
 async def test_no_rate_limits_never_waits() -> None:
@@ -223,7 +254,7 @@ async def test_forget_idle_bounds_memory() -> None:
     rl = RateLimiter(ZENDESK, clock=t.clock, sleep=t.sleep)
     for i in range(50):
         await rl.acquire(f"m{i}")
-    t.now += 86400 + 1
+    t.now += 86400 + margin(86400) + 1
     rl.forget_idle()
     assert rl._boxes == {}
 
