@@ -91,7 +91,11 @@ def build_listeners(config: Config, *, spool: Spool, metrics: Metrics,
                 checks=RoutedChecks(router=router,
                                     profile=profiles[lc.profile] if lc.profile else None,
                                     upstream_profiles=upstream_profiles,
-                                    spf=spf if lc.spf != "off" else None, spf_policy=lc.spf))
+                                    spf=spf if lc.spf != "off" else None, spf_policy=lc.spf,
+                                    structure_checks=lc.structure_checks,
+                                    max_header_size=lc.max_header_size,
+                                    add_missing_headers=lc.add_missing_headers,
+                                    hostname=config.relay.hostname))
         else:
             # IMAP/POP3: the main process adds the authenticator (relay.app.components),
             # so this module, which a listener process runs, never loads the proxy.

@@ -90,6 +90,18 @@ class MetricsConfig:
     listen: HostPort = HostPort("127.0.0.1", 9325)
 
 
+# Message structure checks a listener or profile may turn on (relay.checks.structure),
+# and the levels that name sets of them.
+STRUCTURE_CHECKS: tuple[str, ...] = (
+    "header-section", "header-size", "nul", "line-length", "8bit-headers", "field-names",
+    "from", "singletons", "addresses", "to", "mime")
+STRUCTURE_LEVELS: dict[str, tuple[str, ...]] = {
+    "off": (),
+    "standard": STRUCTURE_CHECKS[:9],          # what RFC 5322 itself requires
+    "strict": STRUCTURE_CHECKS,                # plus a To: field and sane MIME
+}
+
+
 @dataclass(frozen=True, slots=True)
 class ListenerConfig:
     name: str
@@ -115,6 +127,9 @@ class ListenerConfig:
     dkim_verify: bool = False                  # inbound: add Authentication-Results for DKIM
     profile: str | None = None
     header_rules: tuple[HeaderRule, ...] = ()
+    structure_checks: tuple[str, ...] = STRUCTURE_LEVELS["standard"]  # strict if auth required
+    max_header_size: int = 256 * 1024
+    add_missing_headers: bool = True           # Date:, Message-ID: on mail from trusted clients
     # IMAP/POP3 proxy listeners
     upstream: str | None = None
     login_timeout: float = 60.0                # pre-login idle timeout

@@ -19,8 +19,10 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from relay.config.addresses import AddressSets, expand
-from relay.config.reader import Table, show
+from relay.config.reader import Table, show, suggest
 from relay.config.schema import (
+    STRUCTURE_CHECKS,
+    STRUCTURE_LEVELS,
     HeaderRule,
     HostPort,
     ListenerConfig,
@@ -81,6 +83,27 @@ def hostport(t: Table, key: str, dflt: HostPort | None, *, default_port: int | N
     def parse(v: object) -> HostPort:
         return parse_hostport(v, default_port=default_port, ip_only=ip_only)
     return t.parsed(key, parse, dflt, expected='"HOST:PORT" such as "127.0.0.1:2525"')
+
+
+STRUCTURE_EXPECTED = ('"strict", "standard", "off" or a list of check names ('
+                      + ", ".join(f'"{c}"' for c in STRUCTURE_CHECKS) + ")")
+
+
+def structure_checks(t: Table, key: str, dflt: tuple[str, ...]) -> tuple[str, ...]:
+    """A level name (``"strict"``) or a list of check names, as the checks to run."""
+    value = t.raw.get(key)
+    t.known.add(key)
+    if value is None:
+        return dflt
+    if isinstance(value, str):
+        return STRUCTURE_LEVELS[t.enum(key, tuple(STRUCTURE_LEVELS))]
+    names = t.str_list(key, expected=STRUCTURE_EXPECTED)
+    for i, name in enumerate(names):
+        if name not in STRUCTURE_CHECKS:
+            raise t.ctx.error((*t.path, key, i), "unknown structure check", got=show(name),
+                              expected=STRUCTURE_EXPECTED,
+                              hint=suggest(name, (*STRUCTURE_CHECKS, *STRUCTURE_LEVELS)))
+    return tuple(c for c in STRUCTURE_CHECKS if c in names)
 
 
 def read_relay(t: Table) -> RelaySection:
@@ -200,6 +223,7 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
                                check=is_domain)
     upstream = t.opt_text("upstream")
     spf = t.enum("spf", ("off", "tag", "reject"), default(D, "spf"))
+    auth_level = "strict" if auth == "required" else "standard"
     cfg = ListenerConfig(
         name=name,
         protocol=cast(Literal["smtp", "imap", "pop3"], protocol),
@@ -225,6 +249,10 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
         dkim_verify=t.flag("dkim_verify", default(D, "dkim_verify")),
         profile=t.opt_text("profile"),
         header_rules=read_header_rules(t),
+        structure_checks=structure_checks(t, "structure_checks", STRUCTURE_LEVELS[auth_level]),
+        max_header_size=size(t, "max_header_size", default(D, "max_header_size"),
+                             min=1024) or 0,
+        add_missing_headers=t.flag("add_missing_headers", default(D, "add_missing_headers")),
         upstream=upstream,
         login_timeout=duration(t, "login_timeout", D, min=0.001),
         idle_timeout=duration(t, "idle_timeout", D, min=0.001),
@@ -237,7 +265,8 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
 
 
 SMTP_ONLY = ("relay_domains", "max_message_size", "max_recipients", "command_timeout",
-             "data_timeout", "spf", "dkim_verify", "profile", "header_rule")
+             "data_timeout", "spf", "dkim_verify", "profile", "header_rule",
+             "structure_checks", "max_header_size", "add_missing_headers")
 PROXY_ONLY = ("upstream", "login_timeout", "idle_timeout", "max_line")
 SMTP_UPSTREAM_ONLY = ("helo_name", "max_messages_per_connection", "data_timeout", "profile",
                       "header_rule")

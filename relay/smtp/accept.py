@@ -18,7 +18,7 @@ What happens between a finished DATA and the ``250 ... queued as <id>``:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from relay.checks.message import MessageChecks
 from relay.checks.spf import SpfChecker
@@ -82,15 +82,16 @@ class AcceptPipeline:
 
 
 class RoutedChecks(MessageChecks):
-    """The listener's checks (profile limits, SPF) plus: every recipient needs a route."""
+    """The listener's checks (structure, ownership, profiles, SPF) plus: every recipient
+    needs a route."""
 
     def __init__(self, *, router: Router, profile: ProfileConfig | None,
                  upstream_profiles: Mapping[str, ProfileConfig], spf: SpfChecker | None,
-                 spf_policy: Literal["off", "tag", "reject"]) -> None:
+                 spf_policy: Literal["off", "tag", "reject"], **options: Any) -> None:
         self._router = router
         self._upstream_profiles = upstream_profiles
         super().__init__(profile=profile, route_profile=self._profile_of, spf=spf,
-                         spf_policy=spf_policy)
+                         spf_policy=spf_policy, **options)
 
     def _profile_of(self, sender: str, recipient: str) -> ProfileConfig | None:
         upstream = self._router.route_or_none(sender, recipient)
