@@ -8,10 +8,12 @@ anything running is touched.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from relay.checks.ownership import Ownership
 from relay.checks.spf import SpfChecker
 from relay.config.schema import Config, ListenerConfig, ProfileConfig
 from relay.dkim.keys import load_keys
@@ -27,6 +29,8 @@ from relay.users import UserDB
 
 if TYPE_CHECKING:
     from relay.proxy.session import Authenticator
+
+log = logging.getLogger("relay.app")
 
 
 @dataclass
@@ -53,6 +57,16 @@ def _users(cfg: ListenerConfig, cache: dict[Path, UserDB]) -> UserDB | None:
                               hint=exc.hint or "create it with: relay user add NAME") from None
         cache[cfg.users_file] = db
     return db
+
+
+def _warn_owners(lc: ListenerConfig, ownership: Ownership) -> None:
+    if lc.sender_ownership != "enforce":
+        return
+    for name in ownership.users_without_addresses():
+        log.warning("listener %s: user %s owns no address, so every message it sends will "
+                    "be refused (553 5.7.1): list what it may send as with `relay user add "
+                    "%s --owns ADDRESS,DOMAIN` or [[account]] owns, or set "
+                    "sender_ownership = \"log\" on the listener", lc.name, name, name)
 
 
 @dataclass
@@ -84,6 +98,12 @@ def build_listeners(config: Config, *, spool: Spool, metrics: Metrics,
             continue
         users = _users(lc, users_cache)
         if lc.protocol == "smtp":
+            ownership = None
+            if users is not None:
+                ownership = Ownership(users=users, accounts=config.accounts,
+                                      mode=lc.sender_ownership, listener=lc.name)
+                if not smtp_only:          # the main process says it once per load
+                    _warn_owners(lc, ownership)
             side.listeners[lc.name] = ListenerParts(
                 cfg=lc, users=users,
                 accept=AcceptPipeline(listener=lc, config=config, spool=spool, router=router,
@@ -94,6 +114,7 @@ def build_listeners(config: Config, *, spool: Spool, metrics: Metrics,
                                     spf=spf if lc.spf != "off" else None, spf_policy=lc.spf,
                                     structure_checks=lc.structure_checks,
                                     max_header_size=lc.max_header_size,
+                                    ownership=ownership,
                                     add_missing_headers=lc.add_missing_headers,
                                     hostname=config.relay.hostname))
         else:

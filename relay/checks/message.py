@@ -1,4 +1,4 @@
-"""A listener's ``Checks``: message structure, profile limits and SPF.
+"""A listener's ``Checks``: structure, sender ownership, profile limits and SPF.
 
 SPF is decided at MAIL FROM (so a ``550 5.7.23`` or ``451 4.4.3`` comes before DATA is
 sent) and its trace headers are prepended after DATA, after removing any
@@ -7,9 +7,11 @@ authenticated sessions are not
 SPF-checked (SPF is about MTAs, not a platform's submissions). Profile limits are checked
 at MAIL (local part), RCPT (recipients, local part) and after DATA, for the listener's
 profile and for the profile of the upstream each recipient routes to. After DATA the
-message's structure is checked first (``relay.checks.structure``), then the profile
-limits; mail from trusted clients then gets a ``Date:`` and ``Message-ID:`` if it lacks
-them (``relay.headers.add_missing``).
+message's structure is checked first (``relay.checks.structure``), then the
+``From:``/``Sender:`` ownership of an authenticated user (``relay.checks.ownership``,
+which also checks the envelope sender at MAIL), then the profile limits; mail from
+trusted clients then gets a ``Date:`` and ``Message-ID:`` if it lacks them
+(``relay.headers.add_missing``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from email.utils import formatdate
 from typing import Literal
 
 from relay.checks import structure
+from relay.checks.ownership import Ownership
 from relay.checks.profile import check_message_async, check_recipient, check_sender
 from relay.checks.spf import SpfChecker
 from relay.config.schema import ProfileConfig
@@ -44,7 +47,7 @@ class MessageChecks(BaseChecks):
                  spf: SpfChecker | None = None,
                  spf_policy: Literal["off", "tag", "reject"] = "off",
                  structure_checks: Sequence[str] = (), max_header_size: int = 256 * 1024,
-                 add_missing_headers: bool = False,
+                 ownership: Ownership | None = None, add_missing_headers: bool = False,
                  hostname: str = "localhost") -> None:
         self.profile = profile
         self._route_profile = route_profile
@@ -52,6 +55,7 @@ class MessageChecks(BaseChecks):
         self._policy = spf_policy
         self._structure = frozenset(structure_checks)
         self._max_header = max_header_size
+        self._ownership = ownership
         self._add_missing = add_missing_headers
         self._hostname = hostname
         # SPF headers decided at MAIL FROM, waiting for the end of DATA (bounded).
@@ -76,6 +80,8 @@ class MessageChecks(BaseChecks):
                            params: Mapping[str, str | None]) -> None:
         if self.profile is not None and sender:
             check_sender(self.profile, sender)
+        if self._ownership is not None:
+            self._ownership.check(session.auth_user, [sender], "envelope sender")
         if self._spf is None or session.auth_user:
             return
         verdict = await self._spf.verdict(self._policy, ip=session.client_ip, sender=sender,
@@ -100,6 +106,10 @@ class MessageChecks(BaseChecks):
                             data: bytes) -> bytes:
         profiles = self._profiles(envelope.sender, envelope.recipients)
         shape = await self._inspect(envelope, data, profiles)
+        if self._ownership is not None:
+            for name in (b"from", b"sender"):
+                self._ownership.check(session.auth_user, shape.addresses.get(name, ()),
+                                      f"{name.decode().title()}: header")
         for p in profiles:
             await check_message_async(p, data)
         if self._add_missing and session.trusted:

@@ -130,6 +130,7 @@ class ListenerConfig:
     structure_checks: tuple[str, ...] = STRUCTURE_LEVELS["standard"]  # strict if auth required
     max_header_size: int = 256 * 1024
     add_missing_headers: bool = True           # Date:, Message-ID: on mail from trusted clients
+    sender_ownership: Literal["enforce", "log"] = "enforce"   # authenticated users only
     # IMAP/POP3 proxy listeners
     upstream: str | None = None
     login_timeout: float = 60.0                # pre-login idle timeout
@@ -228,6 +229,7 @@ class AccountConfig:
     username: str = ""                         # mailbox at the provider
     password: Secret | None = None             # for auth = "password"
     token_source: str | None = None            # for auth = "xoauth2"
+    owns: tuple[str, ...] = ()                 # addresses/domains `user` may send as
     line: int = 0
 
 

@@ -253,6 +253,8 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
         max_header_size=size(t, "max_header_size", default(D, "max_header_size"),
                              min=1024) or 0,
         add_missing_headers=t.flag("add_missing_headers", default(D, "add_missing_headers")),
+        sender_ownership=cast(Literal["enforce", "log"], t.enum(
+            "sender_ownership", ("enforce", "log"), default(D, "sender_ownership"))),
         upstream=upstream,
         login_timeout=duration(t, "login_timeout", D, min=0.001),
         idle_timeout=duration(t, "idle_timeout", D, min=0.001),
@@ -266,7 +268,7 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
 
 SMTP_ONLY = ("relay_domains", "max_message_size", "max_recipients", "command_timeout",
              "data_timeout", "spf", "dkim_verify", "profile", "header_rule",
-             "structure_checks", "max_header_size", "add_missing_headers")
+             "structure_checks", "max_header_size", "add_missing_headers", "sender_ownership")
 PROXY_ONLY = ("upstream", "login_timeout", "idle_timeout", "max_line")
 SMTP_UPSTREAM_ONLY = ("helo_name", "max_messages_per_connection", "data_timeout", "profile",
                       "header_rule")
@@ -317,6 +319,10 @@ def _listener_rules(t: Table, cfg: ListenerConfig) -> None:
                            "set allow_plaintext_auth = true (loopback only)"
                            + (', or use auth = "none" with allow if only listed networks send'
                               if cfg.protocol == "smtp" else ""))
+    if cfg.protocol == "smtp" and cfg.auth == "required" and cfg.sender_ownership == "log":
+        t.warn("sender_ownership", "not enforced: users who log in may send as any address "
+                                   "(each message sent as an address the user does not own "
+                                   "is logged)")
     if cfg.users_file is not None and not cfg.users_file.exists():
         t.warn("users_file", f"{cfg.users_file} does not exist yet; nobody can log in "
                              "until `relay user add NAME` creates it")

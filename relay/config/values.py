@@ -204,3 +204,12 @@ def is_address(value: str) -> bool:
     """A plain ``local@domain`` mail address (no display name, no brackets)."""
     local, sep, domain = value.rpartition("@")
     return bool(sep and local and is_domain(domain)) and not any(c in value for c in " <>\r\n")
+
+
+OWNED_EXPECTED = ('an address such as "sales@example.com", a domain such as "example.com" '
+                  'or "*.example.com" for its subdomains')
+
+
+def is_owned(value: str) -> bool:
+    """What a user may own for sender ownership: an address, a domain or ``*.domain``."""
+    return is_address(value) or is_domain(value.removeprefix("*."))
