@@ -7,11 +7,11 @@ authenticated sessions are not
 SPF-checked (SPF is about MTAs, not a platform's submissions). Profile limits are checked
 at MAIL (local part), RCPT (recipients, local part) and after DATA, for the listener's
 profile and for the profile of the upstream each recipient routes to. After DATA the
-message's structure is checked first (``relay.checks.structure``), then the
-``From:``/``Sender:`` ownership of an authenticated user (``relay.checks.ownership``,
-which also checks the envelope sender at MAIL), then the profile limits; mail from
-trusted clients then gets a ``Date:`` and ``Message-ID:`` if it lacks them
-(``relay.headers.add_missing``).
+message's structure is checked first (``relay.checks.structure``: the listener's checks
+plus those the applicable profiles turn on), then the ``From:``/``Sender:`` ownership of
+an authenticated user (``relay.checks.ownership``, which also checks the envelope sender
+at MAIL), then the profile limits; mail from trusted clients then gets a ``Date:`` and
+``Message-ID:`` if it lacks them (``relay.headers.add_missing``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from relay.checks.spf import SpfChecker
 from relay.config.schema import ProfileConfig
 from relay.envelope import Envelope
 from relay.headers import add_missing, remove_forged_results
-from relay.verdict import BaseChecks, SessionInfo
+from relay.verdict import BaseChecks, SessionInfo, SizeLimit
 
 RouteProfile = Callable[[str, str], ProfileConfig | None]     # (sender, recipient) → profile
 _PENDING_LIMIT = 10_000
@@ -75,6 +75,13 @@ class MessageChecks(BaseChecks):
     @staticmethod
     def _key(session: SessionInfo, sender: str) -> tuple[str, int, str, str]:
         return (session.client_ip, session.client_port, session.helo, sender)
+
+    def size_limit(self) -> SizeLimit | None:
+        """The listener's profile's message size limit, if it sets one."""
+        p = self.profile
+        if p is None or p.max_message_bytes is None:
+            return None
+        return SizeLimit(p.max_message_bytes, p.name)
 
     async def check_sender(self, session: SessionInfo, sender: str,
                            params: Mapping[str, str | None]) -> None:
@@ -126,8 +133,9 @@ class MessageChecks(BaseChecks):
 
     async def _inspect(self, envelope: Envelope, data: bytes,
                        profiles: Sequence[ProfileConfig]) -> structure.Shape:
+        checks = self._structure.union(*(p.structure_checks for p in profiles))
         run = functools.partial(structure.inspect, data, start=structure.own_trace_end(data),
-                                checks=self._structure, smtputf8=envelope.smtputf8,
+                                checks=checks, smtputf8=envelope.smtputf8,
                                 max_header_size=self._max_header)
         if len(data) <= _INLINE:           # one pass of C-level searches: cheaper inline
             return run()

@@ -176,7 +176,7 @@ def _profiles(tables: list[Table], into: dict[str, ProfileConfig], *,
               shipped: frozenset[str]) -> None:
     seen: set[str] = set()
     for t in tables:
-        p = read_profile(t)
+        p = read_profile(t, into)
         if p.name in seen:
             raise t.error("name", "duplicate profile name", got=show(p.name),
                           expected="a name used once per file")

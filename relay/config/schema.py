@@ -248,6 +248,7 @@ class ProfileConfig:
     messages_per_minute: int | None = None
     bytes_per_5min: int | None = None
     recipients_per_day: int | None = None
+    structure_checks: tuple[str, ...] = ()     # turned on for mail this profile applies to
     line: int = 0
 
 
