@@ -83,7 +83,9 @@ def build_listeners(config: Config, *, spool: Spool, metrics: Metrics,
                     smtp_only: bool = False) -> ListenerSide:
     """DKIM keys, users, accept pipelines and checks per listener; ConfigError on a mistake."""
     keys = load_keys(config.dkim)
-    signer = Signer(keys, metrics=metrics) if config.dkim else None
+    signer = Signer(keys, metrics=metrics,
+                    on_failure={d.domain: d.on_failure for d in config.dkim}
+                    ) if config.dkim else None
     router = Router(config.routes, config.relay.default_upstream)
     resolver = Resolver.from_config(config.relay)
     guard = HeaderGuard(protected_patterns(config.relay), metrics=metrics)

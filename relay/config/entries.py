@@ -42,8 +42,10 @@ def read_dkim(t: Table) -> DkimKeyConfig:
     key_file = t.file("key_file", required=True, exists=True, readable=True, private=True)
     assert key_file is not None
     algorithm = t.enum("algorithm", ("rsa-sha256", "ed25519-sha256"), "rsa-sha256")
+    on_failure = t.enum("on_failure", ("refuse", "send-unsigned"), "refuse")
     cfg = DkimKeyConfig(domain=domain.lower().rstrip("."), selector=selector, key_file=key_file,
                         algorithm=cast(Literal["rsa-sha256", "ed25519-sha256"], algorithm),
+                        on_failure=cast(Literal["refuse", "send-unsigned"], on_failure),
                         line=t.ctx.line(t.path) or 0)
     t.finish()
     return cfg

@@ -203,6 +203,18 @@ def _unique_dkim(ctx: Context, dkim: Sequence[object]) -> None:
                             "selector", hint=f"dkim[{seen[k]}] already defines it; dual "
                             "signing uses a second selector")
         seen[k] = i
+    policy: dict[str, int] = {}
+    for i, d in enumerate(dkim):
+        domain, on_failure = getattr(d, "domain", ""), getattr(d, "on_failure", "refuse")
+        first = policy.setdefault(domain, i)
+        if getattr(dkim[first], "on_failure", "refuse") != on_failure:
+            raise ctx.error(("dkim", i, "on_failure"), f"dkim keys of {domain} disagree on "
+                            "what to do with a message that cannot be signed",
+                            got=f'"{on_failure}"',
+                            expected=f'"{getattr(dkim[first], "on_failure", "refuse")}", as '
+                                     f"dkim[{first}] says",
+                            hint="a domain is signed or refused as a whole: give every key "
+                                 "of the domain the same on_failure")
 
 
 def _check_header_rules(ctx: Context, config: Config) -> None:

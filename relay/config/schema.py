@@ -196,6 +196,7 @@ class DkimKeyConfig:
     selector: str
     key_file: Path
     algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
+    on_failure: Literal["refuse", "send-unsigned"] = "refuse"   # when a message cannot be signed
     line: int = 0
 
 

@@ -4,6 +4,12 @@ Canonicalisation and header selection are dkimpy's (``dkim.canonicalization.Rela
 ``dkim.select_headers``); only the public-key step is done with ``cryptography``, which is
 about twenty times faster than dkimpy's pure-Python RSA. Signing is the last change relay
 makes to a message: the signature headers are prepended and nothing else is touched.
+
+Signing never skips silently: trusted mail whose ``From:`` names a domain with a key is
+signed, or refused (``550 5.7.0`` when the message cannot be signed: a header line that is
+no field, several ``From:`` fields, a ``From:`` that cannot be read; ``451 4.7.0`` when
+signing itself failed), or, only where the operator chose ``on_failure = "send-unsigned"``
+for the domain, sent unsigned with a warning and ``relay_dkim_signatures{result="failed"}``.
 """
 
 from __future__ import annotations
@@ -11,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from email.utils import getaddresses
 
 import dkim
@@ -27,8 +34,12 @@ from relay.envelope import Envelope
 from relay.errors import DkimError
 from relay.headers import split
 from relay.metrics import Metrics
+from relay.verdict import Refusal
 
 __all__ = ["OVERSIGNED", "SIGNED_HEADERS", "DkimKeys", "Signer", "from_domain", "load_keys"]
+
+log = logging.getLogger("relay.dkim")
+_AT_DOMAIN = re.compile(r"@\s*([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)")
 
 # Signed when present, in this order (the issue's list).
 SIGNED_HEADERS: tuple[str, ...] = (
@@ -82,16 +93,14 @@ def parse(data: bytes) -> tuple[list[list[bytes]], bytes]:
         data = _LINE_END.sub(b"\r\n", data)
     fields, body_at = split(data)
     headers: list[list[bytes]] = []
-    line = 1
     for f in fields:
         if not _FIELD_NAME.match(f.name):
             shown = f.raw.split(b"\r\n", 1)[0][:40].decode("ascii", "replace")
-            raise DkimError(f"header line {line} is not a header field ({shown!r}); a DKIM "
+            raise DkimError(f"the header line {shown!r} is not a header field; a DKIM "
                             "signature over it would not verify",
                             hint="the client sent a malformed header; fix the sending "
                                  "software, or turn structure checks on to refuse it")
         headers.append([f.name, f.raw[f.raw.index(b":") + 1:]])
-        line += f.raw.count(b"\r\n")
     body = data[body_at + 2:] if data[body_at:body_at + 2] == b"\r\n" else b""
     return headers, body
 
@@ -143,14 +152,25 @@ def _fold_b64(value: str, first: int, linesep: str) -> str:
     return (linesep + "\t").join(chunks)
 
 
+class Unsignable(Exception):
+    """A From: names ``domain``, which has a key, but the message cannot be signed for it."""
+
+    def __init__(self, domain: str, reason: str) -> None:
+        super().__init__(f"{domain}: {reason}")
+        self.domain = domain
+        self.reason = reason
+
+
 class Signer:
     """Signs trusted mail whose From domain (or a parent, DMARC-relaxed) has a key."""
 
     def __init__(self, keys: DkimKeys, *, metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 on_failure: Mapping[str, str] | None = None) -> None:
         self.keys = keys
         self._metrics = metrics
         self._clock = clock
+        self._on_failure = dict(on_failure or {})     # key domain → refuse | send-unsigned
 
     def signing_domain(self, sender_domain: str | None) -> str | None:
         """The configured key domain aligned with ``sender_domain`` (itself or a parent)."""
@@ -200,13 +220,66 @@ class Signer:
         return await asyncio.to_thread(self.sign, data, sender_domain=sender_domain)
 
     async def maybe_sign(self, envelope: Envelope, data: bytes) -> bytes:
-        """What the accept pipeline calls last: signed bytes, or ``data`` unchanged."""
+        """What the accept pipeline calls last: signed bytes, or ``data`` unchanged when the
+        message is not trusted or its From: names no domain with a key.
+
+        Raises ``Refusal`` (reason ``dkim``) when a keyed message cannot be signed, unless
+        the domain's ``on_failure`` is ``send-unsigned`` (then: warning, metric, unsigned).
+        """
         if not envelope.trusted:
             return data
-        domain = from_domain(data)
-        if domain is None or self.signing_domain(domain) is None:
+        try:
+            domain = self.keyed_from_domain(data)
+        except Unsignable as exc:
+            return self._failed(data, exc.domain, exc.reason, permanent=True)
+        if domain is None:
             return data
-        return await self.sign_async(data, sender_domain=domain)
+        key_domain = self.signing_domain(domain) or domain
+        try:
+            return await self.sign_async(data, sender_domain=domain)
+        except DkimError as exc:                 # the message: no retry will change it
+            return self._failed(data, key_domain, str(exc), permanent=True)
+        except Exception as exc:                 # signing itself (key, library): may pass
+            log.exception("DKIM signing for %s failed", key_domain)
+            return self._failed(data, key_domain, f"{type(exc).__name__}: {exc}",
+                                permanent=False)
+
+    def keyed_from_domain(self, data: bytes) -> str | None:
+        """The From: domain to sign for, or None when no From: domain has a key.
+
+        Raises ``Unsignable`` when a From: field names a keyed domain
+        but the message cannot be signed for it (several From: fields, or one that does not
+        parse): such mail must not leave unsigned by accident.
+        """
+        values = [f.raw[f.raw.index(b":") + 1:].decode("utf-8", "replace")
+                  for f in split(data)[0] if f.name.lower() == b"from"]
+        parsed = [a.rsplit("@", 1)[1].strip().rstrip(".").lower()
+                  for v in values for _n, a in getaddresses([" ".join(v.split())]) if "@" in a]
+        named = parsed + [m.lower().rstrip(".") for v in values for m in _AT_DOMAIN.findall(v)]
+        keyed = [d for d in named if self.signing_domain(d)]
+        if not keyed:
+            return None
+        key_domain = self.signing_domain(keyed[0]) or keyed[0]
+        if len(values) > 1:
+            raise Unsignable(key_domain, f"the message has {len(values)} From: fields")
+        target = next((d for d in parsed if self.signing_domain(d)), None)
+        if target is None:
+            raise Unsignable(key_domain, "its From: field cannot be read as an address")
+        return target
+
+    def _failed(self, data: bytes, domain: str, reason: str, *, permanent: bool) -> bytes:
+        """Refuse, or (the operator's choice for the domain) send unsigned and say so."""
+        if self._on_failure.get(domain) == "send-unsigned":
+            self._count(domain, "failed")
+            log.warning("DKIM: a message from %s is sent UNSIGNED: %s (on_failure = "
+                        "\"send-unsigned\" for %s)", domain, reason, domain)
+            return data
+        self._count(domain, "refused")
+        if permanent:
+            raise Refusal(550, "5.7.0", f"message cannot be DKIM-signed for {domain}: "
+                          f"{reason[:200]}", reason="dkim")
+        raise Refusal(451, "4.7.0", f"DKIM signing for {domain} failed; try again later",
+                      reason="dkim")
 
     def _signature(self, key: DkimKey, include: list[bytes], signed: bytes, bh: bytes,
                    timestamp: int, linesep: str) -> str:

@@ -27,7 +27,7 @@ _DEFAULT_ENHANCED = {
 # "profile"); each is declared at 0 at start so alerts on rate() see the first one.
 REASONS = ("relay_denied", "auth_required", "auth_blocked", "bad_address", "smuggling",
            "too_big", "too_many_rcpts", "too_many_connections", "policy", "spool_full",
-           "spool_error", "error", "structure", "ownership", "profile")
+           "spool_error", "error", "structure", "ownership", "profile", "dkim")
 
 
 def with_enhanced(status: str) -> str:

@@ -254,5 +254,5 @@ def test_a_line_that_is_no_field_cannot_be_signed(keyset: KeySet) -> None:
     from relay.errors import DkimError
 
     broken = b"From: a@example.com\r\nthis line has no colon\r\n\r\nbody\r\n"
-    with pytest.raises(DkimError, match=r"header line 2 is not a header field"):
+    with pytest.raises(DkimError, match="the header line 'this line has no colon' is not a "):
         signer(keyset.rsa).sign(broken, sender_domain="example.com")
