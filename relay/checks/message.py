@@ -46,6 +46,7 @@ class MessageChecks(BaseChecks):
                  route_profile: RouteProfile | None = None,
                  spf: SpfChecker | None = None,
                  spf_policy: Literal["off", "tag", "reject"] = "off",
+                 spf_permerror: Literal["tag", "reject"] = "tag",
                  structure_checks: Sequence[str] = (), max_header_size: int = 256 * 1024,
                  ownership: Ownership | None = None, add_missing_headers: bool = False,
                  hostname: str = "localhost") -> None:
@@ -53,6 +54,7 @@ class MessageChecks(BaseChecks):
         self._route_profile = route_profile
         self._spf = spf if spf_policy != "off" else None
         self._policy = spf_policy
+        self._permerror = spf_permerror
         self._structure = frozenset(structure_checks)
         self._max_header = max_header_size
         self._ownership = ownership
@@ -92,7 +94,8 @@ class MessageChecks(BaseChecks):
         if self._spf is None or session.auth_user:
             return
         verdict = await self._spf.verdict(self._policy, ip=session.client_ip, sender=sender,
-                                          helo=session.helo, listener=session.listener)
+                                          helo=session.helo, listener=session.listener,
+                                          permerror=self._permerror)
         if verdict.refusal is not None:
             raise verdict.refusal
         key = self._key(session, sender)
@@ -158,7 +161,8 @@ class MessageChecks(BaseChecks):
     async def _headers(self, session: SessionInfo, envelope: Envelope) -> bytes:
         assert self._spf is not None
         v = await self._spf.verdict(self._policy, ip=session.client_ip, sender=envelope.sender,
-                                    helo=session.helo, listener=session.listener)
+                                    helo=session.helo, listener=session.listener,
+                                    permerror=self._permerror)
         if v.refusal is not None:
             raise v.refusal
         return v.headers

@@ -145,6 +145,15 @@ def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -
     return config
 
 
+def read_address_sets(path: Path) -> AddressSets:
+    """The named sets of one data file (``address_sets.toml``), for commands run without
+    a config; ConfigError at FILE:LINE like the config's own."""
+    sets: AddressSets = {}
+    _read_data_file(path, "address_set", environ=os.environ,
+                    read=lambda ts: read_sets(ts, sets, shipped=frozenset()))
+    return sets
+
+
 def _data_files(relay_t: Table, key: str, base: Path) -> list[Path]:
     """The data files for ``key``: as configured, or the default beside config / shipped."""
     if key in relay_t.raw:

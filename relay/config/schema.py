@@ -131,6 +131,7 @@ class ListenerConfig:
     max_header_size: int = 256 * 1024
     add_missing_headers: bool = True           # Date:, Message-ID: on mail from trusted clients
     sender_ownership: Literal["enforce", "log"] = "enforce"   # authenticated users only
+    spf_permerror: Literal["tag", "reject"] = "tag"           # with spf = "reject"
     # IMAP/POP3 proxy listeners
     upstream: str | None = None
     login_timeout: float = 60.0                # pre-login idle timeout

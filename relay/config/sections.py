@@ -255,6 +255,8 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
         add_missing_headers=t.flag("add_missing_headers", default(D, "add_missing_headers")),
         sender_ownership=cast(Literal["enforce", "log"], t.enum(
             "sender_ownership", ("enforce", "log"), default(D, "sender_ownership"))),
+        spf_permerror=cast(Literal["tag", "reject"], t.enum(
+            "spf_permerror", ("tag", "reject"), default(D, "spf_permerror"))),
         upstream=upstream,
         login_timeout=duration(t, "login_timeout", D, min=0.001),
         idle_timeout=duration(t, "idle_timeout", D, min=0.001),
@@ -268,7 +270,8 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
 
 SMTP_ONLY = ("relay_domains", "max_message_size", "max_recipients", "command_timeout",
              "data_timeout", "spf", "dkim_verify", "profile", "header_rule",
-             "structure_checks", "max_header_size", "add_missing_headers", "sender_ownership")
+             "structure_checks", "max_header_size", "add_missing_headers", "sender_ownership",
+             "spf_permerror")
 PROXY_ONLY = ("upstream", "login_timeout", "idle_timeout", "max_line")
 SMTP_UPSTREAM_ONLY = ("helo_name", "max_messages_per_connection", "data_timeout", "profile",
                       "header_rule")
