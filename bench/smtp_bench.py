@@ -8,6 +8,8 @@ processes, so Postfix's many processes count too) and peak memory.
 
     python bench/smtp_bench.py                 # the issue's four scenarios
     python bench/smtp_bench.py --quick         # fewer messages, for a smoke run
+    python bench/smtp_bench.py --checks        # relay with structure checks "strict" vs
+                                               # "off", side by side (no Postfix)
 
 Needs root (cgroups, smtp-sink -u) and Debian's postfix package (scripts/test installs it).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -168,8 +171,10 @@ maillog_file_prefixes = {self.dir}
 class Relay:
     name = "relay"
 
-    def __init__(self, work: Path, sink_port: int, *, fsync: bool = True) -> None:
-        self.dir = work / "relay"
+    def __init__(self, work: Path, sink_port: int, *, fsync: bool = True,
+                 label: str = "relay", listener_extra: str = "") -> None:
+        self.name = label
+        self.dir = work / label
         self.dir.mkdir()
         self.port = free_port()
         self.config = self.dir / "relay.toml"
@@ -191,7 +196,7 @@ auth = "none"
 allow = ["127.0.0.0/8"]
 max_connections = 500
 max_connections_per_client = 500
-
+{listener_extra}
 [[upstream]]
 name = "sink"
 protocol = "smtp"
@@ -200,7 +205,7 @@ port = {sink_port}
 tls = "none"
 max_connections = 20
 """)
-        self.cg = Cgroup(f"relaybench-relay-{os.getpid()}")
+        self.cg = Cgroup(f"relaybench-{label}-{os.getpid()}")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -251,12 +256,87 @@ def started(target: Postfix | Relay) -> Iterator[Postfix | Relay]:
         target.stop()
 
 
+CHECK_LEVELS = ("strict", "off")
+
+
+def inline_cost() -> None:
+    """The structure checks alone, in this process, on smtp-source-shaped messages."""
+    import timeit
+
+    from relay.checks.structure import inspect
+    from relay.config.schema import STRUCTURE_LEVELS
+
+    head = (b"Received: from vm ([127.0.0.1])\r\n\tby bench (relay) with ESMTP;\r\n"
+            b"\tSun, 06 Dec 2026 07:59:55 +0000\r\nFrom: <bench@example.com>\r\n"
+            b"To: <sink@example.net>\r\nDate: Sun, 06 Dec 2026 07:59:55 +0000\r\n"
+            b"Message-Id: <577e.0003.0000@vm>\r\n\r\n")
+    for size in (1024, 100 * 1024):
+        data = head + (b"X" * 78 + b"\r\n") * (size // 80)
+        start = head.index(b"From:")
+        n = 2000 if size == 1024 else 200
+        check = functools.partial(inspect, data, start=start,
+                                  checks=STRUCTURE_LEVELS["strict"])
+        check()
+        t = timeit.timeit(check, number=n) / n
+        print(f"  structure checks alone, {size // 1024:4d} KB message: {t * 1e6:7.1f} us")
+
+
+def compare_checks(work: Path, sink: Sink, *, counts: dict[int, int], repeat: int,
+                   fsync: bool) -> None:
+    """Relay with every structure check on ("strict") next to relay with them "off".
+
+    Both relays run side by side on the same sink, each in its own cgroup; the scenarios
+    alternate between them ``repeat`` times (so a burst of load from elsewhere hits both)
+    and the median of each is printed with the on/off ratio.
+    """
+    relays = [Relay(work, sink.port, fsync=fsync, label=f"checks-{level}",
+                    listener_extra=f'structure_checks = "{level}"\n')
+              for level in CHECK_LEVELS]
+    scenarios = [(1024, 1), (1024, 20), (100 * 1024, 1), (100 * 1024, 20)]
+    runs: dict[tuple[str, int, int], list[Result]] = {}
+    inline_cost()
+    with started(relays[0]), started(relays[1]):
+        for target in relays:                   # warm up: imports, pools, page cache
+            run_scenario(target, sink, size=1024, sessions=20, count=200, timeout=300)
+        for i in range(repeat):
+            for size, sessions in scenarios:
+                order = relays if i % 2 == 0 else relays[::-1]
+                for target in order:
+                    res = run_scenario(target, sink, size=size, sessions=sessions,
+                                       count=counts[size], timeout=300)
+                    runs.setdefault((target.name, size, sessions), []).append(res)
+                    print(f"  {target.name:14} {size // 1024:4d} KB x{sessions:<3d} "
+                          f"{res.rate:7.0f} msg/s  {res.cpu_per_msg * 1000:6.2f} ms CPU/msg",
+                          flush=True)
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    print()
+    print(f"{'scenario':<14}{'off msg/s':>11}{'on msg/s':>10}{'on/off':>8}"
+          f"{'off ms CPU':>12}{'on ms CPU':>11}{'on/off':>8}")
+    for size, sessions in scenarios:
+        on = runs[(f"checks-{CHECK_LEVELS[0]}", size, sessions)]
+        off = runs[(f"checks-{CHECK_LEVELS[1]}", size, sessions)]
+        r_on, r_off = median([r.rate for r in on]), median([r.rate for r in off])
+        c_on = median([r.cpu_per_msg for r in on]) * 1000
+        c_off = median([r.cpu_per_msg for r in off]) * 1000
+        print(f"{f'{size // 1024} KB x{sessions}':<14}{r_off:>11.0f}{r_on:>10.0f}"
+              f"{r_on / r_off:>8.3f}{c_off:>12.2f}{c_on:>11.2f}{c_on / c_off:>8.3f}")
+    print(f"\nmedian of {repeat} alternating runs per scenario; target (issue 10): "
+          "on/off throughput >= 0.95")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer messages (smoke run)")
     ap.add_argument("--only", choices=["relay", "postfix"], help="run one side only")
     ap.add_argument("--no-fsync", action="store_true", help="relay without fsync (not a fair "
                     "comparison: for locating bottlenecks only)")
+    ap.add_argument("--checks", action="store_true",
+                    help='relay with structure checks "strict" vs "off" (no Postfix)')
+    ap.add_argument("--repeat", type=int, default=3, metavar="N",
+                    help="--checks: alternating runs per scenario (median shown)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/smtp_bench.py needs root (cgroups, smtp-sink -u)", file=sys.stderr)
@@ -266,6 +346,17 @@ def main() -> int:
     if args.quick:
         counts = {1024: 300, 100 * 1024: 150}
     rows: list[tuple[int, int, Result | None, Result | None]] = []
+    if args.checks:
+        with tempfile.TemporaryDirectory(prefix="relaybench-") as tmp:
+            work = Path(tmp)
+            os.chmod(work, 0o755)
+            sink = Sink(work)
+            try:
+                compare_checks(work, sink, counts=counts, repeat=max(1, args.repeat),
+                               fsync=not args.no_fsync)
+            finally:
+                sink.stop()
+        return 0
     with tempfile.TemporaryDirectory(prefix="relaybench-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)
