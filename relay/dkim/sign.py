@@ -40,6 +40,7 @@ __all__ = ["OVERSIGNED", "SIGNED_HEADERS", "DkimKeys", "Signer", "from_domain", 
 
 log = logging.getLogger("relay.dkim")
 _AT_DOMAIN = re.compile(r"@\s*([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)")
+_DOMAIN = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
 
 # Signed when present, in this order (the issue's list).
 SIGNED_HEADERS: tuple[str, ...] = (
@@ -247,16 +248,29 @@ class Signer:
     def keyed_from_domain(self, data: bytes) -> str | None:
         """The From: domain to sign for, or None when no From: domain has a key.
 
-        Raises ``Unsignable`` when a From: field names a keyed domain
-        but the message cannot be signed for it (several From: fields, or one that does not
-        parse): such mail must not leave unsigned by accident.
+        Raises ``Unsignable`` when a From: field names a keyed domain but the message
+        cannot be signed for it (several From: fields, or one that does not parse): such
+        mail must not leave unsigned by accident. An address in a display name
+        (``"support@example.com via Zendesk" <noreply@zendesk.example>``) is not a From:
+        domain: only when an address does not parse is the raw text searched for one.
         """
         values = [f.raw[f.raw.index(b":") + 1:].decode("utf-8", "replace")
                   for f in split(data)[0] if f.name.lower() == b"from"]
-        parsed = [a.rsplit("@", 1)[1].strip().rstrip(".").lower()
-                  for v in values for _n, a in getaddresses([" ".join(v.split())]) if "@" in a]
-        named = parsed + [m.lower().rstrip(".") for v in values for m in _AT_DOMAIN.findall(v)]
-        keyed = [d for d in named if self.signing_domain(d)]
+        parsed: list[str] = []
+        unreadable = False
+        for v in values:
+            found = [a for _n, a in getaddresses([" ".join(v.split())]) if "@" in a]
+            for addr in found:
+                domain = addr.rsplit("@", 1)[1].strip().rstrip(".").lower()
+                if _DOMAIN.fullmatch(domain):
+                    parsed.append(domain)
+                else:
+                    unreadable = True
+            unreadable = unreadable or not found
+        keyed = [d for d in parsed if self.signing_domain(d)]
+        if unreadable:
+            keyed += [m.lower().rstrip(".") for v in values for m in _AT_DOMAIN.findall(v)
+                      if self.signing_domain(m.lower().rstrip("."))]
         if not keyed:
             return None
         key_domain = self.signing_domain(keyed[0]) or keyed[0]

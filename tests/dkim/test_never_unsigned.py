@@ -211,6 +211,10 @@ async def test_unkeyed_and_untrusted_mail_is_left_alone(keyset: KeySet) -> None:
     s = signer(keyset.rsa)
     other = b"From: a@example.org\r\nFrom: b@example.org\r\n" + BODY
     assert await s.maybe_sign(TRUSTED, other) is other
+    # an address in the display name is not the From: domain (DMARC aligns with the
+    # mailbox): not ours to sign, and not a reason to refuse
+    via = b'From: "support@example.com via Zendesk" <noreply@zendesk.example>\r\n' + BODY
+    assert await s.maybe_sign(TRUSTED, via) is via
     untrusted = Envelope(sender="x@example.com", recipients=("c@example.net",), received_at=0)
     broken = UNSIGNABLE[0][1] + BODY
     assert await s.maybe_sign(untrusted, broken) is broken
