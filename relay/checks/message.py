@@ -118,8 +118,10 @@ class MessageChecks(BaseChecks):
         shape = await self._inspect(envelope, data, profiles)
         if self._ownership is not None:
             for name in (b"from", b"sender"):
-                self._ownership.check(session.auth_user, shape.addresses.get(name, ()),
-                                      f"{name.decode().title()}: header")
+                where = f"{name.decode().title()}: header"
+                if name in shape.unreadable:
+                    self._ownership.unreadable(session.auth_user, where)
+                self._ownership.check(session.auth_user, shape.addresses.get(name, ()), where)
         for p in profiles:
             await check_message_async(p, data)
         if self._add_missing and session.trusted:

@@ -58,6 +58,18 @@ class Ownership:
         names = self._users.names() if self._users is not None else []
         return [n for n in names if not self.owned_by(n)]
 
+    def unreadable(self, user: str, where: str) -> None:
+        """A From:/Sender: that does not parse cannot be shown to be owned: refuse (or log)."""
+        if not user:
+            return
+        if self.mode == "log":
+            log.warning("%s: user %s sent a message whose %s cannot be read as addresses; "
+                        "accepted because sender_ownership = \"log\"", self._listener, user,
+                        where)
+            return
+        raise Refusal(553, "5.7.1", f"{where} cannot be read as addresses, so it cannot be "
+                      f"checked against what user {user} owns", reason="ownership")
+
     def check(self, user: str, addresses: Iterable[str], where: str) -> None:
         """Refuse (or log) the first address ``user`` does not own; no user: no check."""
         if not user:

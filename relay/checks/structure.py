@@ -58,6 +58,7 @@ class Shape:
     counts: dict[bytes, int] = field(default_factory=dict)     # lower-case name → count
     values: dict[bytes, list[str]] = field(default_factory=dict)  # unfolded, _KEEP only
     addresses: dict[bytes, list[str]] = field(default_factory=dict)  # parsed, ADDRESS_FIELDS
+    unreadable: set[bytes] = field(default_factory=set)   # address fields that do not parse
 
     def has(self, name: bytes) -> bool:
         return self.counts.get(name, 0) > 0
@@ -215,9 +216,11 @@ def _header_rules(shape: Shape, enabled: Callable[[str], bool]) -> None:
                 problem = "it names no mailbox"
             if problem is None and name == b"sender" and len(found) > 1:
                 problem = "it names more than one mailbox"
-            if problem is not None and check:
-                raise _refuse(f"{_NAMES[name]}: header field is not a valid address list "
-                              f"({problem})")
+            if problem is not None:
+                if check:
+                    raise _refuse(f"{_NAMES[name]}: header field is not a valid address list "
+                                  f"({problem})")
+                shape.unreadable.add(name)
             shape.addresses.setdefault(name, []).extend(found)
 
 

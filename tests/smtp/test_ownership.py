@@ -96,6 +96,18 @@ async def test_authenticated_user_sends_only_as_what_it_owns(
         assert f"user={user}" in line
 
 
+async def test_an_unreadable_from_is_not_a_way_around(start_relay: StartRelay,
+                                                      users_file: Path) -> None:
+    """With structure checks off, a From: that does not parse cannot pass unchecked."""
+    write_users(users_file, read_users(users_file), {"alice": ALICE_OWNS})
+    ownership = Ownership(users=UserDB.load(users_file), listener="platform")
+    relay = await start_relay(checks=MessageChecks(structure_checks=(), ownership=ownership))
+    got = await run(submit, relay, "alice", PASSWORD, "alice@example.com", "ceo@evil.test>>")
+    assert got == ("250 2.1.0 Ok", "553 5.7.1 From: header cannot be read as addresses, so it "
+                   "cannot be checked against what user alice owns")
+    assert relay.recorder.messages == []
+
+
 async def test_allow_listed_clients_without_login_are_not_checked(
         start_relay: StartRelay, users_file: Path) -> None:
     relay = await start(start_relay, users_file, allow=(ipaddress.ip_network("127.0.0.0/8"),))
