@@ -47,7 +47,7 @@ class Context:
         default_factory=lambda: FailureThrottle(limit=5, window=300.0))
     connections: ConnectionCounter = field(default_factory=ConnectionCounter)
     background: set[asyncio.Task[str]] = field(default_factory=set)
-    size: SizeLimit | None = None         # effective limit; None: cfg.max_message_size
+    size: SizeLimit | None = None         # effective size limit, once size_limit computed it
 
     @property
     def size_limit(self) -> SizeLimit:
