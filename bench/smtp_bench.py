@@ -259,6 +259,17 @@ def started(target: Postfix | Relay) -> Iterator[Postfix | Relay]:
 CHECK_LEVELS = ("strict", "off")
 
 
+def settle(relay: Relay, timeout: float = 120.0) -> None:
+    """Wait until ``relay`` has removed every delivered message from its spool, so that
+    its clean-up does not compete with (or get counted in) the next run."""
+    queue = relay.dir / "spool" / "queue"
+    deadline = time.monotonic() + timeout
+    while queue.exists() and any(queue.iterdir()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{relay.name}: spool not empty after {timeout}s")
+        time.sleep(0.05)
+
+
 def inline_cost() -> dict[int, float]:
     """The structure checks alone, in this process, on smtp-source-shaped messages:
     seconds per message by size."""
@@ -302,12 +313,14 @@ def compare_checks(work: Path, sink: Sink, *, counts: dict[int, int], repeat: in
     with started(relays[0]), started(relays[1]):
         for target in relays:                   # warm up: imports, pools, page cache
             run_scenario(target, sink, size=1024, sessions=20, count=200, timeout=300)
+            settle(target)
         for i in range(repeat):
             for size, sessions in scenarios:
                 order = relays if i % 2 == 0 else relays[::-1]
                 for target in order:
                     res = run_scenario(target, sink, size=size, sessions=sessions,
                                        count=counts[size], timeout=300)
+                    settle(target)
                     runs.setdefault((target.name, size, sessions), []).append(res)
                     print(f"  {target.name:14} {size // 1024:4d} KB x{sessions:<3d} "
                           f"{res.rate:7.0f} msg/s  {res.cpu_per_msg * 1000:6.2f} ms CPU/msg",
