@@ -2,8 +2,11 @@
 
 relay never re-serialises a message. The only changes it makes to the header block are
 prepending its own trace fields (Received, DKIM-Signature, Received-SPF,
-Authentication-Results) and the operator's header rules, which work on raw bytes and may
-not touch a protected field (``check_rules`` refuses such a config at load time).
+Authentication-Results), the operator's header rules, which work on raw bytes and may
+not touch a protected field (``check_rules`` refuses such a config at load time), and,
+on mail from trusted clients, a ``Date:`` or ``Message-ID:`` the message lacks
+(``add_missing``: inserted at one place, only when no field of that name exists, every
+byte of the message kept; the listener does it before the guard takes its snapshot).
 """
 
 from __future__ import annotations
@@ -141,6 +144,36 @@ def prepend(data: bytes, *fields: bytes) -> bytes:
         if name.lower() not in {t.lower() for t in TRACE_HEADERS}:
             raise ValueError(f"relay only prepends trace headers, not {name}")
     return b"".join(fields) + data
+
+
+MISSING_ADDABLE: tuple[bytes, ...] = (b"date", b"message-id")
+
+
+def add_missing(data: bytes, at: int, fields: Sequence[bytes]) -> bytes:
+    """Insert ``fields`` (whole ``Date:``/``Message-ID:`` lines) at offset ``at``.
+
+    Only a field the message has no field of the same name of is inserted (any case,
+    blanks before the colon included, exactly as ``split`` and the guard read names);
+    ``at`` must be the start of a header line. The result is ``data`` with the new bytes
+    at one offset: ``out[:at] + out[at + len(added):] == data``, so no existing field,
+    protected or not, changes by a byte (tests/headers checks it property-based).
+    """
+    existing, body_at = split(data)
+    present = {f.name.lower() for f in existing}
+    if at > body_at or (at and data[at - 1:at] != b"\n"):
+        raise ValueError("fields are inserted at the start of a header line")
+    added = []
+    for f in fields:
+        name = f.split(b":", 1)[0]
+        if name.lower() not in MISSING_ADDABLE or not f.endswith(b"\r\n") or \
+                b"\n" in f[:-1] or b"\r" in f[:-2]:
+            raise ValueError(f"add_missing only adds one-line Date/Message-ID fields, not {f!r}")
+        if name.lower() not in present:
+            present.add(name.lower())
+            added.append(f)
+    if not added:
+        return data
+    return data[:at] + b"".join(added) + data[at:]
 
 
 def remove_forged_results(data: bytes, authserv_id: str) -> bytes:

@@ -2,9 +2,12 @@
 
 The users file holds one ``name:hash`` per line (``#`` comments and blank lines allowed),
 where hash is ``$scrypt$n=16384,r=8,p=1$<salt>$<key>`` (standard base64), made by
-``relay user add``. Passwords are checked off the event loop with a constant-time compare;
-an unknown user costs the same scrypt as a known one. The file is re-read when it changes,
-so ``relay user add`` takes effect without a reload (a missing file means no users yet).
+``relay user add``. An optional third field lists what the user owns for sender
+ownership: ``name:hash:alice@example.com,example.org,*.example.net`` (addresses,
+domains, ``*.``-subdomains; ``relay user add NAME --owns ...``). Passwords are checked
+off the event loop with a constant-time compare; an unknown user costs the same scrypt as
+a known one. The file is re-read when it changes, so ``relay user add`` takes effect
+without a reload (a missing file means no users yet).
 A file that every user may read is refused.
 """
 
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relay.atomicfile import replace_file
+from relay.config.values import OWNED_EXPECTED, is_owned
 from relay.errors import ConfigError
 
 log = logging.getLogger("relay.smtp")
@@ -31,7 +35,8 @@ SCRYPT_R = 8
 SCRYPT_P = 1
 _KEY_LEN = 32
 _MAXMEM = 64 * 1024 * 1024
-_USERS_HINT = "each line is NAME:HASH; create entries with `relay user add NAME`"
+_USERS_HINT = ("each line is NAME:HASH or NAME:HASH:OWNED,...; create entries with "
+               "`relay user add NAME`")
 
 
 def valid_name(name: str) -> bool:
@@ -90,6 +95,11 @@ _DUMMY = (f"$scrypt$n={SCRYPT_N},r={SCRYPT_R},p={SCRYPT_P}$"
 
 def read_users(path: Path) -> dict[str, str]:
     """Parse a users file into name → hash; ConfigError (file:line) on any bad line."""
+    return {name: hashed for name, (hashed, _owns) in read_entries(path).items()}
+
+
+def read_entries(path: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Parse a users file into name → (hash, owned addresses and domains)."""
     try:
         st = path.stat()
         text = path.read_text(encoding="utf-8")
@@ -101,12 +111,13 @@ def read_users(path: Path) -> dict[str, str]:
         raise ConfigError("users file is readable or writable by every user", file=str(path),
                           got=oct(st.st_mode & 0o777), expected="mode 0600 (or 0640)",
                           hint=f"run: chmod 600 {path}")
-    users: dict[str, str] = {}
+    users: dict[str, tuple[str, tuple[str, ...]]] = {}
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        name, sep, hashed = line.partition(":")
+        name, sep, rest = line.partition(":")
+        hashed, _, owned = rest.partition(":")
         if not sep or not valid_name(name):
             raise ConfigError("not a NAME:HASH line", file=str(path), line=lineno,
                               hint=_USERS_HINT)
@@ -119,15 +130,29 @@ def read_users(path: Path) -> dict[str, str]:
         if name in users:
             raise ConfigError(f"user {name!r} listed twice", file=str(path), line=lineno,
                               hint="remove one of the lines")
-        users[name] = hashed
+        owns = parse_owns(owned)
+        for item in owns:
+            if not is_owned(item):
+                raise ConfigError(f"user {name!r}: cannot own {item!r}", file=str(path),
+                                  line=lineno, expected=OWNED_EXPECTED,
+                                  hint=f"fix it with `relay user add {name} --owns ...`")
+        users[name] = (hashed, owns)
     return users
 
 
-def write_users(path: Path, users: dict[str, str]) -> None:
+def parse_owns(text: str) -> tuple[str, ...]:
+    """``"a@example.com, example.org"`` → ``("a@example.com", "example.org")``."""
+    return tuple(dict.fromkeys(p.strip().lower() for p in text.replace(" ", ",").split(",")
+                               if p.strip()))
+
+
+def write_users(path: Path, users: dict[str, str],
+                owns: dict[str, tuple[str, ...]] | None = None) -> None:
     """Atomically replace the users file (fsynced; mode 0600, or 0640 if it was group-readable).
 
     An existing file's owner and group are kept, so a file made readable by relay's
-    service user stays readable after root edits it.
+    service user stays readable after root edits it. ``owns`` gives each user's owned
+    addresses and domains (the optional third field).
     """
     mode, owner = 0o600, None
     try:
@@ -136,7 +161,9 @@ def write_users(path: Path, users: dict[str, str]) -> None:
         owner = (st.st_uid, st.st_gid)
     except FileNotFoundError:
         pass
-    body = "".join(f"{name}:{hashed}\n" for name, hashed in users.items())
+    owned = owns or {}
+    body = "".join(f"{name}:{hashed}" + (f":{','.join(owned[name])}" if owned.get(name) else "")
+                   + "\n" for name, hashed in users.items())
     replace_file(path, body.encode("utf-8"), mode=mode, owner=owner)
 
 
@@ -148,6 +175,7 @@ class UserDB:
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
         self._users: dict[str, str] = {}
+        self._owns: dict[str, tuple[str, ...]] = {}
         if users is None:
             self._reload_if_changed(force=True)
         else:
@@ -161,11 +189,19 @@ class UserDB:
     def names(self) -> list[str]:
         return sorted(self._users)
 
+    def owns(self, name: str) -> tuple[str, ...]:
+        """What ``name`` may send as (third field), as of the last read of the file.
+
+        The file is re-read at each login (``verify_sync``, off the loop), so this never
+        touches the disk and sees what the session's own AUTH saw.
+        """
+        return self._owns.get(name, ())
+
     def _reload_if_changed(self, *, force: bool = False) -> None:
         try:
             st = self.path.stat()
         except FileNotFoundError:              # nobody can log in until `relay user add`
-            self._users, self._stamp = {}, None
+            self._users, self._owns, self._stamp = {}, {}, None
             return
         except OSError:
             if force:
@@ -175,8 +211,10 @@ class UserDB:
         if not force and stamp == self._stamp:
             return
         with self._lock:
-            users = read_users(self.path)
-            self._users, self._stamp = users, stamp
+            entries = read_entries(self.path)
+            self._users = {name: hashed for name, (hashed, _) in entries.items()}
+            self._owns = {name: owns for name, (_, owns) in entries.items() if owns}
+            self._stamp = stamp
 
     def verify_sync(self, name: str, password: bytes) -> bool:
         """Blocking check (scrypt); use ``await asyncio.to_thread(db.verify_sync, ...)``."""

@@ -13,7 +13,9 @@ signing and ``Spool.store``); the listener replies ``250 2.0.0 Ok: queued as <id
 after it returns. ``data`` is dot-unstuffed, CRLF-only (bare CR/LF were refused) and
 already starts with the listener's own ``Received:`` header.
 
-``Checks`` refuse at MAIL, RCPT or after DATA by raising ``Refusal``;
+``Checks`` refuse at MAIL, RCPT or after DATA by raising ``Refusal``; ``size_limit``
+may name a limit stricter than the listener's own (a provider profile's), which the
+listener then advertises in EHLO ``SIZE``, enforces and names in its ``552`` reply;
 ``check_message`` may return new bytes (e.g. with ``Received-SPF`` or
 ``Authentication-Results`` prepended) that are then passed to ``accept``. ``accept`` may
 raise ``Refusal`` too, and ``SpoolError`` (disk full → 452 4.3.1, otherwise 451 4.3.0).
@@ -66,6 +68,14 @@ AcceptFn = Callable[[Envelope, bytes], Awaitable[str]]
 
 
 @dataclass(frozen=True, slots=True)
+class SizeLimit:
+    """A message size limit and who sets it, for the reply (``profile exchange-online``)."""
+
+    size: int
+    by: str
+
+
+@dataclass(frozen=True, slots=True)
 class SessionInfo:
     """What the listener knows about the client when a check runs."""
 
@@ -91,6 +101,8 @@ class Checks(Protocol):
     async def check_message(self, session: SessionInfo, envelope: Envelope,
                             data: bytes) -> bytes: ...
 
+    def size_limit(self) -> SizeLimit | None: ...
+
 
 class BaseChecks:
     """A ``Checks`` that allows everything: subclass it and override what you check."""
@@ -106,3 +118,6 @@ class BaseChecks:
     async def check_message(self, session: SessionInfo, envelope: Envelope,
                             data: bytes) -> bytes:
         return data
+
+    def size_limit(self) -> SizeLimit | None:
+        return None

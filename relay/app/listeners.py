@@ -8,11 +8,13 @@ anything running is touched.
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from relay.checks.ownership import Ownership
 from relay.checks.spf import SpfChecker
 from relay.config.schema import Config, ListenerConfig, ProfileConfig
 from relay.dkim.keys import load_keys
@@ -28,6 +30,8 @@ from relay.users import UserDB
 
 if TYPE_CHECKING:
     from relay.proxy.session import Authenticator
+
+log = logging.getLogger("relay.app")
 
 
 @dataclass
@@ -56,6 +60,16 @@ def _users(cfg: ListenerConfig, cache: dict[Path, UserDB]) -> UserDB | None:
     return db
 
 
+def _warn_owners(lc: ListenerConfig, ownership: Ownership) -> None:
+    if lc.sender_ownership != "enforce":
+        return
+    for name in ownership.users_without_addresses():
+        log.warning("listener %s: user %s owns no address, so every message it sends will "
+                    "be refused (553 5.7.1): list what it may send as with `relay user add "
+                    "%s --owns ADDRESS,DOMAIN` or [[account]] owns, or set "
+                    "sender_ownership = \"log\" on the listener", lc.name, name, name)
+
+
 @dataclass
 class ListenerSide:
     """What the SMTP listeners of a config need (a listener process builds only this)."""
@@ -73,7 +87,9 @@ def build_listeners(config: Config, *, spool: Spool, metrics: Metrics,
     ``dns_pool``: the process's DNS threads (``relay.dns.lookup_pool``), kept across reloads.
     """
     keys = load_keys(config.dkim)
-    signer = Signer(keys, metrics=metrics) if config.dkim else None
+    signer = Signer(keys, metrics=metrics,
+                    on_failure={d.domain: d.on_failure for d in config.dkim}
+                    ) if config.dkim else None
     router = Router(config.routes, config.relay.default_upstream)
     resolver = Resolver.from_config(config.relay, executor=dns_pool)
     guard = HeaderGuard(protected_patterns(config.relay), metrics=metrics)
@@ -88,6 +104,12 @@ def build_listeners(config: Config, *, spool: Spool, metrics: Metrics,
             continue
         users = _users(lc, users_cache)
         if lc.protocol == "smtp":
+            ownership = None
+            if users is not None:
+                ownership = Ownership(users=users, accounts=config.accounts,
+                                      mode=lc.sender_ownership, listener=lc.name)
+                if not smtp_only:          # the main process says it once per load
+                    _warn_owners(lc, ownership)
             side.listeners[lc.name] = ListenerParts(
                 cfg=lc, users=users,
                 accept=AcceptPipeline(listener=lc, config=config, spool=spool, router=router,
@@ -96,7 +118,13 @@ def build_listeners(config: Config, *, spool: Spool, metrics: Metrics,
                                     profile=profiles[lc.profile] if lc.profile else None,
                                     upstream_profiles=upstream_profiles,
                                     spf=spf if lc.spf != "off" else None, spf_policy=lc.spf,
-                                    space=spool.health))
+                                    space=spool.health,
+                                    spf_permerror=lc.spf_permerror,
+                                    structure_checks=lc.structure_checks,
+                                    max_header_size=lc.max_header_size,
+                                    ownership=ownership,
+                                    add_missing_headers=lc.add_missing_headers,
+                                    hostname=config.relay.hostname))
         else:
             # IMAP/POP3: the main process adds the authenticator (relay.app.components),
             # so this module, which a listener process runs, never loads the proxy.

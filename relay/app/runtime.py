@@ -47,6 +47,7 @@ from relay.spool.store import Spool
 from relay.tasks import Background
 from relay.throttle import FailureThrottle
 from relay.transports.factory import Transports
+from relay.verdict import Refusal
 
 log = logging.getLogger("relay")
 Listener = SmtpListener | ProxyListener
@@ -164,7 +165,13 @@ class App:
     async def _sign_bounce(self, envelope: Envelope, data: bytes) -> bytes:
         """DKIM-sign a DSN with the current config's keys (they change on reload)."""
         signer = self.parts.signer if self.parts is not None else None
-        return data if signer is None else await signer.maybe_sign(envelope, data)
+        if signer is None:
+            return data
+        try:
+            return await signer.maybe_sign(envelope, data)
+        except Refusal as exc:               # nobody to refuse a bounce to: say so, send it
+            log.warning("DSN %s sent unsigned: %s", envelope.dsn_of, exc.reply)
+            return data
 
     def metrics_server_for(self, cfg: Config) -> MetricsServer:
         workers = self.workers

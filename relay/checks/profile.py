@@ -2,8 +2,11 @@
 
 Hard limits (recipients, local part, subject, display name, body and message size,
 attachments) raise ``Refusal`` with a reply naming the limit and the profile, during the
-SMTP session — never accepted and bounced later. A profile's rate limits belong to the
-sending side (``relay.outbound.pacing``): they only ever delay.
+SMTP session — never accepted and bounced later. The recipient count and the local-part
+length also apply to the addresses written in the header (``To:``/``Cc:``/``Bcc:``, and
+``From:`` for the local part): a provider that takes one recipient reads them too. A
+profile's rate limits belong to the sending side (``relay.outbound.pacing``): they only
+ever delay.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from email.message import Message
 from email.utils import getaddresses
 
 from relay.config.schema import ProfileConfig
-from relay.headers import split
+from relay.headers import Field, split
 from relay.verdict import Refusal
 
 __all__ = ["Refusal", "check_message", "check_message_async", "check_recipient",
@@ -98,10 +101,13 @@ def check_message(profile: ProfileConfig, data: bytes) -> None:
     if profile.max_body_bytes is not None and body > profile.max_body_bytes:
         raise Refusal(552, "5.3.4", f"Body is {body} bytes; {name} allows "
                       f"{_fmt_bytes(profile.max_body_bytes)}", reason="profile")
-    need_head = profile.max_subject_chars is not None or profile.max_display_name is not None
+    need_head = (profile.max_subject_chars, profile.max_display_name, profile.max_recipients,
+                 profile.max_local_part) != (None, None, None, None)
     if not need_head and profile.allow_attachments:
         return
-    fields = {f.name.lower(): f.raw for f in reversed(split(head)[0])}   # first of each
+    all_fields = split(head)[0]
+    fields = {f.name.lower(): f.raw for f in reversed(all_fields)}   # first of each
+    _header_addresses(profile, all_fields)
     if profile.max_subject_chars is not None and b"subject" in fields:
         subject = decoded_header(_value(fields[b"subject"]))
         if len(subject) > profile.max_subject_chars:
@@ -117,6 +123,39 @@ def check_message(profile: ProfileConfig, data: bytes) -> None:
         if found is not None:
             raise Refusal(554, "5.6.1", f"Attachments are not allowed by {name} "
                           f"(found {found[:60]})", reason="profile")
+
+
+_RCPT_FIELDS = (b"to", b"cc", b"bcc")
+
+
+def _header_addresses(profile: ProfileConfig, fields: list[Field]) -> None:
+    """One-recipient and local-part limits, applied to the addresses of the header too."""
+    if profile.max_recipients is None and profile.max_local_part is None:
+        return
+    found: dict[bytes, list[str]] = {}
+    for f in fields:
+        key = f.name.lower()
+        if key in (*_RCPT_FIELDS, b"from"):
+            values = [decoded_header(_value(f.raw))]
+            found.setdefault(key, []).extend(a for _n, a in getaddresses(values) if a)
+    name = profile.name
+    rcpts = [a for k in _RCPT_FIELDS for a in found.get(k, ())]
+    if profile.max_recipients is not None and len(rcpts) > profile.max_recipients:
+        n = profile.max_recipients
+        raise Refusal(550, "5.5.3", f"To:, Cc: and Bcc: name {len(rcpts)} addresses; {name} "
+                      f"allows {n} recipient{'s' if n != 1 else ''} per message",
+                      reason="profile")
+    limit = profile.max_local_part
+    if limit is None:
+        return
+    for key, code in ((b"from", "5.1.7"), (b"to", "5.1.3"), (b"cc", "5.1.3"),
+                      (b"bcc", "5.1.3")):
+        for addr in found.get(key, ()):
+            local = _local_part(addr)
+            if len(local) > limit:
+                raise Refusal(550, code, f"{key.decode().title()}: address local part is "
+                              f"{len(local)} characters; {name} allows {limit}",
+                              reason="profile")
 
 
 def _value(raw_field: bytes) -> str:

@@ -8,9 +8,11 @@ message gets ``Received-SPF`` and ``Authentication-Results`` trace headers (RFC 
 RFC 8601, authserv-id = relay's hostname) in both modes.
 
 ``permerror`` (a broken record: more than 10 DNS-mechanism lookups, more than 2 void
-lookups, syntax errors) is *not* refused: RFC 7208 8.7 leaves it to local policy, it is
-the sending domain's own misconfiguration, common with stacked ``include:``s, and DMARC
-already treats it as "not pass". It is recorded in the headers, the log and the metric.
+lookups, syntax errors) is a choice RFC 7208 8.7 leaves to local policy, made per listener
+with ``spf_permerror``: ``"tag"`` (the default) accepts and records it in the headers, the
+log and the metric (it is the sending domain's own misconfiguration, common with stacked
+``include:``s, and DMARC already treats it as "not pass"); ``"reject"`` refuses it under
+``spf = "reject"`` with ``550 5.7.24`` (RFC 7372) and the reason.
 """
 
 from __future__ import annotations
@@ -276,7 +278,8 @@ class SpfChecker:
         return mf, hr
 
     async def verdict(self, policy: Literal["off", "tag", "reject"], *, ip: str, sender: str,
-                      helo: str, listener: str = "", linesep: bytes = b"\r\n") -> SpfVerdict:
+                      helo: str, listener: str = "", linesep: bytes = b"\r\n",
+                      permerror: Literal["tag", "reject"] = "tag") -> SpfVerdict:
         if policy == "off":
             return SpfVerdict(None, None, None)
         mf, hr = await self.check(ip=ip, sender=sender, helo=helo)
@@ -294,6 +297,11 @@ class SpfChecker:
                               "try again later", reason="spf_temperror")
         elif policy == "reject" and deciding.result == "fail":
             refusal = Refusal(550, "5.7.23", "SPF validation failed", reason="spf")
+        elif policy == "reject" and permerror == "reject" and deciding.result == "permerror":
+            refusal = Refusal(550, "5.7.24", "SPF validation error: the SPF record of "
+                              f"{_clean(deciding.domain or deciding.helo)[:80]} is broken "
+                              f"({_clean(deciding.explanation)[:120]})",
+                              reason="spf_permerror")
         if refusal is not None:
             return SpfVerdict(mf, hr, refusal)
         headers = received_spf(deciding, self.hostname, linesep) + \
@@ -301,12 +309,13 @@ class SpfChecker:
         return SpfVerdict(mf, hr, None, headers)
 
     async def apply(self, policy: Literal["off", "tag", "reject"], data: bytes, *, ip: str,
-                    sender: str, helo: str, listener: str = "") -> bytes:
+                    sender: str, helo: str, listener: str = "",
+                    permerror: Literal["tag", "reject"] = "tag") -> bytes:
         """The message with SPF trace headers prepended; raises ``Refusal`` when refused."""
         end = data.find(b"\n")
         linesep = b"\r\n" if end > 0 and data[end - 1:end] == b"\r" else b"\n"
         v = await self.verdict(policy, ip=ip, sender=sender, helo=helo, listener=listener,
-                               linesep=linesep)
+                               linesep=linesep, permerror=permerror)
         if v.refusal is not None:
             raise v.refusal
         return v.headers + data

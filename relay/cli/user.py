@@ -11,8 +11,9 @@ from pathlib import Path
 
 from relay.cli.common import CONFIG_HELP, config_path
 from relay.config.loader import load_config
+from relay.config.values import OWNED_EXPECTED, is_owned
 from relay.errors import ConfigError, RelayError
-from relay.users import hash_password, read_users, valid_name, write_users
+from relay.users import hash_password, parse_owns, read_entries, valid_name, write_users
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -25,9 +26,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add.add_argument("name", metavar="NAME")
     add.add_argument("--password-stdin", action="store_true",
                      help="read the password from the first line of standard input")
+    add.add_argument("--owns", metavar="LIST",
+                     help="addresses and domains the user may send as, comma-separated "
+                          "(alice@example.com,example.org,*.example.net); replaces the "
+                          "user's list. Without it an existing user keeps its list")
+    add.add_argument("--keep-password", action="store_true",
+                     help="only change --owns of an existing user")
     delete = verbs.add_parser("del", help="remove a user")
     delete.add_argument("name", metavar="NAME")
-    show = verbs.add_parser("list", help="list user names")
+    show = verbs.add_parser("list", help="list user names and what each owns")
     for p in (add, delete, show):
         p.add_argument("-c", "--config", metavar="FILE",
                        help=f"config file naming users_file; {CONFIG_HELP}")
@@ -59,10 +66,21 @@ def users_path(args: argparse.Namespace) -> Path:
     return Path(distinct[0])
 
 
-def _load(path: Path) -> dict[str, str]:
+def _load(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
     if not path.exists():
-        return {}
-    return read_users(path)
+        return {}, {}
+    entries = read_entries(path)
+    return ({n: h for n, (h, _) in entries.items()},
+            {n: o for n, (_, o) in entries.items() if o})
+
+
+def _owns(text: str) -> tuple[str, ...]:
+    owns = parse_owns(text)
+    for item in owns:
+        if not is_owned(item):
+            raise RelayError(f"--owns: {item!r} is not an address or domain",
+                             hint=f"give {OWNED_EXPECTED}")
+    return owns
 
 
 def _read_password(args: argparse.Namespace) -> bytes:
@@ -95,30 +113,42 @@ def add_command(args: argparse.Namespace) -> int:
         raise RelayError(f"invalid user name {args.name!r}",
                          hint="names are printable, without spaces or ':'")
     path = users_path(args)
-    users = _load(path)
-    password = _read_password(args)
+    users, owns = _load(path)
     existed = args.name in users
-    users[args.name] = hash_password(password)
+    if args.owns is not None:
+        owns[args.name] = _owns(args.owns)
+    if args.keep_password:
+        if not existed or args.owns is None:
+            raise RelayError("--keep-password changes --owns of an existing user",
+                             hint=f"give --owns; {args.name!r} must already be in {path}")
+    else:
+        users[args.name] = hash_password(_read_password(args))
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_users(path, users)
+    write_users(path, users, owns)
     mode = stat.S_IMODE(os.stat(path).st_mode)
     print(f"{'updated' if existed else 'added'} {args.name} in {path} (mode {mode:04o})")
+    if not owns.get(args.name):
+        print(f"note: {args.name} owns no address; where sender_ownership = \"enforce\" "
+              f"(the default for auth = \"required\") its mail is refused until "
+              f"`relay user add {args.name} --keep-password --owns ADDRESS,...` "
+              "(or [[account]] owns) lists what it may send as")
     return 0
 
 
 def del_command(args: argparse.Namespace) -> int:
     path = users_path(args)
-    users = _load(path)
+    users, owns = _load(path)
     if args.name not in users:
         print(f"relay: no user {args.name!r} in {path}", file=sys.stderr)
         return 1
     del users[args.name]
-    write_users(path, users)
+    write_users(path, users, owns)
     print(f"removed {args.name} from {path}")
     return 0
 
 
 def list_command(args: argparse.Namespace) -> int:
-    for name in sorted(_load(users_path(args))):
-        print(name)
+    users, owns = _load(users_path(args))
+    for name in sorted(users):
+        print(f"{name}  owns: {', '.join(owns[name])}" if owns.get(name) else name)
     return 0

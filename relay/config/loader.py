@@ -210,6 +210,15 @@ def load_relay_section(path: Path | str, *,
     return section
 
 
+def read_address_sets(path: Path) -> AddressSets:
+    """The named sets of one data file (``address_sets.toml``), for commands run without
+    a config; ConfigError at FILE:LINE like the config's own."""
+    sets: AddressSets = {}
+    _read_data_file(path, "address_set", environ=os.environ,
+                    read=lambda ts: read_sets(ts, sets, shipped=frozenset()))
+    return sets
+
+
 def _data_files(relay_t: Table, key: str, base: Path) -> list[Path]:
     """The data files for ``key``: as configured, or the default beside config / shipped."""
     if key in relay_t.raw:
@@ -241,7 +250,7 @@ def _profiles(tables: list[Table], into: dict[str, ProfileConfig], *,
               shipped: frozenset[str]) -> None:
     seen: set[str] = set()
     for t in tables:
-        p = read_profile(t)
+        p = read_profile(t, into)
         if p.name in seen:
             raise t.error("name", "duplicate profile name", got=show(p.name),
                           expected="a name used once per file")
@@ -268,6 +277,18 @@ def _unique_dkim(ctx: Context, dkim: Sequence[object]) -> None:
                             "selector", hint=f"dkim[{seen[k]}] already defines it; dual "
                             "signing uses a second selector")
         seen[k] = i
+    policy: dict[str, int] = {}
+    for i, d in enumerate(dkim):
+        domain, on_failure = getattr(d, "domain", ""), getattr(d, "on_failure", "refuse")
+        first = policy.setdefault(domain, i)
+        if getattr(dkim[first], "on_failure", "refuse") != on_failure:
+            raise ctx.error(("dkim", i, "on_failure"), f"dkim keys of {domain} disagree on "
+                            "what to do with a message that cannot be signed",
+                            got=f'"{on_failure}"',
+                            expected=f'"{getattr(dkim[first], "on_failure", "refuse")}", as '
+                                     f"dkim[{first}] says",
+                            hint="a domain is signed or refused as a whole: give every key "
+                                 "of the domain the same on_failure")
 
 
 def _check_header_rules(ctx: Context, config: Config) -> None:

@@ -105,12 +105,39 @@ def check(ctx: Context, *, relay_default: str | None, listeners: Sequence[Listen
                                  '(auth = "' + up.auth + '"), so relay must check the '
                                  "client's login itself; or set auth = \"passthrough\" on "
                                  "the upstream")
+    _profile_sizes(ctx, listeners, upstreams, {p.name: p for p in profiles})
     smtp = any(x.protocol == "smtp" for x in listeners)
     if smtp and relay_default is None and not route_upstreams:
         raise ctx.error(("relay",), "nowhere to deliver", expected="relay.default_upstream "
                         "or at least one [[route]]",
                         hint="name the upstream that receives mail no route matches: "
                              'default_upstream = "NAME" under [relay]')
+
+
+def _mb(n: int) -> str:
+    return f"{n // 1048576} MB" if n % 1048576 == 0 else f"{n:,} bytes"
+
+
+def _profile_sizes(ctx: Context, listeners: Sequence[ListenerConfig],
+                   upstreams: Sequence[UpstreamConfig],
+                   profiles: dict[str, ProfileConfig]) -> None:
+    """Warn where a profile allows bigger messages than the listener in front of it."""
+    smtp = [(i, x) for i, x in enumerate(listeners) if x.protocol == "smtp"]
+    for i, x in smtp:
+        p = profiles.get(x.profile or "")
+        if p is not None and p.max_message_bytes and p.max_message_bytes > x.max_message_size:
+            ctx.warn(("listener", i, "profile"),
+                     f'profile "{p.name}" allows {_mb(p.max_message_bytes)} per message, but '
+                     f"listener {x.name} takes at most {_mb(x.max_message_size)} "
+                     f"(max_message_size): larger messages are refused with 552 5.3.4; raise "
+                     f"max_message_size if the platform sends them")
+    largest = max((x.max_message_size for _, x in smtp), default=0)
+    for i, u in enumerate(upstreams):
+        p = profiles.get(u.profile or "")
+        if smtp and p is not None and p.max_message_bytes and p.max_message_bytes > largest:
+            ctx.warn(("upstream", i, "profile"),
+                     f'profile "{p.name}" allows {_mb(p.max_message_bytes)} per message, but '
+                     f"no SMTP listener takes more than {_mb(largest)} (max_message_size)")
 
 
 def _unique_listen(ctx: Context, listeners: Sequence[ListenerConfig],

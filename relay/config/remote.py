@@ -23,7 +23,15 @@ from relay.config.sections import (
     duration,
     read_header_rules,
 )
-from relay.config.values import BadValue, is_address, is_domain, is_name, parse_host
+from relay.config.values import (
+    OWNED_EXPECTED,
+    BadValue,
+    is_address,
+    is_domain,
+    is_name,
+    is_owned,
+    parse_host,
+)
 
 log = logging.getLogger("relay.config")
 
@@ -340,9 +348,15 @@ def read_account(t: Table) -> AccountConfig:
     if password is not None and token_source is not None:
         raise t.error("token_source", "both a password and a token_source are set",
                       expected="one way to authenticate")
+    owns = t.str_list("owns", expected=OWNED_EXPECTED, check=is_owned)
+    if owns and user is None:
+        raise t.error("owns", "owns applies to a relay user, and this account has none",
+                      expected='user = "NAME" beside owns',
+                      hint="owns lists the addresses a user who logs in to relay may send "
+                           "as; an account chosen by sender needs no owner")
     cfg = AccountConfig(upstream=upstream, user=user,
                         sender=sender.lower() if sender else None, username=username,
                         password=password, token_source=token_source,
-                        line=t.ctx.line(t.path) or 0)
+                        owns=tuple(o.lower() for o in owns), line=t.ctx.line(t.path) or 0)
     t.finish()
     return cfg

@@ -130,6 +130,17 @@ class MetricsConfig:
 PROXY_MAX_CONNECTIONS = 10_000
 PROXY_MAX_CONNECTIONS_PER_CLIENT = 10_000
 
+# Message structure checks a listener or profile may turn on (relay.checks.structure),
+# and the levels that name sets of them.
+STRUCTURE_CHECKS: tuple[str, ...] = (
+    "header-section", "header-size", "nul", "line-length", "8bit-headers", "field-names",
+    "from", "singletons", "addresses", "to", "mime")
+STRUCTURE_LEVELS: dict[str, tuple[str, ...]] = {
+    "off": (),
+    "standard": STRUCTURE_CHECKS[:9],          # what RFC 5322 itself requires
+    "strict": STRUCTURE_CHECKS,                # plus a To: field and sane MIME
+}
+
 
 @dataclass(frozen=True, slots=True)
 class ListenerConfig:
@@ -156,6 +167,11 @@ class ListenerConfig:
     dkim_verify: bool = False                  # inbound: add Authentication-Results for DKIM
     profile: str | None = None
     header_rules: tuple[HeaderRule, ...] = ()
+    structure_checks: tuple[str, ...] = STRUCTURE_LEVELS["standard"]  # strict if auth required
+    max_header_size: int = 256 * 1024
+    add_missing_headers: bool = True           # Date:, Message-ID: on mail from trusted clients
+    sender_ownership: Literal["enforce", "log"] = "enforce"   # authenticated users only
+    spf_permerror: Literal["tag", "reject"] = "tag"           # with spf = "reject"
     # IMAP/POP3 proxy listeners
     upstream: str | None = None
     login_timeout: float = 60.0                # pre-login idle timeout
@@ -258,6 +274,7 @@ class DkimKeyConfig:
     selector: str
     key_file: Path
     algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
+    on_failure: Literal["refuse", "send-unsigned"] = "refuse"   # when a message cannot be signed
     line: int = 0
 
 
@@ -292,6 +309,7 @@ class AccountConfig:
     username: str = ""                         # mailbox at the provider
     password: Secret | None = None             # for auth = "password"
     token_source: str | None = None            # for auth = "xoauth2"
+    owns: tuple[str, ...] = ()                 # addresses/domains `user` may send as
     line: int = 0
 
 
@@ -311,6 +329,7 @@ class ProfileConfig:
     bytes_per_5min: int | None = None
     recipients_per_day: int | None = None
     connections_per_mailbox: int | None = None
+    structure_checks: tuple[str, ...] = ()     # turned on for mail this profile applies to
     line: int = 0
 
 

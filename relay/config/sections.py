@@ -19,10 +19,12 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from relay.config.addresses import AddressSets, expand
-from relay.config.reader import Table, show
+from relay.config.reader import Table, show, suggest
 from relay.config.schema import (
     PROXY_MAX_CONNECTIONS,
     PROXY_MAX_CONNECTIONS_PER_CLIENT,
+    STRUCTURE_CHECKS,
+    STRUCTURE_LEVELS,
     HeaderRule,
     HostPort,
     ListenerConfig,
@@ -89,6 +91,27 @@ def hostport(t: Table, key: str, dflt: HostPort | None, *, default_port: int | N
 def priority(t: Table, dflt: int | None) -> int | None:
     """A line priority: within one mailbox's line, higher leaves first (default 0)."""
     return t.integer("priority", dflt, min=-100, max=100)
+
+
+STRUCTURE_EXPECTED = ('"strict", "standard", "off" or a list of check names ('
+                      + ", ".join(f'"{c}"' for c in STRUCTURE_CHECKS) + ")")
+
+
+def structure_checks(t: Table, key: str, dflt: tuple[str, ...]) -> tuple[str, ...]:
+    """A level name (``"strict"``) or a list of check names, as the checks to run."""
+    value = t.raw.get(key)
+    t.known.add(key)
+    if value is None:
+        return dflt
+    if isinstance(value, str):
+        return STRUCTURE_LEVELS[t.enum(key, tuple(STRUCTURE_LEVELS))]
+    names = t.str_list(key, expected=STRUCTURE_EXPECTED)
+    for i, name in enumerate(names):
+        if name not in STRUCTURE_CHECKS:
+            raise t.ctx.error((*t.path, key, i), "unknown structure check", got=show(name),
+                              expected=STRUCTURE_EXPECTED,
+                              hint=suggest(name, (*STRUCTURE_CHECKS, *STRUCTURE_LEVELS)))
+    return tuple(c for c in STRUCTURE_CHECKS if c in names)
 
 
 def read_relay(t: Table) -> RelaySection:
@@ -222,6 +245,7 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
     upstream = t.opt_text("upstream")
     spf = t.enum("spf", ("off", "tag", "reject"), default(D, "spf"))
     proxy = protocol != "smtp"
+    auth_level = "strict" if auth == "required" else "standard"
     cfg = ListenerConfig(
         name=name,
         protocol=cast(Literal["smtp", "imap", "pop3"], protocol),
@@ -249,6 +273,14 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
         dkim_verify=t.flag("dkim_verify", default(D, "dkim_verify")),
         profile=t.opt_text("profile"),
         header_rules=read_header_rules(t),
+        structure_checks=structure_checks(t, "structure_checks", STRUCTURE_LEVELS[auth_level]),
+        max_header_size=size(t, "max_header_size", default(D, "max_header_size"),
+                             min=1024) or 0,
+        add_missing_headers=t.flag("add_missing_headers", default(D, "add_missing_headers")),
+        sender_ownership=cast(Literal["enforce", "log"], t.enum(
+            "sender_ownership", ("enforce", "log"), default(D, "sender_ownership"))),
+        spf_permerror=cast(Literal["tag", "reject"], t.enum(
+            "spf_permerror", ("tag", "reject"), default(D, "spf_permerror"))),
         upstream=upstream,
         login_timeout=duration(t, "login_timeout", D, min=0.001),
         idle_timeout=duration(t, "idle_timeout", D, min=0.001),
@@ -281,7 +313,8 @@ def read_listener(t: Table, sets: AddressSets, *, sets_hint: str) -> ListenerCon
 SMTP_ONLY = ("relay_domains", "max_message_size", "max_recipients", "command_timeout",
              "data_timeout", "spf", "dkim_verify", "profile", "header_rule",
              "data_deadline", "min_data_rate", "dangerously_allow_open_relay",
-             "priority")
+             "priority", "structure_checks", "max_header_size",
+             "add_missing_headers", "sender_ownership", "spf_permerror")
 PROXY_ONLY = ("upstream", "login_timeout", "idle_timeout", "max_line", "on_upstream_change")
 SMTP_UPSTREAM_ONLY = ("helo_name", "max_messages_per_connection", "data_timeout", "profile",
                       "header_rule", "quota", "connections_per_mailbox", "mailbox")
@@ -339,6 +372,10 @@ def _listener_rules(t: Table, cfg: ListenerConfig) -> None:
                            "set allow_plaintext_auth = true (loopback only)"
                            + (', or use auth = "none" with allow if only listed networks send'
                               if cfg.protocol == "smtp" else ""))
+    if cfg.protocol == "smtp" and cfg.auth == "required" and cfg.sender_ownership == "log":
+        t.warn("sender_ownership", "not enforced: users who log in may send as any address "
+                                   "(each message sent as an address the user does not own "
+                                   "is logged)")
     if cfg.users_file is not None and not cfg.users_file.exists():
         t.warn("users_file", f"{cfg.users_file} does not exist yet; nobody can log in "
                              "until `relay user add NAME` creates it")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 
 from relay.config.schema import HostPort, Network
 
@@ -101,17 +102,66 @@ def comma_typo(text: str) -> str | None:
     return None
 
 
-def _comma_error(text: str, fixed: str) -> BadValue:
-    return BadValue("IPv4 address written with commas", expected=f'"{fixed}"',
-                    hint=f'write "{fixed}": IPv4 addresses are separated by dots '
-                         "(vendor pages sometimes print commas)")
+def _comma_error(text: str, fixed: str) -> AddressTypo:
+    return AddressTypo("IPv4 address written with commas", (fixed,),
+                       hint=f'write "{fixed}": IPv4 addresses are separated by dots '
+                            "(vendor pages sometimes print commas)")
+
+
+# What an input method types for "," and "." in Japanese or Chinese text: NFKC maps the
+# full-width forms (and digits) to ASCII, not the ideographic comma and full stop.
+_WIDE_PUNCT = str.maketrans({"\u3001": ",", "\u3002": ".", "\ufe50": ",", "\ufe52": "."})
+_LIST_SPLIT = re.compile(r"[\s,;]+")
+
+
+class AddressTypo(BadValue):
+    """A recognisable typo in an address; ``fixed`` is what was meant (one or more)."""
+
+    def __init__(self, what: str, fixed: tuple[str, ...], *, hint: str) -> None:
+        expected = (f'"{fixed[0]}"' if len(fixed) == 1 else
+                    "[" + ", ".join(f'"{f}"' for f in fixed) + "]")
+        super().__init__(what, expected=expected, hint=hint)
+        self.fixed = fixed
+
+
+def _is_ip_or_net(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def address_typo(value: str) -> AddressTypo | None:
+    """The error, with the fix, for an address typed the ways vendor pages and input
+    methods lead people to: commas for dots (``69,169,235,170``), full-width digits, commas
+    and full stops (U+FF10-FF19, U+FF0C, U+3001, U+FF0E), two addresses in one string
+    (``"69.169.235.170, 69.169.235.171"``). None when it is none of those."""
+    text = value.strip()
+    narrow = unicodedata.normalize("NFKC", text).translate(_WIDE_PUNCT)
+    if narrow != text and narrow.isascii():
+        meant = comma_typo(narrow) or narrow
+        if _is_ip_or_net(meant):
+            return AddressTypo("address written with full-width characters", (meant,),
+                               hint=f'write "{meant}" in plain ASCII: "\uff0c" "\u3001" "\uff0e" '
+                                    "and full-width digits are what a Japanese input "
+                                    "method types")
+    fixed = comma_typo(text)
+    if fixed is not None:
+        return _comma_error(text, fixed)
+    parts = tuple(p for p in _LIST_SPLIT.split(narrow if narrow.isascii() else text) if p)
+    if len(parts) > 1 and all(_is_ip_or_net(p) for p in parts):
+        items = ", ".join(f'"{p}"' for p in parts)
+        return AddressTypo(f"{len(parts)} addresses in one string", parts,
+                           hint=f"give each address its own quoted item: {items}")
+    return None
 
 
 def parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """An IP address, refusing the comma-written IPv4 typo with a suggestion."""
-    fixed = comma_typo(value)
-    if fixed is not None:
-        raise _comma_error(value, fixed)
+    typo = address_typo(value)
+    if typo is not None:
+        raise typo
     try:
         return ipaddress.ip_address(value.strip())
     except ValueError:
@@ -121,9 +171,9 @@ def parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 def parse_network(value: str) -> Network:
     """``"10.20.0.0/16"``, ``"192.0.2.7"`` (→ /32) or ``"::1"``; host bits must be zero."""
-    fixed = comma_typo(value)
-    if fixed is not None:
-        raise _comma_error(value, fixed)
+    typo = address_typo(value)
+    if typo is not None:
+        raise typo
     text = value.strip()
     try:
         return ipaddress.ip_network(text)
@@ -225,3 +275,12 @@ def is_address(value: str) -> bool:
     """A plain ``local@domain`` mail address (no display name, no brackets)."""
     local, sep, domain = value.rpartition("@")
     return bool(sep and local and is_domain(domain)) and not any(c in value for c in " <>\r\n")
+
+
+OWNED_EXPECTED = ('an address such as "sales@example.com", a domain such as "example.com" '
+                  'or "*.example.com" for its subdomains')
+
+
+def is_owned(value: str) -> bool:
+    """What a user may own for sender ownership: an address, a domain or ``*.domain``."""
+    return is_address(value) or is_domain(value.removeprefix("*."))

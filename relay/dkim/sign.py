@@ -1,21 +1,28 @@
 """DKIM signing: relaxed/relaxed, over-signed identity headers, RSA/Ed25519 via cryptography.
 
-dkimpy parses the header fields; canonicalisation, header selection and hashing are
-``relay.dkim.canon`` (bytes operations in C, dkimpy's exact results) and the public-key
-step is ``cryptography`` (OpenSSL), about twenty times faster than dkimpy's pure-Python
-RSA. Signing is the last change relay makes to a message: the signature headers are
-prepended and nothing else is touched.
+relay's own field splitter parses the header; canonicalisation, header selection and
+hashing are ``relay.dkim.canon`` (bytes operations in C, dkimpy's exact results) and the
+public-key step is ``cryptography`` (OpenSSL), about twenty times faster than dkimpy's
+pure-Python RSA. Signing is the last change relay makes to a message: the signature
+headers are prepended and nothing else is touched.
+
+Signing never skips silently: trusted mail whose ``From:`` names a domain with a key is
+signed, or refused (``550 5.7.0`` when the message cannot be signed: a header line that is
+no field, several ``From:`` fields, a ``From:`` that cannot be read; ``451 4.7.0`` when
+signing itself failed), or, only where the operator chose ``on_failure = "send-unsigned"``
+for the domain, sent unsigned with a warning and ``relay_dkim_signatures{result="failed"}``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import logging
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from email.utils import getaddresses
 
-import dkim
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
@@ -25,10 +32,16 @@ from relay.dkim.canon import relaxed_body
 from relay.dkim.keys import DkimKey, DkimKeys, load_keys
 from relay.envelope import Envelope
 from relay.errors import DkimError
+from relay.headers import split
 from relay.metrics import Metrics
+from relay.verdict import Refusal
 
 __all__ = ["OVERSIGNED", "SIGNED_HEADERS", "DkimKeys", "Signer", "from_domain", "load_keys",
            "relaxed_body"]
+
+log = logging.getLogger("relay.dkim")
+_AT_DOMAIN = re.compile(r"@\s*([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)")
+_DOMAIN = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
 
 # Signed when present, in this order (the issue's list).
 SIGNED_HEADERS: tuple[str, ...] = (
@@ -48,27 +61,39 @@ _PREHASHED = Prehashed(hashes.SHA256())
 _LINE_WIDTH = 76
 
 
+_FIELD_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+$")      # RFC 5322 ftext
+_LINE_END = re.compile(rb"\r?\n")
+
+
 def parse(data: bytes) -> tuple[list[list[bytes]], bytes]:
-    """Header fields ``[name, value]`` and the CRLF body, as dkimpy reads them."""
-    try:
-        headers, body = dkim.rfc822_parse(data)
-    except dkim.MessageFormatError as exc:
-        raise DkimError(f"message header cannot be parsed for DKIM: {exc}",
-                        hint="the client sent a malformed header; it was not signed") from None
+    """Header fields ``[name, value]`` and the CRLF body, as a DKIM verifier reads them.
+
+    relay's own field splitter (``relay.headers.split``), not dkimpy's ``rfc822_parse``,
+    which gives up on a field with blanks before its colon (``Subject : hi``, obsolete
+    but legal RFC 5322 4.5 syntax that verifiers read): relay used to leave such mail
+    unsigned without a trace. The name is given without those blanks (relaxed
+    canonicalisation drops them anyway); a line that is no field at all raises DkimError.
+    """
+    if data.count(b"\n") != data.count(b"\r\n"):
+        data = _LINE_END.sub(b"\r\n", data)
+    fields, body_at = split(data)
+    headers: list[list[bytes]] = []
+    for f in fields:
+        if not _FIELD_NAME.match(f.name):
+            shown = f.raw.split(b"\r\n", 1)[0][:40].decode("ascii", "replace")
+            raise DkimError(f"the header line {shown!r} is not a header field; a DKIM "
+                            "signature over it would not verify",
+                            hint="the client sent a malformed header; fix the sending "
+                                 "software, or turn structure checks on to refuse it")
+        headers.append([f.name, f.raw[f.raw.index(b":") + 1:]])
+    body = data[body_at + 2:] if data[body_at:body_at + 2] == b"\r\n" else b""
     return headers, body
 
 
 def from_domain(data: bytes) -> str | None:
     """The domain of the (first) From header address, lower-case; None if there is none."""
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        end = data.find(b"\n\n")
-    head = data if end < 0 else data[:end + 2]
-    try:
-        headers, _ = dkim.rfc822_parse(head)
-    except dkim.MessageFormatError:
-        return None
-    values = [v.decode("utf-8", "replace") for n, v in headers if n.lower() == b"from"]
+    values = [f.raw[f.raw.index(b":") + 1:].decode("utf-8", "replace")
+              for f in split(data)[0] if f.name.lower() == b"from"]
     if len(values) != 1:
         return None        # no From, or several: not something to sign (RFC 5322 3.6)
     for _name, addr in getaddresses([" ".join(values[0].split())]):
@@ -112,14 +137,25 @@ def _fold_b64(value: str, first: int, linesep: str) -> str:
     return (linesep + "\t").join(chunks)
 
 
+class Unsignable(Exception):
+    """A From: names ``domain``, which has a key, but the message cannot be signed for it."""
+
+    def __init__(self, domain: str, reason: str) -> None:
+        super().__init__(f"{domain}: {reason}")
+        self.domain = domain
+        self.reason = reason
+
+
 class Signer:
     """Signs trusted mail whose From domain (or a parent, DMARC-relaxed) has a key."""
 
     def __init__(self, keys: DkimKeys, *, metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 on_failure: Mapping[str, str] | None = None) -> None:
         self.keys = keys
         self._metrics = metrics
         self._clock = clock
+        self._on_failure = dict(on_failure or {})     # key domain → refuse | send-unsigned
 
     def signing_domain(self, sender_domain: str | None) -> str | None:
         """The configured key domain aligned with ``sender_domain`` (itself or a parent)."""
@@ -146,8 +182,7 @@ class Signer:
             raise DkimError(f"no DKIM key for {sender_domain} or a parent domain",
                             hint="add a [[dkim]] key for the domain or do not sign its mail")
         keys = self.keys.for_domain(domain)
-        head, body = canon.split(data)       # bytes operations; dkimpy parses the head only
-        headers, _ = parse(head)
+        headers, body = parse(data)
         first_end = data.find(b"\n")
         linesep = "\r\n" if first_end > 0 and data[first_end - 1:first_end] == b"\r" else "\n"
         include = header_list(headers)
@@ -169,13 +204,79 @@ class Signer:
         return await asyncio.to_thread(self.sign, data, sender_domain=sender_domain)
 
     async def maybe_sign(self, envelope: Envelope, data: bytes) -> bytes:
-        """What the accept pipeline calls last: signed bytes, or ``data`` unchanged."""
+        """What the accept pipeline calls last: signed bytes, or ``data`` unchanged when the
+        message is not trusted or its From: names no domain with a key.
+
+        Raises ``Refusal`` (reason ``dkim``) when a keyed message cannot be signed, unless
+        the domain's ``on_failure`` is ``send-unsigned`` (then: warning, metric, unsigned).
+        """
         if not envelope.trusted:
             return data
-        domain = from_domain(data)
-        if domain is None or self.signing_domain(domain) is None:
+        try:
+            domain = self.keyed_from_domain(data)
+        except Unsignable as exc:
+            return self._failed(data, exc.domain, exc.reason, permanent=True)
+        if domain is None:
             return data
-        return await self.sign_async(data, sender_domain=domain)
+        key_domain = self.signing_domain(domain) or domain
+        try:
+            return await self.sign_async(data, sender_domain=domain)
+        except DkimError as exc:                 # the message: no retry will change it
+            return self._failed(data, key_domain, str(exc), permanent=True)
+        except Exception as exc:                 # signing itself (key, library): may pass
+            log.exception("DKIM signing for %s failed", key_domain)
+            return self._failed(data, key_domain, f"{type(exc).__name__}: {exc}",
+                                permanent=False)
+
+    def keyed_from_domain(self, data: bytes) -> str | None:
+        """The From: domain to sign for, or None when no From: domain has a key.
+
+        Raises ``Unsignable`` when a From: field names a keyed domain but the message
+        cannot be signed for it (several From: fields, or one that does not parse): such
+        mail must not leave unsigned by accident. An address in a display name
+        (``"support@example.com via Zendesk" <noreply@zendesk.example>``) is not a From:
+        domain: only when an address does not parse is the raw text searched for one.
+        """
+        values = [f.raw[f.raw.index(b":") + 1:].decode("utf-8", "replace")
+                  for f in split(data)[0] if f.name.lower() == b"from"]
+        parsed: list[str] = []
+        unreadable = False
+        for v in values:
+            found = [a for _n, a in getaddresses([" ".join(v.split())]) if "@" in a]
+            for addr in found:
+                domain = addr.rsplit("@", 1)[1].strip().rstrip(".").lower()
+                if _DOMAIN.fullmatch(domain):
+                    parsed.append(domain)
+                else:
+                    unreadable = True
+            unreadable = unreadable or not found
+        keyed = [d for d in parsed if self.signing_domain(d)]
+        if unreadable:
+            keyed += [m.lower().rstrip(".") for v in values for m in _AT_DOMAIN.findall(v)
+                      if self.signing_domain(m.lower().rstrip("."))]
+        if not keyed:
+            return None
+        key_domain = self.signing_domain(keyed[0]) or keyed[0]
+        if len(values) > 1:
+            raise Unsignable(key_domain, f"the message has {len(values)} From: fields")
+        target = next((d for d in parsed if self.signing_domain(d)), None)
+        if target is None:
+            raise Unsignable(key_domain, "its From: field cannot be read as an address")
+        return target
+
+    def _failed(self, data: bytes, domain: str, reason: str, *, permanent: bool) -> bytes:
+        """Refuse, or (the operator's choice for the domain) send unsigned and say so."""
+        if self._on_failure.get(domain) == "send-unsigned":
+            self._count(domain, "failed")
+            log.warning("DKIM: a message from %s is sent UNSIGNED: %s (on_failure = "
+                        "\"send-unsigned\" for %s)", domain, reason, domain)
+            return data
+        self._count(domain, "refused")
+        if permanent:
+            raise Refusal(550, "5.7.0", f"message cannot be DKIM-signed for {domain}: "
+                          f"{reason[:200]}", reason="dkim")
+        raise Refusal(451, "4.7.0", f"DKIM signing for {domain} failed; try again later",
+                      reason="dkim")
 
     def _signature(self, key: DkimKey, include: list[bytes], signed: bytes, bh: bytes,
                    timestamp: int, linesep: str) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from relay.checks.spf import MAX_LOOKUPS, SpfResult, evaluate, resolver_lookup
 from relay.config.schema import Config, UpstreamConfig
+from relay.config.values import address_typo
 from relay.dns import Resolver
 from relay.errors import DnsError
 
@@ -64,7 +65,7 @@ def spf_record(resolver: Resolver, domain: str) -> str | None:
                and (len(r) == 6 or r[6:7] == b" ")]
     if len(records) > 1:
         raise ValueError(f"{domain} publishes {len(records)} SPF records (a permerror)")
-    return records[0].decode("ascii", "replace") if records else None
+    return records[0].decode("utf-8", "replace") if records else None
 
 
 def includes(resolver: Resolver, domain: str, target: str, *, budget: int = 20) -> bool:
@@ -105,6 +106,7 @@ def preflight(resolver: Resolver, domain: str, *, ips: tuple[str, ...] = (),
         pf.temporary = True
         pf.problems.append(f"could not look up SPF for {pf.domain}: {exc}")
         return pf
+    pf.problems.extend(record_typos(pf.record or ""))
     if pf.record is None:
         pf.warnings.append(f"{pf.domain} publishes no SPF record: receivers get spf=none "
                            "and DMARC relies on DKIM alone")
@@ -140,6 +142,23 @@ def preflight(resolver: Resolver, domain: str, *, ips: tuple[str, ...] = (),
             pf.warnings.append(f"upstream {upstream.name} ({upstream.host}) is not a known "
                                "provider: give its sending addresses with --ip")
     return pf
+
+
+def record_typos(record: str) -> list[str]:
+    """The ip4:/ip6: terms of a published record written the way vendor pages and input
+    methods lead people to (commas, full-width characters, two addresses in one term),
+    each with the terms to publish instead; receivers read them as a permerror."""
+    out = []
+    for term in record.split()[1:]:
+        qualifier = term[0] if term[0] in "+-~?" else ""
+        mech, sep, value = term[len(qualifier):].partition(":")
+        if mech.lower() not in ("ip4", "ip6") or not sep:
+            continue
+        typo = address_typo(value)
+        if typo is not None:
+            fixed = " ".join(f"{qualifier}{mech}:{f}" for f in typo.fixed)
+            out.append(f'the record says "{term}" ({typo.what}): publish "{fixed}" instead')
+    return out
 
 
 def _all_qualifier(record: str) -> str:

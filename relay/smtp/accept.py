@@ -23,7 +23,7 @@ same check runs with the real size before the store.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from relay.checks.message import MessageChecks
 from relay.checks.spf import SpfChecker
@@ -108,17 +108,18 @@ class AcceptPipeline:
 
 
 class RoutedChecks(MessageChecks):
-    """The listener's checks (profile limits, SPF) plus: every recipient needs a route."""
+    """The listener's checks (structure, ownership, profiles, SPF) plus: every recipient
+    needs a route."""
 
     def __init__(self, *, router: Router, profile: ProfileConfig | None,
                  upstream_profiles: Mapping[str, ProfileConfig], spf: SpfChecker | None,
                  spf_policy: Literal["off", "tag", "reject"],
-                 space: SpoolHealth | None = None) -> None:
+                 space: SpoolHealth | None = None, **options: Any) -> None:
         self._router = router
         self._space = space
         self._upstream_profiles = upstream_profiles
         super().__init__(profile=profile, route_profile=self._profile_of, spf=spf,
-                         spf_policy=spf_policy)
+                         spf_policy=spf_policy, **options)
 
     def _profile_of(self, sender: str, recipient: str) -> ProfileConfig | None:
         upstream = self._router.route_or_none(sender, recipient)

@@ -115,7 +115,7 @@ class DefendedSession(AiosmtpdSession):
         """Read DATA up to its real end, under the idle limit and the whole-DATA deadline;
         None when the client went away (the session is closed, nothing is queued)."""
         cfg = self.ctx.cfg
-        reader = DataReader(cfg.max_message_size)
+        reader = DataReader(self.ctx.size_limit.size)
         deadline = DataDeadline(self.loop.time(), base=cfg.data_deadline,
                                 min_rate=cfg.min_data_rate)
         try:

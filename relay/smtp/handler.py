@@ -26,7 +26,7 @@ from relay.smtp import replies
 from relay.smtp.data import BareLineEnding, Event, TooBig
 from relay.throttle import FailureThrottle
 from relay.users import UserDB
-from relay.verdict import AcceptFn, Checks, Refusal, SessionInfo
+from relay.verdict import AcceptFn, Checks, Refusal, SessionInfo, SizeLimit
 
 log = logging.getLogger("relay.smtp")
 
@@ -47,6 +47,18 @@ class Context:
         default_factory=lambda: FailureThrottle(limit=5, window=300.0))
     connections: ConnectionCounter = field(default_factory=ConnectionCounter)
     background: set[asyncio.Task[str]] = field(default_factory=set)
+    size: SizeLimit | None = None         # effective size limit, once size_limit computed it
+
+    @property
+    def size_limit(self) -> SizeLimit:
+        """The stricter of the listener's max_message_size and its checks' (profile's)."""
+        if self.size is None:
+            self.size = effective_size(self.cfg, self.checks)
+        return self.size
+
+    def too_big(self) -> Refusal:
+        limit = self.size_limit
+        return Refusal.from_reply(replies.too_big(limit.size, limit.by), "too_big")
 
     def refused(self, refusal: Refusal, *, info: SessionInfo | None, client: str, stage: str,
                 sender: str | None = None, recipients: tuple[str, ...] = ()) -> str:
@@ -59,6 +71,13 @@ class Context:
             **{"from": None if sender is None else f"<{sender}>"},
             to=",".join(f"<{r}>" for r in recipients) or None)
         return refusal.reply
+
+
+def effective_size(cfg: ListenerConfig, checks: Checks | None) -> SizeLimit:
+    """The listener's own limit, or its profile's when that is as strict or stricter."""
+    own = SizeLimit(cfg.max_message_size, f"listener {cfg.name}")
+    other = checks.size_limit() if checks is not None else None
+    return other if other is not None and other.size <= own.size else own
 
 
 def _clean(text: str, limit: int = 255) -> str:
@@ -101,7 +120,7 @@ async def finish_message(ctx: Context, info: SessionInfo, txn: Transaction, even
                            sender=txn.sender, recipients=rcpts)
 
     if isinstance(event, TooBig):
-        return refuse(Refusal.from_reply(replies.TOO_BIG, "too_big"))
+        return refuse(ctx.too_big())
     if isinstance(event, BareLineEnding):
         log.warning("%s: bare <%s> in DATA from %s: refused (SMTP smuggling defence)",
                     ctx.cfg.name, event.kind, info.client_ip)

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from relay.smtp.replies import AUTH_REQUIRED, RELAY_DENIED, TOO_BIG
+from relay.smtp.replies import AUTH_REQUIRED, RELAY_DENIED, TOO_BIG, too_big
 from relay.verdict import Refusal
 
 MAX_LOCAL = 64
@@ -47,11 +47,13 @@ def _refused(what: str, detail: str) -> Refusal:
 
 
 def parse_command(arg: str | None, keyword: str, *, what: str, null_ok: bool,
-                  smtputf8: bool | None = None) -> Parsed:
+                  smtputf8: bool | None = None, local_limit: bool = True) -> Parsed:
     """Parse ``FROM:<path> params`` / ``TO:<path> params``.
 
     ``smtputf8=None`` means "decide from the parameters" (MAIL FROM); RCPT passes the
-    transaction's SMTPUTF8 flag.
+    transaction's SMTPUTF8 flag. ``local_limit=False`` leaves RFC 5321's 64-character
+    local-part limit to ``local_part_refusal``, so that the listener can let a provider
+    profile's own limit (which names the profile) speak first.
     """
     usage = "MAIL FROM:<address>" if keyword == "FROM:" else "RCPT TO:<address>"
     syntax = Refusal(501, "5.5.4", f"Syntax: {usage} [parameters]", reason="bad_address")
@@ -64,7 +66,8 @@ def parse_command(arg: str | None, keyword: str, *, what: str, null_ok: bool,
     path, rest = _split_path(text, what)
     params = parse_params(rest)
     utf8 = ("SMTPUTF8" in params) if smtputf8 is None else smtputf8
-    address = parse_path(path, what=what, null_ok=null_ok, smtputf8=utf8)
+    address = parse_path(path, what=what, null_ok=null_ok, smtputf8=utf8,
+                         local_limit=local_limit)
     return Parsed(address, params)
 
 
@@ -99,8 +102,11 @@ def _split_path(text: str, what: str) -> tuple[str, str]:
 
 
 def mail_params(params: dict[str, str | None], *, extended: bool,
-                max_size: int) -> tuple[bool, bool]:
-    """Check MAIL FROM parameters; return (SMTPUTF8, BODY=8BITMIME). AUTH= is ignored."""
+                max_size: int, size_by: str = "") -> tuple[bool, bool]:
+    """Check MAIL FROM parameters; return (SMTPUTF8, BODY=8BITMIME). AUTH= is ignored.
+
+    ``size_by`` names who sets ``max_size`` in the refusal (``listener platform``).
+    """
     if params and not extended:
         raise Refusal(501, "5.5.4", "Parameters need EHLO", reason="bad_address")
     unknown = sorted(set(params) - _MAIL_PARAMS)
@@ -117,7 +123,8 @@ def mail_params(params: dict[str, str | None], *, extended: bool,
         if not size.isdigit() or len(size) > 20:
             raise Refusal(501, "5.5.4", "SIZE must be a number", reason="bad_address")
         if int(size) > max_size:
-            raise Refusal.from_reply(TOO_BIG, "too_big")
+            reply = too_big(max_size, size_by) if size_by else TOO_BIG
+            raise Refusal.from_reply(reply, "too_big")
     return "SMTPUTF8" in params, body == "8BITMIME"
 
 
@@ -132,7 +139,8 @@ def parse_params(text: str) -> dict[str, str | None]:
     return params
 
 
-def parse_path(path: str, *, what: str, null_ok: bool, smtputf8: bool) -> str:
+def parse_path(path: str, *, what: str, null_ok: bool, smtputf8: bool,
+               local_limit: bool = True) -> str:
     """Validate the mailbox inside the angle brackets; return it unchanged."""
     if path == "":
         if null_ok:
@@ -155,10 +163,18 @@ def parse_path(path: str, *, what: str, null_ok: bool, smtputf8: bool) -> str:
         _dot_string(local, what)
     if not after.startswith("@"):
         raise _bad(what, "expected '@' after the local part")
-    if len(local) > MAX_LOCAL:
-        raise _bad(what, f"local part longer than {MAX_LOCAL} characters")
+    if local_limit and (refusal := local_part_refusal(path, what)) is not None:
+        raise refusal
     _domain(after[1:], what)
     return path
+
+
+def local_part_refusal(address: str, what: str) -> Refusal | None:
+    """RFC 5321 4.5.3.1.1: a local part of at most 64 octets (None when it fits)."""
+    local = address.rpartition("@")[0]
+    if len(local) > MAX_LOCAL:
+        return _bad(what, f"local part longer than {MAX_LOCAL} characters")
+    return None
 
 
 def _quoted_local(path: str, what: str) -> tuple[str, str]:

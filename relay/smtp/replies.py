@@ -27,7 +27,7 @@ _DEFAULT_ENHANCED = {
 # "profile"); each is declared at 0 at start so alerts on rate() see the first one.
 REASONS = ("relay_denied", "auth_required", "auth_blocked", "bad_address", "smuggling",
            "too_big", "too_many_rcpts", "too_many_connections", "policy", "spool_full",
-           "spool_error", "error")
+           "spool_error", "error", "structure", "ownership", "profile", "dkim")
 
 
 def with_enhanced(status: str) -> str:
@@ -82,6 +82,16 @@ def timeout_reply(hostname: str) -> str:
 
 def data_deadline_reply(hostname: str) -> str:
     return f"421 4.4.2 {hostname} Error: message data arrived too slowly; closing connection"
+
+
+def too_big(size: int, by: str) -> str:
+    """TOO_BIG naming the limit that applied: ``...: exchange-online allows 35 MB``."""
+    shown = f"{size:,} bytes"
+    for unit, scale in (("MB", 1024 * 1024), ("KB", 1024)):
+        if size >= scale and size % scale == 0:
+            shown = f"{size // scale} {unit}"
+            break
+    return f"{TOO_BIG}: {by} allows {shown}"
 
 
 def queued(queue_id: str) -> str:

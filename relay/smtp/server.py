@@ -33,6 +33,7 @@ from relay.smtp.handler import Context, Transaction, finish_message
 from relay.smtp.policy import (
     domain_of,
     in_domains,
+    local_part_refusal,
     mail_params,
     parse_command,
     relay_refusal,
@@ -69,7 +70,7 @@ class RelaySMTP(DefendedSession):
         self._closing = False
         self._slot = ""                         # the client network's connection slot
         self.init_defences()
-        self.init_state(hostname=ctx.hostname, data_size_limit=cfg.max_message_size,
+        self.init_state(hostname=ctx.hostname, data_size_limit=ctx.size_limit.size,
                         timeout=cfg.command_timeout,
                         tls_context=ctx.tls_context if cfg.tls == "starttls" else None,
                         auth_require_tls=not cfg.allow_plaintext_auth)
@@ -199,7 +200,7 @@ class RelaySMTP(DefendedSession):
         self.reset_transaction()
         self.state.extended_smtp = True
         self.state.host_name = hostname
-        lines = [self.hostname, "PIPELINING", f"SIZE {self.ctx.cfg.max_message_size}",
+        lines = [self.hostname, "PIPELINING", f"SIZE {self.ctx.size_limit.size}",
                  "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
         if self.tls_context is not None and not self.tls:
             lines.append("STARTTLS")
@@ -238,15 +239,19 @@ class RelaySMTP(DefendedSession):
         cfg = self.ctx.cfg
         sender: str | None = None
         try:
-            parsed = parse_command(arg, "FROM:", what="sender", null_ok=True)
+            parsed = parse_command(arg, "FROM:", what="sender", null_ok=True,
+                                   local_limit=False)
             sender, params = parsed.address, parsed.params
             smtputf8, body8 = mail_params(params, extended=bool(self.state.extended_smtp),
-                                          max_size=cfg.max_message_size)
+                                          max_size=self.ctx.size_limit.size,
+                                          size_by=self.ctx.size_limit.by)
             info = self.info()
             if not info.trusted and not cfg.relay_domains:
                 raise relay_refusal(auth_required=self._auth_wanted())
             if self.ctx.checks is not None:
                 await self.ctx.checks.check_sender(info, sender, params)
+            if (too_long := local_part_refusal(sender, "sender")) is not None:
+                raise too_long
         except Refusal as r:
             await self._refuse(r, "MAIL", sender=sender)
             return
@@ -269,7 +274,7 @@ class RelaySMTP(DefendedSession):
         rcpt: str | None = None
         try:
             parsed = parse_command(arg, "TO:", what="recipient", null_ok=False,
-                                   smtputf8=txn.smtputf8)
+                                   smtputf8=txn.smtputf8, local_limit=False)
             rcpt = parsed.address
             if parsed.params:
                 raise Refusal(555, "5.5.4", "RCPT parameters not supported",
@@ -282,6 +287,8 @@ class RelaySMTP(DefendedSession):
             if self.ctx.checks is not None:
                 await self.ctx.checks.check_recipient(info, txn.sender, rcpt,
                                                       tuple(txn.recipients))
+            if (too_long := local_part_refusal(rcpt, "recipient")) is not None:
+                raise too_long
         except Refusal as r:
             await self._refuse(r, "RCPT", sender=txn.sender, recipient=rcpt)
             return

@@ -20,7 +20,7 @@ def test_check_ok(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "check", str(CONF / "relay.toml")]) == 0
     out = capsys.readouterr().out
     assert out == (f"{CONF / 'relay.toml'}: ok (1 listener, 1 upstream, 0 routes, 0 proxies, "
-                   "0 DKIM keys, 0 token sources, 0 accounts, 3 profiles, 12 address sets)\n")
+                   "0 DKIM keys, 0 token sources, 0 accounts, 5 profiles, 12 address sets)\n")
 
 
 @pytest.mark.fast

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import tomllib
@@ -79,12 +80,21 @@ def test_shipped_profiles() -> None:
     g = c.profile("genesys-agentless")
     assert (g.max_recipients, g.max_subject_chars, g.max_local_part, g.max_display_name,
             g.max_body_bytes, g.allow_attachments) == (1, 400, 64, 64, 3 * 2**20, False)
+    assert g.messages_per_minute == 600
+    assert set(g.structure_checks) == {"to", "mime"}
+    # the custom tiers: the same limits, only the pace differs
+    for tier in (1200, 3000):
+        t = c.profile(f"genesys-agentless-{tier}")
+        assert t.messages_per_minute == tier
+        assert dataclasses.replace(t, name=g.name, messages_per_minute=600,
+                                   line=g.line) == g
     e = c.profile("exchange-online")
     assert (e.max_message_bytes, e.recipients_per_day, e.messages_per_minute) == (
         35 * 2**20, 10000, 30)
     z = c.profile("zendesk-exchange-connector")
     assert (z.messages_per_minute, z.bytes_per_5min, z.recipients_per_day,
             z.max_message_bytes) == (10, 50 * 2**20, 10000, 50 * 2**20)
+    assert {"from", "to", "mime"} <= set(z.structure_checks)
 
 
 def test_data_files_are_standalone_valid_toml() -> None:

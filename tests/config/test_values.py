@@ -9,6 +9,7 @@ import pytest
 from relay.config.schema import HostPort
 from relay.config.values import (
     BadValue,
+    address_typo,
     comma_typo,
     parse_duration,
     parse_hostport,
@@ -75,6 +76,24 @@ def test_bad_hostports(raw: str, what: str) -> None:
     with pytest.raises(BadValue) as exc:
         parse_hostport(raw)
     assert exc.value.what == what
+
+
+@pytest.mark.parametrize(("text", "fixed"), [
+    ("69,169,235,170", ("69.169.235.170",)),
+    ("69\uff0c169\uff0c235\uff0c170", ("69.169.235.170",)),          # full-width commas
+    ("69\u3001169\u3001235\u3001170", ("69.169.235.170",)),          # ideographic commas
+    ("69\uff0e169\uff0e235\uff0e170", ("69.169.235.170",)),          # full-width stops
+    ("\uff16\uff19.169.235.170", ("69.169.235.170",)),                # full-width digits
+    ("\uff11\uff10.0.0.0/\uff18", ("10.0.0.0/8",)),
+    ("69.169.235.170, 69.169.235.171", ("69.169.235.170", "69.169.235.171")),
+    ("69.169.235.170 69.169.235.171", ("69.169.235.170", "69.169.235.171")),
+    ("10.0.0.0/8;192.0.2.7", ("10.0.0.0/8", "192.0.2.7")),
+    ("69.169.235.170\uff0c69.169.235.171", ("69.169.235.170", "69.169.235.171")),
+    ("69.169.235.170", None), ("cxone-na1", None), ("2001:db8::1", None), ("", None),
+])
+def test_address_typos(text: str, fixed: tuple[str, ...] | None) -> None:
+    typo = address_typo(text)
+    assert (typo.fixed if typo is not None else None) == fixed
 
 
 def test_comma_typo_suggests_dots() -> None:

@@ -8,7 +8,7 @@ import dkim
 import pytest
 
 from relay.config.schema import HostPort
-from relay.dkim.sign import OVERSIGNED, from_domain, header_list
+from relay.dkim.sign import OVERSIGNED, from_domain, header_list, parse
 from relay.dkim.verify import verify
 from relay.dns import Resolver
 from relay.envelope import Envelope
@@ -34,8 +34,7 @@ MESSAGE = (
 
 
 def sig_tags(signed: bytes, idx: int = 0) -> dict[bytes, bytes]:
-    d = dkim.DKIM(signed)
-    sigs = [v for n, v in d.headers if n.lower() == b"dkim-signature"]
+    sigs = [v for n, v in parse(signed)[0] if n.lower() == b"dkim-signature"]
     return dkim.util.parse_tag_value(re.sub(rb"\s+", b"", sigs[idx]))
 
 
@@ -78,6 +77,28 @@ def test_identity_header_added_after_signing_breaks_it(
     assert tampered != signed
     assert perl_verify(tampered, dns)[0][0] == "fail"
     assert dkimpy_verify(tampered, resolver) == [False, False]
+
+
+# The input that made relay leave mail unsigned with no trace: dkimpy's parser gives up on
+# a space before a colon, and from_domain() swallowed the error.
+SPACE_BEFORE_COLON = (
+    b"From: Support <support@example.com>\r\n"
+    b"To: customer@example.net\r\n"
+    b"Subject : Your ticket #42\r\n"
+    b"X-Zendesk-Email-Id : 01HXYZ\r\n"
+    b"\r\n"
+    b"Hello.\r\n"
+)
+
+
+def test_space_before_colon_is_signed_and_verifies(keyset: KeySet, dns: HostPort) -> None:
+    assert from_domain(SPACE_BEFORE_COLON) == "example.com"
+    signed = signer(keyset.rsa).sign(SPACE_BEFORE_COLON, sender_domain="example.com")
+    assert signed.endswith(SPACE_BEFORE_COLON)
+    assert b"subject" in sig_tags(signed)[b"h"].split(b":")
+    assert perl_verify(signed, dns) == [("pass", "example.com", "rsa2026")]
+    tampered = signed.replace(b"ticket #42", b"ticket #43")
+    assert perl_verify(tampered, dns)[0][0] == "fail"
 
 
 def test_body_change_breaks_it(keyset: KeySet, dns: HostPort) -> None:
@@ -135,6 +156,10 @@ def test_header_list_counts_repeats() -> None:
     (b"From:\r\n =?utf-8?q?J=C3=B6rg?= <j@example.com>\r\n", "example.com"),
     (b"Subject: no from\r\n", None),
     (b"From: a@example.com\r\nFrom: b@example.org\r\n", None),
+    # blanks before the colon (obsolete syntax) used to make the parser give up, and the
+    # message left unsigned without a trace
+    (b"From : A <a@example.com>\r\n", "example.com"),
+    (b"Subject : hi\r\nFrom: a@example.com\r\n", "example.com"),
 ])
 def test_from_domain(header: bytes, domain: str | None) -> None:
     assert from_domain(header + b"\r\nbody\r\n") == domain
@@ -222,3 +247,12 @@ def test_missing_to_date_message_id_may_be_added_downstream(keyset: KeySet,
     for extra in (b"Reply-To: x@evil.test", b"Cc: x@evil.test", b"Subject: other"):
         tampered = signed.replace(b"\r\nFrom:", b"\r\n" + extra + b"\r\nFrom:", 1)
         assert perl_verify(tampered, dns)[0][0] == "fail"
+
+
+@pytest.mark.fast
+def test_a_line_that_is_no_field_cannot_be_signed(keyset: KeySet) -> None:
+    from relay.errors import DkimError
+
+    broken = b"From: a@example.com\r\nthis line has no colon\r\n\r\nbody\r\n"
+    with pytest.raises(DkimError, match="the header line 'this line has no colon' is not a "):
+        signer(keyset.rsa).sign(broken, sender_domain="example.com")

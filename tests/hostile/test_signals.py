@@ -193,7 +193,8 @@ def test_hostile_signals(case: Case, tmp_path: Path) -> None:
                 held.rcpt("customer@example.net")
             elif isinstance(action, Finish):
                 assert held is not None
-                code, reply = held.data(b"Subject: in flight\r\n\r\nok\r\n")
+                code, reply = held.data(b"From: agent@example.com\r\nTo: customer@example.net\r\n"
+                                            b"Subject: in flight\r\n\r\nok\r\n")
                 assert code == 250, reply
                 held.close()
                 held = None

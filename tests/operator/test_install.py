@@ -103,4 +103,4 @@ def test_the_wheel_ships_its_data_and_checks_the_readme_example(
     assert check.stderr == ""                       # not even a warning
     assert check.stdout == (
         f"{config}: ok (1 listener, 1 upstream, 1 route, 1 proxy, 1 DKIM key, 1 token "
-        "source, 0 accounts, 3 profiles, 12 address sets)\n")
+        "source, 0 accounts, 5 profiles, 12 address sets)\n")

@@ -19,7 +19,8 @@ def test_add_list_del_with_file(tmp_path: Path) -> None:
     path = tmp_path / "etc" / "users"
     r = relay("add", "cc1", "--password-stdin", "-f", str(path), stdin="Secr3t pw\n")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == f"added cc1 in {path} (mode 0600)"
+    assert r.stdout.splitlines()[0] == f"added cc1 in {path} (mode 0600)"
+    assert "note: cc1 owns no address" in r.stdout
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert "Secr3t" not in path.read_text()
     assert relay("add", "cc2", "--password-stdin", "-f", str(path), stdin="x2").returncode == 0
@@ -33,6 +34,33 @@ def test_add_list_del_with_file(tmp_path: Path) -> None:
     r = relay("del", "cc1", "-f", str(path))
     assert r.returncode == 1 and "no user 'cc1'" in r.stderr
     assert relay("list", "-f", str(path)).stdout.split() == ["cc2"]
+
+
+def test_owned_addresses(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    r = relay("add", "alice", "--password-stdin", "-f", str(path),
+              "--owns", "Alice@Example.com, sales.example.com,*.example.net", stdin="pw-a\n")
+    assert r.returncode == 0, r.stderr
+    assert "note:" not in r.stdout
+    line = path.read_text().strip()
+    assert line.startswith("alice:$scrypt$")
+    assert line.endswith(":alice@example.com,sales.example.com,*.example.net")
+    owned = ("alice@example.com", "sales.example.com", "*.example.net")
+    assert UserDB.load(path).owns("alice") == owned
+    # a new password keeps what the user owns
+    assert relay("add", "alice", "--password-stdin", "-f", str(path), stdin="pw-b").returncode == 0
+    db = UserDB.load(path)
+    assert db.verify_sync("alice", b"pw-b") and db.owns("alice") == owned
+    # --keep-password changes only the list
+    r = relay("add", "alice", "--keep-password", "--owns", "example.org", "-f", str(path))
+    assert r.returncode == 0, r.stderr
+    db = UserDB.load(path)
+    assert db.verify_sync("alice", b"pw-b") and db.owns("alice") == ("example.org",)
+    assert relay("list", "-f", str(path)).stdout == "alice  owns: example.org\n"
+    r = relay("add", "alice", "--keep-password", "--owns", "not an address!", "-f", str(path))
+    assert r.returncode == 1 and "'not' is not an address or domain" in r.stderr
+    r = relay("add", "bob", "--keep-password", "--owns", "example.org", "-f", str(path))
+    assert r.returncode == 1 and "existing user" in r.stderr
 
 
 def test_refusals(tmp_path: Path) -> None:

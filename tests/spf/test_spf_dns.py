@@ -96,6 +96,42 @@ async def test_reject_policy_accepts_softfail_neutral_permerror(checker: SpfChec
     assert out.endswith(MSG) and out.startswith(b"Received-SPF: ")
 
 
+@pytest.mark.parametrize(("sender", "reason"), [
+    (f"a@many.{D}", "SPF Permanent Error: Too many DNS lookups)"),
+    (f"a@syntax.{D}", "SPF Permanent Error: Invalid IP4 CIDR length: ip4:127.0.0.1/33)"),
+])
+async def test_permerror_refused_only_where_chosen(checker: SpfChecker, sender: str,
+                                                   reason: str) -> None:
+    with pytest.raises(Refusal) as info:
+        await checker.apply("reject", MSG, ip="127.0.0.5", sender=sender, helo="h.example",
+                            permerror="reject")
+    domain = sender.split("@")[1]
+    assert info.value.reply == (f"550 5.7.24 SPF validation error: the SPF record of {domain} "
+                                f"is broken ({reason}")
+    assert info.value.reason == "spf_permerror"
+    # "tag" (the default) accepts it with the result recorded; "tag" policy never refuses
+    out = await checker.apply("reject", MSG, ip="127.0.0.5", sender=sender, helo="h.example")
+    assert b"spf=permerror" in out.replace(b"\r\n\t", b" ")
+    out = await checker.apply("tag", MSG, ip="127.0.0.5", sender=sender, helo="h.example",
+                              permerror="reject")
+    assert out.endswith(MSG)
+
+
+async def test_permerror_choice_reaches_the_listener_checks(checker: SpfChecker) -> None:
+    from relay.checks.message import MessageChecks
+    from relay.verdict import SessionInfo
+
+    session = SessionInfo(listener="inbound", client_ip="127.0.0.5", client_port=1,
+                          helo="h.example", tls=False, auth_user="", allowlisted=False,
+                          trusted=False)
+    checks = MessageChecks(spf=checker, spf_policy="reject", spf_permerror="reject")
+    with pytest.raises(Refusal) as info:
+        await checks.check_sender(session, f"a@many.{D}", {})
+    assert info.value.code == 550 and info.value.enhanced == "5.7.24"
+    await MessageChecks(spf=checker, spf_policy="reject").check_sender(
+        session, f"a@many.{D}", {})
+
+
 async def test_tag_policy_headers(checker: SpfChecker) -> None:
     out = await checker.apply("tag", MSG, ip="127.0.0.5", sender=f"a@fail.{D}",
                               helo="client.example")
