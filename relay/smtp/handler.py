@@ -125,6 +125,11 @@ async def finish_message(ctx: Context, info: SessionInfo, txn: Transaction, even
         log.warning("%s: bare <%s> in DATA from %s: refused (SMTP smuggling defence)",
                     ctx.cfg.name, event.kind, info.client_ip)
         return refuse(Refusal.from_reply(replies.BARE_LINE_ENDING, "smuggling"))
+    if event.body[:1] in (b" ", b"\t"):
+        # Whatever checks the listener runs: the Received: field relay puts on top would
+        # absorb a leading continuation line (a protected X-Mailer: among them) into itself.
+        return refuse(Refusal(550, "5.6.0", "line 1 is a continuation line; the header must "
+                              "start with a field", reason="structure"))
 
     now = time.time()
     envelope = Envelope(

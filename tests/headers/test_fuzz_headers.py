@@ -93,6 +93,13 @@ def test_remove_and_replace_are_idempotent(data: bytes, rs: list[HeaderRule]) ->
     b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com;\r\n\tb=abc\r\n",
     b"Authentication-Results: relay.test; spf=pass\r\n"]), max_size=3))
 def test_the_guard_passes_prepended_trace_fields(data: bytes, trace: list[bytes]) -> None:
+    if data[:1] in (b" ", b"\t") and trace:
+        # A leading continuation line would fold into the prepended field: the listener
+        # refuses such mail at DATA (tests/smtp/test_with_spool.py), and the guard must
+        # notice when the absorbed line was a protected field.
+        absorbed = protected_lines(data) != protected_lines(b"".join(trace) + data)
+        assert HeaderGuard().check(data, b"".join(trace) + data) is not absorbed
+        return
     assert HeaderGuard().check(data, b"".join(trace) + data)
 
 

@@ -106,3 +106,24 @@ async def test_mail_is_refused_452_before_data_while_the_spool_is_below_its_rese
         assert spool.queue_ids() == []
         filler.unlink()
         spool.close()
+
+
+async def test_a_leading_continuation_line_is_refused_even_without_checks(
+        start_relay: StartRelay, tmp_path: Path) -> None:
+    """relay's Received: field on top would swallow it (and a protected field with it)."""
+    spool = Spool(tmp_path / "spool")
+    relay = await start_relay(allow=ALLOW, accept=spool.store, checks=None)
+
+    def go(msg: bytes) -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as s:
+            s.ehlo("platform.test")
+            s.mail("a@example.com")
+            s.rcpt("b@example.net")
+            return s.data(msg)
+
+    code, reply = await run(go, b"\tX-Mailer: CXone\r\n" + MSG)
+    assert (code, reply) == (550, b"5.6.0 line 1 is a continuation line; the header must "
+                                  b"start with a field")
+    assert spool.queue_ids() == []
+    code, _ = await run(go, b"X-Mailer: CXone\r\n\tfolded\r\n" + MSG)   # folding is fine
+    assert code == 250 and len(spool.queue_ids()) == 1
