@@ -420,8 +420,10 @@ async def test_rate_limits_hold_for_a_recovered_burst(rigs: list[Rig],
     before.spool.close()
     started = time.time()       # the window opens when the first two leave, after this
     r = await rig(rigs, tmp_path, upstream(p.port, profile="tight"), profiles={"up": profile})
+    # Each waits for quota (not, briefly, for a connection the first two still hold).
     await until(lambda: len(p.received) == 2 and len(r.spool.queue_ids()) == 2 and all(
-        r.scheduler.waiting(q) for q in r.spool.queue_ids()))
+        (r.scheduler.waiting(q) or {}).get("reason") == "quota"
+        for q in r.spool.queue_ids()))
     waiting = {q: r.scheduler.waiting(q) for q in r.spool.queue_ids()}
     # Held for the rest of the minute that began with the first sends (however long this
     # loaded machine took to get here), and not much longer.
