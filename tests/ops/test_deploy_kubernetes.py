@@ -157,20 +157,36 @@ def test_replicas_share_quotas_through_one_redis(tmp_path: Path) -> None:
     assert "--save" in c["args"] and "--appendonly" in c["args"]      # nothing to persist
 
 
-def test_reload_sidecar_signals_the_pid_file(tmp_path: Path) -> None:
+def test_reload_sidecar_runs_relay_reload_and_signals_no_pid_file(tmp_path: Path) -> None:
+    """The sidecar reloads the way an operator does (`relay reload`: the control socket),
+    never with a kill on a pid read from a file (issue 12: reload never signals a
+    stranger); it mounts what that command reads, and relay stays PID 1."""
     kinds, cfg = loaded(tmp_path)
     (patch,) = docs("reload-sidecar.yaml")
     pod = patch["spec"]["template"]["spec"]
-    assert pod["shareProcessNamespace"] is True
-    sidecar = pod["containers"][0]
+    assert not pod.get("shareProcessNamespace"), "relay would no longer be PID 1"
+    (sidecar,) = pod["containers"]
     script = sidecar["command"][-1]
-    pid_file = cfg.relay.pid_file or cfg.relay.spool / "relay.pid"
-    assert f'kill -HUP "$(cat {pid_file})"' in script
+    commands = [line.strip() for line in script.splitlines()]
+    assert any(c.startswith("relay reload") for c in commands), script
+    assert "kill" not in script and "relay.pid" not in script
     (sts,) = kinds["StatefulSet"]
+    assert sidecar["image"] == container(sts)["image"]     # `relay` and RELAY_CONFIG
+    assert "args" not in sidecar and "-c" not in script    # the image's RELAY_CONFIG
     volumes = {v["name"] for v in sts["spec"]["template"]["spec"]["volumes"]}
     volumes |= {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
-    assert {m["name"] for m in sidecar["volumeMounts"]} <= volumes
-    assert sidecar["image"] == container(sts)["image"]
+    mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
+    assert set(mounts.values()) <= volumes
+    relay_mounts = {m["mountPath"]: m["name"] for m in container(sts)["volumeMounts"]}
+    # The control socket is on the spool volume, the same one relay writes it to.
+    socket_dir = str((cfg.relay.control_socket or cfg.relay.spool / "control.sock").parent)
+    assert mounts[socket_dir] == relay_mounts[socket_dir]
+    # `relay reload` checks the file first: the config and every file it names are there.
+    wanted = {str(Path(image_env()["RELAY_CONFIG"]).parent)}
+    wanted |= {str(Path(p).parent) for p in re.findall(r'"(/etc/[^"]+)"', relay_toml(kinds))}
+    for path in wanted:
+        assert mounts.get(path) == relay_mounts[path], f"the sidecar does not mount {path}"
+        assert f"readlink {path}/..data" in script, f"changes under {path} are not watched"
 
 
 def test_commands_in_deploy_files_are_relay_commands() -> None:
