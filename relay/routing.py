@@ -19,6 +19,8 @@ from relay.config.schema import RouteConfig
 from relay.envelope import Envelope
 from relay.errors import DeliveryError
 
+MEMO_SIZE = 4096          # domain pairs remembered (a platform sends from a handful)
+
 
 def _domain(address: str) -> str:
     return address.rpartition("@")[2].rstrip(".").lower() if "@" in address else ""
@@ -43,11 +45,25 @@ class Router:
     def __init__(self, routes: Sequence[RouteConfig], default: str | None) -> None:
         self._routes = tuple(routes)
         self._default = default
+        # The decision depends on the two domains only, and a message asks it several
+        # times (RCPT, profile, queueing, delivery): remembered per pair, bounded.
+        self._memo: dict[tuple[str, str], RouteConfig | None] = {}
 
     def matching_rule(self, sender: str, recipient: str) -> RouteConfig | None:
         """The ``[[route]]`` that decides this sender and recipient (None: the default)."""
-        sdom = _domain(sender) or _domain(recipient)
         rdom = _domain(recipient)
+        key = (_domain(sender) or rdom, rdom)
+        try:
+            return self._memo[key]
+        except KeyError:
+            pass
+        rule = self._decide(*key)
+        if len(self._memo) >= MEMO_SIZE:
+            self._memo.clear()
+        self._memo[key] = rule
+        return rule
+
+    def _decide(self, sdom: str, rdom: str) -> RouteConfig | None:
         best: tuple[int, RouteConfig] | None = None
         for rule in self._routes:
             s = _score(rule.sender_domain, sdom)

@@ -31,6 +31,7 @@ from relay.timing import StageTimer
 from relay.transports.base import Transport
 
 log = logging.getLogger("relay.delivery")
+CREDENTIALS_MEMO = 4096          # (upstream, sender, user) answers kept
 
 
 class Deliverer:
@@ -47,6 +48,9 @@ class Deliverer:
                  priorities: Mapping[str, int] | None = None) -> None:
         self._upstreams = {u.name: u for u in upstreams}
         self._accounts = tuple(accounts)
+        # Asked several times an attempt (mailbox, suspension, delivery); both inputs are
+        # fixed for this Deliverer's life (a reload builds a new one).
+        self._creds: dict[tuple[str, str, str], Credentials] = {}
         self._slow = slow_threshold
         self._metrics = metrics
         self._couriers: dict[str, Courier] = {}
@@ -155,6 +159,18 @@ class Deliverer:
     def credentials_for(self, up: UpstreamConfig, sender: str, auth_user: str) -> Credentials:
         """Auth translation: an [[account]] for this sender (first) or relay user, else the
         upstream's own credentials."""
+        if self._upstreams.get(up.name) is not up:
+            return self._credentials(up, sender, auth_user)      # not one of ours: not kept
+        key = (up.name, sender.lower(), auth_user)
+        creds = self._creds.get(key)
+        if creds is None:
+            creds = self._credentials(up, sender, auth_user)
+            if len(self._creds) >= CREDENTIALS_MEMO:
+                self._creds.clear()
+            self._creds[key] = creds
+        return creds
+
+    def _credentials(self, up: UpstreamConfig, sender: str, auth_user: str) -> Credentials:
         mine = [a for a in self._accounts if a.upstream == up.name]
         match = next((a for a in mine if a.sender and a.sender.lower() == sender.lower()), None)
         if match is None and auth_user:

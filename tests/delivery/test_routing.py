@@ -51,3 +51,23 @@ def test_no_route_without_default() -> None:
         router.route(env, "x@elsewhere.net")
     assert not info.value.permanent and info.value.reason == "no_route"
     assert "default_upstream" in info.value.hint
+
+
+def test_remembered_decisions_are_the_computed_ones_and_stay_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memo answers per domain pair exactly as the rules do, in any order of asking,
+    and never holds more than MEMO_SIZE pairs."""
+    import relay.routing as routing
+
+    monkeypatch.setattr(routing, "MEMO_SIZE", 8)
+    router = Router(ROUTES, "fallback")
+    senders = ["a@example.com", "b@EXAMPLE.com", "a@sales.example.com", "a@fr.eu.example.com",
+               "", "a@other.net", "x@notexample.com"]
+    rcpts = ["x@partner.org", "y@PARTNER.org", "x@mx.partner.org", "x@elsewhere.net",
+             "x@partner.org.evil.net"]
+    for _ in range(3):                         # asked again: from the memo, or recomputed
+        for s in senders:
+            for r in rcpts:
+                sdom = routing._domain(s) or routing._domain(r)
+                assert router.matching_rule(s, r) is router._decide(sdom, routing._domain(r))
+                assert len(router._memo) <= 8
