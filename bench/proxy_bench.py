@@ -254,6 +254,7 @@ def main() -> int:
         work = Path(tmp)
         cert = work / "proxy-cert.pem"
         dc.ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(cert))
+        cert.chmod(0o600)            # it holds the key: relay refuses a key others may read
         relay = RelayProxy(work, imap=dc.imap, imaps=dc.imaps, ca_file=dc.ca_file, cert=cert,
                            on_upstream_change=args.on_upstream_change)
         nginx = NginxMail(work, imap=dc.imap, cert=cert, sessions=64)
