@@ -247,7 +247,9 @@ def newcomer(port: int) -> str:
             r = c.cmd(line)
             if r is None or r[:1] not in "23":
                 return f"refused at {line.split()[0].decode()}: {r}"
-        r = c.cmd(b"Subject: legit\r\n\r\nhello\r\n.")
+        # A well-formed message: relay's structure checks refuse one without From:.
+        r = c.cmd(b"From: agent@example.com\r\nTo: customer@example.net\r\n"
+                  b"Subject: legit\r\n\r\nhello\r\n.")
         if r is None or not r.startswith("250"):
             return f"refused at end of data: {r}"
         return f"sent in {time.monotonic() - started:.2f} s"
