@@ -187,7 +187,8 @@ class ListenerConfig:
     min_data_rate: int = 500                   # ... plus 1 s per this many bytes (0: fixed)
     max_junk_commands: int = 20                # NOOP, RSET, VRFY, unknown...; then 421 and close
     max_connection_rate_per_client: int = 0    # a minute, per client network (0: no limit)
-    reserved_connections: int | None = None    # slots only for networks holding none (None: 1/10)
+    reserved_connections: int | None = None    # slots only for networks holding none
+                                               # (None: a tenth of max_connections, <= 100)
     client_ipv4_prefix: int = 32               # a client network, for the per-client limits
     client_ipv6_prefix: int = 64
     dangerously_allow_open_relay: bool = False  # accept mail from everywhere to anywhere
@@ -198,7 +199,12 @@ class ListenerConfig:
         """Connection slots kept for client networks that hold none yet."""
         if self.reserved_connections is not None:
             return self.reserved_connections
-        return self.max_connections // 10
+        # A tenth, at most 100: a newcomer needs one slot, and a platform host reading a
+        # thousand mailboxes through the proxy (10,000 slots) may hold 9,900 of them.
+        return min(self.max_connections // 10, RESERVE_CAP)
+
+
+RESERVE_CAP = 100          # the default reserved_connections never exceeds this
 
 
 @dataclass(frozen=True, slots=True)

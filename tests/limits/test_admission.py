@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from relay.config.schema import HostPort, ListenerConfig
 from relay.connlimits import (
     RESERVED,
     TOO_FAST,
@@ -64,3 +65,16 @@ def test_rate_memory_is_bounded() -> None:
         _, key = c.admit(f"10.0.{i // 256}.{i % 256}", Limits(rate=5))
         c.release(key)
     assert len(c._recent) <= 50
+
+
+def test_the_default_reserve_is_a_tenth_at_most_100() -> None:
+    """SMTP's 200 slots keep 20 for newcomers; a proxy listener's 10,000 keep 100, so one
+    platform host may hold 9,900 sessions (one per mailbox)."""
+    def reserve(**kw: object) -> int:
+        return ListenerConfig(name="l", protocol="imap", listen=HostPort("127.0.0.1", 1),
+                              **kw).reserve           # type: ignore[arg-type]
+
+    assert reserve(max_connections=200) == 20
+    assert reserve(max_connections=30) == 3
+    assert reserve(max_connections=10_000) == 100
+    assert reserve(max_connections=10_000, reserved_connections=2_000) == 2_000
