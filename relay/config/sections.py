@@ -358,7 +358,8 @@ def _listener_rules(t: Table, cfg: ListenerConfig) -> None:
                       got=str(cfg.reserved_connections),
                       expected=f"fewer than max_connections ({cfg.max_connections})",
                       hint="the reserve is the part of max_connections kept for client "
-                           "networks that hold no connection yet; a tenth is the default")
+                           "networks that hold no connection yet; the default is a tenth, "
+                           "at most 100")
     if cfg.allow_plaintext_auth and cfg.tls != "none":
         raise t.error("allow_plaintext_auth", f'plaintext AUTH on a tls = "{cfg.tls}" listener',
                       got="true", expected='false (clients authenticate after TLS)',
