@@ -47,14 +47,6 @@ async def providers() -> AsyncIterator[list[QuotaProvider | RecordingUpstream]]:
         await p.stop()
 
 
-@pytest.fixture
-async def rigs() -> AsyncIterator[list[Rig]]:
-    made: list[Rig] = []
-    yield made
-    for r in made:
-        await r.stop()
-
-
 async def provider(started: list[QuotaProvider | RecordingUpstream],
                    **kw: object) -> QuotaProvider:
     p = QuotaProvider(**kw)  # type: ignore[arg-type]

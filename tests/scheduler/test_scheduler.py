@@ -35,14 +35,6 @@ async def peers() -> AsyncIterator[list[RecordingUpstream]]:
         await p.stop()
 
 
-@pytest.fixture
-async def rigs() -> AsyncIterator[list[Rig]]:
-    made: list[Rig] = []
-    yield made
-    for r in made:
-        await r.stop()
-
-
 async def peer(peers: list[RecordingUpstream], port: int = 0, **kw: object) -> RecordingUpstream:
     p = RecordingUpstream(**kw)  # type: ignore[arg-type]
     await p.start(port)
