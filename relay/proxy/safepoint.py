@@ -19,6 +19,7 @@ moved without looking (the kernel splices them), ``skip(n)`` accounts for them.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 
@@ -89,7 +90,7 @@ class Stream:
         return i
 
 
-class Watch:
+class Watch(ABC):
     """Both streams of one logged-in session; subclasses know the protocol."""
 
     def __init__(self) -> None:
@@ -150,15 +151,17 @@ class Watch:
                 self.on_rest()
 
     # -- the protocol ---------------------------------------------------------------------
+    @abstractmethod
     def command(self, head: bytes) -> None:
-        raise NotImplementedError
+        """A command line from the client (its head, up to any literal)."""
 
+    @abstractmethod
     def response(self, head: bytes) -> None:
-        raise NotImplementedError
+        """A response line from the provider."""
 
+    @abstractmethod
     def idle(self) -> bool:
         """Nothing awaits an answer (both streams are between messages)."""
-        raise NotImplementedError
 
 
 class ImapWatch(Watch):
