@@ -18,6 +18,7 @@ from pathlib import Path
 from relay.config import references
 from relay.config.addresses import AddressSets, read_sets
 from relay.config.entries import read_dkim, read_profile, read_route
+from relay.config.listener import read_listener
 from relay.config.pacing import merged, read_pacing, throttle_table
 from relay.config.reader import Context, Table, render_path, show, suggest
 from relay.config.remote import read_account, read_proxy, read_token_source, read_upstream
@@ -30,7 +31,7 @@ from relay.config.schema import (
     ThrottleReplyConfig,
     UpstreamConfig,
 )
-from relay.config.sections import read_listener, read_metrics, read_relay
+from relay.config.sections import read_metrics, read_relay
 from relay.errors import ConfigError
 
 SECTIONS = ("relay", "metrics", "listener", "upstream", "route", "proxy", "dkim",

@@ -14,6 +14,7 @@ import ipaddress
 import json
 from pathlib import Path
 
+from relay.config.listener import PROXY_ONLY, SMTP_ONLY
 from relay.config.schema import (
     Config,
     HostPort,
@@ -22,7 +23,7 @@ from relay.config.schema import (
     Secret,
     UpstreamConfig,
 )
-from relay.config.sections import PROXY_ONLY, SMTP_ONLY, SMTP_UPSTREAM_ONLY
+from relay.config.sections import SMTP_UPSTREAM_ONLY
 
 # Config field → (TOML section name, array of tables?)
 _SECTIONS = (("relay", "relay", False), ("metrics", "metrics", False),

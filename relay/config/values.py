@@ -284,3 +284,11 @@ OWNED_EXPECTED = ('an address such as "sales@example.com", a domain such as "exa
 def is_owned(value: str) -> bool:
     """What a user may own for sender ownership: an address, a domain or ``*.domain``."""
     return is_address(value) or is_domain(value.removeprefix("*."))
+
+
+def is_loopback_host(host: str) -> bool:
+    """A loopback address (127.0.0.0/8, ::1) or the name localhost."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -9,13 +9,13 @@ or the end of the connection. ``ResponseParser`` is sans-IO (bytes in, response 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import ssl
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from relay import __version__
+from relay.config.values import is_loopback_host
 from relay.errors import TransportError
 from relay.tls import classify_tls_error
 from relay.transports.base import Transport
@@ -190,13 +190,6 @@ class ResponseParser:
             self._state = "eof"
 
 
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def build_request(url: str, fields: Mapping[str, str],
                   headers: Mapping[str, str] | None = None) -> tuple[str, int, bool, bytes]:
     """``(host, port, tls, request bytes)`` for a form POST to ``url``.
@@ -206,7 +199,7 @@ def build_request(url: str, fields: Mapping[str, str],
     parts = urllib.parse.urlsplit(url)
     tls = parts.scheme == "https"
     if not parts.hostname or not (tls or (parts.scheme == "http" and
-                                          _loopback(parts.hostname))):
+                                          is_loopback_host(parts.hostname))):
         raise ValueError(f"token URL must be https://host/...: {url!r}")
     host, port = parts.hostname, parts.port or (443 if tls else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
