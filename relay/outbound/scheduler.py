@@ -42,14 +42,15 @@ from relay.outbound.admission import Admission, Groups, Plan, route_pending
 from relay.outbound.attempt import Deliverer
 from relay.outbound.clock import SchedulingClock
 from relay.outbound.courier import RcptResult
-from relay.outbound.dsn import Bouncer, Failure
+from relay.outbound.dsn import Bouncer
 from relay.outbound.ledger import Unrecorded
 from relay.outbound.lines import Line
+from relay.outbound.outcomes import Outcomes
 from relay.outbound.pacing import QuotaStore, Ticket
 from relay.outbound.smtp_courier import SUSPENDED
 from relay.outbound.throttle_table import ThrottleTable
 from relay.routing import Router
-from relay.spool.records import QueuedMessage, RcptStatus
+from relay.spool.records import QueuedMessage
 from relay.tasks import Background
 
 log = logging.getLogger("relay.scheduler")
@@ -65,12 +66,6 @@ class SpoolSeam(Protocol):
     def load(self, queue_id: str) -> QueuedMessage: ...
 
 
-def backoff(retry: RetryConfig, attempts: int, rng: Callable[[], float] = random.random) -> float:
-    """Seconds to wait after the ``attempts``-th failed attempt (1-based), with jitter."""
-    base = min(retry.first * float(2 ** max(0, min(attempts - 1, 40))), retry.max)
-    return max(0.0, base * (1.0 + retry.jitter * (2.0 * rng() - 1.0)))
-
-
 class Scheduler:
     """Owns the delivery schedule; only the app creates it (see CONTRIBUTING.md seams)."""
 
@@ -82,8 +77,7 @@ class Scheduler:
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self._spool = spool
         self._router, self._deliverer, self._retry = router, deliverer, retry
-        self._maillog, self._bouncer, self._metrics = maillog, bouncer, metrics
-        self._time, self._rng = SchedulingClock(wall=clock, monotonic=monotonic), rng
+        self._time = SchedulingClock(wall=clock, monotonic=monotonic)
         self._clock = self._time.now          # when things are due: monotonic
         self._unrecorded = Unrecorded(spool=spool, metrics=metrics, on_recorded=self._recorded,
                                       first=min(1.0, retry.first))
@@ -96,6 +90,8 @@ class Scheduler:
         self._bypass: set[str] = set()            # retried by an operator: try at once
         self._gate = Admission(self, quotas=quotas, throttles=throttles, metrics=metrics,
                                clock=clock)
+        self._outcomes = Outcomes(gate=self._gate, time=self._time, maillog=maillog,
+                                  bouncer=bouncer, metrics=metrics, rng=rng)
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
@@ -350,7 +346,14 @@ class Scheduler:
             if results and all(res.reason == SUSPENDED for _, res in results.values()):
                 self._schedule(msg, 0.0)        # held back by the fail-fast window: waits
                 return
-            await self._apply(msg, data, results)
+            due = await self._outcomes.apply(msg, data, results, retry=self._retry,
+                                             deliverer=self._deliverer)
+            if due is None:                      # every recipient delivered or bounced
+                self.forget(qid)
+                await self._unrecorded.record(msg, done=True)
+            elif (await self._unrecorded.record(msg, done=False) and qid in self._msgs
+                  and not self._stopping):       # recorded, and not held or deleted meanwhile
+                self._schedule(msg, due)
         except Exception:
             # Never lose track of a message: log, and try again after the longest backoff.
             log.exception("%s: delivery attempt failed unexpectedly", qid)
@@ -367,92 +370,3 @@ class Scheduler:
     def _retry_later(self, msg: QueuedMessage) -> None:
         if msg.queue_id in self._msgs and not self._stopping:
             self._schedule(msg, self._clock() + self._retry.max)
-
-    async def _apply(self, msg: QueuedMessage, data: bytes,
-                     results: dict[str, tuple[str, RcptResult]]) -> None:
-        """Record verdicts, log them, bounce what failed, then save state or remove."""
-        qid, state, now = msg.queue_id, msg.state, self._clock()
-        age = self._time.age(qid, msg.envelope.received_at)
-        delay = f"{age:.2f}"
-        failures: list[tuple[Failure, str]] = []
-        last_error = ""
-        paused = 0.0
-        for rcpt in state.recipients:
-            if rcpt.address not in results:
-                continue
-            upstream, res = results[rcpt.address]
-            if upstream:
-                res, until = self._gate.throttled(upstream, msg, res, self._deliverer)
-                paused = max(paused, until)
-            rcpt.attempts += 1
-            rcpt.last_reply = res.reply
-            if res.ok:
-                rcpt.status = RcptStatus.DELIVERED
-                self._maillog.delivered(qid, to=f"<{rcpt.address}>", upstream=upstream,
-                                        delay=delay, reply=res.reply)
-                self._count("delivered", upstream, res)
-            elif res.permanent:
-                failures.append((Failure(rcpt.address, res.reply, res.remote), upstream))
-            else:
-                last_error = res.reply
-                self._maillog.deferred(qid, to=f"<{rcpt.address}>", upstream=upstream or None,
-                                       delay=delay, reply=res.reply)
-                self._count("deferred", upstream, res)
-        state.attempts += 1
-        state.last_attempt = self._time.wall()
-        state.upstream = ",".join(sorted({u for u, _ in results.values() if u}))
-        if last_error:
-            state.last_error = last_error
-        retry = self._retry
-        expired = age >= retry.lifetime
-        if expired:
-            for rcpt in state.recipients:
-                if rcpt.status is RcptStatus.PENDING and rcpt.address in results:
-                    reason = rcpt.last_reply or "no delivery attempt succeeded"
-                    failures.append((Failure(rcpt.address, f"{reason} (gave up after "
-                                             f"{retry.lifetime / 3600:.0f} h in the queue)",
-                                             expired=True), results[rcpt.address][0]))
-        if failures:
-            await self._bounce(msg, data, failures)
-        if any(r.status is RcptStatus.PENDING for r in state.recipients):
-            due = now + backoff(retry, state.attempts, self._rng)
-            if paused:                 # throttled: its line waits for the pause, not backoff
-                due = now
-            due = min(due, now + max(retry.lifetime - age, 1.0))
-            state.next_attempt = self._time.record_of(due)
-            recorded = await self._unrecorded.record(msg, done=False)
-            if recorded and qid in self._msgs and not self._stopping:   # not held/deleted
-                self._schedule(msg, due)
-        else:
-            self.forget(qid)
-            await self._unrecorded.record(msg, done=True)
-
-    async def _bounce(self, msg: QueuedMessage, data: bytes,
-                      failures: list[tuple[Failure, str]]) -> None:
-        qid = msg.queue_id
-        try:
-            dsn_id = await self._bouncer.bounce(msg, [f for f, _ in failures], data)
-        except RelayError as exc:
-            # Keep them pending: the DSN is tried again at the next attempt.
-            log.error("%s: cannot queue the bounce: %s (hint: %s)", qid, exc, exc.hint)
-            return
-        by_addr = {r.address: r for r in msg.state.recipients}
-        for failure, upstream in failures:
-            rcpt = by_addr[failure.recipient]
-            rcpt.status = RcptStatus.BOUNCED
-            rcpt.last_reply = failure.reply
-            self._maillog.bounced(qid, to=f"<{failure.recipient}>", upstream=upstream or None,
-                                  status=failure.status, reply=failure.reply,
-                                  dsn=dsn_id or "none (bounce of a bounce)")
-            if self._metrics is not None:
-                first = failure.reply[:1]
-                cls = ("expired" if failure.expired else f"{first}xx" if first.isdigit()
-                       else "local")
-                self._metrics.messages_bounced.labels(upstream or "none", cls).inc()
-
-    def _count(self, verdict: str, upstream: str, res: RcptResult) -> None:
-        if self._metrics is None:
-            return
-        counter = (self._metrics.messages_delivered if verdict == "delivered"
-                   else self._metrics.messages_deferred)
-        counter.labels(upstream or "none", res.reply_class).inc()

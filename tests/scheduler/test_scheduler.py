@@ -19,7 +19,7 @@ import trustme
 
 from relay.config.schema import ProfileConfig, RetryConfig, RouteConfig
 from relay.outbound.attempt import Deliverer
-from relay.outbound.scheduler import backoff
+from relay.outbound.outcomes import backoff
 from relay.spool.records import RcptStatus
 from tests.delivery.helpers import BODY, deliverer, upstream
 from tests.fakes.recording_upstream import RecordingUpstream
