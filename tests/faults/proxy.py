@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from tests.peers import refuse_in_fast_lane
+from tests.peers import free_port, refuse_in_fast_lane
 
 # Where a rule can strike, in session order.
 EVENTS = ("connect", "greeting", "EHLO", "STARTTLS", "MAIL", "RCPT", "DATA", "body", "dot")
@@ -96,10 +96,7 @@ class FaultProxy:
 
     def __enter__(self) -> FaultProxy:
         refuse_in_fast_lane("a fault proxy on loopback")
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = int(probe.getsockname()[1])
-        probe.close()
+        self.port = free_port()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name=f"fault-proxy-{self.port}")
         self._thread.start()

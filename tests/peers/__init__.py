@@ -15,8 +15,55 @@ from pathlib import Path
 import pytest
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for outgoing connections and ``bind(0)``."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _worker_slice() -> range:
+    """This pytest-xdist worker's own share of the ports below the ephemeral range.
+
+    Ports from ``bind(0)`` come from the ephemeral range, which every outgoing connection
+    on the machine also draws from, and a port probed and released by one worker can be
+    handed to another worker's peer before ours binds it: both made tests fail with
+    "Address already in use" now and then. A port below the ephemeral range that only this
+    worker hands out is free of both races.
+    """
+    low, high = 12000, min(_ephemeral_low(), 32768)
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    index = int(worker) if worker.isdigit() else 0
+    size = (high - low) // workers
+    if size < 200:      # an unusual ephemeral range: nothing safe to share out
+        return range(0)
+    start = low + (index % workers) * size
+    return range(start, start + size)
+
+
+_SLICE = _worker_slice()
+_cursor = 0
+
+
+def _binds(host: str, port: int, kind: socket.SocketKind) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as s:
+        try:
+            s.bind((host, port))      # no SO_REUSEADDR: a port in TIME_WAIT is skipped too
+        except OSError:
+            return False
+        return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
+    """A port (TCP and UDP) free on ``host`` now that no other test worker will hand out."""
+    global _cursor
+    for _ in range(len(_SLICE)):
+        port = _SLICE[(_cursor + os.getpid()) % len(_SLICE)]
+        _cursor += 1
+        if _binds(host, port, socket.SOCK_STREAM) and _binds(host, port, socket.SOCK_DGRAM):
+            return port
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
