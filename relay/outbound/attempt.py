@@ -10,12 +10,14 @@ mailbox may hold, and whether the upstream's fail-fast window after a connection
 is running (``suspension``). Quotas only delay: the scheduler reserves them before an
 attempt. Stage times of session set-up (connect, tls, greeting, auth) count toward the
 message that opened the session only; later messages on it record envelope (RSET, MAIL,
-RCPT) and data.
+RCPT) and data. When a courier passes its point of no return, the deliverer writes the
+handover in the spool's journal (``relay.spool.handovers``; the runtime owns it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
@@ -26,12 +28,17 @@ from relay.outbound.outbox import OutboxCourier
 from relay.outbound.pacing import Claim, Cost, Limit, limits_for
 from relay.outbound.session import Credentials, TokenFor, has_bare_cr_or_lf
 from relay.outbound.smtp_courier import SmtpCourier
+from relay.spool.handovers import Handovers
 from relay.spool.records import QueuedMessage
 from relay.timing import StageTimer
 from relay.transports.base import Transport
 
 log = logging.getLogger("relay.delivery")
 CREDENTIALS_MEMO = 4096          # (upstream, sender, user) answers kept
+
+
+def _unjournaled() -> None:
+    """``handed`` for a deliverer without a journal (tests, tools): nothing to write."""
 
 
 class Deliverer:
@@ -45,8 +52,10 @@ class Deliverer:
                  idle_timeout: float = 30.0, probe_idle: float = 1.0,
                  profiles: Mapping[str, ProfileConfig] | None = None,
                  suspend_for: float = 30.0, replicas: int = 1,
-                 priorities: Mapping[str, int] | None = None) -> None:
+                 priorities: Mapping[str, int] | None = None,
+                 handovers: Handovers | None = None) -> None:
         self._upstreams = {u.name: u for u in upstreams}
+        self._handovers = handovers
         self._accounts = tuple(accounts)
         # Asked several times an attempt (mailbox, suspension, delivery); both inputs are
         # fixed for this Deliverer's life (a reload builds a new one).
@@ -81,7 +90,8 @@ class Deliverer:
     def from_config(cls, config: Config, *,
                     transport_for: Callable[[UpstreamConfig], Transport],
                     token_for: Callable[[str], Awaitable[str]] | None = None,
-                    metrics: Metrics | None = None) -> Deliverer:
+                    metrics: Metrics | None = None,
+                    handovers: Handovers | None = None) -> Deliverer:
         """The deliverer for a whole config (SMTP and outbox upstreams)."""
         by_name = {p.name: p for p in config.profiles}
         ups = [u for u in config.upstreams if u.protocol in ("smtp", "outbox")]
@@ -94,7 +104,8 @@ class Deliverer:
                    profiles={u.name: by_name[u.profile] for u in ups
                              if u.profile is not None and u.profile in by_name},
                    replicas=config.pacing.replicas if config.pacing.backend == "redis" else 1,
-                   priorities={x.name: x.priority for x in config.listeners})
+                   priorities={x.name: x.priority for x in config.listeners},
+                   handovers=handovers)
 
     async def close(self) -> None:
         """QUIT every idle session; sessions still in use are QUIT when their attempt ends
@@ -199,8 +210,12 @@ class Deliverer:
             return dict.fromkeys(recipients, res)
         creds = self.credentials_for(up, msg.envelope.sender, msg.envelope.auth_user)
         timer = StageTimer()
+        journal = self._handovers
+        handed = (functools.partial(journal.handed, msg.queue_id, up.name)
+                  if journal is not None else _unjournaled)
         try:
-            return await courier.carry(msg, data, recipients, credentials=creds, timer=timer)
+            return await courier.carry(msg, data, recipients, credentials=creds, timer=timer,
+                                       handed=handed)
         finally:
             self._account_time(up.name, msg.queue_id, timer)
 

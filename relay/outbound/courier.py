@@ -8,10 +8,16 @@ courier, built for its upstreams in ``relay.outbound.attempt.Deliverer``.
 Every recipient ends up with an ``RcptResult``: 2xx delivered; permanent (5xx) bounces;
 anything else, including every network, TLS, AUTH or local failure, is transient and
 retried. Unknown means transient.
+
+Each courier calls ``handed()`` at its point of no return, the moment after which the
+upstream may have the message whatever happens to relay (SMTP: right before the data goes
+out after the 354); the deliverer writes it in the spool's handover journal
+(``relay.spool.handovers``), so a crash before the outcome is recorded is counted.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,9 +57,11 @@ class Courier(Protocol):
     upstream: UpstreamConfig
 
     async def carry(self, msg: QueuedMessage, data: bytes, recipients: list[str], *,
-                    credentials: Credentials, timer: StageTimer) -> dict[str, RcptResult]:
+                    credentials: Credentials, timer: StageTimer,
+                    handed: Callable[[], None]) -> dict[str, RcptResult]:
         """One attempt for ``recipients``; a verdict for each. Never raises but for
-        cancellation: failures are transient verdicts."""
+        cancellation: failures are transient verdicts. Calls ``handed()`` once at the
+        point of no return, if reached."""
         ...
 
     async def close(self) -> None:

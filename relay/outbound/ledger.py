@@ -9,6 +9,10 @@ line when it arrives, one when it is recorded, ``relay_delivery_unrecorded_outco
 meanwhile. Once recorded, a message with recipients still pending goes back to the
 schedule. If relay stops first, each such message is named in the log: the next start
 delivers it again from its old state (at least once, never lost).
+
+Every outcome written, at once or later, is ``settled`` (the spool's handover journal,
+``relay.spool.handovers``); one still waiting when relay stops is not, so the next start
+counts it as a possible duplicate.
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ class Unrecorded:
 
     def __init__(self, *, spool: RecordSeam, on_recorded: Callable[[QueuedMessage], None],
                  metrics: Metrics | None = None, first: float = 1.0,
-                 longest: float = 60.0) -> None:
+                 longest: float = 60.0,
+                 settled: Callable[[str], None] | None = None) -> None:
         self._spool = spool
         self._on_recorded = on_recorded
+        self._settled = settled          # the handover journal: this outcome is on disk
         self._metrics = metrics
         self._first, self._longest = first, longest
         self._waiting: dict[str, tuple[QueuedMessage, bool]] = {}   # id -> (msg, done)
@@ -67,11 +73,14 @@ class Unrecorded:
         return True
 
     async def _write(self, msg: QueuedMessage, *, done: bool) -> None:
+        """Record the outcome (``record`` and ``_flush``); raises RelayError if refused."""
         with contextlib.suppress(KeyError):           # deleted by an operator meanwhile
             if done:
                 await self._spool.remove(msg.queue_id)
             else:
                 await self._spool.save_state(msg)
+        if self._settled is not None:
+            self._settled(msg.queue_id)
 
     def _keep(self, msg: QueuedMessage, done: bool, exc: RelayError) -> None:
         what = "delivered to everyone" if done else "attempted"

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from relay.config.schema import UpstreamConfig
@@ -105,11 +106,13 @@ class OutboxCourier:
         return None
 
     async def carry(self, msg: QueuedMessage, data: bytes, recipients: list[str], *,
-                    credentials: Credentials, timer: StageTimer) -> dict[str, RcptResult]:
+                    credentials: Credentials, timer: StageTimer,
+                    handed: Callable[[], None]) -> dict[str, RcptResult]:
         folder = self.upstream.path
         if folder is None:
             return {r: transient("outbox upstream has no path", "outbox_write")
                     for r in recipients}
+        handed()              # the file may be in the outbox from here on
         try:
             path = await write_outbox(folder, queue_id=msg.queue_id,
                                       sender=msg.envelope.sender, recipients=recipients,

@@ -50,6 +50,7 @@ from relay.outbound.pacing import QuotaStore, Ticket
 from relay.outbound.smtp_courier import SUSPENDED
 from relay.outbound.throttle_table import ThrottleTable
 from relay.routing import Router
+from relay.spool.handovers import Handovers
 from relay.spool.records import QueuedMessage
 from relay.tasks import Background
 
@@ -74,13 +75,15 @@ class Scheduler:
                  metrics: Metrics | None = None, clock: Callable[[], float] = time.time,
                  rng: Callable[[], float] = random.random, quotas: QuotaStore | None = None,
                  throttles: ThrottleTable | None = None,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 handovers: Handovers | None = None) -> None:
         self._spool = spool
         self._router, self._deliverer, self._retry = router, deliverer, retry
         self._time = SchedulingClock(wall=clock, monotonic=monotonic)
         self._clock = self._time.now          # when things are due: monotonic
         self._unrecorded = Unrecorded(spool=spool, metrics=metrics, on_recorded=self._recorded,
-                                      first=min(1.0, retry.first))
+                                      first=min(1.0, retry.first),
+                                      settled=handovers.settled if handovers else None)
         self._msgs: dict[str, QueuedMessage] = {}       # scheduled (not held, not forgotten)
         self._due: dict[str, float] = {}
         self._heap: list[tuple[float, int, str]] = []

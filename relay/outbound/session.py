@@ -337,13 +337,15 @@ class SmtpSession:
             self.broken = True
         return Reply(resp.code, resp.message)
 
-    async def data(self, data: bytes, *, checked: bool = False) -> Reply:
+    async def data(self, data: bytes, *, checked: bool = False,
+                   before_send: Callable[[], None] | None = None) -> Reply:
         """DATA with the message; returns the 354-stage refusal or the final reply.
 
         The message is dot-stuffed here with ``bytes.replace`` rather than by aiosmtplib,
         whose line-ending rewrite and stuffing regexes cost ~1.5 ms per 100 KB and would
         turn a bare CR into a line break (a smuggling vector); bare CR/LF is refused
-        (``checked=True``: the caller already made sure there is none).
+        (``checked=True``: the caller already made sure there is none). ``before_send``
+        runs after the 354, right before the write: past it the provider may have it.
         """
         if not checked and has_bare_cr_or_lf(data):
             raise ValueError("message contains a bare CR or LF")
@@ -361,6 +363,8 @@ class SmtpSession:
         try:
             if protocol is None:
                 raise aiosmtplib.SMTPServerDisconnected("connection lost before the message")
+            if before_send is not None:
+                before_send()
             protocol.write(dot_stuff(data))
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise self._broken("data", exc) from exc

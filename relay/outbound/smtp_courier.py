@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from relay.config.schema import UpstreamConfig
 from relay.errors import RelayError, TransportError
@@ -83,7 +84,8 @@ class SmtpCourier:
         self._suspended.clear()
 
     async def carry(self, msg: QueuedMessage, data: bytes, recipients: list[str], *,
-                    credentials: Credentials, timer: StageTimer) -> dict[str, RcptResult]:
+                    credentials: Credentials, timer: StageTimer,
+                    handed: Callable[[], None]) -> dict[str, RcptResult]:
         up, pool, creds = self.upstream, self._pool, credentials
         results: dict[str, RcptResult] = {}
         suspended = self._suspension(creds.key)
@@ -96,7 +98,7 @@ class SmtpCourier:
                 session = await self._session(pool, up, creds, timer)
                 try:
                     return await self._transaction(session, msg, data, recipients, timer,
-                                                   results)
+                                                   results, handed)
                 except SessionError as exc:
                     if exc.stage != "mail" or session.messages <= 1:
                         raise
@@ -105,7 +107,7 @@ class SmtpCourier:
                     pool.put(stale)
                     session = await self._session(pool, up, creds, timer)
                     return await self._transaction(session, msg, data, recipients, timer,
-                                                   results)
+                                                   results, handed)
             except (SessionError, TransportError) as exc:
                 reason = exc.reason
                 if self._metrics is not None:
@@ -176,7 +178,8 @@ class SmtpCourier:
 
     async def _transaction(self, session: SmtpSession, msg: QueuedMessage, data: bytes,
                            recipients: list[str], timer: StageTimer,
-                           results: dict[str, RcptResult]) -> dict[str, RcptResult]:
+                           results: dict[str, RcptResult],
+                           handed: Callable[[], None]) -> dict[str, RcptResult]:
         """MAIL, RCPT, DATA; ``results`` fills as replies arrive (kept if the session dies)."""
         env, remote = msg.envelope, session.upstream.host
         session.messages += 1
@@ -219,7 +222,8 @@ class SmtpCourier:
                                                         "disconnected"))
                 return results
             with timer.stage("data"):
-                final = await session.data(data, checked=True)   # deliver() did
+                final = await session.data(data, checked=True,   # deliver() did
+                                           before_send=handed)
         except ValueError as exc:      # control characters in an address: cannot be sent
             session.close()
             res = RcptResult(501, f"501 5.1.3 cannot send this address: {exc}", True,

@@ -19,6 +19,7 @@ from relay.outbound.dsn import Bouncer
 from relay.outbound.scheduler import Scheduler
 from relay.outbound.throttle_table import ThrottleTable
 from relay.routing import Router
+from relay.spool.handovers import Handovers
 from relay.spool.store import Spool
 from tests.delivery.helpers import deliverer
 from tests.peers import need
@@ -55,10 +56,11 @@ class Rig:
     def __init__(self, root: Path, *ups: UpstreamConfig, retry: RetryConfig = FAST,
                  routes: tuple[RouteConfig, ...] = (), default: str | None = "up",
                  throttles: ThrottleTable | None = None, clock: Callable[[], float] = time.time,
-                 **deliverer_kw: Any) -> None:
+                 handovers: Handovers | None = None, **deliverer_kw: Any) -> None:
         self.metrics = Metrics()
         self.spool = Spool(root / "spool", fsync=False, metrics=self.metrics)
-        self.deliverer = deliverer(*ups, metrics=self.metrics, **deliverer_kw)
+        self.deliverer = deliverer(*ups, metrics=self.metrics, handovers=handovers,
+                                   **deliverer_kw)
         self.router = Router(routes, default)
         self._handler = _Lines()
         logger = logging.getLogger(f"test.mail.{next(_ids)}")
@@ -70,7 +72,7 @@ class Rig:
                                    deliverer=self.deliverer, retry=retry,
                                    maillog=MailLog(logger), bouncer=self.bouncer,
                                    metrics=self.metrics, throttles=throttles,
-                                   clock=clock)
+                                   clock=clock, handovers=handovers)
 
     @property
     def log(self) -> list[str]:

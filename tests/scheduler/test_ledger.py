@@ -81,3 +81,20 @@ async def test_a_written_outcome_never_waits() -> None:
     assert await ledger.record(message("Q1"), done=False)
     assert len(ledger) == 0 and spool.saved == ["Q1"]
     assert await ledger.close() == []
+
+
+async def test_only_outcomes_written_to_the_spool_are_settled() -> None:
+    """The handover journal learns of each outcome once it is on disk, and of no other."""
+    spool, settled = FlakySpool(failures=1), []
+    ledger = Unrecorded(spool=spool, on_recorded=lambda m: None, first=0.01, longest=0.02,
+                        settled=settled.append)
+    assert await ledger.record(message("Q1"), done=True) is False
+    assert settled == []                                   # refused: still handed
+    assert await ledger.record(message("Q2"), done=False)
+    assert settled == ["Q2"]
+    await until(lambda: len(ledger) == 0, timeout=5)
+    assert settled == ["Q2", "Q1"]                         # recorded by a later pass
+    spool.failures = 1000
+    assert await ledger.record(message("Q3"), done=False) is False
+    assert await ledger.close() == ["Q3"]
+    assert settled == ["Q2", "Q1"]                         # the next start counts Q3
