@@ -20,6 +20,7 @@ from relay.oauth.tokens import TokenSources
 from relay.outbound.attempt import Deliverer
 from relay.proxy.accounts import build_authenticator, users_file_verify
 from relay.routing import Router
+from relay.spool.handovers import Handovers
 from relay.spool.store import Spool
 from relay.transports.factory import Transports
 
@@ -37,8 +38,10 @@ class Components:
 
 
 def build(config: Config, *, spool: Spool, transports: Transports, tokens: TokenSources,
-          metrics: Metrics, dns_pool: Executor | None = None) -> Components:
-    """Validate and build everything a config implies; raises ConfigError on a mistake."""
+          metrics: Metrics, dns_pool: Executor | None = None,
+          handovers: Handovers | None = None) -> Components:
+    """Validate and build everything a config implies; raises ConfigError on a mistake.
+    ``handovers`` is the process's journal: it outlives every config (the runtime's)."""
     side = build_listeners(config, spool=spool, metrics=metrics, dns_pool=dns_pool)
     for parts in side.listeners.values():
         lc = parts.cfg
@@ -48,6 +51,7 @@ def build(config: Config, *, spool: Spool, transports: Transports, tokens: Token
             parts.authenticator = build_authenticator(config.upstream(lc.upstream),
                                                       config.accounts, verify)
     deliverer = Deliverer.from_config(config, transport_for=transports.for_upstream,
-                                      token_for=tokens.token, metrics=metrics)
+                                      token_for=tokens.token, metrics=metrics,
+                                      handovers=handovers)
     return Components(config=config, router=side.router, deliverer=deliverer,
                       signer=side.signer, resolver=side.resolver, listeners=side.listeners)

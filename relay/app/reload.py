@@ -59,7 +59,8 @@ class ReloadPlan:
         staged = Transports(new.proxies)          # proves every proxy entry builds
         try:
             parts = build(new, spool=app.spool, transports=app.transports, tokens=app.tokens,
-                          metrics=app.metrics, dns_pool=app.dns_pool)
+                          metrics=app.metrics, dns_pool=app.dns_pool,
+                          handovers=app.handovers)
         finally:
             await staged.close()
         await update_listener_expiry(app.metrics, new.listeners)

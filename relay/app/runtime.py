@@ -1,10 +1,12 @@
 """Composition root: builds relay from a Config; start, SIGHUP reload, SIGTERM drain.
 
 Background tasks belong to ``self.background`` (relay.tasks). Start-up: spool lock, recovery,
-metrics endpoint (so /healthz answers during recovery), scheduler, listeners, control
-socket, readiness. A reload is a plan (``relay.app.reload.ReloadPlan``): prepare builds,
-validates and binds everything the new config needs, then commit swaps it in; anything
-wrong while preparing abandons the plan and keeps the old config.
+metrics endpoint (so /healthz answers during recovery), the handover journal (what a
+crashed process sent and never recorded is counted, before anything is sent again),
+scheduler, listeners, control socket, readiness. A reload is a plan
+(``relay.app.reload.ReloadPlan``): prepare builds, validates and binds everything the new
+config needs, then commit swaps it in; anything wrong while preparing abandons the plan
+and keeps the old config.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from relay.probe.spf import warn_failing_domains
 from relay.proxy.listener import ProxyListener
 from relay.proxy.upstream_path import upstream_path
 from relay.smtp.listener import SmtpListener
+from relay.spool.handovers import Handovers, take_over
 from relay.spool.store import Spool
 from relay.tasks import Background
 from relay.throttle import FailureThrottle
@@ -112,6 +115,7 @@ class App:
         self.background = Background("relay", log)
         self._lock: Any = None
         self.quotas: QuotaStore | None = None
+        self.handovers: Handovers | None = None        # the process's, across reloads
 
     # ---- start ------------------------------------------------------------------------
 
@@ -129,10 +133,12 @@ class App:
             log.error("listener processes of a previous relay still hold the spool; "
                       "recovering anyway (mail they acknowledge now waits for a restart)")
         recovered = await asyncio.to_thread(self.spool.recover)
+        self.handovers = await asyncio.to_thread(
+            take_over, self.spool.root, {m.queue_id for m in recovered}, self.metrics)
         await self.spool.health.refresh()
         self._spawn(self.spool.health.watch(), "spool-health")
         parts = build(cfg, spool=self.spool, transports=self.transports, tokens=self.tokens,
-                      metrics=self.metrics, dns_pool=self.dns_pool)
+                      metrics=self.metrics, dns_pool=self.dns_pool, handovers=self.handovers)
         await update_listener_expiry(self.metrics, cfg.listeners)
         self.parts = parts
         self.quotas = quota_store(cfg, self.metrics)
@@ -141,7 +147,8 @@ class App:
             retry=cfg.relay.retry, maillog=self.maillog, metrics=self.metrics,
             bouncer=Bouncer(spool=self.spool, hostname=cfg.relay.hostname,
                             bounce_from=cfg.relay.bounce_from, sign=self._sign_bounce),
-            quotas=self.quotas, throttles=ThrottleTable(cfg.throttle_replies))
+            quotas=self.quotas, throttles=ThrottleTable(cfg.throttle_replies),
+            handovers=self.handovers)
         self.spool.add_listener(self.scheduler.enqueue)
         await self.scheduler.start(recovered)
         for lp in self.local(parts).values():
@@ -329,6 +336,8 @@ class App:
         with contextlib.suppress(OSError):
             pid_file(self.config).unlink()
         self.notifier.close()
+        if self.handovers is not None:       # after the scheduler: its last records settle
+            self.handovers.close()
         self.spool.close()
         self.dns_pool.shutdown(wait=False, cancel_futures=True)
         log.info("relay stopped")
