@@ -60,6 +60,7 @@ class FaultProxy:
         self.tcp = tcp
         self.port = 0
         self.fired: list[str] = []
+        self.stalls = 0                    # connections a rule has begun to hold (stall*)
         self.plaintext: list[str] = []     # commands seen before any TLS
         self.connections = 0
         self._rules: list[Rule] = []
@@ -149,6 +150,7 @@ class FaultProxy:
     async def _stall(self) -> None:
         ev = asyncio.Event()
         self._stalled.append(ev)
+        self.stalls += 1                  # after ``stall_after``: the reply is in hand
         await ev.wait()
         raise _Cut
 
