@@ -160,7 +160,8 @@ class Metrics:
         self.delivery_outcome_unknown = Counter(
             "relay_delivery_outcome_unknown",
             "Messages sent whose reply never came (connection lost or timed out after the "
-            "data): retried, so possibly delivered twice, by upstream.",
+            "data, or relay stopped before recording it): retried, so possibly delivered "
+            "twice, by upstream.",
             ["upstream"], registry=r)
         self.delivery_unrecorded = Gauge(
             "relay_delivery_unrecorded_outcomes",

@@ -4,6 +4,8 @@ A spool directory holds::
 
     lock                 flock held by the running relay (pid inside, for messages)
     control.sock         the running relay's control socket (relay.control)
+    handovers            messages handed to a provider, outcome not yet recorded
+                         (relay.spool.handovers; ``handovers.tmp`` while it is compacted)
     tmp/                 files being written; anything here at start-up is a leftover
     queue/<ID>           one file per message: header line, envelope JSON, raw message
     queue/<ID>.state     mutable delivery state; absent = fresh (all pending, due now)
