@@ -65,8 +65,8 @@ def read_journal(path: Path) -> dict[str, set[str]]:
     return handed
 
 
-def take_over(root: Path, queued: Container[str], metrics: Metrics | None = None,
-              *, compact_after: int = COMPACT_AFTER) -> Handovers:
+def take_over(root: Path, queued: Container[str], metrics: Metrics | None = None
+              ) -> Handovers:
     """At start-up, before delivery: count and name what a previous process handed over
     and never recorded that is still ``queued``; then a fresh journal for this process."""
     path = root / FILE
@@ -80,7 +80,7 @@ def take_over(root: Path, queued: Container[str], metrics: Metrics | None = None
                     "reply; it stays queued and is sent again, so the recipient may get it "
                     "twice (counted in relay_delivery_outcome_unknown_total)",
                     qid, " and ".join(sorted(upstreams)))
-    return Handovers(path, compact_after=compact_after)
+    return Handovers(path)
 
 
 class Handovers:
