@@ -319,7 +319,8 @@ async def test_recipients_split_across_upstreams(rigs: list[Rig],
                   routes=routes, retry=RetryConfig(first=30, max=30, jitter=0.0))
     sent = time.time()
     qid = await r.send(BODY, rcpts=("bob@example.net", "x@partner.org"))
-    await until(lambda: r.spool.load(qid).state.attempts == 1)
+    # the state file is written first, then the message is scheduled again: wait for both
+    await until(lambda: r.spool.load(qid).state.attempts == 1 and qid in r.scheduler.scheduled())
     state = r.spool.load(qid).state
     recorded = time.time()
     assert [(x.address, x.status) for x in state.recipients] == [
