@@ -16,7 +16,7 @@ _WAITING_FOR = {
     "tls": "in the TLS handshake",
     "greeting": "waiting for the provider's greeting and EHLO reply",
     "auth": "authenticating (token fetch included)",
-    "envelope": "waiting for the provider's replies to MAIL/RCPT",
+    "envelope": "waiting for the provider's replies to MAIL/RCPT (pipelined: and DATA)",
     "data": "waiting for the provider's reply to DATA",
 }
 

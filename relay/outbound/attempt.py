@@ -10,8 +10,9 @@ mailbox may hold, and whether the upstream's fail-fast window after a connection
 is running (``suspension``). Quotas only delay: the scheduler reserves them before an
 attempt. Stage times of session set-up (connect, tls, greeting, auth) count toward the
 message that opened the session only; later messages on it record envelope (RSET, MAIL,
-RCPT) and data. When a courier passes its point of no return, the deliverer writes the
-handover in the spool's journal (``relay.spool.handovers``; the runtime owns it).
+RCPT, pipelined in one write when the provider offers PIPELINING) and data. When a
+courier passes its point of no return, the deliverer writes the handover in the spool's
+journal (``relay.spool.handovers``; the runtime owns it).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from relay.metrics import Metrics
 from relay.outbound.courier import Courier, RcptResult, transient
 from relay.outbound.outbox import OutboxCourier
 from relay.outbound.pacing import Claim, Cost, Limit, limits_for
-from relay.outbound.session import Credentials, TokenFor, has_bare_cr_or_lf
+from relay.outbound.session import Credentials, TokenFor
 from relay.outbound.smtp_courier import SmtpCourier
+from relay.outbound.wire import has_bare_cr_or_lf
 from relay.spool.handovers import Handovers
 from relay.spool.records import QueuedMessage
 from relay.timing import StageTimer

@@ -29,6 +29,7 @@ from relay.metrics import Metrics
 from relay.outbound.courier import RcptResult, transient
 from relay.outbound.pool import SessionPool
 from relay.outbound.session import Credentials, SessionError, SmtpSession, TokenFor
+from relay.outbound.wire import Reply, command_line
 from relay.spool.records import QueuedMessage
 from relay.timing import StageTimer
 from relay.transports.base import Transport
@@ -201,29 +202,33 @@ class SmtpCourier:
             options.append(b"SMTPUTF8")
         session.dirty = True
         try:
+            mail_line = command_line(b"MAIL", b"FROM:<" + env.sender.encode() + b">", *options)
+            rcpt_lines = [command_line(b"RCPT", b"TO:<" + r.encode() + b">")
+                          for r in recipients]
             with timer.stage("envelope"):
-                mail = await session.command(b"MAIL", b"FROM:<" + env.sender.encode() + b">",
-                                             *options)
-                if not 200 <= mail.code < 300:
-                    verdict = _verdict(mail.code, mail.text, remote, stage="mail")
-                    return dict.fromkeys(recipients, verdict)
-                accepted: list[str] = []
-                for rcpt in recipients:
-                    reply = await session.command(b"RCPT", b"TO:<" + rcpt.encode() + b">")
-                    if 200 <= reply.code < 300:
-                        accepted.append(rcpt)
-                    else:
-                        results[rcpt] = _verdict(reply.code, reply.text, remote, stage="rcpt")
-                    if reply.code == 421:
-                        break
+                mail, replies, pending = await _envelope(session, mail_line, rcpt_lines)
+            if not 200 <= mail.code < 300:
+                if pending:
+                    await _no_data(session)
+                verdict = _verdict(mail.code, mail.text, remote, stage="mail")
+                return dict.fromkeys(recipients, verdict)
+            accepted: list[str] = []
+            for rcpt, reply in zip(recipients, replies, strict=False):
+                if 200 <= reply.code < 300:
+                    accepted.append(rcpt)
+                else:
+                    results[rcpt] = _verdict(reply.code, reply.text, remote, stage="rcpt")
             if not accepted or session.broken:
+                if pending and not session.broken:
+                    await _no_data(session)
                 for rcpt in recipients:     # not refused, yet not sent: try again later
                     results.setdefault(rcpt, transient("provider closed the session (421)",
                                                         "disconnected"))
                 return results
             with timer.stage("data"):
+                start = await session.reply("data") if pending else None
                 final = await session.data(data, checked=True,   # deliver() did
-                                           before_send=handed)
+                                           before_send=handed, start=start)
         except ValueError as exc:      # control characters in an address: cannot be sent
             session.close()
             res = RcptResult(501, f"501 5.1.3 cannot send this address: {exc}", True,
@@ -234,6 +239,45 @@ class SmtpCourier:
         for rcpt in accepted:
             results[rcpt] = verdict
         return results
+
+async def _envelope(session: SmtpSession, mail: bytes, rcpts: list[bytes]
+                    ) -> tuple[Reply, list[Reply], bool]:
+    """MAIL's reply, the RCPT replies received, and whether DATA was sent (its reply is
+    then read by the caller, in the data stage).
+
+    With PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in one write and every
+    reply is read, in order, whatever it says; otherwise one command at a time, stopping
+    at a refused MAIL. Either way a 421 ends the reading: the provider closes.
+    """
+    if session.pipelining:
+        session.send(mail, *rcpts, b"DATA\r\n")
+        first = await session.reply("mail")
+        replies: list[Reply] = []
+        for _ in rcpts:
+            if session.broken:
+                return first, replies, False
+            replies.append(await session.reply("rcpt"))
+        return first, replies, not session.broken
+    session.send(mail)
+    first = await session.reply("mail")
+    if not 200 <= first.code < 300:
+        return first, [], False
+    replies = []
+    for line in rcpts:
+        session.send(line)
+        replies.append(reply := await session.reply("rcpt"))
+        if reply.code == 421:
+            break
+    return first, replies, False
+
+
+async def _no_data(session: SmtpSession) -> None:
+    """Read the reply to a pipelined DATA that is not to carry a message (MAIL or every
+    RCPT refused); should the provider say 354 anyway, end it with a lone "."."""
+    start = await session.reply("data")
+    if start.code == 354:
+        await session.abandon_data()
+
 
 def _int(text: str) -> int:
     try:

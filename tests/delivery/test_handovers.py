@@ -56,12 +56,13 @@ CASES: list[tuple[str, dict[str, Any], int]] = [
 ]
 
 
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "lockstep"])
 @pytest.mark.parametrize(("script", "handed"), [(s, h) for _, s, h in CASES],
                          ids=[name for name, _, _ in CASES])
 async def test_an_smtp_attempt_is_handed_over_between_the_354_and_the_message(
-        script: dict[str, Any], handed: int, started: list[RecordingUpstream],
-        tmp_path: Path) -> None:
-    peer = await start(started, **script)
+        script: dict[str, Any], handed: int, pipelining: bool,
+        started: list[RecordingUpstream], tmp_path: Path) -> None:
+    peer = await start(started, pipelining=pipelining, **script)
     journal = Spy(tmp_path / FILE, lambda: reached(peer))
     d = deliverer(upstream(peer.port), handovers=journal)
     await d.deliver("up", message(), BODY, ["bob@example.net"])

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.outbound.session import dot_stuff, has_bare_cr_or_lf
+from relay.outbound.wire import dot_stuff, has_bare_cr_or_lf
 from relay.sasl import xoauth2_string
 from tests.delivery.helpers import BODY, deliverer, message, start, upstream
 from tests.fakes.recording_upstream import RecordingUpstream

@@ -36,6 +36,13 @@ class Received:
 class _Handler:
     owner: RecordingUpstream
 
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname          # aiosmtpd leaves this to the hook
+        if self.owner.pipelining:             # RFC 2920; aiosmtpd reads commands in order
+            responses.insert(len(responses) - 1, "250-PIPELINING")
+        return responses
+
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
                           mail_options: list[str]) -> str:
         reply = self.owner._next("MAIL")
@@ -122,6 +129,7 @@ class _RecordingSMTP(SMTP):
 
     def data_received(self, data: bytes) -> None:
         self.owner.raw[self.conn_no].extend(data)
+        self.owner.chunks.append((self.conn_no, bytes(data)))
         super().data_received(data)
 
 
@@ -136,7 +144,7 @@ class RecordingUpstream:
                  users: dict[str, str] | None = None,
                  tokens: dict[str, str] | None = None,
                  auth_required: bool = False, hostname: str = "upstream.test",
-                 size_limit: int = 33554432) -> None:
+                 size_limit: int = 33554432, pipelining: bool = False) -> None:
         self.script = {k: list(v) for k, v in (script or {}).items()}
         self.rcpt_script = {k: list(v) for k, v in (rcpt_script or {}).items()}
         self.delays = dict(delays or {})
@@ -146,6 +154,8 @@ class RecordingUpstream:
         self.size_limit = size_limit
         self.received: list[Received] = []
         self.raw: list[bytearray] = []
+        self.chunks: list[tuple[int, bytes]] = []     # (connection, bytes of one read)
+        self.pipelining = pipelining
         self.mail_options: list[list[str]] = []
         self.xoauth2_seen: list[str] = []
         self.auth_attempts: list[tuple[str, str]] = []

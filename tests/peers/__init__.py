@@ -60,7 +60,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A port (TCP and UDP) free on ``host`` now that no other test worker will hand out."""
     global _cursor
     for _ in range(len(_SLICE)):
-        port = _SLICE[(_cursor + os.getpid()) % len(_SLICE)]
+        port = _SLICE[(_cursor + os.getpid() * 7919) % len(_SLICE)]   # spread by process
         _cursor += 1
         if _binds(host, port, socket.SOCK_STREAM) and _binds(host, port, socket.SOCK_DGRAM):
             return port

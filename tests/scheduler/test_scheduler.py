@@ -263,7 +263,7 @@ async def test_reconfigure_moves_new_attempts(rigs: list[Rig], peers: list[Recor
 
 async def test_slow_delivery_against_smtp_sink(rigs: list[Rig], tmp_path: Path) -> None:
     port = free_port()
-    argv = sink_argv(port, "-W", "DATA:1")
+    argv = sink_argv(port, "-W", ".:1")      # slow after the message: the data stage
     with running(argv, log=tmp_path / "sink.log") as proc:
         wait_for_port("127.0.0.1", port, proc=proc, log=tmp_path / "sink.log")
         r = await rig(rigs, tmp_path, upstream(port, name="office365"),
