@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.fakes.recording_upstream import RecordingUpstream
 from tests.scheduler.rig import Rig
 
 
@@ -16,3 +17,12 @@ async def rigs() -> AsyncIterator[list[Rig]]:
     yield made
     for r in made:
         await r.stop()
+
+
+@pytest.fixture
+async def peers() -> AsyncIterator[list[RecordingUpstream]]:
+    """Recording upstreams a test starts, stopped after it."""
+    started: list[RecordingUpstream] = []
+    yield started
+    for p in started:
+        await p.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,6 @@ from tests.peers.tmpfs import read_only, tmpfs
 from tests.scheduler.rig import FAST, Rig, until
 
 DAY = 86400.0
-
-
-@pytest.fixture
-async def peers() -> AsyncIterator[list[RecordingUpstream]]:
-    started: list[RecordingUpstream] = []
-    yield started
-    for p in started:
-        await p.stop()
 
 
 async def peer(peers: list[RecordingUpstream], **kw: object) -> RecordingUpstream:

@@ -3,7 +3,6 @@ is written down before it is sent and crossed out once its outcome is in the spo
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +12,6 @@ from relay.spool.handovers import FILE, Handovers, read_journal
 from tests.delivery.helpers import BODY, upstream
 from tests.fakes.recording_upstream import RecordingUpstream
 from tests.scheduler.rig import Rig, until
-
-
-@pytest.fixture
-async def peers() -> AsyncIterator[list[RecordingUpstream]]:
-    started: list[RecordingUpstream] = []
-    yield started
-    for p in started:
-        await p.stop()
-
 
 CASES: list[tuple[str, dict[str, Any], list[str]]] = [
     ("delivered", {}, ["H", "S"]),

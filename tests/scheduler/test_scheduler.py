@@ -9,7 +9,7 @@ import shutil
 import ssl
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,6 @@ from tests.delivery.helpers import BODY, deliverer, upstream
 from tests.fakes.recording_upstream import RecordingUpstream
 from tests.peers import free_port, running, wait_for_port
 from tests.scheduler.rig import FAST, Rig, sink_argv, until
-
-
-@pytest.fixture
-async def peers() -> AsyncIterator[list[RecordingUpstream]]:
-    started: list[RecordingUpstream] = []
-    yield started
-    for p in started:
-        await p.stop()
 
 
 async def peer(peers: list[RecordingUpstream], port: int = 0, **kw: object) -> RecordingUpstream:
