@@ -21,11 +21,13 @@ limits need.
 
 from __future__ import annotations
 
+import asyncio
 import resource
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from relay.config.schema import ListenerConfig
 from relay.throttle import client_key
@@ -34,11 +36,12 @@ TOO_MANY = "too_many_sessions"
 TOO_MANY_FROM_CLIENT = "too_many_sessions_from_client"
 TOO_FAST = "connection_rate"
 RESERVED = "reserved_for_others"
+UNAVAILABLE = "admission_unavailable"  # the process that counts did not answer
 RATE_WINDOW = 60.0
 
 # The label of each refusal in relay_connections_refused_total{reason}.
 METRIC_REASON = {TOO_MANY: "total", TOO_MANY_FROM_CLIENT: "client", TOO_FAST: "rate",
-                 RESERVED: "reserve"}
+                 RESERVED: "reserve", UNAVAILABLE: "unavailable"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +120,21 @@ class ConnectionCounter:
         while len(self._recent) > self._max_tracked:
             self._recent.popitem(last=False)
         return times
+
+
+class SharedCounter(Protocol):
+    """Admission decided by another process for a listener several processes serve (see
+    ``relay.listenproc.anvil``): the session waits for the answer before its greeting."""
+
+    def ask(self, addr: str, limits: Limits) -> tuple[int, asyncio.Future[str | None]]:
+        """(the slot to ``release`` when the connection ends, admitted or not; the
+        refusal, or None)."""
+        ...
+
+    def release(self, slot: int) -> None: ...
+
+
+Counter = ConnectionCounter | SharedCounter
 
 
 def descriptors_for(need: int) -> int:

@@ -32,7 +32,7 @@ SESSION_CLOSE_REASONS = {
     "smtp": ("junk", "not_protocol", "data_deadline", "timeout", "tls_timeout", "tls_failed"),
     "proxy": ("junk", "not_protocol", "login_deadline", "tls_timeout", "tls_failed"),
 }
-ADMISSION_REFUSALS = ("total", "client", "rate", "reserve")
+ADMISSION_REFUSALS = ("total", "client", "rate", "reserve", "unavailable")
 
 # Buckets reaching past 10 s, with 10 s itself a bound (the Cisco document's threshold).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,

@@ -26,6 +26,7 @@ import socket
 from relay.app.listeners import build_listeners
 from relay.config.schema import Config
 from relay.dns import lookup_pool
+from relay.listenproc.anvil import RemoteCounter
 from relay.listenproc.channel import LOCK_NAME, ChannelClosed, Layout, Rpc
 from relay.listenproc.merge import snapshot
 from relay.maillog import MailLog
@@ -60,7 +61,9 @@ class ListenerProcess:
         self.dns_pool = lookup_pool()
         self.rpc = Rpc(sock, handlers={"configure": self._configure, "metrics": self._metrics,
                                        "stop": self._stop},
-                       notices={"account_locked": self._account_locked}, on_eof=self._main_gone)
+                       notices={"account_locked": self._account_locked,
+                                "network_locked": self._network_locked},
+                       on_eof=self._main_gone)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -123,10 +126,14 @@ class ListenerProcess:
                     (current.config.tls, current.config.listen) == (lp.cfg.tls, lp.cfg.listen):
                 continue
             assert lp.accept is not None
+            shared = config.relay.smtp_processes > 1   # the main process counts for all
             fresh[name] = (token, SmtpListener(
                 lp.cfg, hostname=hostname, accept=lp.accept, maillog=self.maillog,
                 checks=lp.checks, users=lp.users, metrics=self.metrics,
-                accounts=self.accounts))
+                accounts=self.accounts,
+                connections=RemoteCounter(name, call=self.rpc.call, notify=self.rpc.notify)
+                if shared else None,
+                on_failure=self._network_failed if shared else None))
         # Commit.
         for name, lp in side.listeners.items():
             if name not in fresh:
@@ -166,6 +173,18 @@ class ListenerProcess:
     def _auth_failed(self, account: str, client: str, listener: str, protocol: str) -> None:
         with contextlib.suppress(ChannelClosed):
             self.rpc.notify("auth_failed", (account, client, listener, protocol))
+
+    def _network_failed(self, addr: str, client: str, listener: str, protocol: str) -> None:
+        with contextlib.suppress(ChannelClosed):
+            self.rpc.notify("net_failed", (addr, client, listener, protocol))
+
+    def _network_locked(self, payload: tuple[str, str, float]) -> None:
+        listener, addr, seconds = payload
+        held = self.listeners.get(listener)
+        if held is not None:
+            held[1].lock_network(addr, seconds)
+            log.info("client %s refused here too on listener %s for %.0f s (locked out by "
+                     "the main process)", addr, listener, seconds)
 
     def _account_locked(self, payload: tuple[str, float]) -> None:
         if self.accounts is not None:

@@ -105,7 +105,8 @@ class App:
         self.listeners: dict[str, Listener] = {}      # in this process
         self.workers: ListenerProcesses | None = None  # SMTP listener processes
         if config.relay.smtp_processes > 0:
-            self.workers = ListenerProcesses(config.relay.smtp_processes, spool=self.spool)
+            self.workers = ListenerProcesses(config.relay.smtp_processes, spool=self.spool,
+                                             metrics=self.metrics)
             self.workers.accounts = self.accounts       # SMTP AUTH counts with IMAP/POP3
         self.metrics_server: MetricsServer | None = None
         self.control: ControlServer | None = None

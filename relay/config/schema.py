@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from relay.config.machine import auto_smtp_processes
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 TlsMode = Literal["none", "starttls", "implicit"]
 
@@ -110,7 +112,7 @@ class RelaySection:
     bounce_from: str = ""                      # default MAILER-DAEMON@<hostname>
     fsync: bool = True                         # only for benchmarks/tests on tmpfs
     shutdown_grace: float = 30.0
-    smtp_processes: int = 1                    # 0: SMTP listeners in the main process
+    smtp_processes: int = field(default_factory=auto_smtp_processes)   # "auto"; 0: in main
     account_fail_limit: int = 10               # failed logins to one account, from anywhere ...
     account_fail_window: float = 900.0         # ... within this window: refused for as long
     spool_reserve: int = 100 * 1024 * 1024     # free space kept for records: MAIL gets 452 below

@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from relay.config.machine import auto_smtp_processes
 from relay.config.reader import Table, show, suggest
 from relay.config.schema import (
     STRUCTURE_CHECKS,
@@ -36,6 +37,25 @@ from relay.config.values import (
 
 TLS_MODES = ("none", "starttls", "implicit")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+def smtp_processes(t: Table) -> int:
+    """``smtp_processes``: an integer from 0 to 64, or "auto" (the default): one per CPU
+    the relay may use, at most 8."""
+    t.known.add("smtp_processes")
+    value = t.raw.get("smtp_processes", "auto")
+    if value == "auto":
+        return auto_smtp_processes()
+    expected = 'an integer from 0 to 64, or "auto"'
+    hint = ('"auto" starts one SMTP listener process per CPU; 0 serves SMTP in the main '
+            "process")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise t.error("smtp_processes", "unknown value" if isinstance(value, str)
+                      else "wrong type", got=show(value), expected=expected, hint=hint)
+    if not 0 <= value <= 64:
+        raise t.error("smtp_processes", "out of range", got=str(value), expected=expected,
+                      hint=hint)
+    return value
+
+
 def default(cls: type, name: str) -> Any:
     """The schema's default for one field (one source of truth for defaults)."""
     for f in dataclasses.fields(cls):
@@ -127,8 +147,7 @@ def read_relay(t: Table) -> RelaySection:
         bounce_from=bounce_from,
         fsync=t.flag("fsync", default(D, "fsync")),
         shutdown_grace=duration(t, "shutdown_grace", D),
-        smtp_processes=t.integer("smtp_processes", default(D, "smtp_processes"), min=0,
-                                 max=64) or 0,
+        smtp_processes=smtp_processes(t),
         account_fail_limit=t.integer("account_fail_limit", default(D, "account_fail_limit"),
                                      min=0) or 0,
         account_fail_window=duration(t, "account_fail_window", D, min=0.001),

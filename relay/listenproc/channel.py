@@ -202,13 +202,16 @@ class Rpc:
 
     Messages are ``("req", seq, kind, payload)``, ``("rep", seq, ok, payload)`` and
     ``("note", kind, payload)``. A handler's exception is replied as ``ok=False`` with its
-    text; ``call()`` then raises ``RemoteError``.
+    text; ``call()`` then raises ``RemoteError``. A ``quick`` handler is a plain function,
+    answered within the dispatch (no task): for frequent requests such as admissions.
     """
 
     def __init__(self, sock: socket.socket, *, handlers: dict[str, Handler],
                  notices: dict[str, Callable[[Any], None]],
-                 on_eof: Callable[[], None]) -> None:
+                 on_eof: Callable[[], None],
+                 quick: dict[str, Callable[[Any], Any]] | None = None) -> None:
         self._handlers = handlers
+        self._quick = quick or {}
         self._notices = notices
         self._on_eof_cb = on_eof
         self._seq = itertools.count(1)
@@ -254,6 +257,18 @@ class Rpc:
             self._notices[kind](payload)
         elif tag == "req":
             _, seq, kind, payload = msg
+            quick = self._quick.get(kind)
+            if quick is not None:
+                for s in socks:
+                    s.close()
+                try:
+                    reply: tuple[object, ...] = ("rep", seq, True, quick(payload))
+                except Exception as exc:
+                    log.debug("request %s failed", kind, exc_info=True)
+                    reply = ("rep", seq, False, str(exc) or repr(exc))
+                with contextlib.suppress(ChannelClosed):
+                    self.channel.send(reply)
+                return
             self._tasks.spawn(self._serve(seq, kind, payload, socks), name=f"rpc-{kind}")
 
     async def _serve(self, seq: int, kind: str, payload: Any,

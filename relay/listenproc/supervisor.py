@@ -7,6 +7,9 @@ hands each the Config and the listening sockets over a socketpair (SCM_RIGHTS), 
 their "stored" notices into ``Spool.adopt()`` so the scheduler sees new mail at once.
 Their "auth_failed" notices count against the main process's per-account login throttle
 (``accounts``), whose lockouts go back to every listener process ("account_locked").
+With more than one process, the main process also keeps each listener's connection
+counts ("admit", "release") and failed logins per client network ("net_failed", then
+"network_locked" to all), so per-client limits stay exact (``relay.listenproc.anvil``).
 A process that dies is logged and respawned with backoff and given the sockets again;
 connections wait in the kernel's backlog meanwhile.
 """
@@ -29,8 +32,10 @@ from pathlib import Path
 
 from relay.config.schema import Config, HostPort
 from relay.errors import RelayError
+from relay.listenproc.anvil import Anvil, NetworkFailures
 from relay.listenproc.channel import LOCK_NAME, ChannelClosed, Layout, RemoteError, Rpc
 from relay.listenproc.merge import MergedMetrics
+from relay.metrics import Metrics
 from relay.smtp.listener import bind_listener_sockets
 from relay.spool.records import QueuedMessage
 from relay.spool.store import Spool
@@ -100,8 +105,10 @@ def wait_for_old_listeners(spool_root: Path, timeout: float) -> bool:
 class ListenerProcesses:
     """N listener processes serving every SMTP listener of the current config."""
 
-    def __init__(self, count: int, *, spool: Spool) -> None:
+    def __init__(self, count: int, *, spool: Spool, metrics: Metrics | None = None) -> None:
         self.count = count
+        self.anvil = Anvil()
+        self.networks = NetworkFailures(metrics=metrics, on_lock=self._network_locked)
         self.merged = MergedMetrics()
         self._spool = spool
         self._config: Config | None = None
@@ -148,6 +155,7 @@ class ListenerProcesses:
     async def start(self, config: Config) -> None:
         plan = self.prepare(config)
         self._config, self._bound = config, plan.bound
+        self.networks.configure([lc for lc in config.listeners if lc.protocol == "smtp"])
         try:
             await asyncio.gather(*(self._spawn(slot) for slot in self._slots))
         except (RelayError, ChannelClosed, RemoteError, TimeoutError) as exc:
@@ -161,6 +169,7 @@ class ListenerProcesses:
     async def commit(self, plan: Plan) -> list[str]:
         """Hand every process the new config and sockets; the errors of those that refused."""
         self._config, self._bound = plan.config, plan.bound
+        self.networks.configure([lc for lc in plan.config.listeners if lc.protocol == "smtp"])
         slots = [s for s in self._slots if s.rpc is not None and not s.rpc.channel.closed]
         results = await asyncio.gather(*(self._configure(s) for s in slots),
                                        return_exceptions=True)
@@ -195,8 +204,12 @@ class ListenerProcesses:
                              hint="check that the Python interpreter can be run") from None
         finally:
             theirs.close()
-        slot.rpc = Rpc(ours, handlers={}, notices={"stored": self._stored,
-                                                   "auth_failed": self._auth_failed},
+        pid = slot.proc.pid
+        slot.rpc = Rpc(ours, handlers={},
+                       quick={"admit": lambda payload: self.anvil.admit(pid, payload)},
+                       notices={"stored": self._stored, "auth_failed": self._auth_failed,
+                                "release": lambda s: self.anvil.release(pid, s),
+                                "net_failed": self.networks.failed},
                        on_eof=lambda: None)
         await self._configure(slot)
 
@@ -213,12 +226,19 @@ class ListenerProcesses:
         if left:                              # locked (now or before this process knew it)
             self.tell_locked(account, left)
 
-    def tell_locked(self, account: str, seconds: float) -> None:
-        """Every listener process refuses ``account`` for ``seconds`` from now."""
+    def _network_locked(self, listener: str, addr: str, seconds: float) -> None:
+        """Every listener process refuses logins from ``addr``'s network on ``listener``."""
+        self._tell("network_locked", (listener, addr, seconds))
+
+    def _tell(self, kind: str, payload: object) -> None:
         for slot in self._slots:
             if slot.rpc is not None and not slot.rpc.channel.closed:
                 with contextlib.suppress(ChannelClosed):
-                    slot.rpc.notify("account_locked", (account, seconds))
+                    slot.rpc.notify(kind, payload)
+
+    def tell_locked(self, account: str, seconds: float) -> None:
+        """Every listener process refuses ``account`` for ``seconds`` from now."""
+        self._tell("account_locked", (account, seconds))
 
     async def _watch(self, slot: _Slot) -> None:
         """Respawn the slot's process whenever it exits, with backoff."""
@@ -231,6 +251,7 @@ class ListenerProcesses:
             self.merged.retire(pid)
             if slot.rpc is not None:
                 slot.rpc.close()
+            self.anvil.forget(pid)         # its sessions are gone with it
             if self._stopping:
                 return
             if time.monotonic() - started > STABLE_AFTER:

@@ -290,7 +290,13 @@ class AiosmtpdSession(SMTP):
             and self.session.ssl is None
 
     async def _handle_client(self) -> None:
-        if await self.refuse_at_connect():
+        try:
+            refused = await self.refuse_at_connect()
+        except asyncio.CancelledError:     # EOF (or loss) before the greeting: aiosmtpd
+            if self.transport is not None:  # cancels us on EOF and leaves the transport
+                self.transport.close()      # half open for the handler to close
+            raise
+        if refused:
             return
         await super()._handle_client()
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 
 from relay.config.schema import ListenerConfig
-from relay.connlimits import ConnectionCounter
+from relay.connlimits import ConnectionCounter, Counter
 from relay.envelope import Envelope
 from relay.errors import SpoolError
 from relay.maillog import MailLog
@@ -45,7 +45,7 @@ class Context:
     metrics: Metrics | None = None
     throttle: FailureThrottle = field(
         default_factory=lambda: FailureThrottle(limit=5, window=300.0))
-    connections: ConnectionCounter = field(default_factory=ConnectionCounter)
+    connections: Counter = field(default_factory=ConnectionCounter)
     background: set[asyncio.Task[str]] = field(default_factory=set)
     size: SizeLimit | None = None         # effective size limit, once size_limit computed it
 

@@ -14,11 +14,12 @@ import functools
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from relay.acceptloop import AcceptLoop, bind_tcp
 from relay.config.schema import ListenerConfig
-from relay.connlimits import ConnectionCounter
+from relay.connlimits import ConnectionCounter, Counter
 from relay.errors import RelayError
 from relay.maillog import MailLog
 from relay.metrics import Metrics
@@ -61,16 +62,22 @@ class SmtpListener:
     def __init__(self, cfg: ListenerConfig, *, hostname: str, accept: AcceptFn,
                  maillog: MailLog, checks: Checks | None = None, users: UserDB | None = None,
                  metrics: Metrics | None = None, auth_base_delay: float = 1.0,
-                 auth_max_delay: float = 8.0, accounts: FailureThrottle | None = None) -> None:
+                 auth_max_delay: float = 8.0, accounts: FailureThrottle | None = None,
+                 connections: Counter | None = None,
+                 on_failure: Callable[[str, str, str, str], None] | None = None) -> None:
         """``accounts``: the per-account login throttle every listener of the process
-        shares (a distributed guess at one account is refused on all of them)."""
+        shares (a distributed guess at one account is refused on all of them).
+        ``connections``: the admission counter when another process keeps the count;
+        ``on_failure``: told of each failed login (a process that is one of several
+        reports them, and the main process tells every one of a lockout)."""
         if cfg.protocol != "smtp":
             raise ValueError(f"listener {cfg.name!r} is {cfg.protocol}, not smtp")
         self._throttle = FailureThrottle(limit=cfg.auth_fail_limit, window=cfg.auth_fail_window,
                                          base_delay=auth_base_delay, max_delay=auth_max_delay,
                                          key=client_network(cfg), accounts=accounts,
-                                         metrics=metrics)
-        self._connections = ConnectionCounter()
+                                         metrics=metrics, quiet=on_failure is not None,
+                                         on_failure=on_failure)
+        self._connections: Counter = connections or ConnectionCounter()
         self._sessions: set[RelaySMTP] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -165,6 +172,10 @@ class SmtpListener:
                                   checks=checks, users=users, metrics=old.metrics)
         self._throttle.configure(limit=cfg.auth_fail_limit, window=cfg.auth_fail_window,
                                  key=client_network(cfg))
+
+    def lock_network(self, addr: str, seconds: float) -> None:
+        """Refuse logins from ``addr``'s network for ``seconds`` (decided elsewhere)."""
+        self._throttle.lock(addr, seconds)
 
     async def stop_accepting(self) -> None:
         """Stop taking new connections (open sessions carry on)."""

@@ -70,6 +70,7 @@ TOO_MUCH_JUNK = ("421 4.7.0 Error: too many NOOP, RSET, VRFY or unknown commands
                  "closing connection")
 NOT_SMTP = "221 2.7.0 Error: this is an SMTP server; closing connection"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down; try again later"
+NOT_AVAILABLE = "421 4.3.2 Service not available; try again later"
 NEED_EHLO = "503 5.5.1 Error: send HELO/EHLO first"
 NEED_MAIL = "503 5.5.1 Error: need MAIL command"
 NEED_RCPT = "503 5.5.1 Error: need RCPT command"

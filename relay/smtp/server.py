@@ -23,6 +23,8 @@ from relay.connlimits import (
     TOO_FAST,
     TOO_MANY,
     TOO_MANY_FROM_CLIENT,
+    UNAVAILABLE,
+    ConnectionCounter,
     Limits,
 )
 from relay.smtp import replies
@@ -46,7 +48,8 @@ log = logging.getLogger("relay.smtp")
 _RAW = ("220 ", "220-", "334 ", "354 ")     # no enhanced code (greeting, challenges, 354)
 _REFUSALS = {TOO_MANY: replies.TOO_MANY_CONNECTIONS,
              TOO_MANY_FROM_CLIENT: replies.TOO_MANY_FROM_CLIENT,
-             RESERVED: replies.RESERVED_FOR_OTHERS, TOO_FAST: replies.TOO_FAST}
+             RESERVED: replies.RESERVED_FOR_OTHERS, TOO_FAST: replies.TOO_FAST,
+             UNAVAILABLE: replies.NOT_AVAILABLE}
 
 
 class RelaySMTP(DefendedSession):
@@ -68,7 +71,8 @@ class RelaySMTP(DefendedSession):
         self._finishing = False                 # storing a message: shutdown waits for it
         self._pipelinable = False               # the reply being made may wait (PIPELINING)
         self._closing = False
-        self._slot = ""                         # the client network's connection slot
+        self._slot: Any = ""                    # the client network's connection slot
+        self._admission: asyncio.Future[str | None] | None = None   # asked of another process
         self.init_defences()
         self.init_state(hostname=ctx.hostname, data_size_limit=ctx.size_limit.size,
                         timeout=cfg.command_timeout,
@@ -95,7 +99,15 @@ class RelaySMTP(DefendedSession):
             self._allowlisted = any(ip in net for net in cfg.allow)
         except ValueError:
             self._allowlisted = False
-        refused, self._slot = self.ctx.connections.admit(self._client_ip, Limits.of(cfg))
+        counter = self.ctx.connections
+        if isinstance(counter, ConnectionCounter):
+            refused, self._slot = counter.admit(self._client_ip, Limits.of(cfg))
+            self._admitted(refused)
+        else:                 # several processes serve this listener: the main one counts
+            self._slot, self._admission = counter.ask(self._client_ip, Limits.of(cfg))
+
+    def _admitted(self, refused: str | None) -> None:
+        cfg = self.ctx.cfg
         self._refused_reply = None if refused is None else _REFUSALS[refused]
         metrics = self.ctx.metrics
         if refused is None:
@@ -106,7 +118,10 @@ class RelaySMTP(DefendedSession):
             metrics.connections_refused.labels(cfg.name, METRIC_REASON[refused]).inc()
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self._counted:
+        if self._admission is not None:            # gone before the answer: give it back
+            self._admission = None
+            self.ctx.connections.release(self._slot)
+        elif self._counted:
             self._counted = False
             self.ctx.connections.release(self._slot)
             if self.ctx.metrics is not None:
@@ -114,6 +129,14 @@ class RelaySMTP(DefendedSession):
         super().connection_lost(error)
 
     async def refuse_at_connect(self) -> bool:
+        if self._admission is not None:
+            refused = await self._admission
+            if self._admission is None:            # the connection is gone meanwhile
+                return True
+            self._admission = None
+            self._admitted(refused)
+            if refused == UNAVAILABLE:             # it may still count us: give it back
+                self.ctx.connections.release(self._slot)
         if self._refused_reply is None:
             return False
         self.ctx.refused(Refusal.from_reply(self._refused_reply, "too_many_connections"),

@@ -186,7 +186,7 @@ def running_relay(work: Path, config: str, *ports: int) -> Iterator[Relay]:
 
 
 # [relay] smtp_processes of config() when a test gives none; tests/e2e/conftest.py runs
-# every end-to-end test with SMTP in the main process (0) and in a listener process (1).
+# every end-to-end test with SMTP in the main process (0) and in two listener processes (2).
 SMTP_PROCESSES = {"default": 1}
 
 

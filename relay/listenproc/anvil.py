@@ -1,0 +1,144 @@
+"""Exact per-client limits when several SMTP listener processes serve one listener.
+
+Each listener process accepts from the same listening socket, so a client's connections
+land on any of them. Counted in each process alone, ``max_connections``,
+``max_connections_per_client``, the reserve and ``max_connection_rate_per_client`` would
+multiply by the number of processes, and so would the AUTH failure limit per client
+network. As Postfix's smtpd processes ask its ``anvil`` service, a listener process asks
+the main process instead, which keeps the one count:
+
+- ``RemoteCounter`` (in a listener process) sends ``admit`` with a connection number of
+  its own, the listener's name, the client's address and the limits in force; the
+  session waits for the answer before its greeting. ``release`` (a notice) gives the
+  slot back when the connection ends, also for a connection that ended while its
+  admission was still on the way (the main process handles the two in order).
+- ``Anvil`` (in the main process) holds a ``ConnectionCounter`` per listener and which
+  slots each process holds, so a process that dies gives all of its slots back.
+- ``NetworkFailures`` (in the main process) counts each listener's failed logins per
+  client network, reported by every process, and says when a network is locked out so
+  that every process refuses it.
+
+With ``smtp_processes = 1`` (or 0) nothing here is used: the one process counts alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+
+from relay.config.schema import ListenerConfig
+from relay.connlimits import UNAVAILABLE, ConnectionCounter, Limits
+from relay.metrics import Metrics
+from relay.smtp.listener import client_network
+from relay.throttle import FailureThrottle
+
+log = logging.getLogger("relay.listenproc")
+
+ADMIT_TIMEOUT = 10.0
+
+Call = Callable[[str, object], Awaitable[object]]
+
+
+class RemoteCounter:
+    """A listener process's view of one listener's connection counts (main keeps them)."""
+
+    def __init__(self, listener: str, *, call: Call,
+                 notify: Callable[[str, object], None]) -> None:
+        self.listener = listener
+        self._call = call
+        self._notify = notify
+        self._ids = itertools.count(1)
+
+    def ask(self, addr: str, limits: Limits) -> tuple[int, asyncio.Future[str | None]]:
+        """Ask for a slot: (the slot to ``release`` in any case, the refusal or None)."""
+        slot = next(self._ids)
+        return slot, asyncio.ensure_future(self._admit(slot, addr, limits))
+
+    async def _admit(self, slot: int, addr: str, limits: Limits) -> str | None:
+        try:
+            refused = await asyncio.wait_for(
+                self._call("admit", (slot, self.listener, addr, limits)), ADMIT_TIMEOUT)
+        except Exception as exc:               # the main process is gone or stuck
+            log.warning("listener %s: no admission from the main relay process (%s); "
+                        "refusing %s with 421", self.listener, exc or type(exc).__name__, addr)
+            return UNAVAILABLE
+        return None if refused is None else str(refused)
+
+    def release(self, slot: int) -> None:
+        """Give ``slot`` back (whether it was admitted or not)."""
+        with contextlib.suppress(ConnectionError):   # main is gone: its counts too
+            self._notify("release", slot)
+
+
+class Anvil:
+    """The main process's connection counts for listeners served by several processes."""
+
+    def __init__(self) -> None:
+        self._counters: dict[str, ConnectionCounter] = {}
+        self._held: dict[tuple[int, int], tuple[str, str]] = {}    # (pid, slot) → counted
+
+    def admit(self, pid: int, payload: tuple[int, str, str, Limits]) -> str | None:
+        slot, listener, addr, limits = payload
+        counter = self._counters.get(listener)
+        if counter is None:
+            counter = self._counters[listener] = ConnectionCounter()
+        refused, key = counter.admit(addr, limits)
+        if refused is None:
+            self._held[(pid, slot)] = (listener, key)
+        return refused
+
+    def release(self, pid: int, slot: int) -> None:
+        held = self._held.pop((pid, slot), None)
+        if held is not None:
+            self._counters[held[0]].release(held[1])
+
+    def forget(self, pid: int) -> int:
+        """Give back every slot process ``pid`` held (it exited); how many there were."""
+        mine = [k for k in self._held if k[0] == pid]
+        for k in mine:
+            self.release(*k)
+        return len(mine)
+
+    def holding(self, listener: str) -> int:
+        """Connections of ``listener`` open in all processes."""
+        counter = self._counters.get(listener)
+        return 0 if counter is None else counter.total
+
+
+class NetworkFailures:
+    """Failed SMTP logins per listener and client network, from every listener process."""
+
+    def __init__(self, *, metrics: Metrics | None,
+                 on_lock: Callable[[str, str, float], None]) -> None:
+        self._metrics = metrics
+        self._on_lock = on_lock
+        self._throttles: dict[str, FailureThrottle] = {}
+
+    def configure(self, listeners: list[ListenerConfig]) -> None:
+        """The SMTP listeners of the config in force (a reload keeps what was counted)."""
+        for cfg in listeners:
+            throttle = self._throttles.get(cfg.name)
+            if throttle is None:
+                self._throttles[cfg.name] = FailureThrottle(
+                    limit=cfg.auth_fail_limit, window=cfg.auth_fail_window,
+                    key=client_network(cfg), metrics=self._metrics,
+                    on_lock=functools.partial(self._on_lock, cfg.name))
+            else:
+                throttle.configure(limit=cfg.auth_fail_limit, window=cfg.auth_fail_window,
+                                   key=client_network(cfg))
+
+    def failed(self, payload: tuple[str, str, str, str]) -> None:
+        """A process saw a failed login from ``addr`` on ``listener``; a lockout that is in
+        force (now or already) is told to every process."""
+        addr, client, listener, protocol = payload
+        throttle = self._throttles.get(listener)
+        if throttle is None:
+            return
+        _, locked = throttle.failed_elsewhere(addr, client, listener, protocol)
+        left = throttle.remaining(addr)
+        if left and not locked:                # locked before this process knew it
+            self._on_lock(listener, addr, left)

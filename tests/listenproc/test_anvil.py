@@ -1,0 +1,118 @@
+"""The main process's counts for a listener several listener processes serve."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.config.schema import HostPort, ListenerConfig
+from relay.connlimits import TOO_MANY, TOO_MANY_FROM_CLIENT, Limits
+from relay.listenproc.anvil import Anvil, NetworkFailures
+from relay.metrics import Metrics
+
+pytestmark = pytest.mark.fast
+
+LIMITS = Limits(total=4, per_client=2)
+
+
+def test_one_count_for_every_process() -> None:
+    anvil = Anvil()
+    assert anvil.admit(101, (1, "submit", "10.0.0.1", LIMITS)) is None
+    assert anvil.admit(102, (1, "submit", "10.0.0.1", LIMITS)) is None     # other process
+    assert anvil.admit(101, (2, "submit", "10.0.0.1", LIMITS)) == TOO_MANY_FROM_CLIENT
+    assert anvil.admit(102, (2, "submit", "10.0.0.2", LIMITS)) is None
+    assert anvil.admit(101, (3, "submit", "10.0.0.3", LIMITS)) is None
+    assert anvil.admit(102, (3, "submit", "10.0.0.4", LIMITS)) == TOO_MANY
+    assert anvil.holding("submit") == 4
+    assert anvil.admit(101, (4, "other", "10.0.0.1", LIMITS)) is None       # own counts
+    anvil.release(102, 1)
+    assert anvil.admit(101, (5, "submit", "10.0.0.1", LIMITS)) is None
+
+
+def test_a_refused_or_unknown_slot_is_released_harmlessly() -> None:
+    anvil = Anvil()
+    assert anvil.admit(101, (1, "submit", "10.0.0.1", Limits(per_client=1))) is None
+    assert anvil.admit(101, (2, "submit", "10.0.0.1", Limits(per_client=1))) is not None
+    anvil.release(101, 2)                    # refused: it held nothing
+    anvil.release(101, 99)                   # never asked
+    anvil.release(102, 1)                    # another process's number
+    assert anvil.holding("submit") == 1
+    anvil.release(101, 1)
+    anvil.release(101, 1)                    # twice
+    assert anvil.holding("submit") == 0
+
+
+def test_a_process_that_exits_gives_back_all_its_slots() -> None:
+    anvil = Anvil()
+    for slot in range(1, 4):
+        anvil.admit(101, (slot, "submit", f"10.0.0.{slot}", LIMITS))
+    anvil.admit(102, (1, "submit", "10.0.0.9", LIMITS))
+    assert anvil.forget(101) == 3
+    assert anvil.holding("submit") == 1
+    assert anvil.forget(101) == 0
+
+
+def listener(limit: int = 3, prefix: int = 32) -> ListenerConfig:
+    return ListenerConfig(name="submit", protocol="smtp", listen=HostPort("127.0.0.1", 2525),
+                          auth_fail_limit=limit, auth_fail_window=600.0,
+                          client_ipv4_prefix=prefix)
+
+
+def test_failed_logins_from_every_process_lock_the_network_once() -> None:
+    told: list[tuple[str, str, float]] = []
+    metrics = Metrics()
+    nets = NetworkFailures(metrics=metrics, on_lock=lambda *a: told.append(a))
+    nets.configure([listener(limit=3, prefix=24)])
+    nets.failed(("10.1.1.1", "10.1.1.1", "submit", "smtp"))
+    nets.failed(("10.1.1.2", "10.1.1.2", "submit", "smtp"))      # same /24
+    nets.failed(("10.9.9.9", "10.9.9.9", "submit", "smtp"))      # another network
+    assert told == []
+    nets.failed(("10.1.1.3", "10.1.1.3", "submit", "smtp"))
+    assert told == [("submit", "10.1.1.3", 600.0)]
+    nets.failed(("10.1.1.4", "10.1.1.4", "submit", "smtp"))      # seen while locked
+    assert len(told) == 2 and told[1][:2] == ("submit", "10.1.1.4")
+    assert metrics.auth_lockouts.labels("smtp", "network")._value.get() == 1
+    nets.failed(("10.1.1.1", "10.1.1.1", "gone", "smtp"))        # unknown listener
+    assert len(told) == 2
+
+
+def test_a_reload_keeps_the_counts_and_takes_the_new_limit() -> None:
+    told: list[tuple[str, str, float]] = []
+    nets = NetworkFailures(metrics=None, on_lock=lambda *a: told.append(a))
+    nets.configure([listener(limit=5)])
+    for _ in range(2):
+        nets.failed(("10.1.1.1", "10.1.1.1", "submit", "smtp"))
+    nets.configure([listener(limit=3)])
+    nets.failed(("10.1.1.1", "10.1.1.1", "submit", "smtp"))
+    assert [t[1] for t in told] == ["10.1.1.1"]
+
+
+def test_a_listener_process_refuses_with_421_when_main_does_not_answer() -> None:
+    import asyncio
+
+    from relay.connlimits import UNAVAILABLE
+    from relay.listenproc.anvil import RemoteCounter
+    from relay.listenproc.channel import ChannelClosed
+
+    sent: list[tuple[str, object]] = []
+
+    async def gone(kind: str, payload: object) -> object:
+        raise ChannelClosed("the other relay process is gone")
+
+    async def answers(kind: str, payload: object) -> object:
+        sent.append((kind, payload))
+        return TOO_MANY_FROM_CLIENT
+
+    def closed(kind: str, payload: object) -> None:
+        raise ChannelClosed("the other relay process is gone")
+
+    async def run() -> None:
+        counter = RemoteCounter("submit", call=gone, notify=closed)
+        slot, fut = counter.ask("10.0.0.1", LIMITS)
+        assert await fut == UNAVAILABLE
+        counter.release(slot)                         # main gone: nothing to tell
+        counter = RemoteCounter("submit", call=answers, notify=lambda k, p: None)
+        slot2, fut = counter.ask("10.0.0.1", LIMITS)
+        assert await fut == TOO_MANY_FROM_CLIENT
+        assert sent == [("admit", (slot2, "submit", "10.0.0.1", LIMITS))]
+
+    asyncio.run(run())
