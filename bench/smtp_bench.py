@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dkim
-from smtp_peers import DOMAIN, SELECTOR, OpenDkim, Postfix, Relay, Sink, Sinks, Target
+from smtp_peers import DOMAIN, SELECTOR, MemoryPeak, OpenDkim, Postfix, Relay, Sink, Sinks, Target
 
 from relay.dkim.keys import generate, private_pem, txt_record
 
@@ -140,7 +140,9 @@ def main() -> int:
     pem, record = private_pem(key), txt_record(key).encode()
     load0 = os.getloadavg()
     results: dict[tuple[str, int, int], list[Run]] = {}
-    peaks: dict[str, float] = {}
+    peaks: dict[str, float] = {}                  # sampled peak of the PSS sum
+    hwm: dict[str, float] = {}                    # sum of each process's own peak (VmHWM)
+    samplers: dict[str, MemoryPeak] = {}
     with tempfile.TemporaryDirectory(prefix="relaybench-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)
@@ -159,6 +161,8 @@ def main() -> int:
                 target = factories[name]()
                 targets.append(target)
                 target.start()
+                samplers[name] = MemoryPeak(target.cg)
+                samplers[name].start()
             verify_signing(targets, sinks.check, record)
             for t in targets:                 # warm-up: pools, imports, page cache
                 run_scenario(t, sinks.bench, size=1024, sessions=20, count=100, timeout=120)
@@ -176,18 +180,22 @@ def main() -> int:
                             print("      " + ", ".join(f"{k} {v:.2f} ms" for k, v in
                                                        sorted(r.by_process.items())))
             for t in targets:
-                peaks[t.name] = t.cg.peak_mb()
+                peaks[t.name] = samplers[t.name].stop()
+                hwm[t.name] = t.cg.peak_mb()
+                if args.breakdown and t.name.startswith("relay"):
+                    print(f"  {t.name} peak resident MB: " + ", ".join(
+                        f"{n} {mb:.0f}" for n, mb in t.cg.peaks_by_process()))
         finally:
             for t in targets:
                 t.stop()
             sinks.bench.stop()
             sinks.check.stop()
-    report(results, peaks, names, reps, load0, os.getloadavg())
+    report(results, peaks, hwm, names, reps, load0, os.getloadavg())
     return 0
 
 
 def report(results: dict[tuple[str, int, int], list[Run]], peaks: dict[str, float],
-           names: list[str], reps: int, load0: tuple[float, float, float],
+           hwm: dict[str, float], names: list[str], reps: int, load0: tuple[float, float, float],
            load1: tuple[float, float, float]) -> None:
     def med(name: str, size: int, sessions: int, what: str) -> float | None:
         runs = results.get((name, size, sessions))
@@ -205,14 +213,17 @@ def report(results: dict[tuple[str, int, int], list[Run]], peaks: dict[str, floa
         print("the machine was busy (load average above 1.0): msg/s and cores busy are not "
               "comparable with a quiet run; CPU per message is the steadier figure")
     print(f"{'scenario':<13}{'contestant':<18}{'msg/s':>8}{'CPU ms/msg':>12}{'cores busy':>12}"
-          f"{'peak MB':>9}")
+          f"{'peak MB':>9}{'HWM sum':>9}")
     for size, sessions in SCENARIOS:
         for name in names:
             print(f"{f'{size // 1024} KB x{sessions}':<13}{name:<18}"
                   f"{fmt(med(name, size, sessions, 'rate'), '.0f'):>8}"
                   f"{fmt(med(name, size, sessions, 'cpu_ms'), '.2f'):>12}"
                   f"{fmt(med(name, size, sessions, 'busy'), '.2f'):>12}"
-                  f"{fmt(peaks.get(name), '.0f'):>9}")
+                  f"{fmt(peaks.get(name), '.0f'):>9}{fmt(hwm.get(name), '.0f'):>9}")
+    print("(peak MB: the largest sum of the contestant's PSS, sampled every 0.2 s: shared "
+          "pages counted once; HWM sum: each process's own peak RSS added up, shared pages "
+          "once per process)")
     print(f"\n{'scenario':<13}{'relay/postfix':>15}{'CPU ratio':>11}{'relay+dkim/':>13}"
           f"{'CPU ratio':>11}{'DKIM adds':>11}")
     print(f"{'':<13}{'msg/s':>15}{'':>11}{'pf+opendkim':>13}{'':>11}{'ms CPU':>11}")

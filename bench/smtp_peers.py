@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,11 +79,38 @@ class Cgroup:
                     out[part] = out.get(part, 0.0) + _cpu((task / "stat").read_text()) / tick
         return out
 
+    def peaks_by_process(self) -> list[tuple[str, float]]:
+        """Each live process's peak resident set (VmHWM) in MB, for the breakdown."""
+        out: list[tuple[str, float]] = []
+        for pid in self.pids():
+            with contextlib.suppress(OSError, ValueError):
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                status = Path(f"/proc/{pid}/status").read_text()
+                hwm = next(int(line.split()[1]) for line in status.splitlines()
+                           if line.startswith("VmHWM:"))
+                out.append((_process_name(stat, cmd), hwm / 1024))
+        return sorted(out)
+
+    def pss_mb(self) -> float:
+        """The group's memory now: the sum of its processes' proportional set size (PSS),
+        which counts a page shared by n processes (the interpreter, libraries) 1/n in
+        each, so the sum is what the group occupies."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError, ValueError, StopIteration):
+                text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+                total += next(int(line.split()[1]) for line in text.splitlines()
+                              if line.startswith("Pss:"))
+        return total / 1024
+
     def peak_mb(self) -> float:
         """Sum of the peak resident set (VmHWM) of the group's live processes.
 
         The memory cgroup's own peak counts page cache (the spool files), which says
-        nothing about the relay's footprint, so resident memory is read per process.
+        nothing about the relay's footprint, so resident memory is read per process. Pages
+        shared between processes count once per process here (an upper bound); see
+        ``MemoryPeak`` for the sampled sum of PSS.
         """
         total = 0
         for pid in self.pids():
@@ -103,6 +131,29 @@ class Cgroup:
                 break
             except OSError:
                 time.sleep(0.1)
+
+
+class MemoryPeak(threading.Thread):
+    """Samples a group's PSS sum (``Cgroup.pss_mb``) every ``interval`` s; ``peak`` is the
+    largest seen. The kernel keeps no peak of PSS, so it is sampled, from outside the
+    group (its CPU is not the contestant's)."""
+
+    def __init__(self, cg: Cgroup, interval: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.cg, self.interval, self.peak = cg, interval, 0.0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            with contextlib.suppress(OSError):         # the group is gone (stopped)
+                self.peak = max(self.peak, self.cg.pss_mb())
+
+    def stop(self) -> float:
+        self._done.set()
+        self.join()
+        with contextlib.suppress(OSError):
+            self.peak = max(self.peak, self.cg.pss_mb())
+        return self.peak
 
 
 def _cpu(stat: str) -> int:

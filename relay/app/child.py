@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -46,7 +47,7 @@ INLINE_DATA = 1024 * 1024
 class ListenerProcess:
     """The state of one listener process; ``run()`` serves until told to stop."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, admissions: socket.socket) -> None:
         self.metrics = Metrics()
         self.maillog = MailLog()
         self.config: Config | None = None
@@ -64,6 +65,9 @@ class ListenerProcess:
                        notices={"account_locked": self._account_locked,
                                 "network_locked": self._network_locked},
                        on_eof=self._main_gone)
+        # Connection admissions (several processes): their own channel, never queued
+        # behind a stored message's notice.
+        self.admissions = Rpc(admissions, handlers={}, notices={}, on_eof=lambda: None)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -73,6 +77,7 @@ class ListenerProcess:
             loop.add_signal_handler(sig, lambda: None)
         await self._done.wait()
         self.rpc.close()
+        self.admissions.close()
         if self.spool is not None:
             self.spool.close()
         self.dns_pool.shutdown(wait=False, cancel_futures=True)
@@ -131,7 +136,9 @@ class ListenerProcess:
                 lp.cfg, hostname=hostname, accept=lp.accept, maillog=self.maillog,
                 checks=lp.checks, users=lp.users, metrics=self.metrics,
                 accounts=self.accounts,
-                connections=RemoteCounter(name, call=self.rpc.call, notify=self.rpc.notify)
+                connections=RemoteCounter(
+                    name, call=self.admissions.call,
+                    notify=functools.partial(self.admissions.notify, now=True))
                 if shared else None,
                 on_failure=self._network_failed if shared else None))
         # Commit.

@@ -1,7 +1,9 @@
-"""Entry point of an SMTP listener process: ``python -m relay.listenproc FD LOG_LEVEL``.
+"""Entry point of an SMTP listener process:
+``python -m relay.listenproc FD LOG_LEVEL ADMISSIONS_FD``.
 
-Started only by the main relay process (``relay.listenproc.supervisor``), with FD one end
-of a private socketpair; not a command for operators.
+Started only by the main relay process (``relay.listenproc.supervisor``), with FD and
+ADMISSIONS_FD one end each of two private socketpairs (the second carries only connection
+admissions, so that they never wait behind a stored message); not a command for operators.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or not argv[0].isdigit():
+    if len(argv) != 3 or not argv[0].isdigit() or not argv[2].isdigit():
         print("relay.listenproc is started by `relay run` (smtp_processes), not by hand",
               file=sys.stderr)
         return 2
@@ -21,9 +23,10 @@ def main(argv: list[str]) -> int:
 
     setup_logging(argv[1])
     sock = socket.socket(fileno=int(argv[0]))
+    admissions = socket.socket(fileno=int(argv[2]))
 
     async def run() -> int:
-        return await ListenerProcess(sock).run()
+        return await ListenerProcess(sock, admissions).run()
     return asyncio.run(run())
 
 

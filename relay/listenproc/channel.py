@@ -87,6 +87,17 @@ class Channel:
             self._flush_soon = True
             self._loop.call_soon(self._flush)
 
+    def flush(self) -> None:
+        """Write what is queued now (what the socket does not take waits as usual)."""
+        if not self._writing:
+            self._flush()
+
+    def read_pending(self) -> None:
+        """Handle what the other process has already sent, without waiting for the loop."""
+        for _ in range(8):                       # up to 2 MB; the loop reads the rest
+            if self._closed or not self._readable():
+                return
+
     def _flush(self) -> None:
         self._flush_soon = False
         if self._closed:
@@ -122,12 +133,13 @@ class Channel:
             else:
                 self._loop.remove_writer(self._sock.fileno())
 
-    def _readable(self) -> None:
+    def _readable(self) -> bool:
+        """Read and handle what there is; False when there was nothing (or it ended)."""
         try:
             data, anc, _flags, _addr = self._sock.recvmsg(
                 256 * 1024, socket.CMSG_SPACE(MAX_FDS * 4))
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             data, anc = b"", []
         for level, kind, payload in anc:
@@ -137,14 +149,14 @@ class Channel:
                 self._infds.extend(fds)
         if not data:
             self._lost()
-            return
+            return False
         self._inbuf += data
         while len(self._inbuf) >= _HEAD.size:
             size, nfds = _HEAD.unpack_from(self._inbuf)
             if size > MAX_FRAME:
                 log.error("listener channel: frame of %d bytes; closing", size)
                 self._lost()
-                return
+                return False
             if len(self._inbuf) < _HEAD.size + size:
                 break
             body = bytes(self._inbuf[_HEAD.size:_HEAD.size + size])
@@ -158,11 +170,12 @@ class Channel:
                 for s in socks:
                     s.close()
                 self._lost()
-                return
+                return False
             try:
                 self._on_message(obj, socks)
             except Exception:
                 log.exception("listener channel: handling a message failed")
+        return True
 
     def _lost(self) -> None:
         if self._closed:
@@ -203,7 +216,8 @@ class Rpc:
     Messages are ``("req", seq, kind, payload)``, ``("rep", seq, ok, payload)`` and
     ``("note", kind, payload)``. A handler's exception is replied as ``ok=False`` with its
     text; ``call()`` then raises ``RemoteError``. A ``quick`` handler is a plain function,
-    answered within the dispatch (no task): for frequent requests such as admissions.
+    answered within the dispatch (no task), or when the ``asyncio.Future`` it returns is
+    done: for frequent requests such as admissions.
     """
 
     def __init__(self, sock: socket.socket, *, handlers: dict[str, Handler],
@@ -230,8 +244,12 @@ class Rpc:
         finally:
             self._waiting.pop(seq, None)
 
-    def notify(self, kind: str, payload: object = None) -> None:
+    def notify(self, kind: str, payload: object = None, *, now: bool = False) -> None:
+        """Send a notice; ``now``: written before returning, not at the end of the loop
+        iteration (when its order against what this process writes next matters)."""
         self.channel.send(("note", kind, payload))
+        if now:
+            self.channel.flush()
 
     def close(self) -> None:
         self.channel.close()
@@ -262,14 +280,23 @@ class Rpc:
                 for s in socks:
                     s.close()
                 try:
-                    reply: tuple[object, ...] = ("rep", seq, True, quick(payload))
+                    result = quick(payload)
                 except Exception as exc:
                     log.debug("request %s failed", kind, exc_info=True)
-                    reply = ("rep", seq, False, str(exc) or repr(exc))
-                with contextlib.suppress(ChannelClosed):
-                    self.channel.send(reply)
+                    self._reply(("rep", seq, False, str(exc) or repr(exc)))
+                    return
+                if isinstance(result, asyncio.Future):
+                    result.add_done_callback(lambda done: self._reply(
+                        ("rep", seq, True, done.result()) if not done.cancelled() else
+                        ("rep", seq, False, "cancelled")))
+                else:
+                    self._reply(("rep", seq, True, result))
                 return
             self._tasks.spawn(self._serve(seq, kind, payload, socks), name=f"rpc-{kind}")
+
+    def _reply(self, reply: tuple[object, ...]) -> None:
+        with contextlib.suppress(ChannelClosed):
+            self.channel.send(reply)
 
     async def _serve(self, seq: int, kind: str, payload: Any,
                      socks: list[socket.socket]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import itertools
 import logging
 import os
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.config.schema import Config, HostPort
+from relay.connlimits import UNAVAILABLE, Limits
 from relay.errors import RelayError
 from relay.listenproc.anvil import Anvil, NetworkFailures
 from relay.listenproc.channel import LOCK_NAME, ChannelClosed, Layout, RemoteError, Rpc
@@ -72,6 +74,7 @@ class _Slot:
     index: int
     proc: asyncio.subprocess.Process | None = None
     rpc: Rpc | None = None
+    admissions: Rpc | None = None        # "admit" and "release" only
 
 
 def wait_for_old_listeners(spool_root: Path, timeout: float) -> bool:
@@ -108,6 +111,8 @@ class ListenerProcesses:
     def __init__(self, count: int, *, spool: Spool, metrics: Metrics | None = None) -> None:
         self.count = count
         self.anvil = Anvil()
+        self._deferred: list[tuple[int, tuple[int, str, str, Limits],
+                                   asyncio.Future[str | None]]] = []
         self.networks = NetworkFailures(metrics=metrics, on_lock=self._network_locked)
         self.merged = MergedMetrics()
         self._spool = spool
@@ -193,25 +198,62 @@ class ListenerProcesses:
     async def _spawn(self, slot: _Slot) -> None:
         assert self._config is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours_a, theirs_a = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             slot.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "relay.listenproc", str(theirs.fileno()),
-                self._config.relay.log_level, pass_fds=[theirs.fileno()],
-                stdin=subprocess.DEVNULL)
+                self._config.relay.log_level, str(theirs_a.fileno()),
+                pass_fds=[theirs.fileno(), theirs_a.fileno()], stdin=subprocess.DEVNULL)
         except OSError as exc:
             ours.close()
+            ours_a.close()
             raise RelayError(f"cannot start an SMTP listener process: {exc}",
                              hint="check that the Python interpreter can be run") from None
         finally:
             theirs.close()
+            theirs_a.close()
         pid = slot.proc.pid
         slot.rpc = Rpc(ours, handlers={},
-                       quick={"admit": lambda payload: self.anvil.admit(pid, payload)},
                        notices={"stored": self._stored, "auth_failed": self._auth_failed,
-                                "release": lambda s: self.anvil.release(pid, s),
                                 "net_failed": self.networks.failed},
                        on_eof=lambda: None)
+        slot.admissions = Rpc(ours_a, handlers={},
+                              quick={"admit": functools.partial(self._admit, pid)},
+                              notices={"release": functools.partial(self._release, pid)},
+                              on_eof=lambda: None)
         await self._configure(slot)
+
+    def _admit(self, pid: int, payload: tuple[int, str, str, Limits]
+               ) -> str | asyncio.Future[str | None] | None:
+        """A listener process asks to admit a connection. A refusal waits for the end of
+        this turn of the loop and what the processes have written meanwhile: a slot given
+        back before its client read the 221, and reconnected, must count, though the
+        release came over another process's channel and arrived in the same turn."""
+        refused = self.anvil.admit(pid, payload)
+        if refused is None:
+            return None
+        fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._deferred.append((pid, payload, fut))
+        if len(self._deferred) == 1:
+            asyncio.get_running_loop().call_soon(self._settle)
+        return fut
+
+    def _settle(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for slot in self._slots:
+            if slot.admissions is not None:
+                slot.admissions.channel.read_pending()
+        live = {s.proc.pid for s in self._slots if s.proc is not None
+                and s.admissions is not None and not s.admissions.channel.closed}
+        for pid, payload, fut in deferred:
+            if not fut.done():                   # (done: the connection ended meanwhile)
+                fut.set_result(self.anvil.admit(pid, payload) if pid in live else UNAVAILABLE)
+
+    def _release(self, pid: int, slot: int) -> None:
+        for asker, payload, fut in self._deferred:
+            if asker == pid and payload[0] == slot and not fut.done():
+                fut.set_result(UNAVAILABLE)      # gone while its admission waited
+        self.anvil.release(pid, slot)
 
     def _stored(self, payload: tuple[QueuedMessage, bytes | None]) -> None:
         self._spool.adopt(*payload)
@@ -249,8 +291,9 @@ class ListenerProcesses:
             code = await slot.proc.wait()
             pid = slot.proc.pid
             self.merged.retire(pid)
-            if slot.rpc is not None:
-                slot.rpc.close()
+            for rpc in (slot.rpc, slot.admissions):
+                if rpc is not None:
+                    rpc.close()
             self.anvil.forget(pid)         # its sessions are gone with it
             if self._stopping:
                 return

@@ -121,12 +121,23 @@ class RelaySMTP(DefendedSession):
         if self._admission is not None:            # gone before the answer: give it back
             self._admission = None
             self.ctx.connections.release(self._slot)
-        elif self._counted:
+        self._give_back()
+        super().connection_lost(error)
+
+    def _give_back(self) -> None:
+        """Release the connection's slot (once)."""
+        if self._counted:
             self._counted = False
             self.ctx.connections.release(self._slot)
             if self.ctx.metrics is not None:
                 self.ctx.metrics.smtp_sessions.labels(self.ctx.cfg.name).dec()
-        super().connection_lost(error)
+
+    async def smtp_QUIT(self, arg: str) -> None:
+        # The slot goes back before the 221: a client that reconnects on reading it (as
+        # at its per-client limit) must not find its old connection still counted.
+        if not arg:
+            self._give_back()
+        await super().smtp_QUIT(arg)
 
     async def refuse_at_connect(self) -> bool:
         if self._admission is not None:

@@ -204,3 +204,37 @@ def test_a_client_gone_before_the_greeting_leaves_no_session_behind(tmp_path: Pa
         for s in held:
             s.close()
         relay.stop()
+
+
+def test_a_client_at_its_limit_that_reconnects_on_221_is_never_refused(
+        tmp_path: Path) -> None:
+    """smtp-source's pattern: as many sessions as the limit, each reconnecting once it has
+    read the 221 to QUIT. The slot is released before the 221, and the main process reads
+    the other process's pending releases before it refuses anyone."""
+    import threading
+
+    port, mport = free_port(), free_port()
+    relay = Relay(tmp_path, config(tmp_path, port, mport, per_client=6)).start(port)
+    greetings: list[str] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        for _ in range(40):
+            with socket.create_connection(("127.0.0.1", port), timeout=20,
+                                          source_address=("127.0.4.4", 0)) as s:
+                first = reply(s)
+                with lock:
+                    greetings.append(first)
+                if first.startswith("220 "):
+                    s.sendall(b"QUIT\r\n")
+                    assert reply(s).startswith("221 ")
+    try:
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        refused = [g for g in greetings if not g.startswith("220 ")]
+        assert len(greetings) == 240 and not refused, refused[:3]
+    finally:
+        relay.stop()
