@@ -3,8 +3,10 @@
 When neither side of a logged-in session uses TLS, relay has nothing to do with the bytes,
 so it hands both sockets to ``os.splice`` (Linux). Each direction reads into a pipe only
 while that pipe is empty and stops reading while the destination cannot take more, so
-backpressure is the kernel's. A direction's pipe exists only while bytes flow (idle
-sessions hold no pipes). The TLS path stays in ``relay.proxy.pump``.
+backpressure is the kernel's. A direction's pipe exists only while bytes flow: it is
+kept between bursts of one transfer (making a 1 MB pipe per socket wakeup cost more than
+the splice) and closed once the session has moved nothing for ``PIPE_IDLE`` seconds, so
+idle sessions hold no pipes. The TLS path stays in ``relay.proxy.pump``.
 
 A watched session (``relay.proxy.safepoint``, to end it at a safe point after a reload)
 reads what the watch must see into Python (IMAP lines, all of POP3) and still splices
@@ -27,6 +29,7 @@ READ = 256 * 1024                 # a watched read: what the watch looks at in o
 _F_SETPIPE_SZ = 1031
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _BURST = 16                       # reads per wakeup before yielding to other sessions
+PIPE_IDLE = 1.0                   # seconds without bytes before a direction's pipe closes
 
 
 def available(client: Channel, upstream: Channel) -> bool:
@@ -67,7 +70,7 @@ class _Direction:
     """Bytes from ``src`` to ``dst`` through a pipe, with kernel backpressure."""
 
     __slots__ = ("bytes", "closing", "dst", "eof", "feed", "inpipe", "owner", "pending",
-                 "pipe", "src", "stream", "trailer", "watch")
+                 "pipe", "src", "stream", "timer", "trailer", "watch")
 
     def __init__(self, owner: KernelSplice, src: int, dst: int, pending: bytes, *,
                  watch: Watch | None = None, stream: Stream | None = None,
@@ -82,6 +85,7 @@ class _Direction:
         self.watch, self.stream, self.feed = watch, stream, feed
         self.trailer = b""              # written after everything else when closing
         self.closing = False
+        self.timer: asyncio.TimerHandle | None = None   # closes the pipe once idle
 
     def start(self) -> None:
         if self.pending:
@@ -89,11 +93,24 @@ class _Direction:
         else:
             self.owner.loop.add_reader(self.src, self.readable)
 
-    def _release_pipe(self) -> None:
-        if self.pipe is not None and self.inpipe == 0:
+    def _rest(self) -> None:
+        """The source has nothing now: keep the pipe for the next burst, and close it once
+        the session has been idle ``PIPE_IDLE`` seconds."""
+        if self.pipe is not None and self.timer is None:
+            self.timer = self.owner.loop.call_later(PIPE_IDLE, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self.timer = None
+        if self.pipe is None:
+            return
+        idle = self.owner.loop.time() - self.owner.last_activity
+        if idle >= PIPE_IDLE and self.inpipe == 0:
             os.close(self.pipe[0])
             os.close(self.pipe[1])
             self.pipe = None
+        else:
+            self.timer = self.owner.loop.call_later(max(PIPE_IDLE - idle, 0.1),
+                                                    self._idle_check)
 
     def _flush(self) -> bool:
         """Write what is pending and in the pipe; True when all of it went out."""
@@ -129,7 +146,7 @@ class _Direction:
                 try:
                     n = os.splice(self.src, self.pipe[1], CHUNK, flags=_FLAGS)
                 except BlockingIOError:
-                    self._release_pipe()
+                    self._rest()
                     return
                 if n == 0:
                     self.eof = True
@@ -161,7 +178,7 @@ class _Direction:
                     try:
                         n = os.splice(self.src, self.pipe[1], min(blind, CHUNK), flags=_FLAGS)
                     except BlockingIOError:
-                        self._release_pipe()
+                        self._rest()
                         return
                     if n:
                         watch.skip(stream, n)
@@ -170,7 +187,7 @@ class _Direction:
                     try:
                         data = os.read(self.src, READ)
                     except BlockingIOError:
-                        self._release_pipe()
+                        self._rest()
                         return
                     n = len(data)
                     if n:
@@ -222,6 +239,9 @@ class _Direction:
         loop = self.owner.loop
         loop.remove_reader(self.src)
         loop.remove_writer(self.dst)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.pipe is not None:
             os.close(self.pipe[0])
             os.close(self.pipe[1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import imaplib
 import logging
@@ -277,3 +278,43 @@ async def test_50_mb_message_fetched_intact(dc: Dovecot, relay_cert: tuple,
     (line,) = [rec.getMessage() for rec in caplog.records if "proxy session" in rec.getMessage()]
     assert f"splice={path}" in line
     assert int(line.split("bytes_to_client=")[1].split()[0]) > len(sent)
+
+
+def pipes() -> int:
+    """Pipes this process holds open (the kernel splice's, the proxy running here)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+    return count
+
+
+async def test_a_spliced_session_keeps_its_pipes_between_bursts_and_drops_them_idle(
+        dc: Dovecot, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transfer reuses one pipe per direction (not one per socket wakeup), and an idle
+    logged-in session holds none once PIPE_IDLE has passed."""
+    from relay.proxy import zerocopy
+    monkeypatch.setattr(zerocopy, "PIPE_IDLE", 0.3)
+    made: list[int] = []
+    real = os.pipe2
+
+    def counting(flags: int) -> tuple[int, int]:
+        made.append(flags)
+        return real(flags)
+    monkeypatch.setattr(zerocopy.os, "pipe2", counting)
+    subject = f"mid-{uuid.uuid4().hex}"
+    sent = message(subject, base64.encodebytes(os.urandom(3 * 1024 * 1024)).replace(
+        b"\n", b"\r\n"))
+    dc.deliver("alice", sent)
+    async with run_proxy(dc, None, tls="none", up_tls="none", kernel_splice=True) as r:
+        before = pipes()
+        m = await asyncio.to_thread(imaplib.IMAP4, "localhost", r.port, timeout=30)
+        try:
+            await asyncio.to_thread(m.login, "alice", "alice-pw")
+            got = await asyncio.to_thread(imap_fetch_subject, m, subject)
+            assert hashlib.sha256(got).hexdigest() == hashlib.sha256(sent).hexdigest()
+            assert len(made) <= 6, f"{len(made)} pipes made for one 4 MB FETCH"
+            await until(lambda: pipes() == before, timeout=5)     # idle: none held
+            await asyncio.to_thread(m.noop)                        # and it still works
+        finally:
+            await asyncio.to_thread(m.logout)
