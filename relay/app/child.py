@@ -137,7 +137,7 @@ class ListenerProcess:
                 checks=lp.checks, users=lp.users, metrics=self.metrics,
                 accounts=self.accounts,
                 connections=RemoteCounter(
-                    name, call=self.admissions.call,
+                    name, request=self.admissions.request,
                     notify=functools.partial(self.admissions.notify, now=True))
                 if shared else None,
                 on_failure=self._network_failed if shared else None))

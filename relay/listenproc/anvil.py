@@ -28,7 +28,8 @@ import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from relay.config.schema import ListenerConfig
 from relay.connlimits import UNAVAILABLE, ConnectionCounter, Limits
@@ -40,33 +41,45 @@ log = logging.getLogger("relay.listenproc")
 
 ADMIT_TIMEOUT = 10.0
 
-Call = Callable[[str, object], Awaitable[object]]
+class Request(Protocol):
+    """``Rpc.request``: a request answered through a bare future."""
+
+    def __call__(self, kind: str, payload: object, *, timeout: float
+                 ) -> asyncio.Future[Any]: ...
 
 
 class RemoteCounter:
     """A listener process's view of one listener's connection counts (main keeps them)."""
 
-    def __init__(self, listener: str, *, call: Call,
+    def __init__(self, listener: str, *, request: Request,
                  notify: Callable[[str, object], None]) -> None:
         self.listener = listener
-        self._call = call
+        self._request = request
         self._notify = notify
         self._ids = itertools.count(1)
 
     def ask(self, addr: str, limits: Limits) -> tuple[int, asyncio.Future[str | None]]:
-        """Ask for a slot: (the slot to ``release`` in any case, the refusal or None)."""
+        """Ask for a slot: (the slot to ``release`` in any case, the refusal or None).
+        Futures and callbacks only: one admission per connection, no task."""
         slot = next(self._ids)
-        return slot, asyncio.ensure_future(self._admit(slot, addr, limits))
+        answer: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        asked = self._request("admit", (slot, self.listener, addr, limits),
+                              timeout=ADMIT_TIMEOUT)
 
-    async def _admit(self, slot: int, addr: str, limits: Limits) -> str | None:
-        try:
-            refused = await asyncio.wait_for(
-                self._call("admit", (slot, self.listener, addr, limits)), ADMIT_TIMEOUT)
-        except Exception as exc:               # the main process is gone or stuck
-            log.warning("listener %s: no admission from the main relay process (%s); "
-                        "refusing %s with 421", self.listener, exc or type(exc).__name__, addr)
-            return UNAVAILABLE
-        return None if refused is None else str(refused)
+        def settle(done: asyncio.Future[object]) -> None:
+            if answer.done():                  # the session is gone (cancelled)
+                return
+            if done.cancelled() or done.exception() is not None:
+                exc = None if done.cancelled() else done.exception()
+                log.warning("listener %s: no admission from the main relay process (%s); "
+                            "refusing %s with 421", self.listener,
+                            exc or type(exc).__name__, addr)
+                answer.set_result(UNAVAILABLE)
+                return
+            refused = done.result()
+            answer.set_result(None if refused is None else str(refused))
+        asked.add_done_callback(settle)
+        return slot, answer
 
     def release(self, slot: int) -> None:
         """Give ``slot`` back (whether it was admitted or not)."""

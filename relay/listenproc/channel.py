@@ -244,6 +244,26 @@ class Rpc:
         finally:
             self._waiting.pop(seq, None)
 
+    def request(self, kind: str, payload: object, *, timeout: float) -> asyncio.Future[Any]:
+        """``call()`` as a bare future (no task, no coroutine): for a request made per
+        connection. Fails with ChannelClosed, RemoteError or TimeoutError."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        seq = next(self._seq)
+        try:
+            self.channel.send(("req", seq, kind, payload))
+        except ChannelClosed as exc:
+            fut.set_exception(exc)
+            return fut
+        self._waiting[seq] = fut
+        timer = loop.call_later(timeout, _expire, fut)
+
+        def done(_: asyncio.Future[Any]) -> None:
+            timer.cancel()
+            self._waiting.pop(seq, None)
+        fut.add_done_callback(done)
+        return fut
+
     def notify(self, kind: str, payload: object = None, *, now: bool = False) -> None:
         """Send a notice; ``now``: written before returning, not at the end of the loop
         iteration (when its order against what this process writes next matters)."""
@@ -309,6 +329,11 @@ class Rpc:
             reply = ("rep", seq, False, text)
         with contextlib.suppress(ChannelClosed):
             self.channel.send(reply)
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError("no answer from the other relay process"))
 
 
 class RemoteError(Exception):

@@ -10,6 +10,7 @@ credentials).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 import time
@@ -97,7 +98,13 @@ def received_header(*, info: SessionInfo, hostname: str, extended: bool,
     tls = f"\r\n\t(using {_clean(tls_version, 32)})" if tls_version else ""
     return (f"Received: from {_clean(info.helo)} ([{ip}]){tls}\r\n"
             f"\tby {hostname} (relay) with {proto};\r\n"
-            f"\t{formatdate(now, localtime=True)}\r\n").encode("ascii")
+            f"\t{_date(int(now))}\r\n").encode("ascii")
+
+
+@functools.lru_cache(maxsize=4)
+def _date(second: int) -> str:
+    """RFC 5322 local date of a whole second (every message of that second shares it)."""
+    return formatdate(second, localtime=True)
 
 
 @dataclass(slots=True)

@@ -88,31 +88,40 @@ def test_a_reload_keeps_the_counts_and_takes_the_new_limit() -> None:
 
 def test_a_listener_process_refuses_with_421_when_main_does_not_answer() -> None:
     import asyncio
+    from typing import Any
 
     from relay.connlimits import UNAVAILABLE
     from relay.listenproc.anvil import RemoteCounter
     from relay.listenproc.channel import ChannelClosed
 
-    sent: list[tuple[str, object]] = []
+    sent: list[tuple[str, object, float]] = []
 
-    async def gone(kind: str, payload: object) -> object:
-        raise ChannelClosed("the other relay process is gone")
-
-    async def answers(kind: str, payload: object) -> object:
-        sent.append((kind, payload))
-        return TOO_MANY_FROM_CLIENT
+    def answered(result: object = None, exc: BaseException | None = None):  # type: ignore[no-untyped-def]
+        def request(kind: str, payload: object, *, timeout: float) -> asyncio.Future[Any]:
+            sent.append((kind, payload, timeout))
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+            return fut
+        return request
 
     def closed(kind: str, payload: object) -> None:
         raise ChannelClosed("the other relay process is gone")
 
     async def run() -> None:
-        counter = RemoteCounter("submit", call=gone, notify=closed)
+        for exc in (ChannelClosed("gone"), TimeoutError("no answer")):
+            counter = RemoteCounter("submit", request=answered(exc=exc), notify=closed)
+            slot, fut = counter.ask("10.0.0.1", LIMITS)
+            assert await fut == UNAVAILABLE
+            counter.release(slot)                      # main gone: nothing to tell
+        counter = RemoteCounter("submit", request=answered(TOO_MANY_FROM_CLIENT),
+                                notify=lambda k, p: None)
         slot, fut = counter.ask("10.0.0.1", LIMITS)
-        assert await fut == UNAVAILABLE
-        counter.release(slot)                         # main gone: nothing to tell
-        counter = RemoteCounter("submit", call=answers, notify=lambda k, p: None)
-        slot2, fut = counter.ask("10.0.0.1", LIMITS)
         assert await fut == TOO_MANY_FROM_CLIENT
-        assert sent == [("admit", (slot2, "submit", "10.0.0.1", LIMITS))]
+        assert sent[-1] == ("admit", (slot, "submit", "10.0.0.1", LIMITS), 10.0)
+        counter = RemoteCounter("submit", request=answered(None), notify=lambda k, p: None)
+        assert await counter.ask("10.0.0.1", LIMITS)[1] is None
 
     asyncio.run(run())

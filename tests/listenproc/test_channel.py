@@ -96,3 +96,22 @@ async def test_what_was_sent_just_before_close_still_arrives() -> None:
     await asyncio.wait_for(gone.wait(), 5)
     assert got == ["reply"]
     receiver.close()
+
+
+async def test_request_is_answered_or_times_out_without_a_task() -> None:
+    a, b = socket.socketpair()
+    server = Rpc(a, handlers={}, quick={"echo": lambda p: p,
+                                        "later": lambda p: asyncio.get_running_loop()
+                                        .create_future()},
+                 notices={}, on_eof=lambda: None)
+    client = Rpc(b, handlers={}, notices={}, on_eof=lambda: None)
+    try:
+        assert await client.request("echo", 41, timeout=5) == 41
+        with pytest.raises(TimeoutError):
+            await client.request("later", None, timeout=0.05)
+        assert not client._waiting                    # nothing left behind
+    finally:
+        server.close()
+        client.close()
+    with pytest.raises(ChannelClosed):
+        await client.request("echo", 1, timeout=5)
