@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 
 from relay.users import hash_password, write_users
+from tests.hostile.test_accounts import lines
 from tests.peers import free_port, wait_until
 from tests.peers.relayproc import Relay, sample, scrape
 
@@ -57,13 +58,13 @@ path = "{work / 'outbox'}"
 
 
 def reply(sock: socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\r\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode().splitlines()[-1] if data else ""
+    """The last line of the server's next reply ("" when it closed without one)."""
+    return (lines(sock) or [""])[-1]
+
+
+def connect(port: int, source: str) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=20,
+                                    source_address=(source, 0))
 
 
 def listener_pids(relay: Relay) -> list[int]:
@@ -90,8 +91,7 @@ def test_connections_per_client_are_counted_across_processes(tmp_path: Path) -> 
     try:
         answers = []
         for _ in range(16):
-            s = socket.create_connection(("127.0.0.1", port), timeout=20,
-                                         source_address=("127.0.4.1", 0))
+            s = connect(port, "127.0.4.1")
             answers.append(reply(s))
             held.append(s)
         assert sum(a.startswith("220 ") for a in answers) == 3, answers
@@ -111,8 +111,7 @@ def test_connections_per_client_are_counted_across_processes(tmp_path: Path) -> 
                                   listener="submit") == 0, timeout=20)
         again = []
         for _ in range(3):
-            s = socket.create_connection(("127.0.0.1", port), timeout=20,
-                                         source_address=("127.0.4.1", 0))
+            s = connect(port, "127.0.4.1")
             again.append(reply(s))
             held.append(s)
         assert all(a.startswith("220 ") for a in again), again
@@ -128,8 +127,7 @@ def test_a_killed_listener_process_gives_its_slots_back(tmp_path: Path) -> None:
     held: list[socket.socket] = []
     try:
         for _ in range(2):
-            s = socket.create_connection(("127.0.0.1", port), timeout=20,
-                                         source_address=("127.0.4.2", 0))
+            s = connect(port, "127.0.4.2")
             assert reply(s).startswith("220 ")
             held.append(s)
         before = listener_pids(relay)
@@ -137,8 +135,7 @@ def test_a_killed_listener_process_gives_its_slots_back(tmp_path: Path) -> None:
             os.kill(pid, signal.SIGKILL)
         wait_until(lambda: len(set(listener_pids(relay)) - set(before)) == 2, timeout=30)
         for _ in range(2):
-            s = socket.create_connection(("127.0.0.1", port), timeout=20,
-                                         source_address=("127.0.4.2", 0))
+            s = connect(port, "127.0.4.2")
             assert reply(s).startswith("220 "), "a dead process's slots were kept"
             held.append(s)
     finally:
@@ -188,16 +185,14 @@ def test_a_client_gone_before_the_greeting_leaves_no_session_behind(tmp_path: Pa
     held: list[socket.socket] = []
     try:
         for _ in range(6):
-            with socket.create_connection(("127.0.0.1", port), timeout=20,
-                                          source_address=("127.0.4.3", 0)) as s:
+            with connect(port, "127.0.4.3") as s:
                 s.shutdown(socket.SHUT_WR)
                 while s.recv(4096):            # the relay closes its side too
                     pass
         wait_until(lambda: sample(scrape(mport), "relay_smtp_sessions",
                                   listener="submit") == 0, timeout=20)
         for _ in range(2):
-            s = socket.create_connection(("127.0.0.1", port), timeout=20,
-                                         source_address=("127.0.4.3", 0))
+            s = connect(port, "127.0.4.3")
             held.append(s)
             assert reply(s).startswith("220 "), "a slot of a vanished client was kept"
     finally:
@@ -220,8 +215,7 @@ def test_a_client_at_its_limit_that_reconnects_on_221_is_never_refused(
 
     def client() -> None:
         for _ in range(40):
-            with socket.create_connection(("127.0.0.1", port), timeout=20,
-                                          source_address=("127.0.4.4", 0)) as s:
+            with connect(port, "127.0.4.4") as s:
                 first = reply(s)
                 with lock:
                     greetings.append(first)
