@@ -56,8 +56,22 @@ class Run:
     by_process: dict[str, float] = field(default_factory=dict)   # CPU ms/msg
 
 
+def settle(limit_kb: int = 4096, timeout: float = 15.0) -> None:
+    """Write back what the previous contestant left dirty before timing the next, so that
+    no one pays for another's queue files (all share one disk and one journal)."""
+    os.sync()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = Path("/proc/meminfo").read_text()
+        info = dict(line.split(":", 1) for line in text.splitlines())
+        if int(info["Dirty"].split()[0]) + int(info["Writeback"].split()[0]) < limit_kb:
+            return
+        time.sleep(0.1)
+
+
 def run_scenario(target: Target, sink: Sink, *, size: int, sessions: int, count: int,
                  timeout: float) -> Run:
+    settle()
     base = sink.count()
     cpu0 = target.cg.cpu_seconds()
     proc0 = target.cg.per_process_cpu()
