@@ -239,10 +239,10 @@ class ListenerProcesses:
         return fut
 
     def _settle(self) -> None:
-        deferred, self._deferred = self._deferred, []
-        for slot in self._slots:
+        for slot in self._slots:       # releases read here still find what they cancel
             if slot.admissions is not None:
                 slot.admissions.channel.read_pending()
+        deferred, self._deferred = self._deferred, []
         live = {s.proc.pid for s in self._slots if s.proc is not None
                 and s.admissions is not None and not s.admissions.channel.closed}
         for pid, payload, fut in deferred:

@@ -125,3 +125,64 @@ def test_a_listener_process_refuses_with_421_when_main_does_not_answer() -> None
         assert await counter.ask("10.0.0.1", LIMITS)[1] is None
 
     asyncio.run(run())
+
+
+class _Channel:
+    def __init__(self) -> None:
+        self.closed = False
+        self.pending: list[object] = []        # what the process "has written"
+
+    def read_pending(self) -> None:
+        while self.pending:
+            action = self.pending.pop(0)
+            assert callable(action)
+            action()
+
+
+class _Rpc:
+    def __init__(self) -> None:
+        self.channel = _Channel()
+
+
+class _Proc:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+
+def processes() -> object:
+    from relay.listenproc.supervisor import ListenerProcesses, _Slot
+    lp = ListenerProcesses(2, spool=None)  # type: ignore[arg-type]
+    lp._slots = [_Slot(0, proc=_Proc(101), admissions=_Rpc()),  # type: ignore[arg-type]
+                 _Slot(1, proc=_Proc(102), admissions=_Rpc())]  # type: ignore[arg-type]
+    return lp
+
+
+async def test_a_refusal_waits_for_releases_already_written_by_the_other_process() -> None:
+    import asyncio
+    lp = processes()
+    limits = Limits(per_client=1)
+    assert lp._admit(101, (1, "submit", "10.0.0.1", limits)) is None       # type: ignore[attr-defined]
+    # 101 released slot 1 before its client read the 221; the reconnect lands on 102,
+    # whose admission the main process reads first.
+    lp._slots[0].admissions.channel.pending.append(lambda: lp._release(101, 1))  # type: ignore[attr-defined]
+    answer = lp._admit(102, (1, "submit", "10.0.0.1", limits))               # type: ignore[attr-defined]
+    assert isinstance(answer, asyncio.Future)
+    assert await answer is None
+    assert lp.anvil.holding("submit") == 1                                   # type: ignore[attr-defined]
+
+
+async def test_a_connection_gone_while_its_refusal_waits_holds_nothing() -> None:
+    import asyncio
+
+    from relay.connlimits import UNAVAILABLE
+    lp = processes()
+    limits = Limits(per_client=1)
+    assert lp._admit(101, (1, "submit", "10.0.0.1", limits)) is None       # type: ignore[attr-defined]
+    answer = lp._admit(102, (7, "submit", "10.0.0.1", limits))               # type: ignore[attr-defined]
+    # 102's client went away: its release arrives while the refusal waits, read in the
+    # same settle that would otherwise admit it once slot 1 is given back too.
+    lp._slots[1].admissions.channel.pending.append(lambda: lp._release(102, 7))  # type: ignore[attr-defined]
+    lp._slots[0].admissions.channel.pending.append(lambda: lp._release(101, 1))  # type: ignore[attr-defined]
+    assert isinstance(answer, asyncio.Future)
+    assert await answer == UNAVAILABLE
+    assert lp.anvil.holding("submit") == 0                                   # type: ignore[attr-defined]
