@@ -41,6 +41,7 @@ log = logging.getLogger("relay.listenproc")
 
 ADMIT_TIMEOUT = 10.0
 
+
 class Request(Protocol):
     """``Rpc.request``: a request answered through a bare future."""
 
@@ -69,11 +70,14 @@ class RemoteCounter:
         def settle(done: asyncio.Future[object]) -> None:
             if answer.done():                  # the session is gone (cancelled)
                 return
-            if done.cancelled() or done.exception() is not None:
-                exc = None if done.cancelled() else done.exception()
+            exc = None if done.cancelled() else done.exception()
+            if done.cancelled() or exc is not None:
                 log.warning("listener %s: no admission from the main relay process (%s); "
-                            "refusing %s with 421", self.listener,
-                            exc or type(exc).__name__, addr)
+                            "refusing %s with 421\n  hint: the main process is stopping, "
+                            "gone or too busy to answer within %.0f s; see its log lines "
+                            "and `relay status`", self.listener,
+                            "cancelled" if exc is None else str(exc) or type(exc).__name__,
+                            addr, ADMIT_TIMEOUT)
                 answer.set_result(UNAVAILABLE)
                 return
             refused = done.result()

@@ -235,23 +235,17 @@ class Rpc:
 
     async def call(self, kind: str, payload: object = None, *, fds: list[int] | None = None,
                    timeout: float = 30.0) -> Any:
-        seq = next(self._seq)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting[seq] = fut
-        try:
-            self.channel.send(("req", seq, kind, payload), fds)
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            self._waiting.pop(seq, None)
+        return await self.request(kind, payload, fds=fds, timeout=timeout)
 
-    def request(self, kind: str, payload: object, *, timeout: float) -> asyncio.Future[Any]:
-        """``call()`` as a bare future (no task, no coroutine): for a request made per
+    def request(self, kind: str, payload: object, *, fds: list[int] | None = None,
+                timeout: float) -> asyncio.Future[Any]:
+        """``call()`` as a bare future (no task, no coroutine), for a request made per
         connection. Fails with ChannelClosed, RemoteError or TimeoutError."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         seq = next(self._seq)
         try:
-            self.channel.send(("req", seq, kind, payload))
+            self.channel.send(("req", seq, kind, payload), fds)
         except ChannelClosed as exc:
             fut.set_exception(exc)
             return fut
@@ -327,8 +321,7 @@ class Rpc:
             log.debug("request %s failed", kind, exc_info=True)
             text = exc.explain() if isinstance(exc, RelayError) else str(exc) or repr(exc)
             reply = ("rep", seq, False, text)
-        with contextlib.suppress(ChannelClosed):
-            self.channel.send(reply)
+        self._reply(reply)
 
 
 def _expire(fut: asyncio.Future[Any]) -> None:
