@@ -48,8 +48,8 @@ class ProxyListener:
         self._kernel_splice = kernel_splice
         self._accounts = accounts
         self._server: AcceptLoop | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._sessions: dict[ProxySession, None] = {}
+        self._tasks: dict[asyncio.Task[None], ProxySession] = {}   # every session's task
+        self._sessions: dict[ProxySession, str] = {}   # admitted ones, with their slot
         self._fail_delay = (fail_delay, fail_delay_max)
         self._counter = ConnectionCounter()
         self._ctx = self._context(cfg, upstream, authenticator, transport_for, token_for,
@@ -227,7 +227,7 @@ class ProxyListener:
         session = ProxySession(ctx, ch, (addr, int(peer[1])))
         m = ctx.metrics
         if refuse is None:
-            self._sessions[session] = None
+            self._sessions[session] = slot
             if m is not None:
                 m.proxy_sessions.labels(ctx.listener.name).inc()
                 m.proxy_sessions_total.labels(ctx.listener.name).inc()
@@ -236,14 +236,13 @@ class ProxyListener:
             if refuse in METRIC_REASON:
                 m.connections_refused.labels(ctx.listener.name, METRIC_REASON[refuse]).inc()
         task = asyncio.get_running_loop().create_task(session.run(refuse))
-        self._tasks.add(task)
-        task.add_done_callback(lambda t: self._done(t, session, slot, refuse is None))
+        self._tasks[task] = session
+        task.add_done_callback(self._done)      # a bound method: no closure per session
 
-    def _done(self, task: asyncio.Task[None], session: ProxySession, slot: str,
-              admitted: bool) -> None:
-        self._tasks.discard(task)
-        if admitted:
-            self._sessions.pop(session, None)
+    def _done(self, task: asyncio.Task[None]) -> None:
+        session = self._tasks.pop(task)
+        slot = self._sessions.pop(session, None)
+        if slot is not None:
             self._counter.release(slot)
             if session.ctx.metrics is not None:
                 session.ctx.metrics.proxy_sessions.labels(session.ctx.listener.name).dec()

@@ -173,6 +173,15 @@ class Channel(asyncio.Protocol):
             finally:
                 self._drain = None
 
+    def forget(self) -> None:
+        """Drop the (aborted) transport and buffers once the kernel moves this side's bytes.
+
+        The aborted transport still holds its socket object and address extras, which an
+        idle kernel-spliced session would keep for its whole life.
+        """
+        self.transport = None
+        self._buf = bytearray()
+
     def take_buffer(self) -> bytes:
         data = bytes(self._buf)
         self._buf.clear()

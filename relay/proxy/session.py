@@ -326,23 +326,31 @@ class ProxySession:
         spliced = self.spliced
         assert spliced is not None
         self.end = "spliced"
-        loop = asyncio.get_running_loop()
-        idle = self.ctx.listener.idle_timeout
-        period = min(idle, 60.0)
-
-        def tick() -> None:
-            self._flush_bytes()
-            if loop.time() - spliced.last_activity >= idle:
-                self.end = "idle_timeout"
-                spliced.close()
-                return
-            self._idle_handle = loop.call_later(period, tick)
-
-        self._idle_handle = loop.call_later(period, tick)
+        if isinstance(spliced, zerocopy.KernelSplice):
+            self.upstream = None      # its socket is the splice's now: keep no dead channel
+        self._idle_handle = asyncio.get_running_loop().call_later(self._period(), self._tick)
         how = await spliced.done            # a future of the splice itself: no extra task
         if self.end == "spliced":
             self.end = how
         await spliced.wait_closed(30)
+
+    def _period(self) -> float:
+        return min(self.ctx.listener.idle_timeout, 60.0)
+
+    def _tick(self) -> None:
+        """Every minute at most: count the bytes moved, and end an idle session.
+
+        A method, not a closure: an idle session's memory is mostly what it keeps.
+        """
+        spliced = self.spliced
+        assert spliced is not None
+        self._flush_bytes()
+        loop = asyncio.get_running_loop()
+        if loop.time() - spliced.last_activity >= self.ctx.listener.idle_timeout:
+            self.end = "idle_timeout"
+            spliced.close()
+            return
+        self._idle_handle = loop.call_later(self._period(), self._tick)
 
     # -- after a reload that changed the way to the provider -----------------------------
     def _logged_in_through(self, ctx: SessionContext) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import hashlib
 import imaplib
 import logging
@@ -318,3 +319,30 @@ async def test_a_spliced_session_keeps_its_pipes_between_bursts_and_drops_them_i
             await asyncio.to_thread(m.noop)                        # and it still works
         finally:
             await asyncio.to_thread(m.logout)
+
+
+def live_transports() -> int:
+    gc.collect()                       # closed transports are cyclic garbage until collected
+    return sum(isinstance(o, asyncio.Transport) for o in gc.get_objects())
+
+
+async def test_an_idle_kernel_spliced_session_keeps_no_transport(dc: Dovecot) -> None:
+    """Once the kernel moves a session's bytes, relay keeps neither side's asyncio transport
+    (each held its socket object and address extras: most of an idle session's memory)."""
+    async with run_proxy(dc, None, tls="none", up_tls="none", kernel_splice=True) as r:
+        before = live_transports()
+        clients = []
+        try:
+            for _ in range(3):
+                m = await asyncio.to_thread(imaplib.IMAP4, "localhost", r.port, timeout=30)
+                clients.append(m)
+                await asyncio.to_thread(m.login, "alice", "alice-pw")
+            await until(lambda: r.metric("relay_proxy_splices_total",
+                                         {"listener": "imap-in", "path": "kernel"}) == 3)
+            assert live_transports() == before
+            for m in clients:
+                typ, _ = await asyncio.to_thread(m.noop)        # and they still work
+                assert typ == "OK"
+        finally:
+            for m in clients:
+                await asyncio.to_thread(m.logout)
