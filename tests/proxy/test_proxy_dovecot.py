@@ -11,7 +11,10 @@ import imaplib
 import logging
 import os
 import poplib
+import socket
+import stat
 import uuid
+from typing import Any
 
 import pytest
 
@@ -346,3 +349,45 @@ async def test_an_idle_kernel_spliced_session_keeps_no_transport(dc: Dovecot) ->
         finally:
             for m in clients:
                 await asyncio.to_thread(m.logout)
+
+
+async def test_a_long_literal_wakes_relay_for_large_pieces_only(
+        dc: Dovecot, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a FETCH's literal flows, the provider socket's SO_RCVLOWAT asks epoll to wake
+    relay for large pieces; it is back to 1 for the small replies that follow."""
+    from relay.proxy import zerocopy
+    marks: list[tuple[int, int]] = []          # (SO_RCVLOWAT that woke the read, its fd)
+    real = os.splice
+
+    def observing(src: int, dst: int, count: int, *args: Any, **kw: Any) -> int:
+        n = real(src, dst, count, *args, **kw)
+        if not stat.S_ISFIFO(os.fstat(src).st_mode):       # socket → pipe
+            sock = socket.socket(fileno=src)
+            try:
+                marks.append((sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT), src))
+            finally:
+                sock.detach()
+        return n
+    monkeypatch.setattr(zerocopy.os, "splice", observing)
+    subject = f"mid-{uuid.uuid4().hex}"
+    sent = message(subject, base64.encodebytes(os.urandom(6 * 1024 * 1024)).replace(
+        b"\n", b"\r\n"))
+    dc.deliver("alice", sent)
+    async with run_proxy(dc, None, tls="none", up_tls="none", kernel_splice=True) as r:
+        m = await asyncio.to_thread(imaplib.IMAP4, "localhost", r.port, timeout=30)
+        try:
+            await asyncio.to_thread(m.login, "alice", "alice-pw")
+            got = await asyncio.to_thread(imap_fetch_subject, m, subject)
+            assert hashlib.sha256(got).hexdigest() == hashlib.sha256(sent).hexdigest()
+            during = [mark for mark, _ in marks]
+            assert max(during) == zerocopy.LOWAT, during
+            for _ in range(3):                      # small replies still wake relay
+                typ, _ = await asyncio.to_thread(m.noop)
+                assert typ == "OK"
+            sock = socket.socket(fileno=marks[-1][1])   # the provider side, still open
+            try:
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+            finally:
+                sock.detach()
+        finally:
+            await asyncio.to_thread(m.logout)
