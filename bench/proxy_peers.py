@@ -134,6 +134,19 @@ auth = "passthrough"
         for port in (self.port, self.tls_port, self.metrics_port):
             wait_port(port, self.proc, log)
         self.pid = self.proc.pid
+        self.settle()
+
+    def settle(self, timeout: float = 15.0) -> None:
+        """Wait until relay's processes are done starting (its SMTP listener processes
+        import relay after the ports open): their start-up CPU is not the proxy's."""
+        deadline = time.monotonic() + timeout
+        before = tree_cpu_ms(self.pid)
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = tree_cpu_ms(self.pid)
+            if now - before < 5.0:
+                return
+            before = now
 
     def metric(self, name: str, **labels: str) -> float:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
