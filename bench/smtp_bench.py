@@ -139,6 +139,8 @@ def main() -> int:
                     help="run only this contestant (repeatable)")
     ap.add_argument("--messages", type=int, default=0, help="messages per 1 KB run (100 KB "
                     "runs send half); default 3000, quick 300")
+    ap.add_argument("--scenario", action="append", metavar="KB:SESSIONS",
+                    help="run only this scenario, e.g. 1:20 (repeatable; default all)")
     ap.add_argument("--breakdown", action="store_true", help="relay's CPU per process and thread")
     ap.add_argument("--relay-extra", default="", help="lines added to relay's [relay] "
                     "section, e.g. 'smtp_processes = 2' (for locating bottlenecks)")
@@ -150,6 +152,8 @@ def main() -> int:
     small = args.messages or (300 if args.quick else 3000)
     counts = {1024: small, 100 * 1024: small // 2}
     names = args.only or NAMES
+    scenarios = [(int(kb) * 1024, int(n)) for kb, n in
+                 (x.split(":") for x in args.scenario)] if args.scenario else SCENARIOS
     key = generate("rsa", 2048)
     pem, record = private_pem(key), txt_record(key).encode()
     load0 = os.getloadavg()
@@ -182,7 +186,7 @@ def main() -> int:
                 run_scenario(t, sinks.bench, size=1024, sessions=20, count=100, timeout=120)
             for rep in range(reps):
                 order = targets[rep % len(targets):] + targets[:rep % len(targets)]
-                for size, sessions in SCENARIOS:
+                for size, sessions in scenarios:
                     for t in order:
                         r = run_scenario(t, sinks.bench, size=size, sessions=sessions,
                                          count=counts[size], timeout=600)
