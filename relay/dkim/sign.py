@@ -15,8 +15,8 @@ for the domain, sent unsigned with a warning and ``relay_dkim_signatures{result=
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import functools
 import logging
 import re
 import time
@@ -34,12 +34,14 @@ from relay.envelope import Envelope
 from relay.errors import DkimError
 from relay.headers import split
 from relay.metrics import Metrics
+from relay.offload import Worker
 from relay.verdict import Refusal
 
 __all__ = ["OVERSIGNED", "SIGNED_HEADERS", "DkimKeys", "Signer", "from_domain", "load_keys",
            "relaxed_body"]
 
 log = logging.getLogger("relay.dkim")
+_SIGNING = Worker("relay-dkim")        # one per process: RSA runs beside the event loop
 _AT_DOMAIN = re.compile(r"@\s*([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)")
 _DOMAIN = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
 
@@ -201,7 +203,8 @@ class Signer:
         return "".join(out).encode("ascii") + data
 
     async def sign_async(self, data: bytes, *, sender_domain: str) -> bytes:
-        return await asyncio.to_thread(self.sign, data, sender_domain=sender_domain)
+        return await _SIGNING.run(functools.partial(self.sign, data,
+                                                    sender_domain=sender_domain))
 
     async def maybe_sign(self, envelope: Envelope, data: bytes) -> bytes:
         """What the accept pipeline calls last: signed bytes, or ``data`` unchanged when the

@@ -1,0 +1,76 @@
+"""The per-process worker thread that DKIM signing runs on (``relay.offload``)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from relay.offload import Worker
+
+
+async def test_calls_run_in_order_on_one_other_thread() -> None:
+    w = Worker("test-worker")
+    seen: list[tuple[int, int]] = []
+
+    def job(i: int) -> int:
+        seen.append((i, threading.get_ident()))
+        return i * i
+    results = await asyncio.gather(*(w.run(lambda i=i: job(i)) for i in range(50)))
+    assert results == [i * i for i in range(50)]
+    assert [i for i, _ in seen] == list(range(50))
+    threads = {t for _, t in seen}
+    assert len(threads) == 1 and threading.get_ident() not in threads
+
+
+async def test_an_exception_reaches_its_caller_only() -> None:
+    w = Worker("test-worker")
+
+    def bad() -> int:
+        raise ValueError("no key")
+    calls = [w.run(lambda: 1), w.run(bad), w.run(lambda: 3)]
+    async with asyncio.timeout(10):                    # a dead thread would never answer
+        out = await asyncio.gather(*calls, return_exceptions=True)
+    assert out[0] == 1 and out[2] == 3
+    assert isinstance(out[1], ValueError) and str(out[1]) == "no key"
+    assert await w.run(lambda: 4) == 4                 # the thread survived it
+
+
+async def test_the_loop_runs_while_the_worker_is_busy() -> None:
+    """A call that releases the GIL (as RSA signing does) leaves the event loop free."""
+    w = Worker("test-worker")
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+    ticker = asyncio.create_task(tick())
+    try:
+        await w.run(lambda: time.sleep(0.3))
+    finally:
+        ticker.cancel()
+    assert ticks >= 10
+
+
+async def test_a_cancelled_caller_does_not_stop_the_worker() -> None:
+    w = Worker("test-worker")
+    gate = threading.Event()
+    slow = asyncio.ensure_future(w.run(gate.wait))
+    await asyncio.sleep(0.05)
+    slow.cancel()
+    gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await slow
+    assert await w.run(lambda: "still here") == "still here"
+
+
+def test_one_worker_serves_successive_event_loops() -> None:
+    """Tests and reloads run several loops over a process's life; results go to the loop
+    that asked."""
+    w = Worker("test-worker")
+    for n in range(3):
+        assert asyncio.run(w.run(lambda n=n: n + 100)) == n + 100
