@@ -93,8 +93,8 @@ class AcceptPipeline:
         rules = self._rules_for(envelope)
         if rules:
             data = apply_rules(data, rules)
-        if self._signer is not None:
-            data = await self._signer.maybe_sign(envelope, data)
+        if self._signer is not None:       # the DATA reader let no bare CR or LF in
+            data = await self._signer.maybe_sign(envelope, data, crlf=True)
         if not self._guard.check(received, data):
             raise Refusal(451, "4.3.0", "Error: local error in processing; try again later",
                           reason="protected_headers")

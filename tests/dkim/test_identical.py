@@ -93,6 +93,9 @@ def relay_tags(signed: bytes) -> dict[bytes, bytes]:
 def test_signature_identical_to_dkimpy(data: bytes, key: DkimKey) -> None:
     signed = Signer(DkimKeys([key]), clock=lambda: NOW).sign(data, sender_domain="example.com")
     assert signed.endswith(data)
+    if data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n"):   # as from DATA
+        assert Signer(DkimKeys([key]), clock=lambda: NOW).sign(
+            data, sender_domain="example.com", crlf=True) == signed
     tags = relay_tags(signed)
     assert tags[b"t"] == str(NOW).encode()
     assert (tags[b"bh"], tags[b"b"]) == dkimpy_recomputes(signed, key)
