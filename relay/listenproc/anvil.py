@@ -9,9 +9,10 @@ the main process instead, which keeps the one count:
 
 - ``RemoteCounter`` (in a listener process) sends ``admit`` with a connection number of
   its own, the listener's name, the client's address and the limits in force; the
-  session waits for the answer before its greeting. ``release`` (a notice) gives the
-  slot back when the connection ends, also for a connection that ended while its
-  admission was still on the way (the main process handles the two in order).
+  session waits for the answer before its greeting (the number is unique in the process,
+  whichever listener asks). ``release`` (a notice) gives the slot back when the
+  connection ends, also for a connection that ended while its admission was still on the
+  way (the main process handles the two in order).
 - ``Anvil`` (in the main process) holds a ``ConnectionCounter`` per listener and which
   slots each process holds, so a process that dies gives all of its slots back.
 - ``NetworkFailures`` (in the main process) counts each listener's failed logins per
@@ -40,6 +41,10 @@ from relay.throttle import FailureThrottle
 log = logging.getLogger("relay.listenproc")
 
 ADMIT_TIMEOUT = 10.0
+# One numbering for every listener of a process: the main process keys a slot by (process,
+# number), so two listeners (ports 25 and 587, or a listener rebuilt by a reload while its
+# old sessions drain) numbering from 1 each would give back each other's slots and leak.
+_SLOTS = itertools.count(1)
 
 
 class Request(Protocol):
@@ -57,12 +62,11 @@ class RemoteCounter:
         self.listener = listener
         self._request = request
         self._notify = notify
-        self._ids = itertools.count(1)
 
     def ask(self, addr: str, limits: Limits) -> tuple[int, asyncio.Future[str | None]]:
         """Ask for a slot: (the slot to ``release`` in any case, the refusal or None).
         Futures and callbacks only: one admission per connection, no task."""
-        slot = next(self._ids)
+        slot = next(_SLOTS)
         answer: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         asked = self._request("admit", (slot, self.listener, addr, limits),
                               timeout=ADMIT_TIMEOUT)

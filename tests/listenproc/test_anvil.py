@@ -186,3 +186,40 @@ async def test_a_connection_gone_while_its_refusal_waits_holds_nothing() -> None
     assert isinstance(answer, asyncio.Future)
     assert await answer == UNAVAILABLE
     assert lp.anvil.holding("submit") == 0                                   # type: ignore[attr-defined]
+
+
+def test_two_listeners_of_one_process_never_share_a_slot() -> None:
+    """Ports 25 and 587 served by the same listener processes (or a listener rebuilt by a
+    reload while its old sessions drain): the main process must tell their slots apart,
+    or a release gives back another listener's slot and one leaks for good."""
+    import asyncio
+    from typing import Any
+
+    from relay.listenproc.anvil import RemoteCounter
+
+    anvil = Anvil()
+    pid = 4242
+
+    def request(kind: str, payload: Any, *, timeout: float) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut.set_result(anvil.admit(pid, payload))
+        return fut
+
+    def notify(kind: str, payload: Any) -> None:
+        assert kind == "release"
+        anvil.release(pid, payload)
+
+    async def run() -> None:
+        smtp = RemoteCounter("smtp", request=request, notify=notify)
+        submit = RemoteCounter("submit", request=request, notify=notify)
+        held = []
+        for counter in (smtp, submit, smtp, submit):
+            slot, answer = counter.ask("10.0.0.1", LIMITS)
+            assert await answer is None
+            held.append((counter, slot))
+        assert anvil.holding("smtp") == anvil.holding("submit") == 2
+        for counter, slot in held:
+            counter.release(slot)
+        assert anvil.holding("smtp") == anvil.holding("submit") == 0
+
+    asyncio.run(run())
