@@ -33,7 +33,14 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from relay.config.schema import ListenerConfig
-from relay.connlimits import UNAVAILABLE, ConnectionCounter, Limits
+from relay.connlimits import (
+    RESERVED,
+    TOO_MANY,
+    TOO_MANY_FROM_CLIENT,
+    UNAVAILABLE,
+    ConnectionCounter,
+    Limits,
+)
 from relay.metrics import Metrics
 from relay.smtp.listener import client_network
 from relay.throttle import FailureThrottle
@@ -128,6 +135,75 @@ class Anvil:
         """Connections of ``listener`` open in all processes."""
         counter = self._counters.get(listener)
         return 0 if counter is None else counter.total
+
+
+# A refusal for a count (not the rate) is held this long, once, for releases on the way:
+# a client that closed without QUIT and reconnected at once, to another process, may be
+# counted before that process has even read its EOF.
+LATE_GRACE = 0.2
+MAX_LATE = 64                      # refusals held at once; beyond, they are not held
+_COUNTS = frozenset({TOO_MANY, TOO_MANY_FROM_CLIENT, RESERVED})
+
+_Waiting = tuple[int, tuple[int, str, str, Limits], "asyncio.Future[str | None]"]
+
+
+class Admissions:
+    """The main process's answers to ``admit`` and ``release`` from listener processes.
+
+    An admission is answered at once; a refusal waits for the end of the loop's turn and
+    what the processes have written meanwhile (a slot given back before its client read
+    the 221, and reconnected, must count, though the release came over another process's
+    channel), then, for a count, up to ``LATE_GRACE`` more for releases still on the way.
+    """
+
+    def __init__(self, anvil: Anvil, *, read_pending: Callable[[], None],
+                 live: Callable[[], set[int]]) -> None:
+        self.anvil = anvil
+        self._read_pending = read_pending
+        self._live = live
+        self._waiting: list[_Waiting] = []       # until the end of this turn
+        self._late: list[_Waiting] = []          # until LATE_GRACE has passed
+
+    def admit(self, pid: int, payload: tuple[int, str, str, Limits]
+              ) -> str | asyncio.Future[str | None] | None:
+        refused = self.anvil.admit(pid, payload)
+        if refused is None:
+            return None
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[str | None] = loop.create_future()
+        self._waiting.append((pid, payload, fut))
+        if len(self._waiting) == 1:
+            loop.call_soon(self._settle)
+        return fut
+
+    def release(self, pid: int, slot: int) -> None:
+        for asker, payload, fut in (*self._waiting, *self._late):
+            if asker == pid and payload[0] == slot and not fut.done():
+                fut.set_result(UNAVAILABLE)      # gone while its admission waited
+        self.anvil.release(pid, slot)
+
+    def _settle(self) -> None:
+        self._read_pending()           # releases read here still find what they cancel
+        waiting, self._waiting = self._waiting, []
+        live = self._live()
+        for pid, payload, fut in waiting:
+            if fut.done():                       # the connection ended meanwhile
+                continue
+            refused = self.anvil.admit(pid, payload) if pid in live else UNAVAILABLE
+            if refused in _COUNTS and len(self._late) < MAX_LATE:
+                self._late.append((pid, payload, fut))
+                if len(self._late) == 1:
+                    asyncio.get_running_loop().call_later(LATE_GRACE, self._settle_late)
+            else:
+                fut.set_result(refused)
+
+    def _settle_late(self) -> None:
+        self._read_pending()
+        late, self._late = self._late, []
+        live = self._live()
+        for pid, payload, fut in late:
+            if not fut.done():
+                fut.set_result(self.anvil.admit(pid, payload) if pid in live else UNAVAILABLE)
 
 
 class NetworkFailures:

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.config.schema import Config, HostPort
-from relay.connlimits import UNAVAILABLE, Limits
+from relay.connlimits import Limits
 from relay.errors import RelayError
-from relay.listenproc.anvil import Anvil, NetworkFailures
+from relay.listenproc.anvil import Admissions, Anvil, NetworkFailures
 from relay.listenproc.channel import LOCK_NAME, ChannelClosed, Layout, RemoteError, Rpc
 from relay.listenproc.merge import MergedMetrics
 from relay.metrics import Metrics
@@ -111,8 +111,8 @@ class ListenerProcesses:
     def __init__(self, count: int, *, spool: Spool, metrics: Metrics | None = None) -> None:
         self.count = count
         self.anvil = Anvil()
-        self._deferred: list[tuple[int, tuple[int, str, str, Limits],
-                                   asyncio.Future[str | None]]] = []
+        self.admissions = Admissions(self.anvil, read_pending=self._read_admissions,
+                                     live=self._live)
         self.networks = NetworkFailures(metrics=metrics, on_lock=self._network_locked)
         self.merged = MergedMetrics()
         self._spool = spool
@@ -225,35 +225,19 @@ class ListenerProcesses:
 
     def _admit(self, pid: int, payload: tuple[int, str, str, Limits]
                ) -> str | asyncio.Future[str | None] | None:
-        """A listener process asks to admit a connection. A refusal waits for the end of
-        this turn of the loop and what the processes have written meanwhile: a slot given
-        back before its client read the 221, and reconnected, must count, though the
-        release came over another process's channel and arrived in the same turn."""
-        refused = self.anvil.admit(pid, payload)
-        if refused is None:
-            return None
-        fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._deferred.append((pid, payload, fut))
-        if len(self._deferred) == 1:
-            asyncio.get_running_loop().call_soon(self._settle)
-        return fut
-
-    def _settle(self) -> None:
-        for slot in self._slots:       # releases read here still find what they cancel
-            if slot.admissions is not None:
-                slot.admissions.channel.read_pending()
-        deferred, self._deferred = self._deferred, []
-        live = {s.proc.pid for s in self._slots if s.proc is not None
-                and s.admissions is not None and not s.admissions.channel.closed}
-        for pid, payload, fut in deferred:
-            if not fut.done():                   # (done: the connection ended meanwhile)
-                fut.set_result(self.anvil.admit(pid, payload) if pid in live else UNAVAILABLE)
+        return self.admissions.admit(pid, payload)
 
     def _release(self, pid: int, slot: int) -> None:
-        for asker, payload, fut in self._deferred:
-            if asker == pid and payload[0] == slot and not fut.done():
-                fut.set_result(UNAVAILABLE)      # gone while its admission waited
-        self.anvil.release(pid, slot)
+        self.admissions.release(pid, slot)
+
+    def _read_admissions(self) -> None:
+        for slot in self._slots:
+            if slot.admissions is not None:
+                slot.admissions.channel.read_pending()
+
+    def _live(self) -> set[int]:
+        return {s.proc.pid for s in self._slots if s.proc is not None
+                and s.admissions is not None and not s.admissions.channel.closed}
 
     def _stored(self, payload: tuple[QueuedMessage, bytes | None]) -> None:
         self._spool.adopt(*payload)

@@ -223,3 +223,40 @@ def test_two_listeners_of_one_process_never_share_a_slot() -> None:
         assert anvil.holding("smtp") == anvil.holding("submit") == 0
 
     asyncio.run(run())
+
+
+async def test_a_release_still_on_the_way_turns_a_refusal_into_an_admission() -> None:
+    """The client closed without QUIT and reconnected at once to the other process, which
+    asked before the first process had read the EOF: the refusal waits LATE_GRACE."""
+    import asyncio
+    lp = processes()
+    limits = Limits(per_client=1)
+    assert lp._admit(101, (1, "submit", "10.0.0.1", limits)) is None       # type: ignore[attr-defined]
+    answer = lp._admit(102, (1, "submit", "10.0.0.1", limits))               # type: ignore[attr-defined]
+    assert isinstance(answer, asyncio.Future)
+    await asyncio.sleep(0.05)
+    assert not answer.done()                          # held past the end of the turn
+    lp._slots[0].admissions.channel.pending.append(lambda: lp._release(101, 1))  # type: ignore[attr-defined]
+    assert await asyncio.wait_for(answer, 2) is None
+    assert lp.anvil.holding("submit") == 1                                   # type: ignore[attr-defined]
+
+
+async def test_only_count_refusals_are_held_and_only_so_many() -> None:
+    import asyncio
+
+    from relay.connlimits import TOO_FAST
+    from relay.listenproc import anvil as anvil_module
+    lp = processes()
+    rate = Limits(rate=1)
+    assert lp._admit(101, (1, "submit", "10.0.0.9", rate)) is None         # type: ignore[attr-defined]
+    too_fast = lp._admit(101, (2, "submit", "10.0.0.9", rate))              # type: ignore[attr-defined]
+    limits = Limits(per_client=1)
+    assert lp._admit(101, (3, "submit", "10.0.0.1", limits)) is None       # type: ignore[attr-defined]
+    held = [lp._admit(102, (n, "submit", "10.0.0.1", limits))               # type: ignore[attr-defined]
+            for n in range(10, 10 + anvil_module.MAX_LATE + 2)]
+    await asyncio.sleep(0.01)
+    assert too_fast.result() == TOO_FAST                 # a release cannot change a rate
+    assert [f.done() for f in held].count(True) == 2    # beyond MAX_LATE: not held
+    started = asyncio.get_running_loop().time()
+    assert set(await asyncio.gather(*held)) == {TOO_MANY_FROM_CLIENT}
+    assert asyncio.get_running_loop().time() - started >= anvil_module.LATE_GRACE * 0.8
