@@ -80,7 +80,10 @@ def run_scenario(target: Target, sink: Sink, *, size: int, sessions: int, count:
                           str(size), "-f", f"bench@{DOMAIN}", "-t", "sink@example.net",
                           "-M", "bench.localdomain", f"127.0.0.1:{target.port}"], timeout)
     if src:
-        raise RuntimeError(f"smtp-source against {target.name} failed: {src}")
+        log = getattr(target, "dir", Path("/nonexistent")) / "relay.log"
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-20:]) \
+            if log.exists() else ""
+        raise RuntimeError(f"smtp-source against {target.name} failed: {src}\n{tail}")
     deadline = t0 + timeout
     while sink.count() - base < count:
         if time.monotonic() > deadline:
