@@ -113,10 +113,14 @@ def verify_signing(targets: list[Target], check: Sink, record: bytes) -> None:
                        f"Subject: which one signs\r\nDate: Sun, 6 Dec 2026 07:58:44 +0000\r\n"
                        f"Message-Id: <check.{t.name}@{DOMAIN}>\r\n\r\nchecked   body \r\n"
                        "\r\n\r\n")
+    def complete(msg: bytes) -> bool:             # smtp-sink may still be writing it
+        return msg.endswith(b"\r\n") and any(
+            f"<{t.name}@check.example>".encode() in msg for t in targets)
+
     deadline = time.monotonic() + 60
-    while len(check.messages()) < len(targets):
+    while not (len(got := check.messages()) >= len(targets) and all(map(complete, got))):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(check.messages())}/{len(targets)} check messages")
+            raise TimeoutError(f"only {sum(map(complete, got))}/{len(targets)} check messages")
         time.sleep(0.05)
 
     def dns(name: bytes, timeout: int = 5) -> bytes:
