@@ -114,7 +114,7 @@ def verify_signing(targets: list[Target], check: Sink, record: bytes) -> None:
                        f"Message-Id: <check.{t.name}@{DOMAIN}>\r\n\r\nchecked   body \r\n"
                        "\r\n\r\n")
     def complete(msg: bytes) -> bool:             # smtp-sink may still be writing it
-        return msg.endswith(b"\r\n") and any(
+        return msg.endswith(b"\n") and any(
             f"<{t.name}@check.example>".encode() in msg for t in targets)
 
     deadline = time.monotonic() + 60
