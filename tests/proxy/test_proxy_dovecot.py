@@ -28,6 +28,15 @@ def message(subject: str, body: bytes = b"hello from the relay tests\r\n") -> by
             f"Message-ID: <{uuid.uuid4().hex}@example.com>\r\n\r\n").encode() + body
 
 
+def deliver_random(dc: Dovecot, mb: int, prefix: str = "mid") -> tuple[str, bytes]:
+    """Put a message of ``mb`` MB of random bytes (base64, CRLF lines) in alice's INBOX."""
+    subject = f"{prefix}-{uuid.uuid4().hex}"
+    sent = message(subject, base64.encodebytes(os.urandom(mb * 1024 * 1024)).replace(
+        b"\n", b"\r\n"))
+    dc.deliver("alice", sent)
+    return subject, sent
+
+
 def imap_fetch_subject(m: imaplib.IMAP4, subject: str) -> bytes:
     typ, _ = m.select("INBOX")
     assert typ == "OK"
@@ -243,11 +252,8 @@ async def test_idle_sees_a_message_delivered_while_idling(dc: Dovecot) -> None:
 @pytest.fixture(scope="module")
 def big(dc: Dovecot) -> tuple[str, bytes]:
     """A message over 50 MB in alice's INBOX."""
-    subject = f"big-{uuid.uuid4().hex}"
-    raw = base64.encodebytes(os.urandom(38 * 1024 * 1024)).replace(b"\n", b"\r\n")
-    sent = message(subject, raw)
+    subject, sent = deliver_random(dc, 38, "big")
     assert len(sent) > 50 * 1024 * 1024
-    dc.deliver("alice", sent)
     return subject, sent
 
 
@@ -306,10 +312,7 @@ async def test_a_spliced_session_keeps_its_pipes_between_bursts_and_drops_them_i
         made.append(flags)
         return real(flags)
     monkeypatch.setattr(zerocopy.os, "pipe2", counting)
-    subject = f"mid-{uuid.uuid4().hex}"
-    sent = message(subject, base64.encodebytes(os.urandom(3 * 1024 * 1024)).replace(
-        b"\n", b"\r\n"))
-    dc.deliver("alice", sent)
+    subject, sent = deliver_random(dc, 3)
     async with run_proxy(dc, None, tls="none", up_tls="none", kernel_splice=True) as r:
         before = pipes()
         m = await asyncio.to_thread(imaplib.IMAP4, "localhost", r.port, timeout=30)
@@ -369,10 +372,7 @@ async def test_a_long_literal_wakes_relay_for_large_pieces_only(
                 sock.detach()
         return n
     monkeypatch.setattr(zerocopy.os, "splice", observing)
-    subject = f"mid-{uuid.uuid4().hex}"
-    sent = message(subject, base64.encodebytes(os.urandom(6 * 1024 * 1024)).replace(
-        b"\n", b"\r\n"))
-    dc.deliver("alice", sent)
+    subject, sent = deliver_random(dc, 6)
     async with run_proxy(dc, None, tls="none", up_tls="none", kernel_splice=True) as r:
         m = await asyncio.to_thread(imaplib.IMAP4, "localhost", r.port, timeout=30)
         try:
