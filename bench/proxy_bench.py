@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from proxy_peers import NginxMail, RelayProxy, rss_mb, tree_cpu_ms
+from smtp_peers import exit_on_sigterm
 
 USER, PASSWORD = "bench", "bench-pw"
 
@@ -231,6 +232,7 @@ def main() -> int:
                     default="reconnect", help="the proxy listeners' setting: reconnect "
                     "(the default) watches each session for safe points, keep does not")
     args = ap.parse_args()
+    exit_on_sigterm()
     nofile = raise_nofile(65536)
 
     from tests.peers.dovecot import dovecot

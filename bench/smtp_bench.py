@@ -40,7 +40,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dkim
-from smtp_peers import DOMAIN, SELECTOR, MemoryPeak, OpenDkim, Postfix, Relay, Sink, Sinks, Target
+from smtp_peers import (
+    DOMAIN,
+    SELECTOR,
+    MemoryPeak,
+    OpenDkim,
+    Postfix,
+    Relay,
+    Sink,
+    Sinks,
+    Target,
+    exit_on_sigterm,
+)
 
 from relay.dkim.keys import generate, private_pem, txt_record
 
@@ -152,6 +163,7 @@ def main() -> int:
     ap.add_argument("--relay-extra", default="", help="lines added to relay's [relay] "
                     "section, e.g. 'smtp_processes = 2' (for locating bottlenecks)")
     args = ap.parse_args()
+    exit_on_sigterm()
     if os.geteuid() != 0:
         print("bench/smtp_bench.py needs root (cgroups, smtp-sink -u)", file=sys.stderr)
         return 2

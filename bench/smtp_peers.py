@@ -28,6 +28,14 @@ CG_CPU = Path("/sys/fs/cgroup/cpuacct")
 DOMAIN, SELECTOR = "example.com", "bench"
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (``kill``, ``timeout``) unwind like Ctrl-C, so the bench's ``finally``
+    blocks stop its peers and remove its cgroups instead of leaving them running."""
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
