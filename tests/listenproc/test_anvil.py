@@ -225,10 +225,14 @@ def test_two_listeners_of_one_process_never_share_a_slot() -> None:
     asyncio.run(run())
 
 
-async def test_a_release_still_on_the_way_turns_a_refusal_into_an_admission() -> None:
+async def test_a_release_still_on_the_way_turns_a_refusal_into_an_admission(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The client closed without QUIT and reconnected at once to the other process, which
     asked before the first process had read the EOF: the refusal waits LATE_GRACE."""
     import asyncio
+
+    from relay.listenproc import anvil as anvil_module
+    monkeypatch.setattr(anvil_module, "LATE_GRACE", 1.0)    # far beyond a busy CI's stalls
     lp = processes()
     limits = Limits(per_client=1)
     assert lp._admit(101, (1, "submit", "10.0.0.1", limits)) is None       # type: ignore[attr-defined]

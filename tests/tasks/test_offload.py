@@ -50,10 +50,10 @@ async def test_the_loop_runs_while_the_worker_is_busy() -> None:
             ticks += 1
     ticker = asyncio.create_task(tick())
     try:
-        await w.run(lambda: time.sleep(0.3))
+        await w.run(lambda: time.sleep(0.5))
     finally:
         ticker.cancel()
-    assert ticks >= 10
+    assert ticks >= 5                                  # inline, it would be 0
 
 
 async def test_a_cancelled_caller_does_not_stop_the_worker() -> None:
