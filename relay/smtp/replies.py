@@ -26,8 +26,8 @@ _DEFAULT_ENHANCED = {
 # The refusal reasons the listener itself uses (checks add their own, e.g. "spf",
 # "profile"); each is declared at 0 at start so alerts on rate() see the first one.
 REASONS = ("relay_denied", "auth_required", "auth_blocked", "bad_address", "smuggling",
-           "too_big", "too_many_rcpts", "too_many_connections", "policy", "spool_full",
-           "spool_error", "error", "structure", "ownership", "profile", "dkim")
+           "too_big", "too_many_rcpts", "too_many_connections", "unavailable", "policy",
+           "spool_full", "spool_error", "error", "structure", "ownership", "profile", "dkim")
 
 
 def with_enhanced(status: str) -> str:

@@ -150,7 +150,10 @@ class RelaySMTP(DefendedSession):
                 self.ctx.connections.release(self._slot)
         if self._refused_reply is None:
             return False
-        self.ctx.refused(Refusal.from_reply(self._refused_reply, "too_many_connections"),
+        # The main process did not answer: not the client's doing, and not a count.
+        reason = ("unavailable" if self._refused_reply == replies.NOT_AVAILABLE
+                  else "too_many_connections")
+        self.ctx.refused(Refusal.from_reply(self._refused_reply, reason),
                          info=None, client=self._client_ip, stage="CONNECT")
         await self.push(self._refused_reply)
         self.close()

@@ -103,7 +103,8 @@ async def start_relay(certs: tuple[Path, Path], users_file: Path,
     started: list[SmtpListener] = []
 
     async def start(*, checks: Checks | None = None, users: bool = True,
-                    auth_base_delay: float = 0.0, accept: Any = None, **options: Any) -> Relay:
+                    auth_base_delay: float = 0.0, accept: Any = None,
+                    connections: Any = None, **options: Any) -> Relay:
         cert, key = certs
         fields: dict[str, Any] = dict(
             name="platform", protocol="smtp", listen=HostPort("127.0.0.1", 0),
@@ -120,7 +121,7 @@ async def start_relay(certs: tuple[Path, Path], users_file: Path,
         listener = SmtpListener(
             cfg, hostname="relay.test", accept=accept or recorder, maillog=MailLog(logger),
             checks=checks, users=UserDB.load(users_file) if users else None,
-            metrics=metrics, auth_base_delay=auth_base_delay)
+            metrics=metrics, auth_base_delay=auth_base_delay, connections=connections)
         await listener.start()
         started.append(listener)
         port = listener.addresses[0][1]

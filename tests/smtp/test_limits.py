@@ -222,3 +222,33 @@ async def test_failed_implicit_tls_handshake_leaves_no_session(start_relay: Star
     await relay.listener.stop_accepting()
     await relay.listener.wait_closed(5)
     assert time.monotonic() - started < 1
+
+
+async def test_no_admission_from_the_main_process_is_not_logged_as_a_full_client(
+        start_relay: StartRelay) -> None:
+    """When the main process does not answer an admission (listener processes), the client
+    gets 421 4.3.2 and the mail log and metrics say "unavailable", not that the client
+    had too many connections: the operator looks at the main process, not the platform."""
+    from typing import Any
+
+    from relay.listenproc.anvil import RemoteCounter
+
+    def silent(kind: str, payload: object, *, timeout: float) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut.set_exception(TimeoutError("no answer"))
+        return fut
+
+    relay = await start_relay(allow=ALLOW, connections=RemoteCounter(
+        "platform", request=silent, notify=lambda kind, payload: None))
+
+    def go() -> str:
+        c = RawClient(relay.port, source="127.0.0.1")
+        try:
+            return c.reply()
+        finally:
+            c.close()
+
+    assert await run(go) == "421 4.3.2 Service not available; try again later"
+    await run(lambda: wait_until(lambda: relay.refused("unavailable") == 1, timeout=5))
+    assert relay.refused("too_many_connections") == 0
+    assert any("reason=unavailable" in r and "stage=CONNECT" in r for r in relay.maillog_records)
