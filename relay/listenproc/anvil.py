@@ -185,25 +185,26 @@ class Admissions:
     def _settle(self) -> None:
         self._read_pending()           # releases read here still find what they cancel
         waiting, self._waiting = self._waiting, []
+        self._decide(waiting, hold=True)
+
+    def _settle_late(self) -> None:
+        self._read_pending()
+        late, self._late = self._late, []
+        self._decide(late, hold=False)
+
+    def _decide(self, asked: list[_Waiting], *, hold: bool) -> None:
+        """Answer each admission still wanted; ``hold`` a count refusal for LATE_GRACE."""
         live = self._live()
-        for pid, payload, fut in waiting:
+        for pid, payload, fut in asked:
             if fut.done():                       # the connection ended meanwhile
                 continue
             refused = self.anvil.admit(pid, payload) if pid in live else UNAVAILABLE
-            if refused in _COUNTS and len(self._late) < MAX_LATE:
+            if hold and refused in _COUNTS and len(self._late) < MAX_LATE:
                 self._late.append((pid, payload, fut))
                 if len(self._late) == 1:
                     asyncio.get_running_loop().call_later(LATE_GRACE, self._settle_late)
             else:
                 fut.set_result(refused)
-
-    def _settle_late(self) -> None:
-        self._read_pending()
-        late, self._late = self._late, []
-        live = self._live()
-        for pid, payload, fut in late:
-            if not fut.done():
-                fut.set_result(self.anvil.admit(pid, payload) if pid in live else UNAVAILABLE)
 
 
 class NetworkFailures:

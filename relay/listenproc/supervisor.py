@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.config.schema import Config, HostPort
-from relay.connlimits import Limits
 from relay.errors import RelayError
 from relay.listenproc.anvil import Admissions, Anvil, NetworkFailures
 from relay.listenproc.channel import LOCK_NAME, ChannelClosed, Layout, RemoteError, Rpc
@@ -218,17 +217,11 @@ class ListenerProcesses:
                                 "net_failed": self.networks.failed},
                        on_eof=lambda: None)
         slot.admissions = Rpc(ours_a, handlers={},
-                              quick={"admit": functools.partial(self._admit, pid)},
-                              notices={"release": functools.partial(self._release, pid)},
+                              quick={"admit": functools.partial(self.admissions.admit, pid)},
+                              notices={"release": functools.partial(self.admissions.release,
+                                                                    pid)},
                               on_eof=lambda: None)
         await self._configure(slot)
-
-    def _admit(self, pid: int, payload: tuple[int, str, str, Limits]
-               ) -> str | asyncio.Future[str | None] | None:
-        return self.admissions.admit(pid, payload)
-
-    def _release(self, pid: int, slot: int) -> None:
-        self.admissions.release(pid, slot)
 
     def _read_admissions(self) -> None:
         for slot in self._slots:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from relay.config.schema import HostPort, ListenerConfig
 from relay.connlimits import TOO_MANY, TOO_MANY_FROM_CLIENT, Limits
-from relay.listenproc.anvil import Anvil, NetworkFailures
+from relay.listenproc.anvil import LATE_GRACE, Anvil, NetworkFailures
+from relay.listenproc.supervisor import ListenerProcesses, _Slot
 from relay.metrics import Metrics
 
 pytestmark = pytest.mark.fast
@@ -87,7 +90,6 @@ def test_a_reload_keeps_the_counts_and_takes_the_new_limit() -> None:
 
 
 def test_a_listener_process_refuses_with_421_when_main_does_not_answer() -> None:
-    import asyncio
     from typing import Any
 
     from relay.connlimits import UNAVAILABLE
@@ -149,50 +151,58 @@ class _Proc:
         self.pid = pid
 
 
-def processes() -> object:
-    from relay.listenproc.supervisor import ListenerProcesses, _Slot
+def processes() -> ListenerProcesses:
     lp = ListenerProcesses(2, spool=None)  # type: ignore[arg-type]
     lp._slots = [_Slot(0, proc=_Proc(101), admissions=_Rpc()),  # type: ignore[arg-type]
                  _Slot(1, proc=_Proc(102), admissions=_Rpc())]  # type: ignore[arg-type]
     return lp
 
 
-async def test_a_refusal_waits_for_releases_already_written_by_the_other_process() -> None:
-    import asyncio
-    lp = processes()
+def second_from_the_same_client(lp: ListenerProcesses, slot: int = 1
+                                ) -> asyncio.Future[str | None]:
+    """Process 101 holds 10.0.0.1's only slot; process 102 asks for another: refused for
+    now, the answer waits."""
     limits = Limits(per_client=1)
-    assert lp._admit(101, (1, "submit", "10.0.0.1", limits)) is None       # type: ignore[attr-defined]
+    assert lp.admissions.admit(101, (1, "submit", "10.0.0.1", limits)) is None
+    answer = lp.admissions.admit(102, (slot, "submit", "10.0.0.1", limits))
+    assert isinstance(answer, asyncio.Future)
+    return answer
+
+
+def released_later(lp: ListenerProcesses, index: int, pid: int, slot: int) -> None:
+    """Process ``pid`` has written the release of ``slot``; the main process has not read
+    it yet."""
+    lp._slots[index].admissions.channel.pending.append(  # type: ignore[union-attr]
+        lambda: lp.admissions.release(pid, slot))
+
+
+async def test_a_refusal_waits_for_releases_already_written_by_the_other_process() -> None:
+    lp = processes()
+    answer = second_from_the_same_client(lp)
     # 101 released slot 1 before its client read the 221; the reconnect lands on 102,
     # whose admission the main process reads first.
-    lp._slots[0].admissions.channel.pending.append(lambda: lp._release(101, 1))  # type: ignore[attr-defined]
-    answer = lp._admit(102, (1, "submit", "10.0.0.1", limits))               # type: ignore[attr-defined]
-    assert isinstance(answer, asyncio.Future)
-    assert await answer is None
-    assert lp.anvil.holding("submit") == 1                                   # type: ignore[attr-defined]
+    released_later(lp, 0, 101, 1)
+    # at the end of this turn, not after the grace for releases not written yet
+    assert await asyncio.wait_for(answer, LATE_GRACE / 2) is None
+    assert lp.anvil.holding("submit") == 1
 
 
 async def test_a_connection_gone_while_its_refusal_waits_holds_nothing() -> None:
-    import asyncio
-
     from relay.connlimits import UNAVAILABLE
     lp = processes()
-    limits = Limits(per_client=1)
-    assert lp._admit(101, (1, "submit", "10.0.0.1", limits)) is None       # type: ignore[attr-defined]
-    answer = lp._admit(102, (7, "submit", "10.0.0.1", limits))               # type: ignore[attr-defined]
+    answer = second_from_the_same_client(lp, slot=7)
     # 102's client went away: its release arrives while the refusal waits, read in the
     # same settle that would otherwise admit it once slot 1 is given back too.
-    lp._slots[1].admissions.channel.pending.append(lambda: lp._release(102, 7))  # type: ignore[attr-defined]
-    lp._slots[0].admissions.channel.pending.append(lambda: lp._release(101, 1))  # type: ignore[attr-defined]
-    assert isinstance(answer, asyncio.Future)
+    released_later(lp, 1, 102, 7)
+    released_later(lp, 0, 101, 1)
     assert await answer == UNAVAILABLE
-    assert lp.anvil.holding("submit") == 0                                   # type: ignore[attr-defined]
+    assert lp.anvil.holding("submit") == 0
 
 
 def test_two_listeners_of_one_process_never_share_a_slot() -> None:
     """Ports 25 and 587 served by the same listener processes (or a listener rebuilt by a
     reload while its old sessions drain): the main process must tell their slots apart,
     or a release gives back another listener's slot and one leaks for good."""
-    import asyncio
     from typing import Any
 
     from relay.listenproc.anvil import RemoteCounter
@@ -229,34 +239,27 @@ async def test_a_release_still_on_the_way_turns_a_refusal_into_an_admission(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The client closed without QUIT and reconnected at once to the other process, which
     asked before the first process had read the EOF: the refusal waits LATE_GRACE."""
-    import asyncio
-
     from relay.listenproc import anvil as anvil_module
     monkeypatch.setattr(anvil_module, "LATE_GRACE", 1.0)    # far beyond a busy CI's stalls
     lp = processes()
-    limits = Limits(per_client=1)
-    assert lp._admit(101, (1, "submit", "10.0.0.1", limits)) is None       # type: ignore[attr-defined]
-    answer = lp._admit(102, (1, "submit", "10.0.0.1", limits))               # type: ignore[attr-defined]
-    assert isinstance(answer, asyncio.Future)
+    answer = second_from_the_same_client(lp)
     await asyncio.sleep(0.05)
     assert not answer.done()                          # held past the end of the turn
-    lp._slots[0].admissions.channel.pending.append(lambda: lp._release(101, 1))  # type: ignore[attr-defined]
+    released_later(lp, 0, 101, 1)
     assert await asyncio.wait_for(answer, 2) is None
-    assert lp.anvil.holding("submit") == 1                                   # type: ignore[attr-defined]
+    assert lp.anvil.holding("submit") == 1
 
 
 async def test_only_count_refusals_are_held_and_only_so_many() -> None:
-    import asyncio
-
     from relay.connlimits import TOO_FAST
     from relay.listenproc import anvil as anvil_module
     lp = processes()
     rate = Limits(rate=1)
-    assert lp._admit(101, (1, "submit", "10.0.0.9", rate)) is None         # type: ignore[attr-defined]
-    too_fast = lp._admit(101, (2, "submit", "10.0.0.9", rate))              # type: ignore[attr-defined]
+    assert lp.admissions.admit(101, (1, "submit", "10.0.0.9", rate)) is None
+    too_fast = lp.admissions.admit(101, (2, "submit", "10.0.0.9", rate))
     limits = Limits(per_client=1)
-    assert lp._admit(101, (3, "submit", "10.0.0.1", limits)) is None       # type: ignore[attr-defined]
-    held = [lp._admit(102, (n, "submit", "10.0.0.1", limits))               # type: ignore[attr-defined]
+    assert lp.admissions.admit(101, (3, "submit", "10.0.0.1", limits)) is None
+    held = [lp.admissions.admit(102, (n, "submit", "10.0.0.1", limits))
             for n in range(10, 10 + anvil_module.MAX_LATE + 2)]
     await asyncio.sleep(0.01)
     assert too_fast.result() == TOO_FAST                 # a release cannot change a rate
