@@ -37,6 +37,8 @@ from relay.config.values import (
 
 TLS_MODES = ("none", "starttls", "implicit")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def smtp_processes(t: Table) -> int:
     """``smtp_processes``: an integer from 0 to 64, or "auto" (the default): one per CPU
     the relay may use, at most 8."""

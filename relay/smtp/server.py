@@ -66,7 +66,7 @@ class RelaySMTP(DefendedSession):
         self._client_port = 0
         self._allowlisted = False
         self._implicit_tls = False
-        self._refused_reply: str | None = None
+        self._refused: str | None = None        # why the connection is refused, if so
         self._counted = False
         self._finishing = False                 # storing a message: shutdown waits for it
         self._pipelinable = False               # the reply being made may wait (PIPELINING)
@@ -108,7 +108,7 @@ class RelaySMTP(DefendedSession):
 
     def _admitted(self, refused: str | None) -> None:
         cfg = self.ctx.cfg
-        self._refused_reply = None if refused is None else _REFUSALS[refused]
+        self._refused = refused
         metrics = self.ctx.metrics
         if refused is None:
             self._counted = True
@@ -148,14 +148,14 @@ class RelaySMTP(DefendedSession):
             self._admitted(refused)
             if refused == UNAVAILABLE:             # it may still count us: give it back
                 self.ctx.connections.release(self._slot)
-        if self._refused_reply is None:
+        if self._refused is None:
             return False
+        reply = _REFUSALS[self._refused]
         # The main process did not answer: not the client's doing, and not a count.
-        reason = ("unavailable" if self._refused_reply == replies.NOT_AVAILABLE
-                  else "too_many_connections")
-        self.ctx.refused(Refusal.from_reply(self._refused_reply, reason),
+        reason = "unavailable" if self._refused == UNAVAILABLE else "too_many_connections"
+        self.ctx.refused(Refusal.from_reply(reply, reason),
                          info=None, client=self._client_ip, stage="CONNECT")
-        await self.push(self._refused_reply)
+        await self.push(reply)
         self.close()
         return True
 
