@@ -217,7 +217,12 @@ class NetworkFailures:
         self._throttles: dict[str, FailureThrottle] = {}
 
     def configure(self, listeners: list[ListenerConfig]) -> None:
-        """The SMTP listeners of the config in force (a reload keeps what was counted)."""
+        """The SMTP listeners of the config in force (a reload keeps what was counted for
+        a listener it keeps, and forgets a removed one's: its name may come back later
+        for another port or other clients)."""
+        names = {cfg.name for cfg in listeners}
+        for gone in [name for name in self._throttles if name not in names]:
+            del self._throttles[gone]
         for cfg in listeners:
             throttle = self._throttles.get(cfg.name)
             if throttle is None:

@@ -89,6 +89,25 @@ def test_a_reload_keeps_the_counts_and_takes_the_new_limit() -> None:
     assert [t[1] for t in told] == ["10.1.1.1"]
 
 
+def test_a_reload_forgets_the_counts_of_a_removed_listener() -> None:
+    told: list[tuple[str, str, float]] = []
+    nets = NetworkFailures(metrics=None, on_lock=lambda *a: told.append(a))
+    other = ListenerConfig(name="other", protocol="smtp", listen=HostPort("127.0.0.1", 25),
+                           auth_fail_limit=3, auth_fail_window=600.0)
+    nets.configure([listener(limit=3), other])
+    for _ in range(2):                          # one short of the limit, on both
+        nets.failed(("10.1.1.1", "10.1.1.1", "submit", "smtp"))
+        nets.failed(("10.1.1.1", "10.1.1.1", "other", "smtp"))
+    nets.configure([other])                     # "submit" removed by a reload
+    nets.failed(("10.1.1.1", "10.1.1.1", "submit", "smtp"))    # a draining session
+    assert told == []
+    nets.configure([listener(limit=3), other])  # back: it starts from nothing
+    nets.failed(("10.1.1.1", "10.1.1.1", "submit", "smtp"))
+    assert told == []
+    nets.failed(("10.1.1.1", "10.1.1.1", "other", "smtp"))     # kept across reloads
+    assert told == [("other", "10.1.1.1", 600.0)]
+
+
 def test_a_listener_process_refuses_with_421_when_main_does_not_answer() -> None:
     from typing import Any
 
