@@ -2,7 +2,8 @@
 
 ``store()`` returns only when the message is on disk for good: one file (header line,
 envelope, message) written in ``tmp/``, fdatasynced, renamed into ``queue/``, and
-``queue/`` fsynced, all in one worker thread (the event loop never touches the disk).
+``queue/`` fsynced, all in one worker thread (the event loop never touches the disk;
+``relay.spool.diskio`` makes the blocking calls, this module decides what and when).
 
 Measured on the reference 2-core ext4 VM with 20 concurrent store+remove loops: about
 1,500 messages/s at ~0.6 ms CPU each (most of it kernel time). Group commit of the
@@ -31,9 +32,7 @@ attempt, so the happy path never reads a message back from disk.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,12 +43,11 @@ from relay.envelope import Envelope
 from relay.errors import SpoolError
 from relay.metrics import Metrics
 from relay.spool import recovery
-from relay.spool.health import DISK_FULL, SpoolHealth
+from relay.spool.diskio import SpoolDisk
+from relay.spool.health import SpoolHealth
 from relay.spool.layout import (
-    STATE_SUFFIX,
     FormatError,
     IdGenerator,
-    MessageFile,
     encode_envelope,
     encode_state,
     fresh_state,
@@ -83,12 +81,6 @@ def _in_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
     return asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 class Spool:
     """The on-disk queue under ``root`` (see ``relay.spool.layout`` for the files)."""
 
@@ -100,41 +92,24 @@ class Spool:
         # delivery) learns of it through adopt(). No index, no listeners here.
         self._written = written
         self.root = Path(root)
-        self.tmp = self.root / "tmp"
-        self.queue = self.root / "queue"
-        self.corrupt = self.root / "corrupt"
-        self._fsync = fsync
+        # free space, read-only and write failures: MAIL checks, /readyz (relay.spool.health)
+        self.health = SpoolHealth(self.root, reserve=reserve, metrics=metrics)
+        self._disk = SpoolDisk(self.root, fsync=fsync, health=self.health)  # worker threads
+        self.tmp, self.queue, self.corrupt = self._disk.tmp, self._disk.queue, self._disk.corrupt
         self._metrics = metrics
         self._ids = IdGenerator()
         self._index: dict[str, _Entry] = {}
         self._listeners: list[Callable[[QueuedMessage], None]] = []
         self._lock = SpoolLock(self.root / "lock")
-        self._dirfd: int | None = None
         self._locks = KeyedLocks()
         self._pending: set[asyncio.Task[str]] = set()
         self._fresh = FreshCache()           # handed to the first attempt: no re-read
-        # free space, read-only and write failures: MAIL checks, /readyz (relay.spool.health)
-        self.health = SpoolHealth(self.root, reserve=reserve, metrics=metrics)
 
     # --- set-up ----------------------------------------------------------------------------
 
-    def _prepare(self) -> None:
-        if self._dirfd is not None:
-            return
-        try:
-            for d in (self.root, self.tmp, self.queue, self.corrupt):
-                d.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._dirfd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise SpoolError(f"cannot use the spool directory {self.root}: {exc.strerror}",
-                             hint="create it and make it writable by relay's user, or set "
-                                  "[relay] spool to a directory that is") from exc
-
     def close(self) -> None:
         """Close the queue directory descriptor and release the lock (if held)."""
-        if self._dirfd is not None:
-            os.close(self._dirfd)
-            self._dirfd = None
+        self._disk.close()
         self._lock.release()
 
     def lock(self, *, timeout: float = 0.0) -> SpoolLock:
@@ -161,7 +136,7 @@ class Spool:
                              f"{self._lock.holder_pid() or '?'}; not recovering under it",
                              hint="stop the other relay first, or use `relay queue` to "
                                   "inspect a running relay's queue")
-        self._prepare()
+        self._disk.prepare()
         try:
             recovery.clean_tmp(self.tmp)
             moved: list[str] = []
@@ -179,7 +154,7 @@ class Spool:
 
     def scan(self) -> list[QueuedMessage]:
         """Read-only recovery for tools: index good messages, move and delete nothing."""
-        self._prepare()
+        self._disk.prepare()
         found = recovery.scan(self.queue, None)
         self._reindex(found)
         return found
@@ -200,7 +175,7 @@ class Spool:
         Once the write has begun it completes even if the caller is cancelled, so the
         message is either refused (exception) or queued and handed to the listeners.
         """
-        self._prepare()
+        self._disk.prepare()
         task = asyncio.ensure_future(self._store(envelope, data))
         self._pending.add(task)
         task.add_done_callback(self._store_done)
@@ -214,7 +189,7 @@ class Spool:
     async def _store(self, envelope: Envelope, data: bytes) -> str:
         queue_id = self._ids.new()
         head = message_header(encode_envelope(envelope), len(data))
-        await _in_thread(self._write_message, queue_id, head, data)
+        await _in_thread(self._disk.write_message, queue_id, head, data)
         msg = QueuedMessage(queue_id=queue_id, envelope=envelope, state=fresh_state(envelope),
                             size=len(data))
         if self._written is not None:
@@ -249,93 +224,28 @@ class Spool:
                 log.exception("spool: listener failed for %s; it is delivered after a restart",
                               queue_id)
 
-    def _write_message(self, queue_id: str, head: bytes, data: bytes) -> None:
-        tmp = self.tmp / queue_id
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise self._error("create a spool file", exc) from exc
-        try:
-            try:
-                _write_all(fd, head)
-                _write_all(fd, data)
-                if self._fsync:
-                    os.fdatasync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, self.queue / queue_id)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise self._error("write a spool file", exc) from exc
-        try:
-            self._sync_queue_dir()
-        except OSError as exc:
-            # Not durable, so not acknowledged: take it back, or a client retry duplicates it.
-            with contextlib.suppress(OSError):
-                os.unlink(self.queue / queue_id)
-            raise self._error("make the spooled message durable", exc) from exc
-        self.health.write_succeeded(len(head) + len(data))
-
     async def save_state(self, msg: QueuedMessage) -> None:
         """Replace the message's state file atomically (tmp, fsync, rename, dir fsync).
 
         Raises KeyError if the message is no longer queued, SpoolError on a write error.
         """
         self._check_id(msg.queue_id)
-        self._prepare()
+        self._disk.prepare()
         raw = encode_state(msg.state)
         async with self._locks.hold(msg.queue_id):
-            await _in_thread(self._write_state, msg.queue_id, raw)
+            await _in_thread(self._disk.write_state, msg.queue_id, raw)
             entry = self._index.get(msg.queue_id)
             if entry is not None:
                 entry.held, entry.next_attempt = msg.state.held, msg.state.next_attempt
 
-    def _write_state(self, queue_id: str, raw: bytes) -> None:
-        if not (self.queue / queue_id).exists():
-            raise KeyError(queue_id)
-        tmp = self.tmp / f"{queue_id}{STATE_SUFFIX}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                _write_all(fd, raw)
-                if self._fsync:
-                    os.fdatasync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, self.queue / f"{queue_id}{STATE_SUFFIX}")
-            self._sync_queue_dir()
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise self._error("write a state file", exc) from exc
-        self.health.write_succeeded()
-
     async def remove(self, queue_id: str) -> None:
         """Delete a message (delivered, bounced or deleted): state file first, then message."""
         self._check_id(queue_id)
-        self._prepare()
+        self._disk.prepare()
         self._fresh.pop(queue_id)
         async with self._locks.hold(queue_id):
-            await _in_thread(self._unlink, queue_id)
+            await _in_thread(self._disk.unlink, queue_id)
             self._index.pop(queue_id, None)
-
-    def _unlink(self, queue_id: str) -> None:
-        # No directory fsync: an unlink survives any process crash (kill -9) as soon as it
-        # returns; only a power loss or kernel crash could undo it, and then the message
-        # is delivered again (at least once, never lost). Postfix makes the same trade.
-        for name in (queue_id + STATE_SUFFIX, queue_id):
-            try:
-                os.unlink(self.queue / name)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise self._error(f"remove {name}", exc) from exc
-
-    def _sync_queue_dir(self) -> None:
-        """In the worker thread: make this thread's rename/unlink in queue/ durable."""
-        if self._fsync and self._dirfd is not None:
-            os.fsync(self._dirfd)
 
     # --- the read path -----------------------------------------------------------------------
 
@@ -349,25 +259,7 @@ class Spool:
             fresh = self._fresh.pop(queue_id)
             if fresh is not None:
                 return fresh
-        return await _in_thread(self._read_data, queue_id, limit)
-
-    def _read_data(self, queue_id: str, limit: int | None) -> bytes:
-        try:
-            fd = os.open(self.queue / queue_id, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise KeyError(queue_id) from None
-        except OSError as exc:
-            raise self._error(f"open {queue_id}", exc, write=False) from exc
-        try:
-            return MessageFile(fd).read_data(limit)
-        except FormatError as exc:
-            raise SpoolError(f"queue file {queue_id} is damaged: {exc}",
-                             hint="restart relay to move it to corrupt/, then inspect it "
-                                  "there") from exc
-        except OSError as exc:
-            raise self._error(f"read {queue_id}", exc, write=False) from exc
-        finally:
-            os.close(fd)
+        return await _in_thread(self._disk.read_data, queue_id, limit)
 
     def load(self, queue_id: str) -> QueuedMessage:
         """Envelope and current state of a queued message; KeyError if it is not queued."""
@@ -380,7 +272,7 @@ class Spool:
             raise SpoolError(f"queue file {queue_id} is damaged: {exc}",
                              hint="restart relay to move it to corrupt/") from exc
         except OSError as exc:
-            raise self._error(f"read {queue_id}", exc, write=False) from exc
+            raise self._disk.error(f"read {queue_id}", exc, write=False) from exc
 
     def queue_ids(self) -> list[str]:
         """Ids of all queued messages, oldest first (from the index recover() built)."""
@@ -416,15 +308,3 @@ class Spool:
     def _check_id(queue_id: str) -> None:
         if not is_queue_id(queue_id):
             raise KeyError(queue_id)
-
-    def _error(self, what: str, exc: OSError, *, write: bool = True) -> SpoolError:
-        if write:
-            self.health.write_failed(what, exc)
-        if exc.errno in DISK_FULL:
-            return SpoolError(f"spool {self.root} is full: cannot {what} ({exc.strerror})",
-                              disk_full=True,
-                              hint="free space (or quota) on the spool's filesystem; clients "
-                                   "are told to retry later meanwhile")
-        return SpoolError(f"spool {self.root}: cannot {what}: {exc.strerror or exc}",
-                          hint="check the spool filesystem (permissions, mount, kernel log "
-                               "for I/O errors)")

@@ -245,7 +245,7 @@ async def test_store_returns_only_after_data_rename_and_directory_are_synced(
     """The durability contract, as the sequence of calls store() makes before returning."""
     calls: list[str] = []
     real = {name: getattr(os, name) for name in ("fdatasync", "fsync", "rename")}
-    dirfd = spool._dirfd
+    dirfd = spool._disk.dirfd
 
     def record(name: str) -> Callable[..., Any]:
         def call(*args: Any) -> Any:

@@ -1,0 +1,156 @@
+"""The spool's blocking file operations on tmp/ and queue/, each run in a worker thread.
+
+``relay.spool.store.Spool`` decides what to write, read or remove and when, on the event
+loop; ``SpoolDisk`` does it on disk in the order the store's crash-safety rules need (see
+that module's docstring): data fdatasynced before its rename into queue/, the directory
+fsynced after it, unlinks without one. Every OSError comes out as a SpoolError saying
+what to do, and each write's outcome is reported to the spool's health (free space,
+read-only filesystem: ``relay.spool.health``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from relay.errors import SpoolError
+from relay.spool.health import DISK_FULL, SpoolHealth
+from relay.spool.layout import STATE_SUFFIX, FormatError, MessageFile
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class SpoolDisk:
+    """The directories under ``root`` and the blocking calls the spool makes on them."""
+
+    def __init__(self, root: Path, *, fsync: bool, health: SpoolHealth) -> None:
+        self.root = root
+        self.tmp = root / "tmp"
+        self.queue = root / "queue"
+        self.corrupt = root / "corrupt"
+        self.dirfd: int | None = None        # queue/, open once: its fsync after renames
+        self._fsync = fsync
+        self._health = health
+
+    def prepare(self) -> None:
+        """Create the directories (if missing) and open queue/; once."""
+        if self.dirfd is not None:
+            return
+        try:
+            for d in (self.root, self.tmp, self.queue, self.corrupt):
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.dirfd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SpoolError(f"cannot use the spool directory {self.root}: {exc.strerror}",
+                             hint="create it and make it writable by relay's user, or set "
+                                  "[relay] spool to a directory that is") from exc
+
+    def close(self) -> None:
+        if self.dirfd is not None:
+            os.close(self.dirfd)
+            self.dirfd = None
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def write_message(self, queue_id: str, head: bytes, data: bytes) -> None:
+        tmp = self.tmp / queue_id
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise self.error("create a spool file", exc) from exc
+        try:
+            try:
+                write_all(fd, head)
+                write_all(fd, data)
+                if self._fsync:
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.queue / queue_id)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise self.error("write a spool file", exc) from exc
+        try:
+            self.sync_queue_dir()
+        except OSError as exc:
+            # Not durable, so not acknowledged: take it back, or a client retry duplicates it.
+            with contextlib.suppress(OSError):
+                os.unlink(self.queue / queue_id)
+            raise self.error("make the spooled message durable", exc) from exc
+        self._health.write_succeeded(len(head) + len(data))
+
+    def write_state(self, queue_id: str, raw: bytes) -> None:
+        if not (self.queue / queue_id).exists():
+            raise KeyError(queue_id)
+        tmp = self.tmp / f"{queue_id}{STATE_SUFFIX}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                write_all(fd, raw)
+                if self._fsync:
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.queue / f"{queue_id}{STATE_SUFFIX}")
+            self.sync_queue_dir()
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise self.error("write a state file", exc) from exc
+        self._health.write_succeeded()
+
+    def unlink(self, queue_id: str) -> None:
+        # No directory fsync: an unlink survives any process crash (kill -9) as soon as it
+        # returns; only a power loss or kernel crash could undo it, and then the message
+        # is delivered again (at least once, never lost). Postfix makes the same trade.
+        for name in (queue_id + STATE_SUFFIX, queue_id):
+            try:
+                os.unlink(self.queue / name)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise self.error(f"remove {name}", exc) from exc
+
+    def sync_queue_dir(self) -> None:
+        """In the worker thread: make this thread's rename/unlink in queue/ durable."""
+        if self._fsync and self.dirfd is not None:
+            os.fsync(self.dirfd)
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def read_data(self, queue_id: str, limit: int | None) -> bytes:
+        try:
+            fd = os.open(self.queue / queue_id, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KeyError(queue_id) from None
+        except OSError as exc:
+            raise self.error(f"open {queue_id}", exc, write=False) from exc
+        try:
+            return MessageFile(fd).read_data(limit)
+        except FormatError as exc:
+            raise SpoolError(f"queue file {queue_id} is damaged: {exc}",
+                             hint="restart relay to move it to corrupt/, then inspect it "
+                                  "there") from exc
+        except OSError as exc:
+            raise self.error(f"read {queue_id}", exc, write=False) from exc
+        finally:
+            os.close(fd)
+
+    def error(self, what: str, exc: OSError, *, write: bool = True) -> SpoolError:
+        """The SpoolError for a failed ``what`` (a failed write also goes to the health)."""
+        if write:
+            self._health.write_failed(what, exc)
+        if exc.errno in DISK_FULL:
+            return SpoolError(f"spool {self.root} is full: cannot {what} ({exc.strerror})",
+                              disk_full=True,
+                              hint="free space (or quota) on the spool's filesystem; clients "
+                                   "are told to retry later meanwhile")
+        return SpoolError(f"spool {self.root}: cannot {what}: {exc.strerror or exc}",
+                          hint="check the spool filesystem (permissions, mount, kernel log "
+                               "for I/O errors)")
