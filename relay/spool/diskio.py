@@ -105,11 +105,13 @@ class SpoolDisk:
             raise self.error("write a state file", exc) from exc
         self._health.write_succeeded()
 
-    def unlink(self, queue_id: str) -> None:
+    def unlink(self, queue_id: str, with_state: bool) -> None:
+        """Remove the message, its state file first (``with_state``: one may exist)."""
         # No directory fsync: an unlink survives any process crash (kill -9) as soon as it
         # returns; only a power loss or kernel crash could undo it, and then the message
         # is delivered again (at least once, never lost). Postfix makes the same trade.
-        for name in (queue_id + STATE_SUFFIX, queue_id):
+        names = (queue_id + STATE_SUFFIX, queue_id) if with_state else (queue_id,)
+        for name in names:
             try:
                 os.unlink(self.queue / name)
             except FileNotFoundError:

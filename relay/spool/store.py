@@ -24,6 +24,11 @@ Crash safety, by the state a crash can leave:
   damage. The other order would turn every such crash into a spurious ``corrupt/`` entry.
   Removal does not fsync the directory: an unlink is final for any process crash, and
   only a power loss could bring a delivered message back, to be delivered again.
+  It skips the state file's unlink for a message this process saw arrive (``adopt()``)
+  and never began to write a state for: most mail is delivered at its first attempt,
+  and that unlink would fail (ENOENT) for each. Anything else, every message found on
+  disk at start-up included, gets it. Only the lock holder writes state files, so this
+  knowledge needs nothing on disk: a new process starts from "may have one".
 
 The bytes of a freshly stored message are kept in memory (bounded) for its first delivery
 attempt, so the happy path never reads a message back from disk.
@@ -104,6 +109,9 @@ class Spool:
         self._locks = KeyedLocks()
         self._pending: set[asyncio.Task[str]] = set()
         self._fresh = FreshCache()           # handed to the first attempt: no re-read
+        # Ids whose queue/<ID>.state may exist: each found on disk (recover, scan) and each
+        # save_state() began to write (it may be on disk even if the write failed).
+        self._state_files: set[str] = set()
 
     # --- set-up ----------------------------------------------------------------------------
 
@@ -162,6 +170,7 @@ class Spool:
     def _reindex(self, found: list[QueuedMessage]) -> None:
         self._index = {m.queue_id: _Entry(m.envelope.received_at, m.state.held,
                                           m.state.next_attempt) for m in found}
+        self._state_files.update(self._index)
 
     def add_listener(self, callback: Callable[[QueuedMessage], None]) -> None:
         """Call ``callback`` (on the loop) after each successful store()."""
@@ -206,6 +215,8 @@ class Spool:
         """Index a message (stored by this or another process), hand it to the listeners.
 
         ``data``, the stored message bytes if at hand, saves the first attempt a re-read.
+        The message is a fresh one, just stored: it has no state file unless save_state()
+        wrote one already (the id is then in ``_state_files``).
         """
         if msg.queue_id in self._index:
             return                                  # already known (recovered)
@@ -233,19 +244,31 @@ class Spool:
         self._disk.prepare()
         raw = encode_state(msg.state)
         async with self._locks.hold(msg.queue_id):
-            await _in_thread(self._disk.write_state, msg.queue_id, raw)
+            known = msg.queue_id in self._state_files
+            self._state_files.add(msg.queue_id)     # before the write: it may get that far
+            try:
+                await _in_thread(self._disk.write_state, msg.queue_id, raw)
+            except KeyError:                        # no message, so no state written
+                if not known:
+                    self._state_files.discard(msg.queue_id)
+                raise
             entry = self._index.get(msg.queue_id)
             if entry is not None:
                 entry.held, entry.next_attempt = msg.state.held, msg.state.next_attempt
 
     async def remove(self, queue_id: str) -> None:
-        """Delete a message (delivered, bounced or deleted): state file first, then message."""
+        """Delete a message (delivered, bounced or deleted): state file first, then message.
+
+        The state file's unlink is left out for a message adopted and never given a state.
+        """
         self._check_id(queue_id)
         self._disk.prepare()
         self._fresh.pop(queue_id)
         async with self._locks.hold(queue_id):
-            await _in_thread(self._disk.unlink, queue_id)
+            with_state = queue_id in self._state_files or queue_id not in self._index
+            await _in_thread(self._disk.unlink, queue_id, with_state)
             self._index.pop(queue_id, None)
+            self._state_files.discard(queue_id)
 
     # --- the read path -----------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from relay.control.queue import QueueManager
 from relay.errors import SpoolError
 from relay.metrics import Metrics
 from relay.spool.layout import is_queue_id
@@ -290,3 +291,89 @@ async def test_first_read_of_a_fresh_message_comes_from_memory_then_from_disk(
     assert opened == []
     assert await spool.read_message(qid) == DATA      # a retry reads the disk copy
     assert any(p.endswith(qid) for p in opened)
+
+
+class UnlinkSpy:
+    """Every os.unlink in queue/ by file name, and those that failed with ENOENT."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[str] = []
+        self.missing: list[str] = []
+        real = os.unlink
+
+        def spy(path: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:
+            name = os.path.basename(path)
+            self.calls.append(name)
+            try:
+                real(path, *args, **kwargs)
+            except FileNotFoundError:
+                self.missing.append(name)
+                raise
+
+        monkeypatch.setattr(os, "unlink", spy)
+
+    def clear(self) -> None:
+        self.calls.clear()
+        self.missing.clear()
+
+
+@pytest.mark.fast
+async def test_removing_a_message_that_never_had_a_state_makes_no_failing_unlink(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The main process removes every delivered message: for one delivered at its first
+    attempt (no state file ever written) removal is one unlink, never an ENOENT."""
+    stored = await spool.store(envelope(), DATA)
+    listener = Spool(spool.root, written=lambda msg, data: spool.adopt(msg, data))
+    handed = await listener.store(envelope(), DATA)     # an SMTP listener process's message
+    unlinks = UnlinkSpy(monkeypatch)
+    for qid in (stored, handed):
+        unlinks.clear()
+        await spool.remove(qid)
+        assert unlinks.calls == [qid] and unlinks.missing == []
+        assert qid not in spool
+    assert os.listdir(spool.queue) == []
+
+
+@pytest.mark.fast
+async def test_a_state_file_saved_recovered_or_written_by_the_operator_is_removed(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Removal never leaves a .state behind: after save_state, after a restart (found on
+    disk) and after an operator's queue command."""
+    saved, held, plain = [await spool.store(envelope(), DATA) for _ in range(3)]
+    msg = spool.load(saved)
+    msg.state.attempts, msg.state.next_attempt = 1, time.time() + 600
+    await spool.save_state(msg)                              # a deferred attempt
+    await QueueManager(spool).hold(held)                     # the operator's command
+    assert sorted(os.listdir(spool.queue)) == sorted(
+        [saved, saved + ".state", held, held + ".state", plain])
+    unlinks = UnlinkSpy(monkeypatch)
+    await spool.remove(saved)
+    assert unlinks.calls == [saved + ".state", saved] and unlinks.missing == []
+
+    restarted = Spool(spool.root)                            # a new process: from disk
+    assert {m.queue_id for m in restarted.recover()} == {held, plain}
+    unlinks.clear()
+    await restarted.remove(held)
+    assert unlinks.calls == [held + ".state", held] and unlinks.missing == []
+    await restarted.remove(plain)           # may have had one, as far as it knows: unlinked
+    assert unlinks.calls[2:] == [plain + ".state", plain]
+    assert os.listdir(restarted.queue) == []
+    restarted.close()
+
+
+@pytest.mark.fast
+async def test_a_state_saved_before_its_message_is_adopted_is_removed_too(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator may hold a message by id (from the mail log) before the listener
+    process's "stored" notice reaches the main process: adopt() must not forget that."""
+    notices: list[tuple[QueuedMessage, bytes]] = []
+    listener = Spool(spool.root, written=lambda msg, data: notices.append((msg, data)))
+    qid = await listener.store(envelope(), DATA)
+    msg = spool.load(qid)
+    msg.state.held = True
+    await spool.save_state(msg)
+    spool.adopt(*notices[0])                                 # the notice arrives late
+    unlinks = UnlinkSpy(monkeypatch)
+    await spool.remove(qid)
+    assert unlinks.calls == [qid + ".state", qid] and unlinks.missing == []
+    assert os.listdir(spool.queue) == []
