@@ -27,7 +27,8 @@ from relay.metrics import Metrics
 from relay.outbound.courier import Courier, RcptResult, transient
 from relay.outbound.outbox import OutboxCourier
 from relay.outbound.pacing import Claim, Cost, Limit, limits_for
-from relay.outbound.session import Credentials, TokenFor
+from relay.outbound.session import Credentials
+from relay.outbound.session_setup import TokenFor
 from relay.outbound.smtp_courier import SmtpCourier
 from relay.outbound.wire import has_bare_cr_or_lf
 from relay.spool.handovers import Handovers

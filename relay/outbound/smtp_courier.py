@@ -28,7 +28,8 @@ from relay.errors import RelayError, TransportError
 from relay.metrics import Metrics
 from relay.outbound.courier import RcptResult, transient
 from relay.outbound.pool import SessionPool
-from relay.outbound.session import Credentials, SessionError, SmtpSession, TokenFor
+from relay.outbound.session import Credentials, SessionError, SmtpSession
+from relay.outbound.session_setup import TokenFor, open_session
 from relay.outbound.wire import Reply, command_line
 from relay.spool.records import QueuedMessage
 from relay.timing import StageTimer
@@ -159,10 +160,10 @@ class SmtpCourier:
             pool.discard(session)
         await pool.make_room()
         try:
-            session = await SmtpSession.open(up, transport=self._transport,
-                                             helo_name=up.helo_name or self._hostname,
-                                             credentials=creds, timer=timer,
-                                             token_for=self._token_for, log=log)
+            session = await open_session(up, transport=self._transport,
+                                         helo_name=up.helo_name or self._hostname,
+                                         credentials=creds, timer=timer,
+                                         token_for=self._token_for, log=log)
         except (SessionError, TransportError) as exc:
             if self._suspend_for > 0:
                 scope = creds.key if isinstance(exc, SessionError) and exc.stage == "auth" \

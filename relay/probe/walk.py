@@ -28,6 +28,7 @@ from relay.errors import OAuthError, RelayError
 from relay.oauth.tokens import TokenSources
 from relay.outbound.outbox import write_outbox
 from relay.outbound.session import Credentials, SessionError, SmtpSession
+from relay.outbound.session_setup import open_session
 from relay.probe.channels import Channel, plan
 from relay.probe.hints import explain_auth_reply, provider_of
 from relay.probe.mailbox import Login, probe_certificate, walk_mailbox
@@ -61,7 +62,7 @@ def _session_tls(session: SmtpSession) -> str:
 
 class _Given:
     """A transport that hands out one already connected socket: the one the transport steps
-    opened, for SmtpSession and the proxy's IMAP/POP3 login."""
+    opened, for ``open_session`` (SMTP) and the proxy's IMAP/POP3 login."""
 
     name = "check"
 
@@ -80,7 +81,7 @@ _DOING = {"connect": "connecting", "tls": "the TLS handshake",
 
 
 class _Watched(StageTimer):
-    """The stage timer SmtpSession fills, telling the report which stage is under way."""
+    """The stage timer ``open_session`` fills, telling the report which stage is under way."""
 
     def __init__(self, report: Report) -> None:
         super().__init__()
@@ -218,7 +219,7 @@ class Checker:
                        "the TLS handshake" if up.tls == "implicit" else
                        "the greeting and EHLO")
         try:
-            session = await SmtpSession.open(
+            session = await open_session(
                 up, transport=_Given(sock), helo_name=up.helo_name or
                 self.config.relay.hostname, credentials=creds, timer=timer,
                 token_for=token_for)

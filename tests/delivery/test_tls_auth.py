@@ -16,7 +16,8 @@ from relay.config.schema import AccountConfig, ProxyConfig, Secret, TokenSourceC
 from relay.metrics import Metrics
 from relay.oauth.tokens import TokenSources
 from relay.outbound.attempt import Deliverer
-from relay.outbound.session import Credentials, SmtpSession
+from relay.outbound.session import Credentials
+from relay.outbound.session_setup import open_session
 from relay.timing import StageTimer
 from relay.transports.direct import DirectTransport
 from relay.transports.factory import Transports
@@ -248,8 +249,8 @@ async def test_implicit_tls_splits_handshake_and_greeting(ca: trustme.CA,
     timer = StageTimer()
     up = upstream(port, tls="implicit", ca_file=ca_file(ca, tmp_path),
                   tls_server_name="upstream.test")
-    session = await SmtpSession.open(up, transport=DirectTransport(), helo_name="relay.test",
-                                     credentials=Credentials(), timer=timer)
+    session = await open_session(up, transport=DirectTransport(), helo_name="relay.test",
+                                 credentials=Credentials(), timer=timer)
     assert timer.stages["greeting"] >= 0.4 > timer.stages["tls"]
     assert session.ssl_object is not None and session.tls_info["names"] == ["upstream.test"]
     assert session.tls_info["version"].startswith("TLSv1.")
