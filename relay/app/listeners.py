@@ -29,7 +29,7 @@ from relay.spool.store import Spool
 from relay.users import UserDB
 
 if TYPE_CHECKING:
-    from relay.proxy.session import Authenticator
+    from relay.proxy.accounts import Authenticator
 
 log = logging.getLogger("relay.app")
 

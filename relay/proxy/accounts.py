@@ -1,4 +1,8 @@
-"""Who relay is toward the provider for a proxy client: passthrough or a mapped account."""
+"""Who relay is toward the provider for a proxy client: passthrough or a mapped account.
+
+``Authenticator`` is what a proxy session (``relay.proxy.session``) asks at login;
+``build_authenticator`` picks the one an upstream's ``auth`` setting calls for.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,18 @@ from relay.proxy.upstream import UpstreamCredentials
 
 # Checks a client's user name and password against relay's users file.
 Verify = Callable[[str, Secret], Awaitable[bool]]
+
+
+class Authenticator(Protocol):
+    """Checks a client's credentials and says who relay is toward the provider.
+
+    Returns ``None`` when the credentials are wrong. For ``auth = "passthrough"`` it
+    returns the client's own credentials unchecked (the provider decides).
+    """
+
+    passthrough: bool
+
+    async def login(self, user: str, password: Secret) -> UpstreamCredentials | None: ...
 
 
 class PassthroughAuthenticator:

@@ -22,8 +22,9 @@ from relay.config.schema import ListenerConfig, UpstreamConfig
 from relay.connlimits import METRIC_REASON, ConnectionCounter, Limits, descriptors_for
 from relay.errors import ConfigError
 from relay.metrics import Metrics
+from relay.proxy.accounts import Authenticator
 from relay.proxy.pump import Channel
-from relay.proxy.session import Authenticator, ProxySession, SessionContext
+from relay.proxy.session import ProxySession, SessionContext
 from relay.proxy.upstream import TokenFor
 from relay.proxy.upstream_path import UpstreamPath
 from relay.throttle import FailureThrottle, client_key

@@ -22,37 +22,25 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from relay.acceptloop import note_tls_failure
-from relay.config.schema import ListenerConfig, Secret, UpstreamConfig
+from relay.config.schema import ListenerConfig, UpstreamConfig
 from relay.errors import OAuthError, ProxyUpstreamError, RelayError, TransportError
 from relay.maillog import censor
 from relay.metrics import Metrics
 from relay.proxy import zerocopy
+from relay.proxy.accounts import Authenticator
 from relay.proxy.events import Close, Event, Login, LoginFailure, PreAuth, Send, StartTls
 from relay.proxy.imap import ImapPreAuth
 from relay.proxy.pop3 import Pop3PreAuth
 from relay.proxy.pump import Channel, ChannelClosed, TransportSplice
 from relay.proxy.safepoint import ImapWatch, Pop3Watch, watch_for
-from relay.proxy.upstream import TokenFor, UpstreamCredentials, login_upstream
+from relay.proxy.upstream import TokenFor, login_upstream
 from relay.proxy.upstream_path import UpstreamPath
 from relay.throttle import FailureThrottle
 from relay.transports.base import Transport
 
 log = logging.getLogger("relay.proxy")
-
-
-class Authenticator(Protocol):
-    """Checks a client's credentials and says who relay is toward the provider.
-
-    Returns ``None`` when the credentials are wrong. For ``auth = "passthrough"`` it
-    returns the client's own credentials unchecked (the provider decides).
-    """
-
-    passthrough: bool
-
-    async def login(self, user: str, password: Secret) -> UpstreamCredentials | None: ...
 
 
 @dataclass(slots=True)

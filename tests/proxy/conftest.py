@@ -15,9 +15,8 @@ import pytest
 
 from relay.config.schema import HostPort, ListenerConfig, Secret, UpstreamConfig
 from relay.metrics import Metrics
-from relay.proxy.accounts import build_authenticator
+from relay.proxy.accounts import Authenticator, build_authenticator
 from relay.proxy.listener import ProxyListener
-from relay.proxy.session import Authenticator
 from relay.transports.base import Transport
 from relay.transports.direct import DirectTransport
 from tests.peers.dovecot import Dovecot, dovecot
