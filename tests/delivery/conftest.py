@@ -6,13 +6,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.fakes.recording_upstream import RecordingUpstream
+from tests.fakes.recording_upstream import RecordingUpstream, stopped_after
 
 
 @pytest.fixture
 async def started() -> AsyncIterator[list[RecordingUpstream]]:
     """Recording upstreams started by the test, stopped afterwards."""
-    servers: list[RecordingUpstream] = []
-    yield servers
-    for s in servers:
-        await s.stop()
+    async with stopped_after() as servers:
+        yield servers

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import ssl
 import warnings
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,3 +236,16 @@ class RecordingUpstream:
                 proto.transport.close()
         self._protocols.clear()
 
+
+@contextlib.asynccontextmanager
+async def stopped_after() -> AsyncIterator[list[RecordingUpstream]]:
+    """A list for the recording upstreams a test starts; each is stopped when the block ends.
+
+    The ``started`` (tests/delivery) and ``peers`` (tests/scheduler) fixtures are this.
+    """
+    started: list[RecordingUpstream] = []
+    try:
+        yield started
+    finally:
+        for up in started:
+            await up.stop()

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.fakes.recording_upstream import RecordingUpstream
+from tests.fakes.recording_upstream import RecordingUpstream, stopped_after
 from tests.scheduler.rig import Rig
 
 
@@ -22,7 +22,5 @@ async def rigs() -> AsyncIterator[list[Rig]]:
 @pytest.fixture
 async def peers() -> AsyncIterator[list[RecordingUpstream]]:
     """Recording upstreams a test starts, stopped after it."""
-    started: list[RecordingUpstream] = []
-    yield started
-    for p in started:
-        await p.stop()
+    async with stopped_after() as started:
+        yield started
