@@ -11,6 +11,6 @@ LOG_FORMAT = "%(asctime)s relay[%(process)d]: %(name)s: %(levelname)s: %(message
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format=LOG_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S", stream=sys.stderr)
-    # Library chatter (aiosmtpd logs every command) is not operator information.
+    # Library chatter is not operator information.
     for noisy in ("mail.log", "asyncio", "asyncssh"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

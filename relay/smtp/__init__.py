@@ -1,1 +1,1 @@
-"""The SMTP listener: aiosmtpd sessions in relay's loop, the DATA reader, AUTH, DATA → 250."""
+"""The SMTP listener: relay's own sessions in its loop, the DATA reader, AUTH, DATA → 250."""

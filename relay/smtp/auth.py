@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from relay import sasl
 from relay.smtp import replies
+from relay.smtp.protocol import LineTooLong
 from relay.verdict import Refusal
 
 if TYPE_CHECKING:
@@ -43,18 +44,14 @@ async def _response(session: RelaySMTP, challenge: bytes) -> bytes:
     session.screening = False                   # a SASL response is not a command line
     await session.send_lines([f"334 {base64.b64encode(challenge).decode()}"])
     try:
-        line = await session.reader.readuntil(b"\n")
-    except asyncio.LimitOverrunError:
-        session.close()
+        line = await session.read_line(MAX_RESPONSE)
+    except LineTooLong:
         raise _Abort("500 5.5.6 Authentication response too long") from None
-    except asyncio.IncompleteReadError:
-        session.close()
-        raise _Abort("") from None
     finally:
         session.screening = True
-    if len(line) > MAX_RESPONSE:
-        raise _Abort("500 5.5.6 Authentication response too long")
-    line = line.rstrip(b"\r\n")
+    if line is None:                            # the client went away
+        session.close()
+        raise _Abort("")
     if line == b"*":
         raise _Abort("501 5.7.0 Authentication aborted")
     return _b64(line)

@@ -1,11 +1,11 @@
 """An SMTP session's defences against hostile clients: junk, other protocols, deadlines.
 
-``DefendedSession`` sits between aiosmtpd's session (``compat.AiosmtpdSession``) and
-relay's (``server.RelaySMTP``) and holds what a hostile or broken client meets (the
+``DefendedSession`` sits between the connection (``protocol.SmtpProtocol``) and relay's
+session (``server.RelaySMTP``) and holds what a hostile or broken client meets (the
 rules themselves are the sans-IO ``session_limits``):
 
-- junk commands (NOOP, RSET, VRFY, EXPN, HELP, unknown verbs, lines aiosmtpd cannot
-  parse) are counted; one past ``max_junk_commands`` gets ``421 4.7.0`` and the session
+- junk commands (NOOP, RSET, VRFY, EXPN, HELP, unknown verbs, lines that cannot be
+  parsed) are counted; one past ``max_junk_commands`` gets ``421 4.7.0`` and the session
   is closed; junk never extends the command deadline (``command_timeout`` runs from the
   last real command, trickled bytes do not extend it either);
 - a command line starting with TLS or binary bytes, or an HTTP request line, ends the
@@ -23,18 +23,17 @@ import logging
 
 from relay.acceptloop import note_tls_failure
 from relay.smtp import replies
-from relay.smtp.compat import AiosmtpdSession, unread
+from relay.smtp.commands import SYNTAX_ERRORS
 from relay.smtp.data import DataReader, Event
 from relay.smtp.handler import Context
+from relay.smtp.protocol import SmtpProtocol
 from relay.smtp.session_limits import DataDeadline, JunkCounter, http_request, other_protocol
 
 log = logging.getLogger("relay.smtp")
 
-READ_CHUNK = 65536
 
-
-class DefendedSession(AiosmtpdSession):
-    """aiosmtpd's session with relay's defences; ``RelaySMTP`` adds the commands."""
+class DefendedSession(SmtpProtocol):
+    """The connection with relay's defences; ``RelaySMTP`` adds the commands."""
 
     ctx: Context
     _client_ip: str
@@ -53,21 +52,13 @@ class DefendedSession(AiosmtpdSession):
         if self._held:
             data = b"".join(self._held) + data
             self._held.clear()
-        self.writer.write(data)
-        await self.writer.drain()
+        await self.send(data)
 
     def _write_now(self, line: str) -> None:
         transport = self.transport
         if isinstance(transport, asyncio.WriteTransport):
             transport.write(b"".join(self._held) + line.encode() + b"\r\n")
             self._held.clear()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            handshaking = self.handshaking
-            self.transport.close()
-            if handshaking and self.transport is not None:
-                self.connection_lost(None)
 
     def _closed_because(self, reason: str) -> None:
         if self.ctx.metrics is not None:
@@ -98,10 +89,12 @@ class DefendedSession(AiosmtpdSession):
     def start_tls_deadline(self) -> None:
         """STARTTLS was accepted: the handshake must finish within its own deadline."""
         self._tls_pending = True
+        self.screening = False                  # the client's TLS hello is not junk
         self.reset_timer(self.ctx.cfg.tls_handshake_timeout)
 
     def tls_done(self) -> None:
         self._tls_pending = False
+        self.screening = True
 
     def on_tls_failed(self, error: BaseException) -> None:
         if self._tls_pending:                    # not already counted as a timeout
@@ -124,14 +117,14 @@ class DefendedSession(AiosmtpdSession):
                 self._data_deadline = deadline.at(reader.received)
                 left = self._data_deadline - self.loop.time()
                 self.reset_timer(max(0.001, min(cfg.data_timeout, left)))
-                chunk = await self.reader.read(READ_CHUNK)
+                chunk = await self.read_some()
                 if not chunk:                   # client went away mid-DATA: nothing queued
                     self.close()
                     return None
                 event = reader.feed(chunk)
                 if event is not None:
                     if event.leftover:
-                        unread(self.reader, event.leftover)
+                        self.unread(event.leftover)
                     return event
         finally:
             self._data_deadline = 0.0
@@ -165,8 +158,8 @@ class DefendedSession(AiosmtpdSession):
     async def junk_command(self, *, counted_as_command: bool = True) -> bool:
         """Count a junk command; True when it was one too many (421 sent, closing).
 
-        ``counted_as_command``: aiosmtpd restarted the command timer for it (a verb it
-        dispatched), which is undone so that junk never extends the deadline.
+        ``counted_as_command``: the command loop restarted the command timer for it (a
+        verb it dispatched), which is undone so that junk never extends the deadline.
         """
         if counted_as_command:
             self.keep_deadline()
@@ -180,6 +173,10 @@ class DefendedSession(AiosmtpdSession):
         self.close()
         return True
 
+    def is_syntax_error(self, status: str) -> bool:
+        """True for the command loop's replies to unparsable lines (counted as junk)."""
+        return status in SYNTAX_ERRORS
+
     def message_accepted(self) -> None:
         self._junk.message_accepted()
 
@@ -191,7 +188,7 @@ class DefendedSession(AiosmtpdSession):
         if not await self.junk_command():
             await super().smtp_VRFY(arg)
 
-    async def smtp_EXPN(self, arg: str) -> None:
+    async def smtp_EXPN(self, arg: str | None) -> None:
         if not await self.junk_command():
             await super().smtp_EXPN(arg)
 

@@ -209,9 +209,8 @@ class _TrackedSMTP(RelaySMTP):
     on_close: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = self.transport is None
         super().connection_made(transport)
-        if first and self.on_open is not None:
+        if self.on_open is not None:
             self.on_open(self)
 
     def connection_lost(self, error: Exception | None) -> None:

@@ -1,7 +1,7 @@
 """The SMTP listener's replies, each with an RFC 3463 enhanced status code.
 
 The listener advertises ENHANCEDSTATUSCODES, so every reply after the greeting carries
-one; aiosmtpd's own replies get the default code for their number (``with_enhanced``).
+one; a reply written without one gets the default code for its number (``with_enhanced``).
 Checks do not reply: they raise ``relay.verdict.Refusal``, which the listener sends.
 """
 
@@ -31,7 +31,7 @@ REASONS = ("relay_denied", "auth_required", "auth_blocked", "bad_address", "smug
 
 
 def with_enhanced(status: str) -> str:
-    """Add the default enhanced code to a reply line that lacks one (aiosmtpd's own)."""
+    """Add the default enhanced code to a reply line that lacks one."""
     if len(status) < 3 or _HAS_ENHANCED.match(status):
         return status
     code = status[:3]

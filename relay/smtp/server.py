@@ -1,10 +1,11 @@
-"""One SMTP session: aiosmtpd's protocol with relay's commands, limits, AUTH and DATA.
+"""One SMTP session: relay's commands, limits, AUTH and DATA.
 
-aiosmtpd provides the command loop, STARTTLS and the stream plumbing; relay overrides
-EHLO (PIPELINING, SIZE, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, STARTTLS, AUTH), MAIL,
-RCPT (strict address policy and relay decision), AUTH (PLAIN, LOGIN against the users
-file, off the loop, with throttling), DATA (the chunked sans-IO reader of ``data.py``),
-timeouts (a ``421 4.4.2`` before closing) and adds enhanced status codes to every reply.
+``protocol.SmtpProtocol`` provides the command loop, STARTTLS and the byte pump; this
+module implements EHLO (PIPELINING, SIZE, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES,
+STARTTLS, AUTH), MAIL, RCPT (strict address policy and relay decision), AUTH (PLAIN,
+LOGIN against the users file, off the loop, with throttling), DATA (the chunked sans-IO
+reader of ``data.py``), timeouts (a ``421 4.4.2`` before closing) and adds enhanced
+status codes to every reply.
 Against hostile clients (``session_limits.py``): per-network admission (``connlimits``),
 a cap on junk commands, non-SMTP input closed at once, a deadline for the whole DATA and
 for the STARTTLS handshake, and junk that never extends the command deadline.
@@ -29,7 +30,6 @@ from relay.connlimits import (
 )
 from relay.smtp import replies
 from relay.smtp.auth import run_auth
-from relay.smtp.compat import has_line
 from relay.smtp.defences import DefendedSession
 from relay.smtp.handler import Context, Transaction, finish_message
 from relay.smtp.policy import (
@@ -55,8 +55,6 @@ _REFUSALS = {TOO_MANY: replies.TOO_MANY_CONNECTIONS,
 class RelaySMTP(DefendedSession):
     """An SMTP session of a relay listener."""
 
-    line_length_limit = 32768          # StreamReader limit; command lines are checked below
-
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         cfg = ctx.cfg
@@ -74,20 +72,13 @@ class RelaySMTP(DefendedSession):
         self._slot: Any = ""                    # the client network's connection slot
         self._admission: asyncio.Future[str | None] | None = None   # asked of another process
         self.init_defences()
-        self.init_state(hostname=ctx.hostname, data_size_limit=ctx.size_limit.size,
-                        timeout=cfg.command_timeout,
-                        tls_context=ctx.tls_context if cfg.tls == "starttls" else None,
-                        auth_require_tls=not cfg.allow_plaintext_auth)
+        self.init_state(hostname=ctx.hostname, timeout=cfg.command_timeout,
+                        tls_context=ctx.tls_context if cfg.tls == "starttls" else None)
 
     # --- connection life cycle ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = self.transport is None
         super().connection_made(transport)
-        if not first:                            # STARTTLS finished: forget pre-TLS state
-            self._auth_user = ""
-            self.tls_done()
-            return
         peer = transport.get_extra_info("peername") or ("", 0)
         self._client_ip, self._client_port = str(peer[0]), int(peer[1])
         if self._client_ip.startswith("::ffff:"):
@@ -105,6 +96,12 @@ class RelaySMTP(DefendedSession):
             self._admitted(refused)
         else:                 # several processes serve this listener: the main one counts
             self._slot, self._admission = counter.ask(self._client_ip, Limits.of(cfg))
+
+    def tls_started(self) -> None:
+        self._auth_user = ""                     # RFC 3207 4.2: forget pre-TLS state
+        self._txn = None
+        self.tls_done()
+        self.reset_timer()
 
     def _admitted(self, refused: str | None) -> None:
         cfg = self.ctx.cfg
@@ -132,7 +129,7 @@ class RelaySMTP(DefendedSession):
             if self.ctx.metrics is not None:
                 self.ctx.metrics.smtp_sessions.labels(self.ctx.cfg.name).dec()
 
-    async def smtp_QUIT(self, arg: str) -> None:
+    async def smtp_QUIT(self, arg: str | None) -> None:
         # The slot goes back before the 221: a client that reconnects on reading it (as
         # at its per-client limit) must not find its old connection still counted.
         if not arg:
@@ -185,7 +182,7 @@ class RelaySMTP(DefendedSession):
         # Postfix does), instead of one send() each.
         if self._pipelinable:
             self._pipelinable = False
-            if has_line(self.reader):
+            if self.has_line():
                 self._held.append(data)
                 return
         await self._send(data)
@@ -225,7 +222,7 @@ class RelaySMTP(DefendedSession):
         if not hostname:
             await self.push("501 5.5.4 Syntax: HELO hostname")
             return
-        self.reset_transaction()
+        self._txn = None
         self.state.extended_smtp = False
         self.state.host_name = hostname
         await self.send_lines([f"250 {self.hostname}"])
@@ -234,7 +231,7 @@ class RelaySMTP(DefendedSession):
         if not hostname:
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
-        self.reset_transaction()
+        self._txn = None
         self.state.extended_smtp = True
         self.state.host_name = hostname
         lines = [self.hostname, "PIPELINING", f"SIZE {self.ctx.size_limit.size}",
@@ -255,11 +252,13 @@ class RelaySMTP(DefendedSession):
         if self.tls_context is None:
             await self.push("502 5.5.1 Error: STARTTLS not offered on this listener")
             return
-        if not arg:
-            self.start_tls_deadline()
-        await super().smtp_STARTTLS(arg)
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        self.start_tls_deadline()
+        await self.start_tls(self.ctx.cfg.tls_handshake_timeout)
 
-    async def smtp_RSET(self, arg: str) -> None:
+    async def smtp_RSET(self, arg: str | None) -> None:
         if await self.junk_command():
             return
         self._pipelinable = True
@@ -365,7 +364,6 @@ class RelaySMTP(DefendedSession):
                                          tls_version=tls_version)
         finally:
             self._finishing = False
-        self.end_of_data()
         self.reset_timer()
         if reply.startswith("250"):
             self.message_accepted()

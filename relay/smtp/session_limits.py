@@ -1,6 +1,6 @@
 """What one SMTP session may cost: junk commands, other protocols, the DATA deadline (sans-IO).
 
-- Junk: NOOP, RSET, VRFY, EXPN, HELP, unknown verbs and lines aiosmtpd cannot parse. A
+- Junk: NOOP, RSET, VRFY, EXPN, HELP, unknown verbs and lines that do not parse. A
   session may send ``max_junk_commands`` of them (the count starts again after each
   accepted message, as Postfix's junk limit does); the next one gets ``421 4.7.0`` and
   the session is closed. Junk never extends the command deadline.

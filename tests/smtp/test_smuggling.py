@@ -134,13 +134,15 @@ async def test_pipelined_replies_leave_in_one_write(start_relay: StartRelay) -> 
     assert (await run(c.cmd, "EHLO x")).splitlines()[1] == "250-PIPELINING"
     [session] = relay.listener._sessions
     writes: list[bytes] = []
-    write = session._writer.write
+    transport = session.transport
+    assert transport is not None
+    write = transport.write
 
     def spy(data: bytes) -> None:
         writes.append(data)
         write(data)
 
-    session._writer.write = spy  # type: ignore[method-assign]
+    transport.write = spy  # type: ignore[method-assign]
 
     def go() -> list[str]:
         c.send(b"RSET\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n"
