@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from relay.config.schema import ListenerConfig
+from relay.pickling import pickled_by_fields
 from relay.throttle import client_key
 
 TOO_MANY = "too_many_sessions"
@@ -44,6 +45,7 @@ METRIC_REASON = {TOO_MANY: "total", TOO_MANY_FROM_CLIENT: "client", TOO_FAST: "r
                  RESERVED: "reserve", UNAVAILABLE: "unavailable"}
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class Limits:
     """One listener's admission limits (0 = no limit)."""

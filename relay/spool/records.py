@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from relay.envelope import Envelope
+from relay.pickling import pickled_by_fields
 
 
 class RcptStatus(enum.StrEnum):
@@ -14,6 +15,7 @@ class RcptStatus(enum.StrEnum):
     BOUNCED = "bounced"      # permanent failure (or lifetime exceeded); a DSN was queued
 
 
+@pickled_by_fields
 @dataclass(slots=True)
 class Recipient:
     address: str
@@ -22,6 +24,7 @@ class Recipient:
     attempts: int = 0
 
 
+@pickled_by_fields
 @dataclass(slots=True)
 class QueueState:
     """The mutable delivery state of one queued message (rewritten atomically per attempt)."""
@@ -35,6 +38,7 @@ class QueueState:
     last_error: str = ""
 
 
+@pickled_by_fields
 @dataclass(slots=True)
 class QueuedMessage:
     """A message in the spool: identity, envelope, state, size; the bytes live on disk."""

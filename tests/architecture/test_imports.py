@@ -61,7 +61,8 @@ def test_a_listener_process_loads_no_delivery_transport_or_proxy() -> None:
 LEAVES = ["relay.envelope", "relay.verdict", "relay.errors", "relay.metrics",
           "relay.maillog", "relay.config.loader", "relay.config.schema", "relay.timing",
           "relay.sasl", "relay.throttle", "relay.users", "relay.tls", "relay.headers",
-          "relay.connlimits", "relay.atomicfile", "relay.acceptloop", "relay.ratelog"]
+          "relay.connlimits", "relay.atomicfile", "relay.acceptloop", "relay.ratelog",
+          "relay.pickling"]
 STAGES = ["relay.app", "relay.cli", "relay.smtp", "relay.listenproc", "relay.proxy",
           "relay.outbound", "relay.probe", "relay.control", "relay.checks", "relay.dkim",
           "relay.oauth", "relay.ops", "relay.spool", "relay.routing", "relay.transports",
