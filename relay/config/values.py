@@ -37,10 +37,14 @@ _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 DURATION_EXPECTED = 'a duration such as "30s", "5m", "2h", "5d" (or "1h30m") or seconds'
 
 _COMMA_IPV4 = re.compile(r"^\d{1,3}(?:[.,]\d{1,3}){3}(?:/\d{1,2})?$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})"
-                      r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}))*\.?$")
-_HEADER_RE = re.compile(r"^[!-9;-~]+$")       # RFC 5322 ftext: printable ASCII minus ":"
+# The validators below end with \Z, never $: $ also matches before a trailing newline, so
+# "relay.example.com\n" would pass. These values are written into the headers of mail
+# relay queues (the hostname in Received:, header-rule names, DKIM d= and s=), where a
+# newline would be a bare LF, which relay must never send (SMTP smuggling).
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+_HOST_RE = re.compile(r"^(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})"
+                      r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}))*\.?\Z")
+_HEADER_RE = re.compile(r"^[!-9;-~]+\Z")     # RFC 5322 ftext: printable ASCII minus ":"
 
 
 def parse_size(value: object) -> int:
@@ -255,7 +259,7 @@ def is_name(value: str) -> bool:
 
 
 _SELECTOR_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?"
-                          r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?)*$")
+                          r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?)*\Z")
 
 
 def is_selector(value: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 
 import pytest
 
@@ -11,6 +12,10 @@ from relay.config.values import (
     BadValue,
     address_typo,
     comma_typo,
+    is_domain,
+    is_header_name,
+    is_name,
+    is_selector,
     parse_duration,
     parse_hostport,
     parse_network,
@@ -121,3 +126,22 @@ def test_network_with_host_bits_suggests_the_network() -> None:
     with pytest.raises(BadValue) as exc:
         parse_network("10.20.0.1/16")
     assert exc.value.expected == '"10.20.0.0/16"'
+
+
+@pytest.mark.parametrize(("check", "good"), [
+    (is_domain, "relay.example.com"), (is_header_name, "X-Relay"), (is_selector, "relay2025"),
+    (is_name, "platform"),
+])
+def test_a_trailing_newline_is_refused(check: Callable[[str], bool], good: str) -> None:
+    """These values go into message headers (Received:, header rules, DKIM-Signature), where
+    a newline is a bare LF; a regex ending in $ would let one through before the end."""
+    assert check(good)
+    for bad in (good + "\n", good + "\r\n", good + "\r", "\n" + good):
+        assert not check(bad), repr(bad)
+
+
+def test_a_host_with_a_newline_is_refused() -> None:
+    with pytest.raises(BadValue):
+        parse_hostport("smtp.example.net\n:587")
+    # blanks around the whole value are stripped: the host kept has no newline
+    assert parse_hostport("smtp.example.net\n", default_port=587).host == "smtp.example.net"
