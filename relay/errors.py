@@ -67,6 +67,22 @@ class SpoolError(RelayError):
         self.disk_full = disk_full
 
 
+class BareLineEndingError(SpoolError):
+    """The spool refused a message holding a CR or LF that is not part of a CRLF pair.
+
+    The spool only holds CRLF messages, so delivery never scans one again
+    (``relay.spool.store``); ``kind`` is ``"CR"`` or ``"LF"``. Such bytes could smuggle
+    headers or a second message past a provider, and the same bytes are refused every
+    time: whoever produced them has a bug.
+    """
+
+    def __init__(self, kind: str, *, hint: str = "") -> None:
+        super().__init__(f"not queueing a message with a bare {kind} (a CR or LF not part of "
+                         "a CRLF pair): the spool holds only CRLF line endings",
+                         hint=hint or "a bug in what produced the message; please report it")
+        self.kind = kind
+
+
 class TransportError(RelayError):
     """An upstream connection could not be opened through its transport.
 

@@ -3,7 +3,9 @@
 A DSN goes to the envelope sender with the null reverse-path and ``dsn_of`` set, and is
 queued through ``Spool.store`` like any message. It carries, per failed recipient, the
 provider's reply (``Diagnostic-Code: smtp; 550 5.1.1 ...``) and the original message's
-headers (``text/rfc822-headers``), never its body.
+headers (``text/rfc822-headers``), never its body. It is built with CRLF line endings
+only, yet not vouched for to the spool (``crlf_checked``): it quotes addresses, host
+names and replies, and the spool's scan of a message this small costs next to nothing.
 
 No DSN is made for a message with the null sender, one that is itself a DSN
 (``dsn_of`` set), one whose top-level Content-Type is a delivery-status report, or an

@@ -89,6 +89,25 @@ class AcceptPipeline:
         return rules
 
     async def __call__(self, envelope: Envelope, data: bytes) -> str:
+        """Header rules, DKIM, guard, then the spool; returns the queue id.
+
+        The spool only takes CRLF messages (``relay.spool.store``); this vouches for its
+        own (``crlf_checked``) instead of having it scan them again. ``data`` has no bare
+        CR or LF: the DATA reader (``relay.smtp.data``) refused every message with one.
+        Neither has anything relay adds to the header on the way, each field a whole
+        CRLF-terminated line with no CR or LF inside, inserted at a line start or removed
+        whole: the listener's ``Received:`` on top (the client's words through
+        ``handler._clean``, the peer's IP, ``[relay] hostname``, a checked domain:
+        ``relay.config.values.is_domain``); the checks' ``Date:``/``Message-ID:``
+        (``relay.headers.add_missing`` refuses any other field, or one with a CR or LF
+        before its CRLF) and SPF fields
+        (values cleaned of CR and LF, ``relay.checks.spf``); header rules (names
+        checked by ``relay.config.values.is_header_name``, values refused when they hold a
+        CR or LF by ``relay.config.sections.read_header_rules``; ``relay.headers.apply_rules``
+        ends each new field like the first line, the CRLF of ``Received:``); and the
+        ``DKIM-Signature`` (fixed names, base64, the key's checked domain and selector,
+        folded with that same CRLF: ``relay.dkim.sign``).
+        """
         received = data
         rules = self._rules_for(envelope)
         if rules:
@@ -104,7 +123,7 @@ class AcceptPipeline:
                              disk_full=shortage.full,
                              hint="free space on the spool's filesystem (or lower "
                                   "[relay] spool_reserve); clients retry meanwhile")
-        return await self._spool.store(envelope, data)
+        return await self._spool.store(envelope, data, crlf_checked=True)
 
 
 class RoutedChecks(MessageChecks):

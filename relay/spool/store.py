@@ -32,6 +32,24 @@ Crash safety, by the state a crash can leave:
 
 The bytes of a freshly stored message are kept in memory (bounded) for its first delivery
 attempt, so the happy path never reads a message back from disk.
+
+The spool holds only messages with CRLF line endings: no CR or LF outside a CRLF pair
+(a bare one could smuggle a header or a second message past a provider). ``store()`` is
+the only way into ``queue/`` and enforces it: it refuses (``BareLineEndingError``, a
+SpoolError) any other message, unless its caller vouches with ``crlf_checked=True``
+because it has made sure already. So delivery sends what it reads from here without
+scanning it again (``relay.outbound.attempt``): ~175 µs per 100 KB per attempt saved.
+The callers of ``store()``:
+
+- the SMTP accept pipeline (``relay.smtp.accept``, in the main process or a listener
+  process, which then hands the stored message over with ``adopt()``) vouches: its DATA
+  reader (``relay.smtp.data``) refuses any message with a bare CR or LF, and nothing
+  relay adds before the store can bring one (that pipeline's docstring says why);
+- the DSN builder (``relay.outbound.dsn``) does not vouch: a DSN is small (headers only),
+  so the check costs next to nothing, and it quotes addresses and replies.
+
+Nothing else writes ``queue/``: the queue tools and the control socket read, hold,
+retry and delete, and recovery only moves damaged files out.
 """
 
 from __future__ import annotations
@@ -45,7 +63,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay.envelope import Envelope
-from relay.errors import SpoolError
+from relay.errors import BareLineEndingError, SpoolError
 from relay.metrics import Metrics
 from relay.spool import recovery
 from relay.spool.diskio import SpoolDisk
@@ -53,6 +71,7 @@ from relay.spool.health import SpoolHealth
 from relay.spool.layout import (
     FormatError,
     IdGenerator,
+    bare_line_ending,
     encode_envelope,
     encode_state,
     fresh_state,
@@ -178,12 +197,19 @@ class Spool:
 
     # --- the write path ----------------------------------------------------------------------
 
-    async def store(self, envelope: Envelope, data: bytes) -> str:
+    async def store(self, envelope: Envelope, data: bytes, *,
+                    crlf_checked: bool = False) -> str:
         """Spool a message durably and return its queue id (see the module docstring).
+
+        ``data`` must have CRLF line endings only: a bare CR or LF raises
+        ``BareLineEndingError`` and nothing is written. ``crlf_checked=True``: the caller
+        vouches that there is none (it checked already), and the scan is skipped.
 
         Once the write has begun it completes even if the caller is cancelled, so the
         message is either refused (exception) or queued and handed to the listeners.
         """
+        if not crlf_checked and (kind := bare_line_ending(data)) is not None:
+            raise BareLineEndingError(kind)
         self._disk.prepare()
         task = asyncio.ensure_future(self._store(envelope, data))
         self._pending.add(task)

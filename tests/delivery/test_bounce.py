@@ -5,11 +5,15 @@ from __future__ import annotations
 import email
 import email.policy
 import time
+from pathlib import Path
 
 import pytest
 
+from relay.dkim.keys import DkimKey, DkimKeys, generate
+from relay.dkim.sign import Signer
 from relay.envelope import Envelope
 from relay.outbound.dsn import Bouncer, Failure, build_dsn, headers_of, is_bounce
+from relay.spool.store import Spool
 from tests.delivery.helpers import BODY, message
 
 pytestmark = pytest.mark.fast
@@ -95,6 +99,36 @@ async def test_bouncer_queues_to_sender_once() -> None:
     dsn_msg = message("DSN1", sender="", rcpts=("alice@example.com",), dsn_of="QID2")
     assert await bouncer.bounce(dsn_msg, [Failure("alice@example.com", "550 no")], data) is None
     assert len(store.stored) == 1
+
+
+@pytest.mark.parametrize("signed", [False, True])
+async def test_a_dsn_passes_the_spools_crlf_check(tmp_path: Path, signed: bool) -> None:
+    """The bouncer does not vouch for its DSNs (``crlf_checked``): the real spool scans each
+    for a bare CR or LF, and takes it, DKIM signature, multi-line reply, huge header and
+    all."""
+    spool = Spool(tmp_path / "spool")
+    sign = None
+    if signed:
+        signer = Signer(DkimKeys([DkimKey(domain="relay.test", selector="s1",
+                                          algorithm="ed25519", private=generate("ed25519"))]))
+        sign = signer.maybe_sign
+    bouncer = Bouncer(spool=spool, hostname="relay.test", sign=sign)
+    original = b"X-Big: " + b"a" * 70000 + b"\r\n" + BODY
+    failures = [Failure("bob@example.net", "550-5.1.1 no\r\n550 5.1.1 such\nuser\r",
+                        "smtp.example.net"),
+                Failure("carol@example.net", "connect failed", expired=True)]
+    try:
+        qid = await bouncer.bounce(message("QID4", rcpts=("bob@example.net",
+                                                          "carol@example.net")),
+                                   failures, original)
+        assert qid is not None and spool.queue_ids() == [qid]
+        dsn = await spool.read_message(qid)
+        assert dsn.count(b"\n") == dsn.count(b"\r") == dsn.count(b"\r\n")
+        assert b"Diagnostic-Code: smtp; 550-5.1.1 no 550 5.1.1 such user" in dsn
+        assert dsn.startswith(b"DKIM-Signature: ") is signed
+        assert spool.load(qid).envelope.dsn_of == "QID4"
+    finally:
+        spool.close()
 
 
 def test_eight_bit_headers_are_marked() -> None:

@@ -6,8 +6,19 @@ import ipaddress
 import smtplib
 from pathlib import Path
 
+import pytest
+
+from relay.config.schema import (
+    Config,
+    HeaderRule,
+    HostPort,
+    ListenerConfig,
+    MetricsConfig,
+    RelaySection,
+)
+from relay.headers import HeaderGuard
 from relay.routing import Router
-from relay.smtp.accept import RoutedChecks
+from relay.smtp.accept import AcceptPipeline, RoutedChecks
 from relay.spool.store import Spool
 from tests.peers.tmpfs import fill, tmpfs
 from tests.smtp.conftest import RawClient, StartRelay, run
@@ -127,3 +138,47 @@ async def test_a_leading_continuation_line_is_refused_even_without_checks(
     assert spool.queue_ids() == []
     code, _ = await run(go, b"X-Mailer: CXone\r\n\tfolded\r\n" + MSG)   # folding is fine
     assert code == 250 and len(spool.queue_ids()) == 1
+
+
+async def test_the_accept_pipeline_vouches_only_for_what_the_data_reader_let_in(
+        start_relay: StartRelay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline tells the spool its messages are CRLF-only (``crlf_checked``), so the
+    spool does not scan them: a bare CR or LF must be refused before it (550), and what
+    it stores, its own header fields included, must be CRLF-only."""
+
+    def scanned(data: bytes) -> None:
+        raise AssertionError("the spool scanned a message the pipeline vouched for")
+
+    monkeypatch.setattr("relay.spool.store.bare_line_ending", scanned)
+    spool = Spool(tmp_path / "spool")
+    rules = (HeaderRule("add", "X-Relay", "yes"), HeaderRule("replace", "Subject", "new"))
+    lc = ListenerConfig(name="platform", protocol="smtp", listen=HostPort("127.0.0.1", 0),
+                        header_rules=rules)
+    config = Config(source=tmp_path / "relay.toml", relay=RelaySection(hostname="relay.test"),
+                    metrics=MetricsConfig(), listeners=(lc,), upstreams=())
+    accept = AcceptPipeline(listener=lc, config=config, spool=spool,
+                            router=Router((), "up"), signer=None, guard=HeaderGuard())
+    relay = await start_relay(allow=ALLOW, accept=accept)
+
+    def go(data: bytes) -> str:
+        c = RawClient(relay.port)
+        c.reply()
+        c.cmd("EHLO platform.test")
+        c.cmd("MAIL FROM:<a@example.com>")
+        c.cmd("RCPT TO:<b@example.net>")
+        c.cmd("DATA")
+        c.send(data + b".\r\n")
+        reply = c.reply()
+        c.close()
+        return reply
+
+    for bare in (b"Subject: hi\rBcc: x@evil.example\r\n\r\nbody\r\n",
+                 b"Subject: hi\r\n\r\nfirst\n.\nMAIL FROM:<e@evil.example>\r\n"):
+        assert (await run(go, bare)).startswith("550 5.5.2 "), bare
+    assert spool.queue_ids() == [] and relay.refused("smuggling") == 2
+    assert (await run(go, MSG)).startswith("250 ")
+    [qid] = spool.queue_ids()
+    stored = await spool.read_message(qid)
+    assert stored.count(b"\r") == stored.count(b"\n") == stored.count(b"\r\n")
+    assert b"\r\nX-Relay: yes\r\n" in stored and b"\r\nSubject: new\r\n" in stored
+    spool.close()

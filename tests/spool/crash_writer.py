@@ -21,7 +21,7 @@ from relay.spool.store import Spool
 async def worker(spool: Spool, rng: random.Random, live: list[str]) -> None:
     while True:
         size = rng.choice((200, 1000, 5000, 60_000, 300_000))
-        data = b"Subject: crash\r\n\r\n" + rng.randbytes(size)
+        data = b"Subject: crash\r\n\r\n" + rng.randbytes(size).translate(None, b"\r\n")
         env = Envelope(sender=f"crc{zlib.crc32(data)}@example.com",
                        recipients=("a@example.net", "b@example.net"), received_at=time.time())
         qid = await spool.store(env, data)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from relay.control.queue import QueueManager
-from relay.errors import SpoolError
+from relay.errors import BareLineEndingError, SpoolError
 from relay.metrics import Metrics
 from relay.spool.layout import is_queue_id
 from relay.spool.records import QueuedMessage, RcptStatus
@@ -73,6 +73,38 @@ async def test_a_cancelled_store_still_completes_and_is_announced(spool: Spool) 
         await task
     await asyncio.wait_for(announced.wait(), 10)      # the write finishes in its thread
     assert spool.queue_ids() == seen and os.listdir(spool.tmp) == []
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(("data", "kind"), [
+    (b"Subject: hi\rBcc: victim@example.org\r\n\r\nbody\r\n", "CR"),
+    (b"Subject: hi\nBcc: victim@example.org\r\n\r\nbody\r\n", "LF"),
+    (b"Subject: x\r\n\r\nfirst\n.\nMAIL FROM:<e@evil.example>\r\n", "LF"),
+    (b"Subject: x\r\n\r\nbody\r\n\r", "CR"),                 # at the very end
+    (b"\nSubject: x\r\n\r\nbody\r\n", "LF"),                 # at the very start
+    (b"Subject: x\r\n\r\nbody\n\r", "LF"),                    # LF CR is no pair
+])
+async def test_store_refuses_a_bare_cr_or_lf(spool: Spool, data: bytes, kind: str) -> None:
+    """The spool holds CRLF messages only: delivery sends them without scanning again."""
+    seen: list[QueuedMessage] = []
+    spool.add_listener(seen.append)
+    with pytest.raises(BareLineEndingError) as err:
+        await spool.store(envelope(), data)
+    assert err.value.kind == kind and isinstance(err.value, SpoolError)
+    assert f"bare {kind}" in str(err.value)
+    assert spool.queue_ids() == [] and seen == []
+    assert os.listdir(spool.queue) == [] and os.listdir(spool.tmp) == []
+
+
+@pytest.mark.fast
+async def test_store_takes_a_callers_word_for_it(spool: Spool) -> None:
+    """``crlf_checked=True``: the caller checked already (the SMTP accept pipeline, behind
+    its DATA reader), so the spool does not scan the message a second time."""
+    vouched = b"Subject: x\r\n\r\nbody\n"      # a lie, to show that nothing is scanned
+    qid = await spool.store(envelope(), vouched, crlf_checked=True)
+    assert await spool.read_message(qid) == vouched
+    plain = await spool.store(envelope(), DATA)        # CRLF only: no vouch needed
+    assert await spool.read_message(plain) == DATA
 
 
 @pytest.mark.fast
