@@ -30,7 +30,6 @@ from relay.outbound.pacing import Claim, Cost, Limit, limits_for
 from relay.outbound.session import Credentials
 from relay.outbound.session_setup import TokenFor
 from relay.outbound.smtp_courier import SmtpCourier
-from relay.outbound.wire import has_bare_cr_or_lf
 from relay.spool.handovers import Handovers
 from relay.spool.records import QueuedMessage
 from relay.timing import StageTimer
@@ -201,16 +200,17 @@ class Deliverer:
     async def deliver(self, upstream: str, msg: QueuedMessage, data: bytes,
                       recipients: list[str]) -> dict[str, RcptResult]:
         """One attempt to ``upstream`` for ``recipients``; a verdict for each of them.
-        The scheduler has reserved the quotas (``claims``) before calling this."""
+        The scheduler has reserved the quotas (``claims``) before calling this.
+
+        ``data`` is the message as the spool holds it, so it is not scanned for a bare CR
+        or LF here (~175 µs per 100 KB, every attempt): the spool holds only CRLF line
+        endings, an invariant ``Spool.store``, its only entrance, enforces
+        (``relay.spool.store``). The session sends it as it is (``checked=True``).
+        """
         up, courier = self._upstreams.get(upstream), self._couriers.get(upstream)
         if up is None or courier is None:
             return {r: transient(f"upstream {upstream!r} is not configured (or not SMTP)",
                                  "unknown_upstream") for r in recipients}
-        if has_bare_cr_or_lf(data):
-            res = RcptResult(554, "554 5.6.0 message contains a bare CR or LF; relay refuses "
-                                  "to send it (it could smuggle headers or messages)", True,
-                             "bare_cr_lf")
-            return dict.fromkeys(recipients, res)
         creds = self.credentials_for(up, msg.envelope.sender, msg.envelope.auth_user)
         timer = StageTimer()
         journal = self._handovers

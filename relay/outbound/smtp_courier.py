@@ -228,7 +228,7 @@ class SmtpCourier:
                 return results
             with timer.stage("data"):
                 start = await session.reply("data") if pending else None
-                final = await session.data(data, checked=True,   # deliver() did
+                final = await session.data(data, checked=True,   # from the spool: CRLF
                                            before_send=handed, start=start)
         except ValueError as exc:      # control characters in an address: cannot be sent
             session.close()

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from pathlib import Path
 
 import pytest
 
+from relay.errors import BareLineEndingError
 from relay.metrics import Metrics
+from relay.outbound import wire
 from relay.outbound.outbox import outbox_name
+from relay.spool.store import Spool
 from tests.delivery.helpers import BODY, deliverer, message, sample, start, upstream
 from tests.fakes.recording_upstream import RecordingUpstream
 from tests.peers import free_port
@@ -199,14 +203,50 @@ async def test_failed_setup_suspends_the_upstream_briefly(
     await d.close()
 
 
-async def test_bare_cr_is_never_sent(started: list[RecordingUpstream]) -> None:
+async def test_spooled_mail_is_sent_without_scanning_it_again(
+        started: list[RecordingUpstream], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spool holds only CRLF messages (``Spool.store`` refuses a bare CR or LF), so
+    delivery sends what it reads there without another scan (~175 µs per 100 KB, each
+    attempt): fresh from the store's memory, or read back from disk for a retry."""
+    original = wire.has_bare_cr_or_lf
+
+    def scan(data: bytes) -> bool:
+        raise AssertionError("delivery scanned a spooled message for bare CR/LF again")
+
+    for name, module in list(sys.modules.items()):     # wherever a module holds it
+        if name.startswith("relay.") and getattr(module, "has_bare_cr_or_lf", None) is original:
+            monkeypatch.setattr(module, "has_bare_cr_or_lf", scan)
     peer = await start(started)
     d = deliverer(upstream(peer.port))
-    bad = b"Subject: hi\rBcc: victim@example.org\r\n\r\nbody\r\n"
-    res = await d.deliver("up", message(), bad, ["bob@example.net"])
-    assert res["bob@example.net"].permanent and res["bob@example.net"].code == 554
+    spool = Spool(tmp_path / "spool")
+    try:
+        qid = await spool.store(message().envelope, BODY)
+        fresh = await spool.read_message(qid)              # the first attempt's copy
+        on_disk = await spool.read_message(qid)            # a retry's, from the file
+        for data in (fresh, on_disk):
+            res = await d.deliver("up", spool.load(qid), data, ["bob@example.net"])
+            assert res["bob@example.net"].ok, res
+    finally:
+        spool.close()
+        await d.close()
+    assert [m.data for m in peer.received] == [BODY, BODY]
+    assert b"\r\n..leading dot line\r\n" in bytes(peer.raw[0])     # dot-stuffed all the same
+
+
+async def test_bare_cr_is_never_sent(started: list[RecordingUpstream], tmp_path: Path) -> None:
+    """Delivery sends only what the spool holds, and the spool refuses a bare CR or LF."""
+    peer = await start(started)
+    spool = Spool(tmp_path / "spool")
+    try:
+        for bad in (b"Subject: hi\rBcc: victim@example.org\r\n\r\nbody\r\n",
+                    b"Subject: hi\r\n\r\nx\n.\nMAIL FROM:<e@evil.example>\r\n"):
+            with pytest.raises(BareLineEndingError):
+                await spool.store(message().envelope, bad)
+        assert spool.queue_ids() == []
+    finally:
+        spool.close()
     assert peer.connections == 0
-    await d.close()
 
 
 # ---- where the time goes --------------------------------------------------------------------
