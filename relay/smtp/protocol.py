@@ -365,5 +365,7 @@ class SmtpProtocol(asyncio.Protocol):
         await self.push("502 5.5.1 EXPN not implemented")
 
     async def smtp_HELP(self, arg: str | None) -> None:
-        await self.push("250 2.0.0 Supported commands: " + " ".join(sorted(self._verbs)))
+        offered = [verb for verb in sorted(self._verbs)
+                   if verb != "STARTTLS" or self.tls_context is not None]
+        await self.push("250 2.0.0 Supported commands: " + " ".join(offered))
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 
+import pytest
+
 from tests.smtp.conftest import RawClient, StartRelay, run
 
 ALLOW = (ipaddress.ip_network("127.0.0.0/8"),)
@@ -75,3 +77,25 @@ async def test_a_client_that_reads_no_replies_does_not_grow_relay(
 
     sent = await run(go)
     assert sent < 2000, "relay kept reading while its replies piled up"
+
+
+@pytest.mark.parametrize("tls", ["starttls", "none"])
+async def test_the_commands_every_session_has(start_relay: StartRelay, tls: str) -> None:
+    relay = await start_relay(allow=ALLOW, tls=tls)
+
+    def go() -> list[str]:
+        c = RawClient(relay.port)
+        c.reply()
+        out = [c.cmd(line) for line in ("EHLO x", "NOOP", "VRFY", "VRFY someone", "EXPN list",
+                                        "HELP", "RSET now", "RSET", "QUIT now", "QUIT")]
+        c.close()
+        return out
+
+    out = await run(go)
+    assert out[1:] == [
+        "250 2.0.0 OK", "501 5.5.4 Syntax: VRFY <address>",
+        "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
+        "502 5.5.1 EXPN not implemented",
+        "250 2.0.0 Supported commands: AUTH DATA EHLO EXPN HELO HELP MAIL NOOP QUIT RCPT "
+        + ("RSET STARTTLS VRFY" if tls == "starttls" else "RSET VRFY"),
+        "501 5.5.4 Syntax: RSET", "250 2.0.0 OK", "501 5.5.4 Syntax: QUIT", "221 2.0.0 Bye"]
