@@ -26,7 +26,8 @@ from relay.spool.store import Spool
 from relay.verdict import Refusal
 from tests.dkim.conftest import KeySet, perl_verify, signer
 from tests.peers import free_port
-from tests.smtp.conftest import RawClient, run
+from tests.smtp.conftest import run
+from tests.smtp.conftest import submit as submit_raw
 
 Start = Callable[..., Any]
 TRUSTED = Envelope(sender="support@example.com", recipients=("c@example.net",),
@@ -96,16 +97,7 @@ async def start(tmp_path: Path, keyset: KeySet) -> AsyncIterator[Start]:
 
 
 def submit(port: int, message: bytes) -> str:
-    c = RawClient(port)
-    c.reply()
-    c.cmd("EHLO platform.test")
-    c.cmd("MAIL FROM:<support@example.com>")
-    c.cmd("RCPT TO:<c@example.net>")
-    c.cmd("DATA")
-    c.send(message + b".\r\n")
-    reply = c.reply()
-    c.close()
-    return reply
+    return submit_raw(port, message, sender="support@example.com", recipient="c@example.net")
 
 
 BODY = b"\r\nHello,\r\nyour ticket was updated.\r\n"

@@ -176,3 +176,18 @@ class RawClient:
 def run(func: Callable[..., Any], *args: Any) -> Any:
     """Run a blocking client function off the loop the listener runs in."""
     return asyncio.to_thread(func, *args)
+
+
+def submit(port: int, data: bytes, *, sender: str = "a@example.com",
+           recipient: str = "b@example.net", helo: str = "platform.test") -> str:
+    """One message over a raw socket (``data`` without the final "."); the DATA reply."""
+    c = RawClient(port)
+    c.reply()
+    c.cmd(f"EHLO {helo}")
+    c.cmd(f"MAIL FROM:<{sender}>")
+    c.cmd(f"RCPT TO:<{recipient}>")
+    c.cmd("DATA")
+    c.send(data + b".\r\n")
+    reply = c.reply()
+    c.close()
+    return reply

@@ -21,7 +21,7 @@ from relay.routing import Router
 from relay.smtp.accept import AcceptPipeline, RoutedChecks
 from relay.spool.store import Spool
 from tests.peers.tmpfs import fill, tmpfs
-from tests.smtp.conftest import RawClient, StartRelay, run
+from tests.smtp.conftest import RawClient, StartRelay, run, submit
 
 ALLOW = (ipaddress.ip_network("127.0.0.0/8"),)
 MSG = b"From: a@example.com\r\nTo: b@example.net\r\nSubject: spooled\r\n\r\nbody\r\n"
@@ -160,23 +160,11 @@ async def test_the_accept_pipeline_vouches_only_for_what_the_data_reader_let_in(
                             router=Router((), "up"), signer=None, guard=HeaderGuard())
     relay = await start_relay(allow=ALLOW, accept=accept)
 
-    def go(data: bytes) -> str:
-        c = RawClient(relay.port)
-        c.reply()
-        c.cmd("EHLO platform.test")
-        c.cmd("MAIL FROM:<a@example.com>")
-        c.cmd("RCPT TO:<b@example.net>")
-        c.cmd("DATA")
-        c.send(data + b".\r\n")
-        reply = c.reply()
-        c.close()
-        return reply
-
     for bare in (b"Subject: hi\rBcc: x@evil.example\r\n\r\nbody\r\n",
                  b"Subject: hi\r\n\r\nfirst\n.\nMAIL FROM:<e@evil.example>\r\n"):
-        assert (await run(go, bare)).startswith("550 5.5.2 "), bare
+        assert (await run(submit, relay.port, bare)).startswith("550 5.5.2 "), bare
     assert spool.queue_ids() == [] and relay.refused("smuggling") == 2
-    assert (await run(go, MSG)).startswith("250 ")
+    assert (await run(submit, relay.port, MSG)).startswith("250 ")
     [qid] = spool.queue_ids()
     stored = await spool.read_message(qid)
     assert stored.count(b"\r") == stored.count(b"\n") == stored.count(b"\r\n")
