@@ -126,7 +126,6 @@ async def run_auth(session: RelaySMTP, arg: str | None) -> None:
     if ok:
         ctx.throttle.success(ip, user)
         session._auth_user = user
-        session.state.authenticated = True
         log.info("%s: %s authenticated as %r (%s)", ctx.cfg.name, ip, user, mechanism)
         await session.push(replies.AUTH_OK)
         return

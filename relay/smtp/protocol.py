@@ -12,7 +12,7 @@ Command lines are cut and parsed by the sans-IO ``commands`` module (a line long
 ``line_length_limit`` is skipped to its end and answered ``500 Command line too long``).
 Subclasses hook in with ``refuse_at_connect``, ``on_timeout``,
 ``on_unknown_command``, ``screen`` (the first bytes of a command line),
-``on_tls_failed``, ``tls_started`` and ``on_end_of_data``.
+``on_tls_failed``, ``tls_started`` and ``reset_transaction``.
 
 The buffer is bounded: reading pauses while more than ``MAX_BUFFER`` bytes wait.
 """
@@ -38,14 +38,13 @@ class LineTooLong(Exception):
 
 
 class SessionState:
-    """What the client said about itself: its HELO name, ESMTP, authenticated."""
+    """What the client said about itself: its HELO name, and whether it said EHLO."""
 
-    __slots__ = ("authenticated", "extended_smtp", "host_name")
+    __slots__ = ("extended_smtp", "host_name")
 
     def __init__(self) -> None:
         self.host_name = ""
         self.extended_smtp = False
-        self.authenticated = False
 
 
 def verbs(cls: type) -> dict[str, Callable[..., Awaitable[None]]]:
@@ -98,8 +97,8 @@ class SmtpProtocol(asyncio.Protocol):
     def on_timeout(self) -> None:
         """The command timer fired; the connection is closed next."""
 
-    def on_end_of_data(self) -> None:
-        """The transaction ended (after DATA, RSET, HELO/EHLO)."""
+    def reset_transaction(self) -> None:
+        """Forget the mail transaction under way (RSET; HELO, EHLO and STARTTLS too)."""
 
     async def on_unknown_command(self, verb: str, arg: str | None) -> None:
         """A command line whose verb no ``smtp_*`` method handles."""
@@ -351,7 +350,7 @@ class SmtpProtocol(asyncio.Protocol):
         if arg:
             await self.push("501 5.5.4 Syntax: RSET")
             return
-        self.on_end_of_data()
+        self.reset_transaction()
         await self.push("250 2.0.0 OK")
 
     async def smtp_VRFY(self, arg: str | None) -> None:

@@ -99,7 +99,7 @@ class RelaySMTP(DefendedSession):
 
     def tls_started(self) -> None:
         self._auth_user = ""                     # RFC 3207 4.2: forget pre-TLS state
-        self._txn = None
+        self.reset_transaction()
         self.tls_done()
         self.reset_timer()
 
@@ -190,7 +190,7 @@ class RelaySMTP(DefendedSession):
     async def send_lines(self, lines: list[str]) -> None:
         await self._send("".join(f"{line}\r\n" for line in lines).encode())
 
-    def on_end_of_data(self) -> None:
+    def reset_transaction(self) -> None:
         self._txn = None
 
     # --- session facts ------------------------------------------------------------------
@@ -222,7 +222,7 @@ class RelaySMTP(DefendedSession):
         if not hostname:
             await self.push("501 5.5.4 Syntax: HELO hostname")
             return
-        self._txn = None
+        self.reset_transaction()
         self.state.extended_smtp = False
         self.state.host_name = hostname
         await self.send_lines([f"250 {self.hostname}"])
@@ -231,7 +231,7 @@ class RelaySMTP(DefendedSession):
         if not hostname:
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
-        self._txn = None
+        self.reset_transaction()
         self.state.extended_smtp = True
         self.state.host_name = hostname
         lines = [self.hostname, "PIPELINING", f"SIZE {self.ctx.size_limit.size}",
