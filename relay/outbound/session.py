@@ -27,9 +27,9 @@ from relay.outbound.wire import (
     WireError,
     command_line,
     dot_stuff,
-    has_bare_cr_or_lf,
     printable,
 )
+from relay.spool.layout import bare_line_ending
 
 
 class SessionError(DeliveryError):
@@ -149,7 +149,7 @@ class SmtpSession:
         none). ``before_send`` runs after the 354, right before the write: past it the
         provider may have the message.
         """
-        if not checked and has_bare_cr_or_lf(data):
+        if not checked and bare_line_ending(data) is not None:
             raise ValueError("message contains a bare CR or LF")
         if start is None:
             start = await self.command(b"DATA")

@@ -48,16 +48,6 @@ def printable(text: str) -> str:
                    for c in text)
 
 
-def has_bare_cr_or_lf(data: bytes) -> bool:
-    """True if ``data`` holds a CR or LF that is not part of a CRLF pair.
-
-    Every CRLF holds exactly one CR and one LF, so any surplus is bare. Three C-speed
-    counts cost ~0.3 ms per 100 KB where a look-around regex costs ~3 ms.
-    """
-    pairs = data.count(b"\r\n")
-    return data.count(b"\r") != pairs or data.count(b"\n") != pairs
-
-
 def dot_stuff(data: bytes) -> bytes:
     """The DATA payload: lines starting with "." get another, CRLF-terminated, then ".CRLF"."""
     payload = b"." + data if data.startswith(b".") else data

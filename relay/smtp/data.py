@@ -17,14 +17,16 @@ where the bare line ending they contain refuses the whole message, so relay can 
 pass on a smuggled second message or an injected header (``Subject: hi\\rBcc: x``).
 
 The scan is a ``bytes.find`` per chunk plus a short check across the chunk boundary,
-and the bare-line-ending test is three ``bytes.count`` calls over the finished message:
-no per-line Python work.
+and the bare-line-ending test is the spool's (``relay.spool.layout.bare_line_ending``,
+three ``bytes.count`` calls) over the finished message: no per-line Python work.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+from relay.spool.layout import bare_line_ending
 
 END = b"\r\n.\r\n"
 
@@ -111,11 +113,8 @@ class DataReader:
         raw = b"".join(self._chunks)
         self._chunks.clear()
         body = raw[:body_end] if body_end < len(raw) else raw
-        crlf = body.count(b"\r\n")
-        if body.count(b"\n") != crlf:
-            return BareLineEnding("LF", leftover, size)
-        if body.count(b"\r") != crlf:
-            return BareLineEnding("CR", leftover, size)
+        if (bare := bare_line_ending(body)) is not None:
+            return BareLineEnding(bare, leftover, size)
         if body.startswith(b"."):
             body = body[1:]
         return Message(body.replace(b"\r\n.", b"\r\n"), leftover, size)

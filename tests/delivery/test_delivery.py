@@ -11,8 +11,8 @@ import pytest
 
 from relay.errors import BareLineEndingError
 from relay.metrics import Metrics
-from relay.outbound import wire
 from relay.outbound.outbox import outbox_name
+from relay.spool import layout
 from relay.spool.store import Spool
 from tests.delivery.helpers import BODY, deliverer, message, sample, start, upstream
 from tests.fakes.recording_upstream import RecordingUpstream
@@ -209,19 +209,20 @@ async def test_spooled_mail_is_sent_without_scanning_it_again(
     """The spool holds only CRLF messages (``Spool.store`` refuses a bare CR or LF), so
     delivery sends what it reads there without another scan (~175 µs per 100 KB, each
     attempt): fresh from the store's memory, or read back from disk for a retry."""
-    original = wire.has_bare_cr_or_lf
+    original = layout.bare_line_ending
 
-    def scan(data: bytes) -> bool:
+    def scan(data: bytes) -> str | None:
         raise AssertionError("delivery scanned a spooled message for bare CR/LF again")
 
-    for name, module in list(sys.modules.items()):     # wherever a module holds it
-        if name.startswith("relay.") and getattr(module, "has_bare_cr_or_lf", None) is original:
-            monkeypatch.setattr(module, "has_bare_cr_or_lf", scan)
     peer = await start(started)
     d = deliverer(upstream(peer.port))
     spool = Spool(tmp_path / "spool")
     try:
-        qid = await spool.store(message().envelope, BODY)
+        qid = await spool.store(message().envelope, BODY)     # (the store's own check)
+        for name, module in list(sys.modules.items()):     # then wherever a module holds it
+            if name.startswith("relay.") and \
+                    getattr(module, "bare_line_ending", None) is original:
+                monkeypatch.setattr(module, "bare_line_ending", scan)
         fresh = await spool.read_message(qid)              # the first attempt's copy
         on_disk = await spool.read_message(qid)            # a retry's, from the file
         for data in (fresh, on_disk):
