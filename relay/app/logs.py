@@ -57,19 +57,16 @@ class LoopBatchedHandler(logging.StreamHandler[TextIO]):
             self.stream.flush()
 
     def _flush_pending(self) -> None:
-        with self.lock:                                    # type: ignore[union-attr]
+        with self.lock:                       # type: ignore[union-attr]  # (an RLock)
             self._scheduled = False
-            try:
-                self._write("")
-            except Exception:
-                self._pending.clear()              # the stream is gone: nowhere to say so
+            self.flush()
 
     def flush(self) -> None:
         with self.lock:                                    # type: ignore[union-attr]
             try:
                 self._write("")
             except Exception:
-                self._pending.clear()
+                self._pending.clear()              # the stream is gone: nowhere to say so
         super().flush()
 
 
