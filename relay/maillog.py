@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 
-_SAFE = re.compile(r"^[A-Za-z0-9._@:/+\-\[\]<>=,]*$")
+_SAFE = re.compile(r"[A-Za-z0-9._@:/+\-\[\]<>,]*\Z")   # no "=": password=x is censored
 _SECRET = re.compile(r"(?i)(auth\s+(?:plain|login|xoauth2)\s+)\S+|(bearer\s+)\S+|(password=)\S+")
 
 
@@ -29,7 +29,8 @@ def _fmt(value: object) -> str:
     if _SAFE.match(text):
         return text
     text = censor(text).replace("\\", "\\\\").replace('"', '\\"')
-    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    if not text.isprintable():             # (most are: one C pass, not one per character)
+        text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
     return f'"{text}"'
 
 

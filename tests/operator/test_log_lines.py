@@ -1,16 +1,17 @@
 """relay's log handler: loop-side lines leave once per loop iteration, in order, and
-nothing waits past a warning, a thread, or the process's exit."""
+nothing waits past a warning, a thread, or the process's exit; the timestamp."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from relay.app.logs import LoopBatchedHandler
+from relay.app.logs import LoopBatchedHandler, SecondFormatter
 
 pytestmark = pytest.mark.fast
 
@@ -94,3 +95,13 @@ def test_outside_a_loop_and_at_exit_nothing_waits(
     [handler] = [h for h in logger.handlers if isinstance(h, LoopBatchedHandler)]
     handler.flush()                              # what logging.shutdown() does at exit
     assert stream.lines == ["INFO at start-up", "INFO last line of the loop"]
+
+
+def test_the_timestamp_is_rendered_once_per_second_and_follows_the_clock() -> None:
+    datefmt = "%Y-%m-%dT%H:%M:%S"
+    formatter = SecondFormatter("%(asctime)s %(message)s", datefmt=datefmt)
+    for created in (1_000_000_000.1, 1_000_000_000.9, 1_000_000_001.0, 1_000_000_061.5):
+        record = logging.LogRecord("relay", logging.INFO, __file__, 1, "m", None, None)
+        record.created = created
+        expected = time.strftime(datefmt, time.localtime(created))
+        assert formatter.format(record) == f"{expected} m"
