@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from relay.app.collector import pace_collector
 from relay.app.logs import setup_logging
 from relay.cli.common import add_config_arg, config_path
 from relay.config.loader import load_config, load_relay_section
@@ -35,6 +36,7 @@ def _run(args: argparse.Namespace) -> int:
     path = Path(config_path(args.config))
     config = load_config(path)
     setup_logging(config.relay.log_level)
+    pace_collector()
     try:
         return asyncio.run(App(path, config).run())
     except RelayError as exc:

@@ -19,9 +19,11 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     from relay.app.child import ListenerProcess
+    from relay.app.collector import pace_collector
     from relay.app.logs import setup_logging
 
     setup_logging(argv[1])
+    pace_collector()
     sock = socket.socket(fileno=int(argv[0]))
     admissions = socket.socket(fileno=int(argv[2]))
 
