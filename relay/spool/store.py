@@ -1,9 +1,10 @@
 """The durable spool: store, read, update and remove queued messages; nothing is lost.
 
 ``store()`` returns only when the message is on disk for good: one file (header line,
-envelope, message) written in ``tmp/``, fdatasynced, renamed into ``queue/``, and
-``queue/`` fsynced, all in one worker thread (the event loop never touches the disk;
-``relay.spool.diskio`` makes the blocking calls, this module decides what and when).
+envelope, message) written in ``tmp/`` with ``O_DSYNC`` (on disk when the write
+returns, as after an fdatasync), renamed into ``queue/``, and ``queue/`` fsynced, all
+in one worker thread (the event loop never touches the disk; ``relay.spool.diskio``
+makes the blocking calls, this module decides what and when).
 
 Measured on the reference 2-core ext4 VM with 20 concurrent store+remove loops: about
 1,500 messages/s at ~0.6 ms CPU each (most of it kernel time). Group commit of the

@@ -16,6 +16,7 @@ import pytest
 from relay.control.queue import QueueManager
 from relay.errors import BareLineEndingError, SpoolError
 from relay.metrics import Metrics
+from relay.spool.diskio import write_all
 from relay.spool.layout import is_queue_id
 from relay.spool.records import QueuedMessage, RcptStatus
 from relay.spool.store import Spool
@@ -275,14 +276,21 @@ async def test_recover_refuses_under_a_running_relay(tmp_path: Path) -> None:
 @pytest.mark.fast
 async def test_store_returns_only_after_data_rename_and_directory_are_synced(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The durability contract, as the sequence of calls store() makes before returning."""
+    """The durability contract, as the sequence of calls store() makes before returning:
+    the file created O_DSYNC (each write returns once on disk, as write + fdatasync),
+    written, renamed into queue/, and queue/ synced."""
     calls: list[str] = []
-    real = {name: getattr(os, name) for name in ("fdatasync", "fsync", "rename")}
+    real = {name: getattr(os, name)
+            for name in ("open", "write", "writev", "fdatasync", "fsync", "rename")}
     dirfd = spool._disk.dirfd
 
     def record(name: str) -> Callable[..., Any]:
         def call(*args: Any) -> Any:
-            if name == "rename":
+            if name == "open":
+                if args[1] & os.O_CREAT:             # reads are not part of the contract
+                    sync = " O_DSYNC" if args[1] & os.O_DSYNC else ""
+                    calls.append(f"create in {Path(args[0]).parent.name}{sync}")
+            elif name == "rename":
                 calls.append(f"rename {Path(args[0]).parent.name}->{Path(args[1]).parent.name}")
             elif name == "fsync":
                 calls.append("fsync dir" if args[0] == dirfd else "fsync file")
@@ -295,16 +303,31 @@ async def test_store_returns_only_after_data_rename_and_directory_are_synced(
         monkeypatch.setattr(os, name, record(name))
     qid = await spool.store(envelope(), DATA)
     calls.append("returned")
-    assert calls == ["fdatasync", "rename tmp->queue", "fsync dir", "returned"]
+    assert calls == ["create in tmp O_DSYNC", "writev", "rename tmp->queue", "fsync dir",
+                     "returned"]
 
     calls.clear()
     msg = spool.load(qid)
     msg.state.attempts = 1
     await spool.save_state(msg)
-    assert calls == ["fdatasync", "rename tmp->queue", "fsync dir"]
+    assert calls == ["create in tmp O_DSYNC", "writev", "rename tmp->queue", "fsync dir"]
     calls.clear()
     await spool.remove(qid)
     assert calls == []      # unlinks survive a process crash; no directory fsync needed
+
+
+@pytest.mark.fast
+async def test_a_short_writev_is_finished_by_plain_writes(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        real = os.writev
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(os, "writev", lambda fd, parts: real(fd, [bytes(parts[0])[:3]]))
+            write_all(fd, b"head\r\n", b"body")
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"head\r\nbody"
 
 
 @pytest.mark.fast
