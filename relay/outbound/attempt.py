@@ -235,5 +235,5 @@ class Deliverer:
             if self._metrics is not None:
                 self._metrics.slow_deliveries.labels(upstream, stage).inc()
             log.warning("%s: %s (%s)", queue_id, timer.describe(upstream), timer.summary())
-        else:
+        elif log.isEnabledFor(logging.DEBUG):         # the summary is built per delivery
             log.debug("%s: delivery to %s: %s", queue_id, upstream, timer.summary())
