@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from relay.metrics import Metrics
 from relay.spool.diskio import write_all
 from relay.spool.layout import is_queue_id
 from relay.spool.records import QueuedMessage, RcptStatus
-from relay.spool.store import Spool
+from relay.spool.store import INLINE_UNLINK, Spool
 from tests.spool.conftest import envelope
 
 DATA = b"From: agent@example.com\r\nSubject: hello\r\n\r\nbody\r\n"
@@ -346,6 +347,30 @@ async def test_first_read_of_a_fresh_message_comes_from_memory_then_from_disk(
     assert opened == []
     assert await spool.read_message(qid) == DATA      # a retry reads the disk copy
     assert any(p.endswith(qid) for p in opened)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(("size", "on_the_loop"), [
+    (len(DATA), True),                        # the common case: no worker thread
+    (INLINE_UNLINK, True),
+    (INLINE_UNLINK + 1, False),               # many blocks to free: a worker thread
+])
+async def test_a_small_message_is_unlinked_on_the_loop_a_large_one_in_a_thread(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch, size: int, on_the_loop: bool) -> None:
+    body = DATA + b"x" * (size - len(DATA) - 2) + b"\r\n" if size > len(DATA) else DATA
+    assert len(body) == size
+    qid = await spool.store(envelope(), body)
+    where: list[bool] = []
+    real = os.unlink
+
+    def spy(path: Any, *args: Any, **kwargs: Any) -> None:
+        where.append(threading.current_thread() is threading.main_thread())
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", spy)
+    await spool.remove(qid)
+    assert where == [on_the_loop]
+    assert not (spool.queue / qid).exists()
 
 
 class UnlinkSpy:
