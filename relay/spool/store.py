@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ from typing import Any, TypeVar
 from relay.envelope import Envelope
 from relay.errors import BareLineEndingError, SpoolError
 from relay.metrics import Metrics
+from relay.offload import Pool
 from relay.spool import recovery
 from relay.spool.diskio import SpoolDisk
 from relay.spool.health import SpoolHealth
@@ -103,10 +105,14 @@ class _Entry:                 # what stats() and remove() need, kept per queued 
     size: int
 
 
+# The spool's blocking calls, as many side by side as the loop's default executor would
+# run; a Pool hands results back with less work per call than the executor (offload).
+_DISK = Pool("relay-spool", threads=min(32, (os.cpu_count() or 1) + 4))
+
+
 def _in_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-    """``fn(*args)`` in the loop's default thread pool (``asyncio.to_thread`` without its
-    context copy and partial, which spool writes do not need: one per message)."""
-    return asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    """``fn(*args)`` on one of the spool's threads."""
+    return _DISK.run(fn, *args)
 
 
 class Spool:

@@ -1,4 +1,5 @@
-"""The per-process worker thread that DKIM signing runs on (``relay.offload``)."""
+"""The per-process worker thread that DKIM signing runs on and the pool the spool writes
+through (``relay.offload``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 
 import pytest
 
-from relay.offload import Worker
+from relay.offload import Pool, Worker
 
 
 async def test_calls_run_in_order_on_one_other_thread() -> None:
@@ -74,3 +75,66 @@ def test_one_worker_serves_successive_event_loops() -> None:
     w = Worker("test-worker")
     for n in range(3):
         assert asyncio.run(w.run(lambda n=n: n + 100)) == n + 100
+
+
+# --- Pool: the spool's threads ------------------------------------------------------------
+
+
+async def test_a_pool_runs_its_calls_side_by_side_and_answers_each_caller() -> None:
+    pool = Pool("test-pool", threads=4)
+    meet = threading.Barrier(4, timeout=10)     # passes only if all four run at once
+
+    def job(i: int) -> int:
+        meet.wait()
+        return i * i
+
+    def bad() -> int:
+        raise OSError(28, "No space left on device")
+    out = await asyncio.gather(*(pool.run(job, i) for i in range(4)), pool.run(bad),
+                               return_exceptions=True)
+    assert out[:4] == [0, 1, 4, 9]
+    assert isinstance(out[4], OSError) and out[4].errno == 28
+    assert await pool.run(lambda: "still here") == "still here"
+
+
+async def test_results_that_finish_while_the_loop_is_busy_wake_it_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = Pool("test-pool", threads=4)
+    assert await pool.run(lambda: 0) == 0      # threads started
+    loop = asyncio.get_running_loop()
+    wakeups = 0
+    real = loop.call_soon_threadsafe
+
+    def counted(*args: object, **kwargs: object) -> asyncio.Handle:
+        nonlocal wakeups
+        wakeups += 1
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+    gate = threading.Event()
+    calls = [pool.run(gate.wait, 10) for _ in range(4)]
+    gate.set()
+    time.sleep(0.3)   # noqa: ASYNC251  (on purpose: the loop is busy while all four finish)
+    assert await asyncio.gather(*calls) == [True] * 4
+    assert wakeups == 1
+
+
+async def test_a_cancelled_caller_leaves_its_call_to_finish() -> None:
+    pool = Pool("test-pool", threads=2)
+    gate, ran = threading.Event(), threading.Event()
+
+    def job() -> None:
+        gate.wait(10)
+        ran.set()
+    waiting = pool.run(job)
+    waiting.cancel()
+    gate.set()
+    assert await pool.run(lambda: "next") == "next"
+    assert ran.wait(10)
+
+
+def test_one_pool_serves_successive_event_loops() -> None:
+    pool = Pool("test-pool", threads=2)
+    for n in range(3):
+        async def ask(n: int = n) -> int:
+            return await pool.run(lambda: n + 100)
+        assert asyncio.run(ask()) == n + 100
