@@ -57,6 +57,7 @@ retry and delete, and recovery only moves damaged files out.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -136,7 +137,6 @@ class Spool:
         self._listeners: list[Callable[[QueuedMessage], None]] = []
         self._lock = SpoolLock(self.root / "lock")
         self._locks = KeyedLocks()
-        self._pending: set[asyncio.Task[str]] = set()
         self._fresh = FreshCache()           # handed to the first attempt: no re-read
         # Ids whose queue/<ID>.state may exist: each found on disk (recover, scan) and each
         # save_state() began to write (it may be on disk even if the write failed).
@@ -221,20 +221,25 @@ class Spool:
         if not crlf_checked and (kind := bare_line_ending(data)) is not None:
             raise BareLineEndingError(kind)
         self._disk.prepare()
-        task = asyncio.ensure_future(self._store(envelope, data))
-        self._pending.add(task)
-        task.add_done_callback(self._store_done)
-        return await asyncio.shield(task)
-
-    def _store_done(self, task: asyncio.Task[str]) -> None:
-        self._pending.discard(task)
-        if not task.cancelled():
-            task.exception()        # retrieved here too: the caller may have gone away
-
-    async def _store(self, envelope: Envelope, data: bytes) -> str:
         queue_id = self._ids.new()
         head = message_header(encode_envelope(envelope), len(data))
-        await _in_thread(self._disk.write_message, queue_id, head, data)
+        # The write's own future is nobody's to cancel: the caller waits on ``answer``,
+        # and _stored announces the message whether or not the caller still waits.
+        written = _in_thread(self._disk.write_message, queue_id, head, data)
+        answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        written.add_done_callback(
+            functools.partial(self._stored, envelope, data, queue_id, answer))
+        return await answer
+
+    def _stored(self, envelope: Envelope, data: bytes, queue_id: str,
+                answer: asyncio.Future[str], written: asyncio.Future[None]) -> None:
+        """The write of ``queue_id`` ended (on the loop): announce it, answer the caller."""
+        error = written.exception() if not written.cancelled() else SpoolError(
+            f"spool {self.root}: the write of {queue_id} was cancelled")
+        if error is not None:
+            if not answer.done():
+                answer.set_exception(error)
+            return
         msg = QueuedMessage(queue_id=queue_id, envelope=envelope, state=fresh_state(envelope),
                             size=len(data))
         if self._written is not None:
@@ -245,7 +250,8 @@ class Spool:
                               queue_id)
         else:
             self.adopt(msg, data)
-        return queue_id
+        if not answer.done():
+            answer.set_result(queue_id)
 
     def adopt(self, msg: QueuedMessage, data: bytes | None = None) -> None:
         """Index a message (stored by this or another process), hand it to the listeners.
