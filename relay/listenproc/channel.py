@@ -63,6 +63,7 @@ class Channel:
         self._inbuf = bytearray()
         self._infds: deque[int] = deque()
         self._out: deque[tuple[memoryview, list[int]]] = deque()
+        self._queued = 0                     # bytes in _out, not yet taken by the socket
         self._writing = False
         self._flush_soon = False
         self._closed = False
@@ -71,6 +72,12 @@ class Channel:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def backlog(self) -> int:
+        """Bytes sent here that the socket has not taken yet (the other process is
+        behind on reading): what this process holds for it, beside the kernel's buffer."""
+        return self._queued
 
     def send(self, obj: object, fds: list[int] | None = None) -> None:
         """Queue one message (and descriptors, duplicated by the kernel on sending)."""
@@ -81,6 +88,7 @@ class Channel:
             raise ValueError(f"at most {MAX_FDS} descriptors per message")
         body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         self._out.append((memoryview(_HEAD.pack(len(body), len(fds)) + body), fds))
+        self._queued += _HEAD.size + len(body)
         if not self._writing and not self._flush_soon:
             # At the end of this loop iteration: the notices of stores that finished
             # together leave in one write (and wake the other process once).
@@ -121,6 +129,7 @@ class Channel:
             except OSError:
                 self._lost()
                 return
+            self._queued -= sent
             if sent >= len(view):
                 self._out.popleft()
             else:
@@ -196,6 +205,8 @@ class Channel:
                     break
         except OSError:
             pass
+        self._out.clear()
+        self._queued = 0
         with contextlib.suppress(Exception):
             self._loop.remove_reader(self._sock.fileno())
         if self._writing:

@@ -115,3 +115,25 @@ async def test_request_is_answered_or_times_out_without_a_task() -> None:
         client.close()
     with pytest.raises(ChannelClosed):
         await client.request("echo", 1, timeout=5)
+
+
+async def test_the_backlog_is_what_the_socket_has_not_taken_yet() -> None:
+    """What a listener process holds for a main process that is behind on reading."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sender = Channel(a, on_message=lambda o, s: None, on_eof=lambda: None)
+    sender.send("x" * 1000)
+    assert sender.backlog > 1000                   # queued: leaves at the end of the turn
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert sender.backlog == 0                     # taken by the socket's buffer
+    big = os.urandom(4 * 1024 * 1024)              # far beyond it: nobody reads b yet
+    sender.send(big)
+    await asyncio.sleep(0.05)
+    assert 0 < sender.backlog < len(big)
+    got = asyncio.Event()
+    receiver = Channel(b, on_message=lambda o, s: got.set() if o == big else None,
+                       on_eof=lambda: None)
+    await asyncio.wait_for(got.wait(), 10)         # reading lets the rest go
+    assert sender.backlog == 0
+    sender.close()
+    receiver.close()
