@@ -10,7 +10,7 @@ handover is written down first (``H <id> <upstream>``) and crossed out once its 
 recorded (``S <id>``); the next start counts each message handed, never settled and still
 queued, once per upstream, with one warning naming it (``take_over``).
 
-``<spool>/handovers`` is opened once with O_APPEND: two small ``os.write`` calls per
+``<spool>/handovers`` is opened once with O_APPEND: two small writes (``diskio.write_all``) per
 message and no fsync, as the journal is for process crashes, after which the kernel's page
 cache still holds every write. After a power loss its last lines may be gone, so the count
 is best effort then; the message itself is never lost (the spool is fsynced). Once more
@@ -27,17 +27,12 @@ from collections.abc import Container
 from pathlib import Path
 
 from relay.metrics import Metrics
+from relay.spool.diskio import write_all
 
 log = logging.getLogger("relay.spool")
 
 FILE = "handovers"
 COMPACT_AFTER = 1 << 20          # bytes written since the last rewrite
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def read_journal(path: Path) -> dict[str, set[str]]:
@@ -123,7 +118,7 @@ class Handovers:
         if self._failing:                     # end whatever a failed write left torn
             line = b"\n" + line
         try:
-            _write_all(self._fd, line)
+            write_all(self._fd, line)
         except OSError as exc:
             self._trouble(f"cannot write to it: {exc.strerror or exc}")
             return
@@ -141,7 +136,7 @@ class Handovers:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
                          | os.O_CLOEXEC, 0o600)
             try:
-                _write_all(fd, body)
+                write_all(fd, body)
                 os.replace(tmp, self.path)
             except BaseException:
                 os.close(fd)
