@@ -235,7 +235,10 @@ class Spool:
                 answer: asyncio.Future[str], written: asyncio.Future[None]) -> None:
         """The write of ``queue_id`` ended (on the loop): announce it, answer the caller."""
         error = written.exception() if not written.cancelled() else SpoolError(
-            f"spool {self.root}: the write of {queue_id} was cancelled")
+            f"spool {self.root}: the write of {queue_id} was cancelled",
+            hint="nothing in relay cancels a spool write: this is a bug, please report it; "
+                 "the client is told to retry, and if the write went through the message "
+                 "is found in queue/ and delivered at the next start")
         if error is not None:
             if not answer.done():
                 answer.set_exception(error)
