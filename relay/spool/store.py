@@ -3,9 +3,9 @@
 ``store()`` returns only when the message is on disk for good: one file (header line,
 envelope, message) written in ``tmp/`` with ``O_DSYNC`` (on disk when the write
 returns, as after an fdatasync), renamed into ``queue/``, and ``queue/`` fsynced, all
-in one worker thread (the event loop never waits for a write or a sync; it unlinks a
-delivered message of up to 1 MB itself, see ``remove()``; ``relay.spool.diskio`` makes
-the calls, this module decides what and when).
+in one worker thread (the event loop never waits for the disk: finished messages are
+unlinked in batches by ``relay.spool.reaper``; ``relay.spool.diskio`` makes the calls,
+this module decides what and when).
 
 Measured on the reference 2-core ext4 VM with 20 concurrent store+remove loops: about
 1,500 messages/s at ~0.6 ms CPU each (most of it kernel time). Group commit of the
@@ -85,11 +85,11 @@ from relay.spool.layout import (
 )
 from relay.spool.lock import SpoolLock
 from relay.spool.memo import FreshCache, KeyedLocks
+from relay.spool.reaper import Reaper
 from relay.spool.records import QueuedMessage
 
 log = logging.getLogger("relay.spool")
 T = TypeVar("T")
-INLINE_UNLINK = 1 << 20      # bytes: a message up to this size is unlinked on the loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,11 +99,10 @@ class SpoolStats:
 
 
 @dataclass(slots=True)
-class _Entry:                 # what stats() and remove() need, kept per queued message
+class _Entry:                            # what stats() needs, kept per queued message
     received_at: float
     held: bool
     next_attempt: float
-    size: int
 
 
 # The spool's blocking calls, as many side by side as the loop's default executor would
@@ -138,6 +137,7 @@ class Spool:
         self._lock = SpoolLock(self.root / "lock")
         self._locks = KeyedLocks()
         self._fresh = FreshCache()           # handed to the first attempt: no re-read
+        self._reaper = Reaper(self._disk.unlink, _in_thread)   # remove(): batched unlinks
         # Ids whose queue/<ID>.state may exist: each found on disk (recover, scan) and each
         # save_state() began to write (it may be on disk even if the write failed).
         self._state_files: set[str] = set()
@@ -198,7 +198,7 @@ class Spool:
 
     def _reindex(self, found: list[QueuedMessage]) -> None:
         self._index = {m.queue_id: _Entry(m.envelope.received_at, m.state.held,
-                                          m.state.next_attempt, m.size) for m in found}
+                                          m.state.next_attempt) for m in found}
         self._state_files.update(self._index)
 
     def add_listener(self, callback: Callable[[QueuedMessage], None]) -> None:
@@ -268,7 +268,7 @@ class Spool:
         if data is not None:
             self._fresh.put(msg.queue_id, data)
         self._index[msg.queue_id] = _Entry(msg.envelope.received_at, msg.state.held,
-                                           msg.state.next_attempt, msg.size)
+                                           msg.state.next_attempt)
         self._announce(msg)
 
     def _announce(self, msg: QueuedMessage) -> None:
@@ -305,26 +305,15 @@ class Spool:
         """Delete a message (delivered, bounced or deleted): state file first, then message.
 
         The state file's unlink is left out for a message adopted and never given a state.
-
-        A message of up to ``INLINE_UNLINK`` bytes is unlinked on the loop: an unlink
-        syncs nothing and frees a handful of blocks, microseconds of work, where the round
-        trip to a worker thread (its wake-up, the GIL handed back and forth, the loop's
-        own wake-up when it is done) cost about 0.1 ms of CPU per message in the SMTP
-        bench. The main process already appends to the handover journal on this
-        filesystem from the loop, twice per message. A larger message, whose unlink frees
-        many blocks (and may discard them on the device), and one whose size is not
-        known here, go to a worker thread.
+        The unlinks run in a worker thread, together with the other removals queued at
+        the time (``relay.spool.reaper``).
         """
         self._check_id(queue_id)
         self._disk.prepare()
         self._fresh.pop(queue_id)
         async with self._locks.hold(queue_id):
-            entry = self._index.get(queue_id)
-            with_state = queue_id in self._state_files or entry is None
-            if entry is not None and entry.size <= INLINE_UNLINK:
-                self._disk.unlink(queue_id, with_state)
-            else:
-                await _in_thread(self._disk.unlink, queue_id, with_state)
+            with_state = queue_id in self._state_files or queue_id not in self._index
+            await self._reaper.remove(queue_id, with_state)
             self._index.pop(queue_id, None)
             self._state_files.discard(queue_id)
 

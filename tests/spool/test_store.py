@@ -20,7 +20,7 @@ from relay.metrics import Metrics
 from relay.spool.diskio import write_all
 from relay.spool.layout import is_queue_id
 from relay.spool.records import QueuedMessage, RcptStatus
-from relay.spool.store import INLINE_UNLINK, Spool
+from relay.spool.store import Spool
 from tests.spool.conftest import envelope
 
 DATA = b"From: agent@example.com\r\nSubject: hello\r\n\r\nbody\r\n"
@@ -350,27 +350,24 @@ async def test_first_read_of_a_fresh_message_comes_from_memory_then_from_disk(
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize(("size", "on_the_loop"), [
-    (len(DATA), True),                        # the common case: no worker thread
-    (INLINE_UNLINK, True),
-    (INLINE_UNLINK + 1, False),               # many blocks to free: a worker thread
-])
-async def test_a_small_message_is_unlinked_on_the_loop_a_large_one_in_a_thread(
-        spool: Spool, monkeypatch: pytest.MonkeyPatch, size: int, on_the_loop: bool) -> None:
+@pytest.mark.parametrize("size", [len(DATA), 2 << 20])
+async def test_removals_unlink_in_worker_threads_never_on_the_loop(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    """An unlink may wait for the device (a synchronous discard): never on the loop, at
+    any size; removals made together are all done when each returns."""
     body = DATA + b"x" * (size - len(DATA) - 2) + b"\r\n" if size > len(DATA) else DATA
-    assert len(body) == size
-    qid = await spool.store(envelope(), body)
-    where: list[bool] = []
+    ids = [await spool.store(envelope(), body) for _ in range(12)]
+    on_the_loop: list[bool] = []
     real = os.unlink
 
     def spy(path: Any, *args: Any, **kwargs: Any) -> None:
-        where.append(threading.current_thread() is threading.main_thread())
+        on_the_loop.append(threading.current_thread() is threading.main_thread())
         real(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "unlink", spy)
-    await spool.remove(qid)
-    assert where == [on_the_loop]
-    assert not (spool.queue / qid).exists()
+    await asyncio.gather(*(spool.remove(qid) for qid in ids))
+    assert on_the_loop == [False] * 12
+    assert os.listdir(spool.queue) == [] and spool.queue_ids() == []
 
 
 class UnlinkSpy:
