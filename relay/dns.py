@@ -13,18 +13,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import Any, TypeVar
-
-import dns.exception
-import dns.name
-import dns.nameserver
-import dns.rdatatype
-import dns.resolver
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from relay.config.schema import HostPort, RelaySection
 from relay.errors import DnsError, RelayError
+
+if TYPE_CHECKING:
+    import dns.resolver
 
 __all__ = ["DnsError", "Resolver", "lookup_pool"]
 
@@ -45,17 +43,35 @@ class Resolver:
         self.timeout = timeout
         self.servers = tuple(servers)
         self.executor = executor      # None: asyncio's default worker threads
-        if servers:
-            res = dns.resolver.Resolver(configure=False)
-            res.nameservers = [
-                dns.nameserver.Do53Nameserver(_address(s), s.port) for s in servers]
-        else:
-            res = dns.resolver.Resolver(configure=True)
-        res.timeout = timeout
-        res.lifetime = timeout
-        # honours each answer's TTL (and the SOA minimum for negative answers); thread-safe
-        res.cache = dns.resolver.LRUCache(cache_size) if cache_size else None
-        self._res = res
+        self._cache_size = cache_size
+        self._addresses = [(_address(s), s.port) for s in servers]   # checked now
+        # dnspython (about 5 MB of memory) is loaded at the first lookup: an SMTP listener
+        # process without SPF never makes one.
+        self._res: dns.resolver.Resolver | None = None
+        self._making = threading.Lock()           # lookups run on several threads
+
+    def _resolver(self) -> dns.resolver.Resolver:
+        if self._res is not None:
+            return self._res
+        with self._making:
+            if self._res is None:
+                import dns.nameserver
+                import dns.resolver
+
+                if self._addresses:
+                    res = dns.resolver.Resolver(configure=False)
+                    res.nameservers = [dns.nameserver.Do53Nameserver(host, port)
+                                       for host, port in self._addresses]
+                else:
+                    res = dns.resolver.Resolver(configure=True)
+                res.timeout = self.timeout
+                res.lifetime = self.timeout
+                # honours each answer's TTL (and the SOA minimum for negative answers);
+                # thread-safe
+                res.cache = dns.resolver.LRUCache(self._cache_size) \
+                    if self._cache_size else None
+                self._res = res
+            return self._res
 
     @classmethod
     def from_config(cls, relay: RelaySection, *, executor: Executor | None = None) -> Resolver:
@@ -72,16 +88,20 @@ class Resolver:
         """Which servers are asked, for error messages and ``relay spf check``."""
         if self.servers:
             return ", ".join(str(s) for s in self.servers)
-        return "the system resolver (" + ", ".join(str(n) for n in self._res.nameservers) + ")"
+        return "the system resolver (" + ", ".join(
+            str(n) for n in self._resolver().nameservers) + ")"
 
     def resolve(self, name: str, rdtype: str, *, timeout: float | None = None) -> list[Any]:
         """The answer's rdata for ``name``/``rdtype``; ``[]`` for NXDOMAIN or no data.
 
         Raises ``DnsError`` when no server gave an answer in time (a temporary error).
         """
+        import dns.exception
+        import dns.resolver
+
         lifetime = self.timeout if timeout is None else min(timeout, self.timeout)
         try:
-            answer = self._res.resolve(name, rdtype, lifetime=lifetime, search=False,
+            answer = self._resolver().resolve(name, rdtype, lifetime=lifetime, search=False,
                                        raise_on_no_answer=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []

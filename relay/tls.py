@@ -22,9 +22,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
-
 from relay.config.schema import ListenerConfig, UpstreamConfig
 from relay.errors import ConfigError, TransportError
 from relay.timing import StageTimer
@@ -116,6 +113,11 @@ class CertInfo:
 
 def cert_info(der: bytes) -> CertInfo:
     """Parse a DER certificate (``SSLObject.getpeercert(binary_form=True)``)."""
+    # Imported here: cryptography's X.509 layer is about 4 MB of memory in every process,
+    # and an SMTP listener process describes no certificate.
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     cert = x509.load_der_x509_certificate(der)
 
     def cn(name: x509.Name) -> str:

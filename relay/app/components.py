@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from relay.app.listeners import ListenerParts, ListenerSide, build_listeners
 from relay.config.schema import Config
-from relay.dkim.sign import Signer
 from relay.dns import Resolver
 from relay.metrics import Metrics
 from relay.oauth.tokens import TokenSources
@@ -23,6 +23,9 @@ from relay.routing import Router
 from relay.spool.handovers import Handovers
 from relay.spool.store import Spool
 from relay.transports.factory import Transports
+
+if TYPE_CHECKING:
+    from relay.dkim.sign import Signer
 
 __all__ = ["Components", "ListenerParts", "ListenerSide", "build", "build_listeners"]
 

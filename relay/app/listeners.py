@@ -15,10 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from relay.checks.ownership import Ownership
-from relay.checks.spf import SpfChecker
 from relay.config.schema import Config, ListenerConfig, ProfileConfig
-from relay.dkim.keys import load_keys
-from relay.dkim.sign import Signer
 from relay.dns import Resolver
 from relay.errors import ConfigError
 from relay.headers import HeaderGuard, protected_patterns
@@ -29,6 +26,8 @@ from relay.spool.store import Spool
 from relay.users import UserDB
 
 if TYPE_CHECKING:
+    from relay.checks.spf import SpfChecker
+    from relay.dkim.sign import Signer
     from relay.proxy.accounts import Authenticator
 
 log = logging.getLogger("relay.app")
@@ -80,23 +79,42 @@ class ListenerSide:
     listeners: dict[str, ListenerParts] = field(default_factory=dict)
 
 
+def _signer(config: Config, metrics: Metrics) -> Signer | None:
+    """The DKIM signer, if any [[dkim]] key is configured. Its modules (cryptography's
+    keys and hashes) are imported only then: a listener process is one of several."""
+    if not config.dkim:
+        return None
+    from relay.dkim.keys import load_keys
+    from relay.dkim.sign import Signer
+
+    return Signer(load_keys(config.dkim), metrics=metrics,
+                  on_failure={d.domain: d.on_failure for d in config.dkim})
+
+
+def _spf_checker(config: Config, resolver: Resolver, metrics: Metrics) -> SpfChecker | None:
+    """The SPF checker, if an SMTP listener checks SPF: pyspf and dnspython (about 6 MB
+    of memory per process) are loaded only then."""
+    if not any(lc.protocol == "smtp" and lc.spf != "off" for lc in config.listeners):
+        return None
+    from relay.checks.spf import SpfChecker
+
+    return SpfChecker(resolver=resolver, hostname=config.relay.hostname, metrics=metrics)
+
+
 def build_listeners(config: Config, *, spool: Spool, metrics: Metrics,
                     smtp_only: bool = False, dns_pool: Executor | None = None) -> ListenerSide:
     """DKIM keys, users, accept pipelines and checks per listener; ConfigError on a mistake.
 
     ``dns_pool``: the process's DNS threads (``relay.dns.lookup_pool``), kept across reloads.
     """
-    keys = load_keys(config.dkim)
-    signer = Signer(keys, metrics=metrics,
-                    on_failure={d.domain: d.on_failure for d in config.dkim}
-                    ) if config.dkim else None
+    signer = _signer(config, metrics)
     router = Router(config.routes, config.relay.default_upstream)
     resolver = Resolver.from_config(config.relay, executor=dns_pool)
     guard = HeaderGuard(protected_patterns(config.relay), metrics=metrics)
     profiles: dict[str, ProfileConfig] = {p.name: p for p in config.profiles}
     upstream_profiles = {u.name: profiles[u.profile] for u in config.upstreams
                          if u.profile is not None}
-    spf = SpfChecker(resolver=resolver, hostname=config.relay.hostname, metrics=metrics)
+    spf = _spf_checker(config, resolver, metrics)
     side = ListenerSide(router=router, signer=signer, resolver=resolver)
     users_cache: dict[Path, UserDB] = {}
     for lc in config.listeners:

@@ -23,16 +23,18 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from email.utils import formatdate
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from relay.checks import structure
 from relay.checks.ownership import Ownership
 from relay.checks.profile import check_message_async, check_recipient, check_sender
-from relay.checks.spf import SpfChecker
 from relay.config.schema import ProfileConfig
 from relay.envelope import Envelope
 from relay.headers import add_missing, remove_forged_results
 from relay.verdict import BaseChecks, SessionInfo, SizeLimit
+
+if TYPE_CHECKING:                        # pyspf and dnspython: only with SPF on
+    from relay.checks.spf import SpfChecker
 
 RouteProfile = Callable[[str, str], ProfileConfig | None]     # (sender, recipient) → profile
 _PENDING_LIMIT = 10_000

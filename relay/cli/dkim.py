@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from relay.cli.dns_args import add_dns_args, resolver_from_args
 from relay.config.values import is_domain, is_selector
@@ -16,7 +17,6 @@ from relay.dkim.keys import (
     write_private_key,
     zone_line,
 )
-from relay.dkim.verify import public_key, verify
 from relay.errors import ConfigError, DnsError, RelayError
 
 
@@ -135,7 +135,7 @@ def check_command(args: argparse.Namespace) -> int:
             bad += 1
             continue
         try:
-            published = public_key(dkim_records[0])
+            published = verify_module().public_key(dkim_records[0])
         except ValueError as exc:
             print(f"{name}: published record is unusable ({exc}); publish:\n"
                   f"  {zone_line(name, key.record())}")
@@ -148,6 +148,14 @@ def check_command(args: argparse.Namespace) -> int:
                   f"publish:\n  {zone_line(name, key.record())}")
             bad += 1
     return 1 if bad else 0
+
+
+def verify_module() -> ModuleType:
+    """relay.dkim.verify, imported on first use: it loads dkimpy, which every `relay`
+    command (the long-running `relay run` among them) would otherwise carry in memory
+    because each command's arguments are registered at start."""
+    from relay.dkim import verify
+    return verify
 
 
 def _same(a: object, b: object) -> bool:
@@ -165,7 +173,7 @@ def verify_command(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise RelayError(f"cannot read {args.file}: {exc.strerror}") from None
     resolver, _config = resolver_from_args(args, need_config=False)
-    results = verify(data, lookup=resolver.txt)
+    results = verify_module().verify(data, lookup=resolver.txt)
     if not results:
         print(f"{args.file}: no DKIM-Signature")
         return 1

@@ -23,12 +23,10 @@ same check runs with the real size before the store.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from relay.checks.message import MessageChecks
-from relay.checks.spf import SpfChecker
 from relay.config.schema import Config, HeaderRule, ListenerConfig, ProfileConfig
-from relay.dkim.sign import Signer
 from relay.envelope import Envelope
 from relay.errors import SpoolError
 from relay.headers import HeaderGuard, apply_rules
@@ -37,6 +35,10 @@ from relay.smtp import replies
 from relay.spool.health import Shortage, SpoolHealth
 from relay.spool.store import Spool
 from relay.verdict import Refusal, SessionInfo
+
+if TYPE_CHECKING:                        # loaded only by a config that uses them
+    from relay.checks.spf import SpfChecker
+    from relay.dkim.sign import Signer
 
 NO_ROUTE = "550 5.7.1 Relaying denied: no route for this recipient"
 

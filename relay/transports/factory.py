@@ -16,7 +16,6 @@ from relay.errors import ConfigError, TransportError
 from relay.transports.base import Transport
 from relay.transports.direct import DirectTransport
 from relay.transports.socks5 import Socks5Transport
-from relay.transports.ssh import SshTransport
 
 log = logging.getLogger("relay.transports")
 
@@ -57,6 +56,8 @@ def build(cfg: ProxyConfig) -> Transport:
     if cfg.kind == "socks5":
         return Socks5Transport(cfg)
     if cfg.kind == "ssh":
+        # asyncssh (about 7 MB of memory) is loaded only by a config with an SSH tunnel.
+        from relay.transports.ssh import SshTransport
         return SshTransport(cfg)
     raise ConfigError(f"proxy {cfg.name}: unknown kind {cfg.kind!r}", line=cfg.line,
                       expected='"socks5" or "ssh"')

@@ -5,11 +5,16 @@ pyproject.toml cannot see a package ``__init__`` or a lazy import that drags a s
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from relay.config.loader import load_config
+from relay.dkim.keys import generate, write_private_key
 
 ROOT = Path(__file__).resolve().parents[2]
 RELAY = ROOT / "relay"
@@ -56,6 +61,87 @@ def test_a_listener_process_loads_no_delivery_transport_or_proxy() -> None:
     assert offenders(loaded, ["relay.outbound", "relay.transports", "relay.proxy",
                               "relay.oauth", "relay.probe", "relay.control", "asyncssh",
                               "python_socks", "aiosmtplib", "aiosmtpd"]) == []
+
+
+# Each of these is megabytes of memory in every process that loads it (cryptography
+# about 4, dnspython and pyspf about 6, asyncssh about 7): a process loads them only for
+# a config that uses them.
+FEATURE_LIBRARIES = ["cryptography", "dns", "spf", "dkim", "asyncssh"]
+
+LISTENER_CONFIG = """
+[relay]
+hostname = "relay.test"
+spool = "spool"
+default_upstream = "out"
+
+[[listener]]
+name = "in"
+protocol = "smtp"
+listen = "127.0.0.1:2525"
+tls = "none"
+auth = "none"
+allow = ["127.0.0.0/8"]
+{listener}
+[[upstream]]
+name = "out"
+protocol = "outbox"
+path = "outbox"
+{dkim}"""
+
+
+def loaded_by_listener_process(tmp_path: Path, *, listener: str = "", dkim: str = "") -> set[str]:
+    """The modules a fresh interpreter loads to import an SMTP listener process's code and
+    build its listeners from a config, as the process does at start: the main process
+    loads the config and hands it over pickled (``relay.listenproc``)."""
+    (tmp_path / "relay.toml").write_text(LISTENER_CONFIG.format(listener=listener, dkim=dkim))
+    (tmp_path / "config.pickle").write_bytes(pickle.dumps(load_config(tmp_path / "relay.toml")))
+    code = ("import json, pickle, sys\n"
+            "from relay.app.child import ListenerProcess\n"
+            "from relay.app.listeners import build_listeners\n"
+            "from relay.metrics import Metrics\n"
+            "from relay.spool.store import Spool\n"
+            "config = pickle.loads(open('config.pickle', 'rb').read())\n"
+            "side = build_listeners(config, spool=Spool(config.relay.spool), metrics=Metrics(),"
+            " smtp_only=True)\n"
+            "checks = side.listeners['in'].checks\n"
+            "print(json.dumps([sorted(sys.modules), side.signer is not None,"
+            " getattr(checks, '_spf', None) is not None]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    modules, signs, checks_spf = json.loads(out.stdout)
+    return set(modules) | ({"<signer>"} if signs else set()) | \
+        ({"<spf checker>"} if checks_spf else set())
+
+
+def test_a_listener_process_without_spf_or_dkim_loads_none_of_their_libraries(
+        tmp_path: Path) -> None:
+    loaded = loaded_by_listener_process(tmp_path)
+    assert "relay.smtp.listener" in loaded
+    assert offenders(loaded, FEATURE_LIBRARIES) == []
+    assert "<signer>" not in loaded and "<spf checker>" not in loaded
+
+
+def test_a_listener_process_loads_pyspf_for_spf_and_cryptography_for_dkim(
+        tmp_path: Path) -> None:
+    loaded = loaded_by_listener_process(tmp_path, listener='spf = "tag"\n')
+    assert {"spf", "<spf checker>"} <= loaded and "<signer>" not in loaded
+    assert offenders(loaded, ["cryptography", "dkim", "asyncssh"]) == []
+    key = tmp_path / "dkim.key"
+    write_private_key(generate("ed25519"), key)
+    loaded = loaded_by_listener_process(
+        tmp_path, dkim=f'[[dkim]]\ndomain = "relay.test"\nselector = "s1"\n'
+                       f'algorithm = "ed25519-sha256"\nkey_file = "{key}"\n')
+    assert {"cryptography", "<signer>"} <= loaded and "<spf checker>" not in loaded
+    assert offenders(loaded, ["spf", "dns", "asyncssh"]) == []
+
+
+def test_relay_run_loads_asyncssh_and_dkimpy_only_when_a_config_uses_them() -> None:
+    """``relay run`` imports every command's argument parser and the main process's code;
+    asyncssh comes with the first SSH tunnel, dkimpy with ``relay dkim check|verify``."""
+    loaded = loaded_by("relay.cli", "relay.app.runtime", "relay.cli.dkim", "relay.cli.run")
+    assert "relay.transports.factory" in loaded
+    assert offenders(loaded, ["asyncssh", "dkim"]) == []
 
 
 LEAVES = ["relay.envelope", "relay.verdict", "relay.errors", "relay.metrics",
