@@ -10,16 +10,22 @@ handover is written down first (``H <id> <upstream>``) and crossed out once its 
 recorded (``S <id>``); the next start counts each message handed, never settled and still
 queued, once per upstream, with one warning naming it (``take_over``).
 
-``<spool>/handovers`` is opened once with O_APPEND: two small writes (``diskio.write_all``) per
-message and no fsync, as the journal is for process crashes, after which the kernel's page
-cache still holds every write. After a power loss its last lines may be gone, so the count
-is best effort then; the message itself is never lost (the spool is fsynced). Once more
-than ``COMPACT_AFTER`` bytes were written, it is rewritten (``handovers.tmp`` beside it,
-then rename) with only the entries still handed. A torn last line or garbage is skipped.
+``<spool>/handovers`` is opened once with O_APPEND: small writes (``diskio.write_all``) and no
+fsync, as the journal is for process crashes, after which the kernel's page cache still
+holds every write. A handover is written at once; the settlements of one turn of the
+event loop go in one write at its end (the spool's removals finish in batches), and
+before any later handover so that the file keeps their order. A crash inside that turn
+can only make the next start count a message whose outcome was recorded: if it is still
+queued (a retry), once more as a possible duplicate; if it was removed, not at all.
+After a power loss its last lines may be gone, so the count is best effort then; the
+message itself is never lost (the spool is fsynced). Once more than ``COMPACT_AFTER``
+bytes were written, it is rewritten (``handovers.tmp`` beside it, then rename) with only
+the entries still handed. A torn last line or garbage is skipped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -89,23 +95,40 @@ class Handovers:
         self._written = 0                     # bytes since the last rewrite
         self._failing = False
         self._closed = False
+        self._settling: list[str] = []       # settled this turn of the loop, not written
         self._rewrite()                       # starts empty: the past was taken over
 
     def handed(self, queue_id: str, upstream: str) -> None:
         """``queue_id`` is past the point of no return toward ``upstream``."""
+        self._write_settled()                 # first: the file keeps the order of events
         self._handed.setdefault(queue_id, set()).add(upstream)
         self._append(f"H {queue_id} {upstream}\n".encode())
 
     def settled(self, queue_id: str) -> None:
-        """The outcome of ``queue_id`` is recorded in the spool (nothing if never handed)."""
+        """The outcome of ``queue_id`` is recorded in the spool (nothing if never handed);
+        written at the end of this turn of the event loop, with the others of the turn."""
         if self._handed.pop(queue_id, None) is None:
             return
-        self._append(f"S {queue_id}\n".encode())
+        self._settling.append(queue_id)
+        if len(self._settling) > 1:
+            return                            # the write is already scheduled
+        try:
+            asyncio.get_running_loop().call_soon(self._write_settled)
+        except RuntimeError:                  # no event loop (a command): write now
+            self._write_settled()
+
+    def _write_settled(self) -> None:
+        if not self._settling:
+            return
+        lines = "".join(f"S {qid}\n" for qid in self._settling).encode()
+        self._settling = []
+        self._append(lines)
         if self._written > self._compact_after:
             self._rewrite()
 
     def close(self) -> None:
         """Stop writing; what is still handed stays in the file for the next start."""
+        self._write_settled()
         self._closed = True
         if self._fd is not None:
             os.close(self._fd)

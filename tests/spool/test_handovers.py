@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from relay.metrics import Metrics
+from relay.spool import handovers
 from relay.spool.handovers import FILE, Handovers, read_journal, take_over
 
 pytestmark = pytest.mark.fast
@@ -143,3 +145,55 @@ def test_an_unreadable_journal_is_logged_and_the_start_goes_on(
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any("cannot read the handover journal" in m for m in errors), errors
     assert any("cannot rewrite it" in m for m in errors), errors
+
+
+class Writes:
+    """Each write the journal makes, as bytes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.made: list[bytes] = []
+        real = handovers.write_all
+
+        def spy(fd: int, *parts: bytes) -> None:
+            self.made.append(b"".join(parts))
+            real(fd, *parts)
+
+        monkeypatch.setattr(handovers, "write_all", spy)
+
+
+async def test_the_settlements_of_one_turn_of_the_loop_go_in_one_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = Handovers(tmp_path / FILE)
+    for qid in (A, B, C):
+        journal.handed(qid, "up")
+    writes = Writes(monkeypatch)
+    for qid in (A, B, C):
+        journal.settled(qid)
+    assert writes.made == []                  # not yet: the turn goes on
+    await asyncio.sleep(0)
+    assert writes.made == [f"S {A}\nS {B}\nS {C}\n".encode()]
+    assert read_journal(tmp_path / FILE) == {}
+    journal.close()
+
+
+async def test_a_handover_after_a_pending_settlement_keeps_the_order_of_events(
+        tmp_path: Path) -> None:
+    journal = Handovers(tmp_path / FILE)
+    journal.handed(A, "up")
+    journal.settled(A)                        # a deferred attempt's outcome recorded ...
+    journal.handed(A, "up")                   # ... and the retry handed over, same turn
+    assert read_journal(tmp_path / FILE) == {A: {"up"}}
+    await asyncio.sleep(0)
+    assert read_journal(tmp_path / FILE) == {A: {"up"}}
+    journal.close()
+
+
+async def test_closing_writes_the_settlements_still_pending(tmp_path: Path) -> None:
+    journal = Handovers(tmp_path / FILE)
+    journal.handed(A, "up")
+    journal.handed(B, "up")
+    journal.settled(A)
+    journal.close()
+    assert read_journal(tmp_path / FILE) == {B: {"up"}}
+    await asyncio.sleep(0)                    # the scheduled write finds nothing to do
+    assert read_journal(tmp_path / FILE) == {B: {"up"}}
