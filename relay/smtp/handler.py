@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -81,9 +82,13 @@ def effective_size(cfg: ListenerConfig, checks: Checks | None) -> SizeLimit:
     return other if other is not None and other.size <= own.size else own
 
 
+# What may stand in a Received: clause as given: printable ASCII but space, the comment
+# delimiters and the backslash (each other character becomes "?").
+_UNCLEAN = re.compile(r"[^\x21-\x27\x2a-\x5b\x5d-\x7e]")
+
+
 def _clean(text: str, limit: int = 255) -> str:
-    return "".join(c if 0x20 < ord(c) < 0x7F and c not in "()\\" else "?"
-                   for c in text[:limit]) or "unknown"
+    return _UNCLEAN.sub("?", text[:limit]) or "unknown"
 
 
 def received_header(*, info: SessionInfo, hostname: str, extended: bool,
