@@ -15,6 +15,7 @@ import pytest
 
 from relay.config.loader import load_config
 from relay.dkim.keys import generate, write_private_key
+from tests.peers.relayproc import config as relay_config
 
 ROOT = Path(__file__).resolve().parents[2]
 RELAY = ROOT / "relay"
@@ -68,32 +69,13 @@ def test_a_listener_process_loads_no_delivery_transport_or_proxy() -> None:
 # a config that uses them.
 FEATURE_LIBRARIES = ["cryptography", "dns", "spf", "dkim", "asyncssh"]
 
-LISTENER_CONFIG = """
-[relay]
-hostname = "relay.test"
-spool = "spool"
-default_upstream = "out"
-
-[[listener]]
-name = "in"
-protocol = "smtp"
-listen = "127.0.0.1:2525"
-tls = "none"
-auth = "none"
-allow = ["127.0.0.0/8"]
-{listener}
-[[upstream]]
-name = "out"
-protocol = "outbox"
-path = "outbox"
-{dkim}"""
-
-
 def loaded_by_listener_process(tmp_path: Path, *, listener: str = "", dkim: str = "") -> set[str]:
     """The modules a fresh interpreter loads to import an SMTP listener process's code and
     build its listeners from a config, as the process does at start: the main process
     loads the config and hands it over pickled (``relay.listenproc``)."""
-    (tmp_path / "relay.toml").write_text(LISTENER_CONFIG.format(listener=listener, dkim=dkim))
+    (tmp_path / "relay.toml").write_text(
+        relay_config(spool=tmp_path / "spool", listen=2525, sink=2526,
+                     listener_extra=listener, extra=dkim))
     (tmp_path / "config.pickle").write_bytes(pickle.dumps(load_config(tmp_path / "relay.toml")))
     code = ("import json, pickle, sys\n"
             "from relay.app.child import ListenerProcess\n"
@@ -103,7 +85,7 @@ def loaded_by_listener_process(tmp_path: Path, *, listener: str = "", dkim: str 
             "config = pickle.loads(open('config.pickle', 'rb').read())\n"
             "side = build_listeners(config, spool=Spool(config.relay.spool), metrics=Metrics(),"
             " smtp_only=True)\n"
-            "checks = side.listeners['in'].checks\n"
+            "checks = side.listeners['platform'].checks\n"
             "print(json.dumps([sorted(sys.modules), side.signer is not None,"
             " getattr(checks, '_spf', None) is not None]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
