@@ -109,10 +109,16 @@ class DataReader:
         if self._too_big or body_end > self._max_size:
             self._chunks.clear()
             return TooBig(leftover, size)
-        self._chunks.append(chunk)
-        raw = b"".join(self._chunks)
+        # Only the body is joined: cut this chunk where the body ends, rather than joining
+        # everything and slicing (a second copy of the whole message). The end marker
+        # may also begin in an earlier chunk (then this chunk holds no body at all).
+        cut = body_end - self._received       # body bytes in this chunk
+        if cut > 0:
+            self._chunks.append(chunk[:cut])
+        body = b"".join(self._chunks)
         self._chunks.clear()
-        body = raw[:body_end] if body_end < len(raw) else raw
+        if cut < 0:
+            body = body[:body_end]
         if (bare := bare_line_ending(body)) is not None:
             return BareLineEnding(bare, leftover, size)
         if body.startswith(b"."):
