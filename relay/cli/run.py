@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from relay.app.allocator import tune_allocator
 from relay.app.collector import pace_collector
 from relay.app.logs import setup_logging
 from relay.cli.common import add_config_arg, config_path
@@ -37,6 +38,7 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(path)
     setup_logging(config.relay.log_level)
     pace_collector()
+    tune_allocator()
     try:
         return asyncio.run(App(path, config).run())
     except RelayError as exc:

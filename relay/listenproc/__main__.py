@@ -18,12 +18,14 @@ def main(argv: list[str]) -> int:
         print("relay.listenproc is started by `relay run` (smtp_processes), not by hand",
               file=sys.stderr)
         return 2
+    from relay.app.allocator import tune_allocator
     from relay.app.child import ListenerProcess
     from relay.app.collector import pace_collector
     from relay.app.logs import setup_logging
 
     setup_logging(argv[1])
     pace_collector()
+    tune_allocator()
     sock = socket.socket(fileno=int(argv[0]))
     admissions = socket.socket(fileno=int(argv[2]))
 

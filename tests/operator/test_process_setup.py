@@ -1,5 +1,5 @@
 """What both long-running relay processes (``relay run`` and each SMTP listener process)
-set up first: their log line format and the cycle collector's pace."""
+set up first: their log line format, the cycle collector's pace and glibc's allocator."""
 
 from __future__ import annotations
 
@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from relay.app.allocator import (
+    M_MMAP_THRESHOLD,
+    M_TRIM_THRESHOLD,
+    MMAP_THRESHOLD,
+    TRIM_THRESHOLD,
+    tune_allocator,
+)
 from relay.app.collector import YOUNG_THRESHOLD, pace_collector
+from relay.cli import main
+from relay.cli import run as run_command  # bound before a test patches what it imports
+from relay.listenproc.__main__ import main as listener_main
 
 
 def test_a_process_line_keeps_its_format() -> None:
@@ -44,13 +54,10 @@ def _never_start(*args: object) -> None:
 
 def test_both_long_running_processes_pace_the_collector(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from relay.cli import main
-    from relay.listenproc.__main__ import main as listener_main
-
     monkeypatch.setattr("relay.app.collector.pace_collector", _pace_and_stop)
-    monkeypatch.setattr("relay.cli.run.pace_collector", _pace_and_stop)
+    monkeypatch.setattr(run_command, "pace_collector", _pace_and_stop)
     monkeypatch.setattr("relay.app.logs.setup_logging", lambda level: None)
-    monkeypatch.setattr("relay.cli.run.setup_logging", lambda level: None)
+    monkeypatch.setattr(run_command, "setup_logging", lambda level: None)
     monkeypatch.setattr("relay.app.runtime.App", _never_start)      # nothing runs here
     with pytest.raises(_Paced):
         listener_main(["2147483000", "info", "2147483001"])
@@ -65,3 +72,83 @@ def test_pacing_sets_the_young_threshold_only() -> None:
         assert gc.get_threshold() == (YOUNG_THRESHOLD, before[1], before[2])
     finally:
         gc.set_threshold(*before)
+
+
+class _Tuned(Exception):
+    pass
+
+
+def _tune_and_stop(*args: object) -> bool:
+    raise _Tuned
+
+
+def test_both_long_running_processes_tune_the_allocator(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("relay.app.allocator.tune_allocator", _tune_and_stop)
+    monkeypatch.setattr(run_command, "tune_allocator", _tune_and_stop)
+    monkeypatch.setattr("relay.app.logs.setup_logging", lambda level: None)
+    monkeypatch.setattr(run_command, "setup_logging", lambda level: None)
+    monkeypatch.setattr("relay.app.runtime.App", _never_start)
+    with pytest.raises(_Tuned):
+        listener_main(["2147483000", "info", "2147483001"])
+    with pytest.raises(_Tuned):
+        main(["run", "-c", str(Path(__file__).parents[2] / "conf" / "relay.toml")])
+
+
+class _Libc:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return 1
+
+
+@pytest.mark.parametrize(("environ", "tuned"), [
+    ({}, True),
+    ({"PATH": "/usr/bin", "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2"}, True),
+    ({"MALLOC_ARENA_MAX": "2"}, False),                 # the operator's choice stands
+    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000"}, False),
+])
+def test_the_allocator_is_tuned_unless_the_operator_did(environ: dict[str, str],
+                                                        tuned: bool) -> None:
+    libc = _Libc()
+    assert tune_allocator(environ, libc) is tuned
+    assert libc.calls == ([(M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+                           (M_TRIM_THRESHOLD, TRIM_THRESHOLD)] if tuned else [])
+
+
+def test_a_c_library_without_mallopt_is_left_alone() -> None:
+    assert tune_allocator({}, object()) is False
+
+
+READS = """
+import resource, socket, sys
+from relay.app.allocator import tune_allocator
+if sys.argv[1] == "tuned":
+    assert tune_allocator({})
+a, b = socket.socketpair()
+a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+chunk = b"x" * 65536
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(200):
+    a.sendall(chunk)
+    got = 0
+    while got < len(chunk):
+        got += len(b.recv(262144))                  # as asyncio reads a socket
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 200)
+"""
+
+
+def test_a_tuned_process_takes_no_page_fault_per_large_socket_read() -> None:
+    """The mechanism, in fresh interpreters: 64 KB arriving into asyncio-sized reads."""
+    def faults(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", READS, mode], capture_output=True,
+                             text=True, timeout=60, check=True,
+                             env={"PATH": "/usr/bin:/bin",
+                                  "PYTHONPATH": str(Path(__file__).parents[2])})
+        return float(out.stdout)
+
+    assert faults("default") >= 8           # about one per 4 KB read
+    assert faults("tuned") < 1
