@@ -36,7 +36,7 @@ def test_a_process_line_keeps_its_format() -> None:
                         f"{stamp}relay: WARNING: careful\n", out.stderr), out.stderr
 
 
-class _Paced(Exception):
+class _SetUp(Exception):
     pass
 
 
@@ -44,24 +44,28 @@ class _Started(Exception):
     pass
 
 
-def _pace_and_stop() -> None:
-    raise _Paced
+def _stop_here(*args: object) -> None:
+    raise _SetUp
 
 
 def _never_start(*args: object) -> None:
-    raise _Started("relay started without pacing the collector")
+    raise _Started("relay started before its process set-up")
 
 
-def test_both_long_running_processes_pace_the_collector(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("relay.app.collector.pace_collector", _pace_and_stop)
-    monkeypatch.setattr(run_command, "pace_collector", _pace_and_stop)
+@pytest.mark.parametrize(("module", "step"), [
+    ("relay.app.collector", "pace_collector"),
+    ("relay.app.allocator", "tune_allocator"),
+])
+def test_both_long_running_processes_set_up_before_anything_runs(
+        monkeypatch: pytest.MonkeyPatch, module: str, step: str) -> None:
+    monkeypatch.setattr(f"{module}.{step}", _stop_here)
+    monkeypatch.setattr(run_command, step, _stop_here)
     monkeypatch.setattr("relay.app.logs.setup_logging", lambda level: None)
     monkeypatch.setattr(run_command, "setup_logging", lambda level: None)
     monkeypatch.setattr("relay.app.runtime.App", _never_start)      # nothing runs here
-    with pytest.raises(_Paced):
+    with pytest.raises(_SetUp):
         listener_main(["2147483000", "info", "2147483001"])
-    with pytest.raises(_Paced):
+    with pytest.raises(_SetUp):
         main(["run", "-c", str(Path(__file__).parents[2] / "conf" / "relay.toml")])
 
 
@@ -72,27 +76,6 @@ def test_pacing_sets_the_young_threshold_only() -> None:
         assert gc.get_threshold() == (YOUNG_THRESHOLD, before[1], before[2])
     finally:
         gc.set_threshold(*before)
-
-
-class _Tuned(Exception):
-    pass
-
-
-def _tune_and_stop(*args: object) -> bool:
-    raise _Tuned
-
-
-def test_both_long_running_processes_tune_the_allocator(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("relay.app.allocator.tune_allocator", _tune_and_stop)
-    monkeypatch.setattr(run_command, "tune_allocator", _tune_and_stop)
-    monkeypatch.setattr("relay.app.logs.setup_logging", lambda level: None)
-    monkeypatch.setattr(run_command, "setup_logging", lambda level: None)
-    monkeypatch.setattr("relay.app.runtime.App", _never_start)
-    with pytest.raises(_Tuned):
-        listener_main(["2147483000", "info", "2147483001"])
-    with pytest.raises(_Tuned):
-        main(["run", "-c", str(Path(__file__).parents[2] / "conf" / "relay.toml")])
 
 
 class _Libc:
