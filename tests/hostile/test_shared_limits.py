@@ -89,20 +89,25 @@ def test_connections_per_client_are_counted_across_processes(tmp_path: Path) -> 
     relay = Relay(tmp_path, config(tmp_path, port, mport, per_client=3)).start(port)
     held: list[socket.socket] = []
     try:
-        answers = []
-        for _ in range(16):
+        answers: list[str] = []
+        pids = set(listener_pids(relay))
+        served: set[int] = set()
+        # Which process accepts is the kernel's choice: on a busy machine one can take 16
+        # in a row. Keep connecting (at most 64) until both have taken some.
+        while len(answers) < 64 and (len(answers) < 16 or not pids <= served):
             s = connect(port, "127.0.4.1")
             answers.append(reply(s))
             held.append(s)
+            if len(answers) >= 16:
+                served = holders(port) | pids_logging(relay, "stage=CONNECT")
         assert sum(a.startswith("220 ") for a in answers) == 3, answers
         assert all(a.startswith("421 4.7.0 Error: too many connections from your address")
                    for a in answers if not a.startswith("220 ")), answers
-        served = holders(port) | pids_logging(relay, "stage=CONNECT")
-        assert set(listener_pids(relay)) <= served, (
+        assert pids <= served, (
             f"every connection reached one process ({served}): the test proves nothing")
         metrics = scrape(mport)
         assert sample(metrics, "relay_connections_refused_total", listener="submit",
-                      reason="client") == 13
+                      reason="client") == len(answers) - 3
         assert sample(metrics, "relay_smtp_sessions", listener="submit") == 3
         for s in held:                       # the slots come back when sessions end
             s.close()
