@@ -52,6 +52,9 @@ class ReloadPlan:
         if new.relay.smtp_processes != old.relay.smtp_processes:
             raise RelayError("relay.smtp_processes cannot change on reload",
                              hint="restart relay (systemctl restart relay) to change it")
+        if new.relay.event_loop != old.relay.event_loop:
+            raise RelayError("relay.event_loop cannot change on reload",
+                             hint="restart relay (systemctl restart relay) to change it")
         if new.pacing != old.pacing:
             raise RelayError("[pacing] cannot change on reload (where quota usage is kept)",
                              hint="restart relay to change it; with several replicas, "

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.app.components import Components, ListenerParts, build
+from relay.app.eventloop import running as running_loop
 from relay.app.reload import ReloadPlan
 from relay.config.loader import load_config
 from relay.config.schema import Config
@@ -168,7 +169,8 @@ class App:
         self.not_ready = None
         status = f"{len(cfg.listeners)} listeners, {len(recovered)} messages queued"
         self.notifier.ready(status)
-        log.info("relay started (%s; config %s)", status, self.config_path)
+        log.info("relay started (%s; config %s; event loop %s)", status, self.config_path,
+                 running_loop())
 
     async def _sign_bounce(self, envelope: Envelope, data: bytes) -> bytes:
         """DKIM-sign a DSN with the current config's keys (they change on reload)."""

@@ -12,6 +12,7 @@ from typing import Any
 
 from relay.app.allocator import tune_allocator
 from relay.app.collector import pace_collector
+from relay.app.eventloop import run as run_loop
 from relay.app.logs import setup_logging
 from relay.cli.common import add_config_arg, config_path
 from relay.config.loader import load_config, load_relay_section
@@ -40,7 +41,7 @@ def _run(args: argparse.Namespace) -> int:
     pace_collector()
     tune_allocator()
     try:
-        return asyncio.run(App(path, config).run())
+        return run_loop(App(path, config).run(), config.relay.event_loop)
     except RelayError as exc:
         logging.getLogger("relay").error("cannot start: %s", exc.explain())
         return 1

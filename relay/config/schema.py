@@ -113,6 +113,7 @@ class RelaySection:
     fsync: bool = True                         # only for benchmarks/tests on tmpfs
     shutdown_grace: float = 30.0
     smtp_processes: int = field(default_factory=auto_smtp_processes)   # "auto"; 0: in main
+    event_loop: str = "uvloop"                 # or "asyncio" (relay.app.eventloop)
     account_fail_limit: int = 10               # failed logins to one account, from anywhere ...
     account_fail_window: float = 900.0         # ... within this window: refused for as long
     spool_reserve: int = 100 * 1024 * 1024     # free space kept for records: MAIL gets 452 below
@@ -123,6 +124,9 @@ class MetricsConfig:
     enabled: bool = True
     listen: HostPort = HostPort("127.0.0.1", 9325)
 
+
+# The event loops [relay] event_loop may name (relay.app.eventloop runs them).
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 # IMAP/POP3 listeners' limits when the config sets none. A contact-center platform opens
 # one proxy session per mailbox, all from one host (a thousand mailboxes from one address

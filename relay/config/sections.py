@@ -8,13 +8,15 @@ sections are checked afterwards by ``relay.config.references``.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import socket
 from pathlib import Path
 from typing import Any, Literal, cast
 
 from relay.config.machine import auto_smtp_processes
-from relay.config.reader import Table, show, suggest
+from relay.config.reader import Table, one_of, show, suggest
 from relay.config.schema import (
+    EVENT_LOOPS,
     STRUCTURE_CHECKS,
     STRUCTURE_LEVELS,
     HeaderRule,
@@ -55,6 +57,21 @@ def smtp_processes(t: Table) -> int:
     if not 0 <= value <= 64:
         raise t.error("smtp_processes", "out of range", got=str(value), expected=expected,
                       hint=hint)
+    return value
+
+
+def event_loop(t: Table) -> str:
+    """``event_loop``: "uvloop" (the default) or "asyncio"; uvloop must be installed."""
+    raw = t.raw.get("event_loop")
+    if isinstance(raw, str) and raw not in EVENT_LOOPS:
+        raise t.error("event_loop", "unknown value", got=show(raw), expected=one_of(EVENT_LOOPS),
+                      hint=suggest(raw, EVENT_LOOPS) or '"uvloop" (the default) runs relay on '
+                      'libuv\'s event loop, "asyncio" on the standard library\'s')
+    value = t.enum("event_loop", EVENT_LOOPS, default(RelaySection, "event_loop"))
+    if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise t.error("event_loop", "uvloop is not installed", got='"uvloop"',
+                      hint='install it (pip install uvloop, in the environment relay runs '
+                           'from), or set event_loop = "asyncio"')
     return value
 
 
@@ -150,6 +167,7 @@ def read_relay(t: Table) -> RelaySection:
         fsync=t.flag("fsync", default(D, "fsync")),
         shutdown_grace=duration(t, "shutdown_grace", D),
         smtp_processes=smtp_processes(t),
+        event_loop=event_loop(t),
         account_fail_limit=t.integer("account_fail_limit", default(D, "account_fail_limit"),
                                      min=0) or 0,
         account_fail_window=duration(t, "account_fail_window", D, min=0.001),

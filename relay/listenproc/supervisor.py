@@ -202,6 +202,7 @@ class ListenerProcesses:
             slot.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "relay.listenproc", str(theirs.fileno()),
                 self._config.relay.log_level, str(theirs_a.fileno()),
+                self._config.relay.event_loop,
                 pass_fds=[theirs.fileno(), theirs_a.fileno()], stdin=subprocess.DEVNULL)
         except OSError as exc:
             ours.close()

@@ -15,7 +15,7 @@ import contextlib
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import aiosmtplib
 
@@ -106,9 +106,10 @@ class SmtpSession:
     def take_over(self) -> None:
         """Set up: from here on the session's bytes go through ``Wire``, not aiosmtplib."""
         transport = self._smtp.transport
-        if not isinstance(transport, asyncio.Transport) or transport.is_closing():
+        if transport is None or transport.is_closing():
             raise self._broken("greeting", WireError("connection lost after set-up"))
-        self._wire = Wire(transport)
+        # A stream transport, not always an asyncio.Transport subclass (uvloop's are not).
+        self._wire = Wire(cast(asyncio.Transport, transport))
 
     def send(self, *lines: bytes) -> None:
         """Write whole command lines (``command_line``) without waiting for replies."""

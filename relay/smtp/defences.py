@@ -18,7 +18,6 @@ rules themselves are the sans-IO ``session_limits``):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from relay.acceptloop import note_tls_failure
@@ -56,7 +55,7 @@ class DefendedSession(SmtpProtocol):
 
     def _write_now(self, line: str) -> None:
         transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport):
+        if transport is not None:
             transport.write(b"".join(self._held) + line.encode() + b"\r\n")
             self._held.clear()
 

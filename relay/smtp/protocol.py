@@ -23,6 +23,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from relay.smtp import replies
 from relay.smtp.commands import OVERLONG, TOO_LONG, Command, LineBuffer, Overlong, parse_line
@@ -124,8 +125,9 @@ class SmtpProtocol(asyncio.Protocol):
     # --- connection -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport, though not always an asyncio.Transport subclass (uvloop's
+        # are not): no isinstance check here.
+        self.transport = cast(asyncio.Transport, transport)
         self._tls = transport.get_extra_info("sslcontext") is not None
         self.reset_timer()
         self._task = self.loop.create_task(self._handle_client())
