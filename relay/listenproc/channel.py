@@ -10,6 +10,12 @@ because both ends are relay processes started by relay over a private socketpair
 what the socket does not take at once), incoming frames are handed to ``on_message`` in
 order, and ``on_eof`` runs once when the peer is gone. ``Rpc`` adds numbered requests with
 awaited replies on top.
+
+A stored message's bytes ride in its notice (up to 1 MB), so the frames are not copied on
+the way: what one loop turn queued leaves in one gathered write (head and body buffers
+as they are), and frames are unpickled in place from the read that holds them, joined
+only when one spans reads. A 100 KB notice cost 47-55 us of CPU there and back instead of
+76-82, and 80 instead of 300-400 while the reader was behind (socketpair, one process).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from relay.tasks import Background
 log = logging.getLogger("relay.listenproc")
 
 _HEAD = struct.Struct(">IH")
+_GATHER = 512                   # buffers per write, at most (IOV_MAX is 1024)
 MAX_FDS = 64
 MAX_FRAME = 64 * 1024 * 1024
 
@@ -60,7 +67,9 @@ class Channel:
         self._on_message = on_message
         self._on_eof = on_eof
         self._loop = asyncio.get_running_loop()
-        self._inbuf = bytearray()
+        self._inbuf: list[bytes | memoryview] = []   # a frame's start, awaiting the rest
+        self._inlen = 0                      # bytes in _inbuf
+        self._need = 0                       # bytes its frame takes (once its head is in)
         self._infds: deque[int] = deque()
         self._out: deque[tuple[memoryview, list[int]]] = deque()
         self._queued = 0                     # bytes in _out, not yet taken by the socket
@@ -87,7 +96,10 @@ class Channel:
         if len(fds) > MAX_FDS:
             raise ValueError(f"at most {MAX_FDS} descriptors per message")
         body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        self._out.append((memoryview(_HEAD.pack(len(body), len(fds)) + body), fds))
+        # Head and body stay apart (no copy of a large body); the descriptors ride on
+        # the head, the frame's first byte.
+        self._out.append((memoryview(_HEAD.pack(len(body), len(fds))), fds))
+        self._out.append((memoryview(body), []))
         self._queued += _HEAD.size + len(body)
         if not self._writing and not self._flush_soon:
             # At the end of this loop iteration: the notices of stores that finished
@@ -110,30 +122,33 @@ class Channel:
         self._flush_soon = False
         if self._closed:
             return
-        while self._out:
-            view, fds = self._out[0]
-            if not fds and len(self._out) > 1 and not self._out[1][1]:
-                parts = [bytes(self._out.popleft()[0])]
-                while self._out and not self._out[0][1] and len(parts) < 256:
-                    parts.append(bytes(self._out.popleft()[0]))
-                view = memoryview(b"".join(parts))
-                self._out.appendleft((view, fds))
+        out = self._out
+        while out:
+            # One gathered write of what is queued, up to the next descriptors (they go
+            # with the first byte of a write, so a frame carrying some starts its own).
+            fds = out[0][1]
+            views = [out[0][0]]
+            for view, more in itertools.islice(out, 1, _GATHER):
+                if more:
+                    break
+                views.append(view)
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] \
+                if fds else []
             try:
-                if fds:
-                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                    sent = self._sock.sendmsg([view], anc)
-                else:
-                    sent = self._sock.send(view)
+                sent = self._sock.sendmsg(views, anc)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 self._lost()
                 return
             self._queued -= sent
-            if sent >= len(view):
-                self._out.popleft()
-            else:
-                self._out[0] = (view[sent:], [])      # descriptors went with the first byte
+            while sent:
+                view = out[0][0]
+                if sent < len(view):
+                    out[0] = (view[sent:], [])        # descriptors went with the first byte
+                    break
+                sent -= len(view)
+                out.popleft()
         want = bool(self._out)
         if want != self._writing:
             self._writing = want
@@ -159,17 +174,27 @@ class Channel:
         if not data:
             self._lost()
             return False
-        self._inbuf += data
-        while len(self._inbuf) >= _HEAD.size:
-            size, nfds = _HEAD.unpack_from(self._inbuf)
+        # Frames are read in place: from what arrived, or, when a frame began in an
+        # earlier read, from the pieces joined once (not copied on every read).
+        if self._inbuf:
+            self._inbuf.append(data)
+            self._inlen += len(data)
+            if self._inlen < self._need:
+                return True
+            data = b"".join(self._inbuf)
+            self._inbuf.clear()
+        buf = memoryview(data)
+        pos, end = 0, len(data)
+        while end - pos >= _HEAD.size:
+            size, nfds = _HEAD.unpack_from(buf, pos)
             if size > MAX_FRAME:
                 log.error("listener channel: frame of %d bytes; closing", size)
                 self._lost()
                 return False
-            if len(self._inbuf) < _HEAD.size + size:
+            if end - pos - _HEAD.size < size:
                 break
-            body = bytes(self._inbuf[_HEAD.size:_HEAD.size + size])
-            del self._inbuf[:_HEAD.size + size]
+            body = buf[pos + _HEAD.size:pos + _HEAD.size + size]
+            pos += _HEAD.size + size
             socks = [socket.socket(fileno=self._infds.popleft())
                      for _ in range(min(nfds, len(self._infds)))]
             try:
@@ -184,6 +209,14 @@ class Channel:
                 self._on_message(obj, socks)
             except Exception:
                 log.exception("listener channel: handling a message failed")
+            if self._closed:
+                return False
+        if pos < end:                            # the start of a frame: wait for the rest
+            rest = buf[pos:]
+            self._inbuf.append(rest)
+            self._inlen = len(rest)
+            self._need = _HEAD.size + (_HEAD.unpack_from(rest)[0] if len(rest) >= _HEAD.size
+                                       else 0)
         return True
 
     def _lost(self) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import socket
+import struct
 from typing import Any
 
 import pytest
@@ -137,3 +139,81 @@ async def test_the_backlog_is_what_the_socket_has_not_taken_yet() -> None:
     assert sender.backlog == 0
     sender.close()
     receiver.close()
+
+
+def _frames(*objs: object) -> bytes:
+    """The wire form of ``objs`` (no descriptors), as a Channel writes it."""
+    out = b""
+    for obj in objs:
+        body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        out += struct.pack(">IH", len(body), 0) + body
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 6, 7, 13, 4096, 70_000, 1 << 20])
+async def test_frames_arrive_whole_however_the_stream_is_cut(chunk: int) -> None:
+    """Frames are read in place from each read and joined only when one spans reads:
+    a head cut anywhere, a body in many pieces, several frames in one read."""
+    objs: list[object] = ["a", ("stored", os.urandom(150_000)), 7, ("x" * 10, b""), "last"]
+    wire = _frames(*objs)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    got: list[object] = []
+    done = asyncio.Event()
+
+    def on_message(obj: object, socks: list[socket.socket]) -> None:
+        got.append(obj)
+        if obj == "last":
+            done.set()
+    receiver = Channel(b, on_message=on_message, on_eof=lambda: None)
+    try:
+        for at in range(0, len(wire), chunk):
+            a.sendall(wire[at:at + chunk])
+            await asyncio.sleep(0)                 # the receiver reads each piece alone
+        await asyncio.wait_for(done.wait(), 10)
+        assert got == objs
+    finally:
+        receiver.close()
+        a.close()
+
+
+class _CountingSocket(socket.socket):
+    writes = 0
+
+    def sendmsg(self, *args: Any) -> int:
+        type(self).writes += 1
+        return super().sendmsg(*args)
+
+
+async def test_a_turns_frames_leave_in_one_write_and_descriptors_start_their_own() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    counting = _CountingSocket(fileno=a.detach())
+    got: list[tuple[object, int]] = []
+    done = asyncio.Event()
+
+    def on_message(obj: object, socks: list[socket.socket]) -> None:
+        got.append((obj, len(socks)))
+        for s in socks:
+            s.close()
+        if obj == "last":
+            done.set()
+    sender = Channel(counting, on_message=lambda o, s: None, on_eof=lambda: None)
+    receiver = Channel(b, on_message=on_message, on_eof=lambda: None)
+    listening = socket.create_server(("127.0.0.1", 0))
+    try:
+        for i in range(100):
+            sender.send(("stored", i))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert _CountingSocket.writes == 1           # 100 frames, 200 buffers, one write
+        sender.send("plain")
+        sender.send("with fd", [listening.fileno()])
+        sender.send("after")
+        sender.send("last")
+        await asyncio.wait_for(done.wait(), 10)
+        assert _CountingSocket.writes == 3           # the descriptors began a second write
+        assert got[100:] == [("plain", 0), ("with fd", 1), ("after", 0), ("last", 0)]
+        assert got[:100] == [(("stored", i), 0) for i in range(100)]
+    finally:
+        sender.close()
+        receiver.close()
+        listening.close()
