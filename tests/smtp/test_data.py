@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.smtp.data import BareLineEnding, DataReader, Event, Message, TooBig
+from relay.spool.layout import bare_line_ending
 
 pytestmark = pytest.mark.fast
 
@@ -168,3 +169,52 @@ def test_roundtrip_property(lines: list[bytes], cuts: list[int], after: bytes) -
     assert isinstance(event, Message)
     assert event.body == body
     assert event.leftover + rest == after
+
+
+# --- differential: the incremental reader against the rule read off the whole stream
+
+def _whole_stream_rule(stream: bytes) -> tuple[type, object, bytes] | None:
+    """RFC 5321 4.1.1.4 and 4.5.2 applied to the whole stream at once: the first
+    <CRLF>.<CRLF> (the 354 reply counts as the CRLF before a first-line dot) ends the
+    data; a bare CR or LF refuses it; each line's leading dot goes."""
+    s = b"\r\n" + stream
+    at = s.find(b"\r\n.\r\n")
+    if at < 0:
+        return None
+    body, leftover = s[2:at + 2], s[at + 5:]
+    if (bare := bare_line_ending(body)) is not None:
+        return BareLineEnding, bare, leftover
+    unstuffed = (b"\r\n" + body).replace(b"\r\n.", b"\r\n")[2:]
+    return Message, unstuffed, leftover
+
+
+_piece = st.sampled_from([b"\r", b"\n", b".", b"a", b"\r\n", b"\r\n.", b"..", b"\r\n.\r\n",
+                          b"\r\n..", b"\r\n.a", b"xyz"])
+
+
+@settings(max_examples=2000, deadline=None)
+@given(pieces=st.lists(_piece, max_size=25),
+       cuts=st.lists(st.integers(min_value=0, max_value=120), max_size=8))
+def test_matches_the_whole_stream_rule_however_cut(pieces: list[bytes],
+                                                   cuts: list[int]) -> None:
+    stream = b"".join(pieces)
+    points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    reader = DataReader(max_size=1 << 20)
+    event: Event | None = None
+    rest = b""
+    for a, b in itertools.pairwise(points):
+        event = reader.feed(stream[a:b])
+        if event is not None:
+            rest = stream[b:]
+            break
+    expected = _whole_stream_rule(stream)
+    if expected is None:
+        assert event is None
+        return
+    kind, value, leftover = expected
+    assert isinstance(event, kind)
+    if isinstance(event, Message):
+        assert event.body == value
+    else:
+        assert isinstance(event, BareLineEnding) and event.kind == value
+    assert event.leftover + rest == leftover
