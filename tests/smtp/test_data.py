@@ -143,6 +143,17 @@ def test_large_message_in_64k_chunks() -> None:
     assert isinstance(event, Message) and event.body == body
 
 
+def feed_cut(stream: bytes, cuts: list[int]) -> tuple[Event | None, bytes]:
+    """Feed ``stream`` cut at ``cuts``: the event, and what was not fed after it."""
+    points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    reader = DataReader(max_size=1 << 20)
+    for a, b in itertools.pairwise(points):
+        event = reader.feed(stream[a:b])
+        if event is not None:
+            return event, stream[b:]
+    return None, b""
+
+
 # --- property: any CRLF message, dot-stuffed and cut anywhere, comes back unchanged
 
 _line = st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
@@ -157,15 +168,7 @@ def test_roundtrip_property(lines: list[bytes], cuts: list[int], after: bytes) -
     stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n"
                        for line in lines)
     stream = stuffed + b".\r\n" + after
-    points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
-    reader = DataReader(max_size=1 << 20)
-    event = None
-    rest = b""
-    for a, b in itertools.pairwise(points):
-        event = reader.feed(stream[a:b])
-        if event is not None:
-            rest = stream[b:]
-            break
+    event, rest = feed_cut(stream, cuts)
     assert isinstance(event, Message)
     assert event.body == body
     assert event.leftover + rest == after
@@ -198,15 +201,7 @@ _piece = st.sampled_from([b"\r", b"\n", b".", b"a", b"\r\n", b"\r\n.", b"..", b"
 def test_matches_the_whole_stream_rule_however_cut(pieces: list[bytes],
                                                    cuts: list[int]) -> None:
     stream = b"".join(pieces)
-    points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
-    reader = DataReader(max_size=1 << 20)
-    event: Event | None = None
-    rest = b""
-    for a, b in itertools.pairwise(points):
-        event = reader.feed(stream[a:b])
-        if event is not None:
-            rest = stream[b:]
-            break
+    event, rest = feed_cut(stream, cuts)
     expected = _whole_stream_rule(stream)
     if expected is None:
         assert event is None
