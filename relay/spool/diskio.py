@@ -8,7 +8,10 @@ fsynced after it, unlinks without one.
 A file is written with ``O_DSYNC`` and one ``writev``: the write returns once the data
 is on disk, as a following ``fdatasync`` would make it, in one call instead of three
 (each call a trip without the GIL for the worker thread, which under load waits for
-the event loop's thread to give it back). Every OSError comes out as a SpoolError saying
+the event loop's thread to give it back). Paths are plain strings joined once per call,
+not ``pathlib`` objects: 20 instead of 29 us of CPU in the thread per create, write,
+rename and unlink (tmpfs). They are resolved on every call, so a tmp/ or queue/
+recreated while relay runs is used at once. Every OSError comes out as a SpoolError saying
 what to do, and each write's outcome is reported to the spool's health (free space,
 read-only filesystem: ``relay.spool.health``).
 """
@@ -33,7 +36,7 @@ def write_all(fd: int, *parts: bytes) -> None:
             view = view[os.write(fd, view):]
 
 
-def open_new(path: Path, *, sync: bool, exclusive: bool = True) -> int:
+def open_new(path: Path | str, *, sync: bool, exclusive: bool = True) -> int:
     """Create ``path`` for writing (``exclusive``: it must not exist; else truncate it);
     ``sync``: each write returns once on disk (``O_DSYNC``: as a write and an fdatasync)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
@@ -49,6 +52,8 @@ class SpoolDisk:
         self.queue = root / "queue"
         self.corrupt = root / "corrupt"
         self.dirfd: int | None = None        # queue/, open once: its fsync after renames
+        self._tmp = f"{self.tmp}{os.sep}"     # + a name: the paths the threads use
+        self._queue = f"{self.queue}{os.sep}"
         self._fsync = fsync
         self._health = health
 
@@ -73,7 +78,8 @@ class SpoolDisk:
     # --- writing -----------------------------------------------------------------------------
 
     def write_message(self, queue_id: str, head: bytes, data: bytes) -> None:
-        tmp = self.tmp / queue_id
+        tmp = self._tmp + queue_id
+        final = self._queue + queue_id
         try:
             fd = open_new(tmp, sync=self._fsync)
         except OSError as exc:
@@ -83,7 +89,7 @@ class SpoolDisk:
                 write_all(fd, head, data)
             finally:
                 os.close(fd)
-            os.rename(tmp, self.queue / queue_id)
+            os.rename(tmp, final)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -93,21 +99,21 @@ class SpoolDisk:
         except OSError as exc:
             # Not durable, so not acknowledged: take it back, or a client retry duplicates it.
             with contextlib.suppress(OSError):
-                os.unlink(self.queue / queue_id)
+                os.unlink(final)
             raise self.error("make the spooled message durable", exc) from exc
         self._health.write_succeeded(len(head) + len(data))
 
     def write_state(self, queue_id: str, raw: bytes) -> None:
-        if not (self.queue / queue_id).exists():
+        if not os.path.exists(self._queue + queue_id):
             raise KeyError(queue_id)
-        tmp = self.tmp / f"{queue_id}{STATE_SUFFIX}"
+        tmp = f"{self._tmp}{queue_id}{STATE_SUFFIX}"
         try:
             fd = open_new(tmp, sync=self._fsync, exclusive=False)
             try:
                 write_all(fd, raw)
             finally:
                 os.close(fd)
-            os.rename(tmp, self.queue / f"{queue_id}{STATE_SUFFIX}")
+            os.rename(tmp, f"{self._queue}{queue_id}{STATE_SUFFIX}")
             self.sync_queue_dir()
         except OSError as exc:
             with contextlib.suppress(OSError):
@@ -123,7 +129,7 @@ class SpoolDisk:
         names = (queue_id + STATE_SUFFIX, queue_id) if with_state else (queue_id,)
         for name in names:
             try:
-                os.unlink(self.queue / name)
+                os.unlink(self._queue + name)
             except FileNotFoundError:
                 pass
             except OSError as exc:
@@ -138,7 +144,7 @@ class SpoolDisk:
 
     def read_data(self, queue_id: str, limit: int | None) -> bytes:
         try:
-            fd = os.open(self.queue / queue_id, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._queue + queue_id, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise KeyError(queue_id) from None
         except OSError as exc:
