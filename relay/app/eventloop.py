@@ -5,10 +5,11 @@ on the standard library's selector loop. Everything relay does goes through asyn
 public loop and transport API, so the choice changes cost, not behaviour: the test suite
 passes on both (its relay processes run on the default, its in-process tests on asyncio's
 loop). Measured side by side (``bench/smtp_bench.py --only relay --reps 1 --breakdown``,
-alternated pairs) uvloop took 0.07-0.68 ms less CPU per 100 KB message in five pairs of
-six, and about the same per 1 KB message; ``bench/proxy_bench.py`` put relay's CPU per
-50 MB FETCH over TLS at 141 ms against 197 ms. ``"asyncio"`` is the way back should a
-platform lack uvloop's wheels or an incompatibility show.
+alternated pairs on a shared 2-core VM) uvloop took less CPU per 100 KB message in seven
+pairs of nine (0.07-0.68 ms less; 0.04 and 0.36 more in the other two) and about the same
+per 1 KB message (thirteen pairs, either way); ``bench/proxy_bench.py`` put relay's CPU
+per 50 MB FETCH over TLS at 141 ms against 197 ms. ``"asyncio"`` is the way back should
+a platform lack uvloop's wheels or an incompatibility show.
 
 Other commands (``relay queue``, ``relay test``, ...) run briefly on asyncio's loop.
 """
