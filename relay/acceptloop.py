@@ -117,7 +117,12 @@ class AcceptLoop:
 
     def close(self) -> None:
         """Stop accepting and close the listening sockets. Sessions carry on; clients
-        still in their TLS handshake are dropped (they had not started a session)."""
+        still in their TLS handshake are dropped (they had not started a session).
+
+        A plain connection accepted in the same loop iteration is left to finish setting
+        up: it is already the client's session, and cancelling its set-up would drop it
+        unanswered (a task cancelled before it runs never hands the socket over), or on
+        uvloop close the connection under a protocol that was already told it was made."""
         for handle in self._resumes.values():
             handle.cancel()
         self._resumes.clear()
@@ -125,8 +130,9 @@ class AcceptLoop:
             if sock.fileno() >= 0 and self._loop is not None:
                 self._loop.remove_reader(sock.fileno())
             sock.close()
-        for task in self._setups:
-            task.cancel()
+        if self._tls is not None:
+            for task in self._setups:
+                task.cancel()
 
     async def wait_closed(self) -> None:
         """Wait for the connections being set up (or dropped) to be done with."""

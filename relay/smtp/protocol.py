@@ -186,7 +186,10 @@ class SmtpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        transport.write(data)
+        try:
+            transport.write(data)
+        except RuntimeError as exc:          # uvloop: its handle was closed under us
+            raise ConnectionResetError(f"connection lost: {exc}") from exc
         if self._write_paused:
             self._drain = self.loop.create_future()
             await self._drain
