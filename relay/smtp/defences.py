@@ -18,6 +18,7 @@ rules themselves are the sans-IO ``session_limits``):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from relay.acceptloop import note_tls_failure
@@ -25,7 +26,7 @@ from relay.smtp import replies
 from relay.smtp.commands import SYNTAX_ERRORS
 from relay.smtp.data import DataReader, Event
 from relay.smtp.handler import Context
-from relay.smtp.protocol import SmtpProtocol
+from relay.smtp.protocol import SmtpProtocol, write
 from relay.smtp.session_limits import DataDeadline, JunkCounter, http_request, other_protocol
 
 log = logging.getLogger("relay.smtp")
@@ -56,7 +57,8 @@ class DefendedSession(SmtpProtocol):
     def _write_now(self, line: str) -> None:
         transport = self.transport
         if transport is not None:
-            transport.write(b"".join(self._held) + line.encode() + b"\r\n")
+            with contextlib.suppress(ConnectionResetError):   # gone: the close that follows
+                write(transport, b"".join(self._held) + line.encode() + b"\r\n")
             self._held.clear()
 
     def _closed_because(self, reason: str) -> None:

@@ -57,6 +57,16 @@ def verbs(cls: type) -> dict[str, Callable[..., Awaitable[None]]]:
     return table
 
 
+def write(transport: asyncio.Transport, data: bytes) -> None:
+    """``transport.write(data)``; ConnectionResetError when the connection is already
+    gone: uvloop closes a handle before its protocol hears of it (``connection_lost``
+    comes later), and then raises RuntimeError where asyncio's loop drops the bytes."""
+    try:
+        transport.write(data)
+    except RuntimeError as exc:
+        raise ConnectionResetError(f"connection lost: {exc}") from exc
+
+
 class SmtpProtocol(asyncio.Protocol):
     """The connection; see the module docstring."""
 
@@ -186,10 +196,7 @@ class SmtpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        try:
-            transport.write(data)
-        except RuntimeError as exc:          # uvloop: its handle was closed under us
-            raise ConnectionResetError(f"connection lost: {exc}") from exc
+        write(transport, data)
         if self._write_paused:
             self._drain = self.loop.create_future()
             await self._drain

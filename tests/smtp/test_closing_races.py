@@ -10,6 +10,7 @@ import pytest
 
 from relay.acceptloop import AcceptLoop
 from relay.app.eventloop import run
+from relay.smtp.defences import DefendedSession
 from relay.smtp.protocol import SmtpProtocol
 
 
@@ -70,3 +71,13 @@ async def test_writing_to_a_closed_handle_is_a_lost_connection() -> None:
     session._write_paused = False
     with pytest.raises(ConnectionResetError, match="connection lost"):
         await session.send(b"220 x\r\n")
+
+
+def test_a_reply_written_at_once_to_a_closed_handle_is_dropped() -> None:
+    """Timeouts and drains write their last reply synchronously, then close: a handle
+    already gone is no error there (no traceback from a timer callback)."""
+    session = DefendedSession.__new__(DefendedSession)
+    session.transport = _ClosedHandle()  # type: ignore[assignment]
+    session._held = [b"250 held\r\n"]
+    session._write_now("421 4.4.2 timeout")
+    assert session._held == []
