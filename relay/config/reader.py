@@ -175,7 +175,10 @@ class Table:
             raise self.error(key, "out of range", got=str(value), expected=rng)
         return value
 
-    def enum(self, key: str, choices: Sequence[str], default: str | None = None) -> str:
+    def enum(self, key: str, choices: Sequence[str], default: str | None = None, *,
+             hint: str = "") -> str:
+        """One of ``choices``; for another value the error suggests the closest choice,
+        or gives ``hint`` when none is close."""
         value = self._typed(key, (str,), one_of(choices), default is None)
         if value is None:
             assert default is not None
@@ -183,7 +186,7 @@ class Table:
         assert isinstance(value, str)
         if value not in choices:
             raise self.error(key, "unknown value", got=show(value), expected=one_of(choices),
-                             hint=suggest(value, choices))
+                             hint=suggest(value, choices) or hint)
         return value
 
     def parsed(self, key: str, parse: Callable[[object], T], default: T, *,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from relay.config.machine import auto_smtp_processes
-from relay.config.reader import Table, one_of, show, suggest
+from relay.config.reader import Table, show, suggest
 from relay.config.schema import (
     EVENT_LOOPS,
     STRUCTURE_CHECKS,
@@ -62,12 +62,9 @@ def smtp_processes(t: Table) -> int:
 
 def event_loop(t: Table) -> str:
     """``event_loop``: "uvloop" (the default) or "asyncio"; uvloop must be installed."""
-    raw = t.raw.get("event_loop")
-    if isinstance(raw, str) and raw not in EVENT_LOOPS:
-        raise t.error("event_loop", "unknown value", got=show(raw), expected=one_of(EVENT_LOOPS),
-                      hint=suggest(raw, EVENT_LOOPS) or '"uvloop" (the default) runs relay on '
-                      'libuv\'s event loop, "asyncio" on the standard library\'s')
-    value = t.enum("event_loop", EVENT_LOOPS, default(RelaySection, "event_loop"))
+    value = t.enum("event_loop", EVENT_LOOPS, default(RelaySection, "event_loop"),
+                   hint='"uvloop" (the default) runs relay on libuv\'s event loop, "asyncio" '
+                        'on the standard library\'s')
     if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise t.error("event_loop", "uvloop is not installed", got='"uvloop"',
                       hint='install it (pip install uvloop, in the environment relay runs '
