@@ -89,9 +89,9 @@ class DataReader:
         tail = self._tail
         start = self._received - len(tail)      # stream position of window[0]
         # A <CRLF>. starting inside the tail can only be seen across the boundary.
-        at = self._scan(tail + chunk[:4], 0, len(tail))
+        at = self._scan(tail + chunk[:4], len(tail))
         if at < 0:
-            found = self._scan(chunk, 0, len(chunk))
+            found = self._scan(chunk, len(chunk))
             at = found + len(tail) if found >= 0 else -1
         if at < 0:
             self._received += len(chunk)
@@ -132,12 +132,12 @@ class DataReader:
             body = body[1:]
         return Message(body.replace(b"\r\n.", b"\r\n"), leftover, size)
 
-    def _scan(self, window: bytes, begin: int, stop: int) -> int:
+    def _scan(self, window: bytes, stop: int) -> int:
         """The position in ``window`` of the first end marker starting before ``stop``,
         or -1; every other <CRLF>. met there marks a line to unstuff. One that may yet
         be the end (the window stops inside it) is left for the next chunk's boundary
         check, where it starts inside the tail."""
-        at = window.find(DOT, begin)
+        at = window.find(DOT)
         while 0 <= at < stop:
             rest = window[at:at + len(END)]
             if rest == END:
