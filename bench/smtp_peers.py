@@ -69,22 +69,19 @@ class Cgroup:
     def pids(self) -> list[int]:
         return [int(p) for p in (self.cpu / "cgroup.procs").read_text().split()]
 
-    def per_process_cpu(self) -> dict[str, float]:
-        """CPU seconds so far by process name, relay's split into its event-loop thread
-        and its other threads (fsync and signing workers), for the breakdown."""
-        out: dict[str, float] = {}
-        tick = os.sysconf("SC_CLK_TCK")
+    def per_process_cpu(self) -> dict[str, Usage]:
+        """CPU so far by process name, relay's split into its event-loop thread and its
+        other threads (fsync and signing workers), for the breakdown."""
+        out: dict[str, Usage] = {}
         for pid in self.pids():
             with contextlib.suppress(OSError):
                 stat = Path(f"/proc/{pid}/stat").read_text()
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
                 name = _process_name(stat, cmd)
-                if not name.startswith("relay"):
-                    out[name] = out.get(name, 0.0) + _cpu(stat) / tick
-                    continue
                 for task in Path(f"/proc/{pid}/task").iterdir():
-                    part = f"{name} {'loop' if task.name == str(pid) else 'threads'}"
-                    out[part] = out.get(part, 0.0) + _cpu((task / "stat").read_text()) / tick
+                    part = name if not name.startswith("relay") else \
+                        f"{name} {'loop' if task.name == str(pid) else 'threads'}"
+                    out[part] = out.get(part, Usage()) + _usage(task)
         return out
 
     def peaks_by_process(self) -> list[tuple[str, float]]:
@@ -164,9 +161,35 @@ class MemoryPeak(threading.Thread):
         return self.peak
 
 
-def _cpu(stat: str) -> int:
-    fields = stat.rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])            # utime + stime, in ticks
+@dataclass(frozen=True)
+class Usage:
+    """A process's or thread's CPU seconds (user and kernel) and context switches."""
+
+    user: float = 0.0
+    kernel: float = 0.0
+    switches: float = 0.0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.user + other.user, self.kernel + other.kernel,
+                     self.switches + other.switches)
+
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(self.user - other.user, self.kernel - other.kernel,
+                     self.switches - other.switches)
+
+    @property
+    def cpu(self) -> float:
+        return self.user + self.kernel
+
+
+def _usage(proc: Path) -> Usage:
+    """A thread's (/proc/PID/task/TID) utime, stime and both kinds of context switch
+    (it waited: voluntary; it was preempted: nonvoluntary)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+    switches = sum(int(line.split()[1]) for line in (proc / "status").read_text().splitlines()
+                   if "ctxt_switches:" in line)
+    return Usage(int(fields[11]) / tick, int(fields[12]) / tick, switches)
 
 
 def _process_name(stat: str, cmd: list[bytes]) -> str:
