@@ -40,7 +40,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     tmp = tmp_path_factory.mktemp("install")
     src = tmp / "src"                         # build from a copy: the checkout stays clean
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         (src / name).write_bytes((ROOT / name).read_bytes())
     subprocess.run(["cp", "-r", str(ROOT / "relay"), str(src / "relay")], check=True)
     env = {k: v for k, v in os.environ.items()
@@ -77,6 +77,12 @@ def test_the_wheel_ships_its_data_and_checks_the_readme_example(
     module, data = where.stdout.splitlines()
     assert module.startswith(str(venv)), f"relay was imported from {module}, not the wheel"
     assert "'address_sets.toml'" in data and "'profiles.toml'" in data
+    meta = run([str(venv / "bin" / "python"), "-c",
+                "import importlib.metadata as m; d = m.distribution('relay'); "
+                "print(d.metadata['License-Expression']); "
+                "print(any(str(f).endswith('/LICENSE') for f in d.files))"],
+               cwd=tmp_path, env=env)
+    assert meta.stdout.split() == ["Apache-2.0", "True"], meta.stdout + meta.stderr
     deps = run([str(venv / "bin" / "python"), "-m", "pip", "check"], cwd=tmp_path, env=env)
     assert deps.returncode == 0, deps.stdout
 
