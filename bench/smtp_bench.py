@@ -115,8 +115,8 @@ def run_scenario(target: Target, sink: Sink, *, size: int, sessions: int, count:
     elapsed = time.monotonic() - t0
     cpu = target.cg.cpu_seconds() - cpu0
     proc1 = target.cg.per_process_cpu()
-    by_process = {name: per_message(proc1[name] - proc0.get(name, Usage()), count)
-                  for name in proc1 if (proc1[name] - proc0.get(name, Usage())).cpu > 0}
+    used = {name: proc1[name] - proc0.get(name, Usage()) for name in proc1}
+    by_process = {name: per_message(u, count) for name, u in used.items() if u.cpu > 0}
     return Run(count / elapsed, cpu * 1000 / count, cpu / elapsed, by_process)
 
 

@@ -30,6 +30,9 @@ from relay.transports.factory import Transports, used_proxies
 if TYPE_CHECKING:
     from relay.app.runtime import App, Listener
 
+# [relay] settings the running processes were started with: only a restart changes them.
+_RESTART_ONLY = ("smtp_processes", "event_loop")
+
 
 @dataclass
 class ReloadPlan:
@@ -49,12 +52,10 @@ class ReloadPlan:
         if new.relay.spool != old.relay.spool:
             raise RelayError("relay.spool cannot change on reload",
                              hint="drain and restart relay to move the spool")
-        if new.relay.smtp_processes != old.relay.smtp_processes:
-            raise RelayError("relay.smtp_processes cannot change on reload",
-                             hint="restart relay (systemctl restart relay) to change it")
-        if new.relay.event_loop != old.relay.event_loop:
-            raise RelayError("relay.event_loop cannot change on reload",
-                             hint="restart relay (systemctl restart relay) to change it")
+        for name in _RESTART_ONLY:
+            if getattr(new.relay, name) != getattr(old.relay, name):
+                raise RelayError(f"relay.{name} cannot change on reload",
+                                 hint="restart relay (systemctl restart relay) to change it")
         if new.pacing != old.pacing:
             raise RelayError("[pacing] cannot change on reload (where quota usage is kept)",
                              hint="restart relay to change it; with several replicas, "
